@@ -1,0 +1,168 @@
+"""Typed experiment configuration, validated before any work starts.
+
+An unknown key is an error naming the key and the closest valid one; a bad value names the key and the
+reason. ``Config()`` with no arguments is the built-in default experiment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from polytask.errors import ConfigError
+from polytask.registry import validate_model
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SuiteConfig(_Strict):
+    name: str = Field("multidigits", description="a built-in suite (see `polytask suites`)")
+    params: dict[str, Any] = Field(default_factory=dict, description="the suite's parameters")
+
+
+class ModelConfig(_Strict):
+    backbone: str = Field("mlp", description="shared encoder: mlp or lenet")
+    backbone_params: dict[str, Any] = Field(default_factory=dict)
+    architecture: str = Field("hard", description="multi-task architecture")
+    architecture_params: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+
+
+class SchedulerConfig(_Strict):
+    name: Literal["none", "cosine", "step"] = "none"
+    step_size: int = Field(10, ge=1, description="step: epochs between decays")
+    gamma: float = Field(0.1, gt=0, description="step: decay factor")
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    checkpoint_every: int = Field(100, ge=0, description="also checkpoint every N steps (0: only each epoch)")
+    threads: int = Field(1, ge=0, description="torch CPU threads (0: torch's default)")
+    eval_batch_size: int = Field(1024, ge=1)
+
+
+class MethodConfig(_Strict):
+    name: str = Field(description="a registered method (see `polytask methods`)")
+    params: dict[str, Any] = Field(default_factory=dict)
+    label: str = Field("", description="name in results; defaults to the method name")
+
+    def model_post_init(self, __context: Any) -> None:
+        if not self.label:
+            self.label = self.name
+
+
+class BaselineConfig(_Strict):
+    single_task: bool = Field(True, description="train one model per task (needed for Δm%)")
+    cache: bool = Field(True, description="reuse single-task results across runs with the same config")
+
+
+class OutputConfig(_Strict):
+    dir: str = Field("runs", description="parent folder of run directories")
+    name: str = Field("", description="run directory name (default: suite and time)")
+
+
+class Config(_Strict):
+    seed: int = 0
+    suite: SuiteConfig = Field(default_factory=SuiteConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    methods: list[MethodConfig] = Field(default_factory=lambda: [MethodConfig(name="equal")])
+    baselines: BaselineConfig = Field(default_factory=BaselineConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _names_as_methods(cls, v: Any) -> Any:
+        return [{"name": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
+
+
+def check(config: Config) -> Config:
+    """Validate the names and parameters that depend on registries (suites, models, methods)."""
+    from polytask.methods import load_all
+    from polytask.models import ARCHITECTURES, BACKBONES
+    from polytask.tasks import SUITES
+
+    try:
+        SUITES.params_for(config.suite.name, config.suite.params, "suite.params")
+        BACKBONES.params_for(config.model.backbone, config.model.backbone_params, "model.backbone_params")
+        ARCHITECTURES.params_for(config.model.architecture, config.model.architecture_params,
+                         "model.architecture_params")
+        for i, m in enumerate(config.methods):
+            load_all().params_for(m.name, m.params, f"methods.{i}.params")
+    except ConfigError as e:
+        raise ConfigError(str(e)) from None
+    labels = [m.label for m in config.methods]
+    dup = {x for x in labels if labels.count(x) > 1}
+    if dup:
+        raise ConfigError(f"methods: label {sorted(dup)[0]!r} is used twice; give each a distinct 'label'")
+    if "stl" in labels:
+        raise ConfigError("methods: the label 'stl' is reserved for the single-task baselines")
+    return config
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to a nested dict in place; list items by index."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.epochs=3")
+    key, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw) if raw else ""
+    parts = key.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} has no item {part}")
+            idx: Any = int(part)
+        else:
+            idx = part
+        if last:
+            node[idx] = value
+        else:
+            if isinstance(node, dict) and idx not in node:
+                node[idx] = {}
+            if isinstance(node[idx], str):  # a method given by name: expand to a mapping
+                node[idx] = {"name": node[idx]}
+            node = node[idx]
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the default experiment), apply ``--set`` overrides, validate everything."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p}: the top level must be a mapping of keys")
+    else:
+        data = Config().model_dump()
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    config = validate_model(Config, data)
+    assert isinstance(config, Config)
+    return check(config)
+
+
+def dump_config(config: Config) -> str:
+    """The resolved configuration as YAML (what a run directory stores)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,30 @@
+"""Deterministic crash points for the kill-and-resume tests.
+
+``POLYTASK_KILL_AT="step:37"`` makes the process SIGKILL itself right after optimiser step 37 (counted
+over the whole run, across jobs); ``"write:last.safetensors:3"`` kills it on the 3rd write of that file,
+after the temporary file is complete and before it is renamed into place. Unset, these are no-ops.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+
+_counts: Counter[str] = Counter()
+
+
+def _spec() -> str:
+    return os.environ.get("POLYTASK_KILL_AT", "")
+
+
+def hit(kind: str, name: str = "") -> None:
+    """Count an event; SIGKILL this process if ``POLYTASK_KILL_AT`` names this occurrence."""
+    spec = _spec()
+    if not spec or not spec.startswith(kind + ":"):
+        return
+    key = f"{kind}:{name}" if name else kind
+    _counts[key] += 1
+    want = spec.rsplit(":", 1)
+    if want[0] == key and _counts[key] == int(want[1]):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,264 @@
+"""The one training loop of the joint regime, with exact checkpoint/resume.
+
+A job trains one model on a set of tasks with one method. Its full state (model, optimiser, scheduler,
+method state, RNG states, data position, best-so-far, history) is checkpointed atomically every epoch
+and every ``checkpoint_every`` steps; a job killed at any point and resumed ends bit-identical to one that
+never stopped, because batch order is a pure function of (seed, epoch, step) and every RNG is restored.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from polytask.config import Config, MethodConfig
+from polytask.engine import checkpoint, faults
+from polytask.engine.data import epoch_batches, steps_per_epoch
+from polytask.engine.progress import Reporter
+from polytask.io import atomic_write_bytes
+from polytask.models import MultiTaskModel, build_model
+from polytask.tasks.task import Task, TaskData, TaskSuite
+from polytask.weighting import StepContext, build_weighting
+
+CHECKPOINT = "last.safetensors"
+BEST = "best.safetensors"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One model to train: an id (``stl/<task>`` or a method label), its tasks and its method."""
+
+    id: str
+    tasks: tuple[str, ...]
+    method: MethodConfig
+    kind: str  # "single_task" or "joint"
+
+    @property
+    def seed_offset(self) -> int:
+        return zlib.crc32(self.id.encode())
+
+
+# ---------------------------------------------------------------- losses and evaluation
+
+
+def task_losses(model: MultiTaskModel, sources: Sequence[TaskData], rows: Sequence[Tensor],
+                tasks: Sequence[Task]) -> Tensor:
+    """The K per-task mean losses of one step, each over the rows labelled for that task."""
+    out: dict[str, Tensor] = {}
+    for src, r in zip(sources, rows, strict=True):
+        names = [t.name for t in tasks if t.name in src.y]
+        preds = model(src.x[r], names)
+        for t in tasks:
+            if t.name in src.y:
+                y = src.y[t.name][r]
+                m = Task.mask(y)
+                p = preds[t.name]
+                # a batch with no label for a task contributes a zero loss that still has a graph
+                out[t.name] = t.loss(p[m], y[m]).mean() if m.any() else p.sum() * 0.0
+    return torch.stack([out[t.name] for t in tasks])
+
+
+@torch.no_grad()
+def evaluate(model: MultiTaskModel, sources: Sequence[TaskData], tasks: Sequence[Task],
+             batch_size: int = 1024) -> dict[str, dict[str, float]]:
+    """Per task: mean loss and every metric, over the labelled rows of the split."""
+    was_training = model.training
+    model.eval()
+    scores: dict[str, dict[str, float]] = {}
+    for src in sources:
+        names = [t.name for t in tasks if t.name in src.y]
+        if not names:
+            continue
+        outs: dict[str, list[Tensor]] = {n: [] for n in names}
+        for i in range(0, len(src), batch_size):
+            for n, o in model(src.x[i:i + batch_size], names).items():
+                outs[n].append(o)
+        for t in tasks:
+            if t.name not in outs:
+                continue
+            y = src.y[t.name]
+            m = Task.mask(y)
+            p = torch.cat(outs[t.name])[m]
+            scores[t.name] = {"loss": float(t.loss(p, y[m]).mean())} | {mt.name: mt(p, y[m]) for mt in t.metrics}
+    model.train(was_training)
+    return scores
+
+
+# ---------------------------------------------------------------- optimisation pieces
+
+
+def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+    o = config.train.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+    return cls(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, config: Config) -> torch.optim.lr_scheduler.LRScheduler | None:
+    s = config.train.scheduler
+    if s.name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.train.epochs)
+    if s.name == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=s.step_size, gamma=s.gamma)
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+
+
+def selection_score(val: dict[str, dict[str, float]]) -> float:
+    """Best-validation criterion: the mean over tasks of the validation loss (lower is better)."""
+    return float(np.mean([v["loss"] for v in val.values()]))
+
+
+def _records(job: Job, epoch: int, step: int, split: str, scores: dict[str, dict[str, float]],
+             extra: dict[str, dict[str, float]] | None = None) -> list[dict[str, Any]]:
+    return [
+        {"job": job.id, "epoch": epoch, "step": step, "split": split, "task": t} | s | (extra or {}).get(t, {})
+        for t, s in scores.items()
+    ]
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train_job(
+    job: Job,
+    suite: TaskSuite,
+    config: Config,
+    job_dir: Path,
+    reporter: Reporter | None = None,
+    on_epoch: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``job`` (resuming from ``job_dir`` if it holds a checkpoint); returns its result dict.
+
+    ``on_epoch(history)`` is called after every epoch with the job's records so far.
+    """
+    reporter = reporter or Reporter(quiet=True)
+    tasks = [suite.task(n) for n in job.tasks]
+    sub = suite.subset(job.tasks)
+    train, val = sub.splits["train"], sub.splits["val"]
+    cfg = config.train
+    seed = config.seed + job.seed_offset
+
+    seed_everything(seed)
+    model = build_model(tasks, suite.input_shape, config.model.backbone, config.model.backbone_params,
+                        config.model.architecture, config.model.architecture_params)
+    opt = make_optimizer(model, config)
+    sched = make_scheduler(opt, config)
+    weighting = build_weighting(job.method.name, job.method.params, job.tasks)
+    state: dict[str, Any] = {
+        "position": {"epoch": 0, "step": 0, "global_step": 0},
+        "method": weighting.init(),
+        "epoch_acc": {"loss": torch.zeros(len(tasks), dtype=torch.float64),
+                      "weight": torch.zeros(len(tasks), dtype=torch.float64), "n": 0},
+        "best": {"score": float("inf"), "epoch": -1, "val": {}, "model": None},
+        "history": [],
+        "elapsed": 0.0,
+    }
+    ckpt_path = job_dir / CHECKPOINT
+    if ckpt_path.exists():
+        saved = checkpoint.load(ckpt_path)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(saved["scheduler"])
+        set_rng_state(saved["rng"])
+        state = {k: saved[k] for k in state}
+
+    def save_checkpoint() -> None:
+        checkpoint.save(ckpt_path, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict() if sched is not None else None,
+            "rng": rng_state(), **state, "elapsed": state["elapsed"] + time.perf_counter() - t0,
+        })
+
+    sizes = [len(s) for s in train]
+    steps = steps_per_epoch(sizes, cfg.batch_size)
+    pos = state["position"]
+    reporter.start(job.id, cfg.epochs * steps, pos["epoch"] * steps + pos["step"])
+    t0 = time.perf_counter()
+    model.train()
+    while pos["epoch"] < cfg.epochs:
+        epoch = pos["epoch"]
+        batches = epoch_batches(sizes, cfg.batch_size, seed, epoch)
+        acc = state["epoch_acc"]
+        while pos["step"] < steps:
+            losses = task_losses(model, train, batches[pos["step"]], tasks)
+            weights, state["method"] = weighting.update(
+                state["method"], losses.detach(), StepContext(pos["global_step"], epoch))
+            opt.zero_grad(set_to_none=True)
+            (weights * losses).sum().backward()
+            opt.step()
+            acc["loss"] += losses.detach().double()
+            acc["weight"] += weights.detach().double()
+            acc["n"] += 1
+            pos["step"] += 1
+            pos["global_step"] += 1
+            reporter.advance()
+            faults.hit("step")
+            if cfg.checkpoint_every and pos["global_step"] % cfg.checkpoint_every == 0 and pos["step"] < steps:
+                save_checkpoint()
+        if sched is not None:
+            sched.step()
+        val_scores = evaluate(model, val, tasks, cfg.eval_batch_size)
+        train_scores = {t.name: {"loss": float(acc["loss"][k] / acc["n"])} for k, t in enumerate(tasks)}
+        weights_now = {t.name: {"weight": float(acc["weight"][k] / acc["n"])} for k, t in enumerate(tasks)}
+        state["history"] += _records(job, epoch + 1, pos["global_step"], "train", train_scores, weights_now)
+        state["history"] += _records(job, epoch + 1, pos["global_step"], "val", val_scores)
+        score = selection_score(val_scores)
+        if score < state["best"]["score"]:
+            state["best"] = {"score": score, "epoch": epoch + 1, "val": val_scores,
+                             "model": {k: v.clone() for k, v in model.state_dict().items()}}
+        reporter.log(f"[{job.id}] epoch {epoch + 1}/{cfg.epochs} " + " ".join(
+            f"{t}.{m}={v:.4f}" for t, s in val_scores.items() for m, v in s.items() if m != "loss"))
+        pos["epoch"] += 1
+        pos["step"] = 0
+        state["epoch_acc"] = {"loss": torch.zeros_like(acc["loss"]), "weight": torch.zeros_like(acc["weight"]),
+                              "n": 0}
+        save_checkpoint()
+        if on_epoch is not None:
+            on_epoch(state["history"])
+    reporter.finish()
+
+    model.load_state_dict(state["best"]["model"])
+    atomic_write_bytes(job_dir / BEST, st_save({k: v.contiguous() for k, v in model.state_dict().items()},
+                                               metadata={"job": job.id, "epoch": str(state["best"]["epoch"])}))
+    test_scores = evaluate(model, sub.splits["test"], tasks, cfg.eval_batch_size)
+    return {
+        "job": job.id, "kind": job.kind, "method": job.method.name, "tasks": list(job.tasks),
+        "best_epoch": state["best"]["epoch"], "val": state["best"]["val"], "test": test_scores,
+        "steps": pos["global_step"], "wall_time_s": state["elapsed"] + time.perf_counter() - t0,
+        "history": state["history"] + _records(job, state["best"]["epoch"], pos["global_step"], "test", test_scores),
+    }

@@ -1,0 +1,87 @@
+"""Multi-task architectures. Every one is a :class:`MultiTaskModel`: ``forward(x, tasks)`` returns a dict
+of per-task outputs, and it says which parameters are shared and which belong to one task, so weighting
+and aggregation methods never need to know the architecture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+from pydantic import BaseModel
+from torch import Tensor, nn
+
+from polytask.models.backbones import _mlp_layers, build_backbone
+from polytask.registry import Registry
+from polytask.tasks.task import Task
+
+
+class MultiTaskModel(nn.Module):
+    """Base of the architectures: a shared part, one head per task."""
+
+    task_names: list[str]
+
+    def forward(self, x: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        raise NotImplementedError
+
+    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
+        raise NotImplementedError
+
+
+def make_head(task: Task, in_dim: int) -> nn.Module:
+    """A task's head: optional hidden Linear+ReLU layers, then a linear output layer."""
+    layers = _mlp_layers(in_dim, list(task.head.hidden), 0.0)
+    last = task.head.hidden[-1] if task.head.hidden else in_dim
+    return nn.Sequential(*layers, nn.Linear(last, task.n_outputs))
+
+
+class HardSharing(MultiTaskModel):
+    """Hard parameter sharing (Caruana 1997): one shared encoder, one head per task."""
+
+    def __init__(self, encoder: nn.Module, rep_dim: int, tasks: Sequence[Task]) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.heads = nn.ModuleDict({t.name: make_head(t, rep_dim) for t in tasks})
+        self.task_names = [t.name for t in tasks]
+
+    def encode(self, x: Tensor) -> Tensor:
+        """The shared representation (the seam used by representation-level gradient methods)."""
+        return self.encoder(x)
+
+    def decode(self, z: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+        return {t: self.heads[t](z) for t in (tasks or self.task_names)}
+
+    def forward(self, x: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+        return self.decode(self.encode(x), tasks)
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        return self.encoder.parameters()
+
+    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
+        return self.heads[task].parameters()
+
+
+Architecture = Callable[[nn.Module, int, Sequence[Task], BaseModel], MultiTaskModel]
+ARCHITECTURES: Registry[Architecture] = Registry("architecture")
+
+
+@ARCHITECTURES.register("hard", summary="hard parameter sharing: shared encoder, one head per task",
+                        paper="Caruana 1997")
+def _hard(encoder: nn.Module, rep_dim: int, tasks: Sequence[Task], params: BaseModel) -> MultiTaskModel:
+    return HardSharing(encoder, rep_dim, tasks)
+
+
+def build_model(
+    tasks: Sequence[Task],
+    input_shape: tuple[int, ...],
+    backbone: str = "mlp",
+    backbone_params: dict | BaseModel | None = None,
+    architecture: str = "hard",
+    architecture_params: dict | BaseModel | None = None,
+) -> MultiTaskModel:
+    """Build a multi-task model for ``tasks`` on inputs of ``input_shape``."""
+    encoder, rep_dim = build_backbone(backbone, backbone_params or {}, input_shape)
+    params = ARCHITECTURES.params_for(architecture, architecture_params, "model.architecture_params")
+    return ARCHITECTURES.get(architecture).build(encoder, rep_dim, tasks, params)

@@ -1,0 +1,19 @@
+"""Reports of finished runs: console tables, SVG charts and a self-contained HTML page.
+
+The report only reads result files (``summary.json``, ``metrics.jsonl``); it never trains.
+"""
+
+from polytask.report.console import format_results, results_table, tabulate_results
+from polytask.report.html import load_summary, read_metrics, render_report, write_report
+from polytask.report.svg import line_chart
+
+__all__ = [
+    "format_results",
+    "line_chart",
+    "load_summary",
+    "read_metrics",
+    "render_report",
+    "results_table",
+    "tabulate_results",
+    "write_report",
+]

@@ -1,0 +1,301 @@
+"""One self-contained HTML page (inline CSS and SVG, no scripts or URLs) from run directories."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from polytask.errors import CheckpointError, PolytaskError
+from polytask.report.console import ResultsTable, number, tabulate_results, task_metrics
+from polytask.report.svg import PALETTE, Point, line_chart
+
+Record = dict[str, Any]
+
+_CSS = """
+:root { --fg: #1f2328; --muted: #59636e; --line: #d8dee4; --soft: #f6f8fa; --best: #dafbe1; }
+* { box-sizing: border-box; }
+body { margin: 0; color: var(--fg); background: #fff;
+       font: 14px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
+main { max-width: 1180px; margin: 0 auto; padding: 28px 32px 48px; }
+h1 { font-size: 24px; margin: 0 0 2px; }
+h2 { font-size: 18px; margin: 32px 0 10px; padding-bottom: 6px; border-bottom: 1px solid var(--line); }
+h3 { font-size: 15px; margin: 22px 0 8px; }
+.run { margin-top: 36px; }
+.run:first-of-type { margin-top: 0; }
+.subtitle { color: var(--muted); margin: 0 0 14px; }
+dl.meta { display: grid; grid-template-columns: max-content 1fr; gap: 3px 18px; margin: 0; }
+dl.meta dt { color: var(--muted); }
+dl.meta dd { margin: 0; }
+.scroll { overflow-x: auto; }
+table.results { border-collapse: collapse; font-variant-numeric: tabular-nums; }
+table.results th, table.results td { padding: 6px 14px; text-align: right; white-space: nowrap;
+       border-bottom: 1px solid var(--line); }
+table.results th:first-child, table.results td:first-child { text-align: left; }
+table.results thead th { background: var(--soft); font-weight: 600; }
+table.results thead tr:first-child th { border-bottom: none; }
+table.results th.group { text-align: center; }
+table.results tbody tr:hover { background: var(--soft); }
+table.results td.best { background: var(--best); font-weight: 600; }
+.tag { font-size: 11px; color: var(--muted); border: 1px solid var(--line); border-radius: 9px;
+       padding: 0 6px; margin-left: 6px; font-weight: 400; }
+.note { color: var(--muted); font-size: 13px; max-width: 90ch; margin: 8px 0; }
+.charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 14px; }
+figure { margin: 0; padding: 8px; border: 1px solid var(--line); border-radius: 6px; }
+figure svg { display: block; max-width: 100%; height: auto; }
+footer { margin-top: 40px; color: var(--muted); font-size: 12px; }
+"""
+
+
+def load_summary(run_dir: Path) -> dict[str, Any]:
+    """Read ``run_dir/summary.json``; raise an error naming the file when it is missing or malformed."""
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} not found: expected a polytask run directory with a summary.json "
+            "(it is written when a run finishes); check the path or let the run complete."
+        )
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} cannot be read as JSON ({err}); re-run or restore it.") from err
+    if not isinstance(summary, dict) or not isinstance(summary.get("results"), dict):
+        raise CheckpointError(
+            f"{path} has no 'results' object; is it a polytask summary.json written by a finished run?"
+        )
+    return summary
+
+
+def read_metrics(run_dir: Path) -> tuple[list[Record], int]:
+    """Records of ``run_dir/metrics.jsonl`` and the count of unreadable lines skipped.
+
+    A missing file gives no records; a torn last line (an interrupted run) is skipped, not fatal.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return [], 0
+    records: list[Record] = []
+    skipped = 0
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                skipped += 1
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                skipped += 1
+    return records, skipped
+
+
+def curve(records: Iterable[Record], job: str, task: str, split: str, key: str) -> list[Point]:
+    """``key`` of ``job`` on ``task`` and ``split`` per epoch (mean over records of one epoch)."""
+    by_x: dict[float, list[float]] = {}
+    for r in records:
+        if r.get("job") != job or r.get("task") != task or r.get("split") != split:
+            continue
+        x = number(r.get("epoch", r.get("step")))
+        y = number(r.get(key))
+        if x is not None and y is not None and math.isfinite(y):
+            by_x.setdefault(x, []).append(y)
+    return [(x, sum(ys) / len(ys)) for x, ys in sorted(by_x.items())]
+
+
+def _method_of(job: str, results: Mapping[str, Any]) -> str:
+    """The results entry a job belongs to: itself, or ``stl`` for a job ``stl/<task>``."""
+    return job if job in results else job.partition("/")[0]
+
+
+def _best_epoch(job: str, task: str, results: Mapping[str, Any]) -> float | None:
+    result = results.get(_method_of(job, results))
+    best = result.get("best_epoch") if isinstance(result, Mapping) else None
+    if isinstance(best, Mapping):
+        best = best.get(task)
+    return number(best)
+
+
+def _jobs(records: Sequence[Record], results: Mapping[str, Any]) -> list[str]:
+    """Jobs in metrics order, grouped by their method's display order in the results."""
+    seen = list(dict.fromkeys(r["job"] for r in records if isinstance(r.get("job"), str)))
+    order = {m: i for i, m in enumerate(results)}
+    return sorted(seen, key=lambda j: order.get(_method_of(j, results), len(order)))
+
+
+def _charts(summary: Mapping[str, Any], records: Sequence[Record]) -> str:
+    results = summary["results"]
+    tasks = task_metrics(summary)
+    jobs = _jobs(records, results)
+    methods = list(dict.fromkeys([*results, *(_method_of(j, results) for j in jobs)]))
+    method_colors = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(methods)}
+    colors = {j: method_colors[_method_of(j, results)] for j in jobs}
+    trained = {
+        (r["job"], r["task"]) for r in records if isinstance(r.get("job"), str) and isinstance(r.get("task"), str)
+    }
+    out = []
+    for task, specs in tasks.items():
+        owners = [j for j in jobs if (j, task) in trained and j.partition("/")[2] in ("", task)]
+        metric, better = specs[0]
+        val = {j: curve(records, j, task, "val", metric) for j in owners}
+        markers = {}
+        for job, points in val.items():
+            best = _best_epoch(job, task, results)
+            markers.update((job, p) for p in points if p[0] == best)
+        train = {j: curve(records, j, task, "train", "loss") for j in owners}
+        if not any([*val.values(), *train.values()]):
+            out.append(f"<h3>{escape(task)}</h3><p class='note'>No curves were recorded for this task.</p>")
+            continue
+        arrow = {True: " ↑", False: " ↓", None: ""}[better]
+        out.append(f"<h3>{escape(task)}</h3><div class='charts'>")
+        out.append(
+            "<figure>"
+            + line_chart(
+                val,
+                f"{task} · validation {metric}",
+                "epoch",
+                f"{metric}{arrow}",
+                colors=colors,
+                markers=markers,
+            )
+            + "</figure>"
+        )
+        out.append(
+            "<figure>"
+            + line_chart(train, f"{task} · training loss", "epoch", "loss ↓", colors=colors)
+            + "</figure></div>"
+        )
+    return "".join(out)
+
+
+def _table(model: ResultsTable) -> str:
+    cols = model.columns
+    groups: list[tuple[str, int]] = []
+    for column in cols:
+        if groups and groups[-1][0] == column.group and column.group:
+            groups[-1] = (column.group, groups[-1][1] + 1)
+        else:
+            groups.append((column.group, 1))
+    head1 = "".join(f"<th class='group' colspan='{n}'>{escape(g)}</th>" if g else "<th></th>" for g, n in groups)
+    head2 = "".join(f"<th>{escape(c.header)}</th>" for c in cols)
+    rows = []
+    for i, method in enumerate(model.methods):
+        tag = "<span class='tag'>reference</span>" if method == model.reference else ""
+        cells = "".join(
+            f"<td class='best'>{escape(c.text(i))}</td>" if c.is_best(i) else f"<td>{escape(c.text(i))}</td>"
+            for c in cols
+        )
+        rows.append(f"<tr><td>{escape(method)}{tag}</td>{cells}</tr>")
+    return (
+        "<div class='scroll'><table class='results'><thead>"
+        f"<tr><th></th>{head1}</tr><tr><th>method</th>{head2}</tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
+    )
+
+
+def _duration(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    human = f"{hours} h {minutes} min" if hours else f"{minutes} min {secs} s" if minutes else ""
+    return f"{seconds:.1f} s" + (f" ({human})" if human else "")
+
+
+def _meta(summary: Mapping[str, Any], tasks: Iterable[str]) -> str:
+    suite = summary.get("suite")
+    versions = summary.get("versions")
+    rows = [
+        ("suite", suite.get("name") if isinstance(suite, Mapping) else None),
+        ("tasks", ", ".join(tasks)),
+        ("seed", summary.get("seed")),
+        ("started", summary.get("started")),
+        ("wall time", _duration(number(summary.get("wall_time_s")))),
+        ("reference", summary.get("reference")),
+        (
+            "versions",
+            " · ".join(f"{k} {v}" for k, v in versions.items()) if isinstance(versions, Mapping) else None,
+        ),
+    ]
+    items = "".join(f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in rows if v not in (None, ""))
+    return f"<dl class='meta'>{items}</dl>"
+
+
+def _section(run_dir: Path, summary: Mapping[str, Any]) -> str:
+    records, skipped = read_metrics(run_dir)
+    model = tabulate_results(summary)
+    run_id = str(summary.get("run_id") or Path(run_dir).name)
+    reference = model.reference
+    how = (
+        "<p class='note'><b>How to read this.</b> Test metrics are taken at each job's "
+        "best-validation epoch (ringed in the curves); ↑ means higher is better, ↓ lower is better, "
+        "and the best value of each column is highlighted. "
+    )
+    if reference:
+        how += (
+            f"Δm% is the mean relative change of every task metric against <b>{escape(reference)}</b>, "
+            "signed so that improvements count negative: below 0 is better than the reference on "
+            "average, above 0 worse. "
+        )
+    if any(c.name == "mean rank" for c in model.columns):
+        how += "Mean rank averages a method's rank over all task metrics (1 is best)."
+    how += "</p>"
+    notes = []
+    if not records:
+        notes.append("No metrics.jsonl records in this run, so there are no training curves.")
+    if skipped:
+        notes.append(f"{skipped} unreadable line(s) of metrics.jsonl were skipped.")
+    return (
+        f"<section class='run' id='{escape(run_id)}'>"
+        f"<h1>{escape(run_id)}</h1>"
+        f"<p class='subtitle'>polytask run report · {escape(Path(run_dir).name)}</p>"
+        f"{_meta(summary, task_metrics(summary))}"
+        f"<h2>Results</h2>{_table(model)}{how}"
+        f"<h2>Training curves</h2>"
+        + "".join(f"<p class='note'>{escape(n)}</p>" for n in notes)
+        + (_charts(summary, records) if records else "")
+        + "</section>"
+    )
+
+
+def render_report(run_dirs: Sequence[Path]) -> str:
+    """The report page of one or more run directories, one section per run, as an HTML string."""
+    if not run_dirs:
+        raise PolytaskError("the report needs at least one run directory")
+    summaries = [(Path(d), load_summary(Path(d))) for d in run_dirs]
+    ids = [str(s.get("run_id") or d.name) for d, s in summaries]
+    version = next((s.get("polytask_version") for _, s in summaries if s.get("polytask_version")), "")
+    body = "".join(_section(d, s) for d, s in summaries)
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>polytask report · {escape(', '.join(ids))}</title><style>{_CSS}</style></head>"
+        f"<body><main>{body}<footer>Generated by polytask {escape(str(version))} from "
+        f"{escape(', '.join(d.name for d, _ in summaries))}.</footer></main></body></html>\n"
+    )
+
+
+def write_report(run_dirs: Sequence[Path], out: Path | None = None) -> Path:
+    """Write the report of ``run_dirs`` atomically to ``out`` (default: first run's report.html)."""
+    page = render_report(run_dirs)
+    target = Path(out) if out is not None else Path(run_dirs[0]) / "report.html"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(page)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target

@@ -1,0 +1,197 @@
+"""Tiny dependency-free SVG line charts for the self-contained HTML report."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from html import escape
+
+Point = tuple[float, float]
+
+PALETTE = (
+    "#4e79a7",
+    "#f28e2b",
+    "#e15759",
+    "#59a14f",
+    "#b07aa1",
+    "#76b7b2",
+    "#edc948",
+    "#9c755f",
+    "#ff9da7",
+    "#bab0ac",
+)
+"""Tableau 10: distinct, print-friendly series colours, cycled in order."""
+
+_FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif"
+_GRID = "#e6e9ed"
+_AXIS = "#8c959f"
+_TEXT = "#1f2328"
+_MUTED = "#59636e"
+_MAX_DOTS = 30
+_MAX_LABEL = 22
+
+
+def nice_ticks(lo: float, hi: float, count: int = 5, *, integer: bool = False) -> list[float]:
+    """Round tick values (steps of 1, 2, 2.5 or 5 times a power of ten) spanning ``[lo, hi]``.
+
+    A zero-width range is widened (not below zero if it was not) so that a single value or a constant
+    series still gets an axis.
+    """
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"tick range must be finite, got [{lo}, {hi}]")
+    lo, hi = min(lo, hi), max(lo, hi)
+    if hi == lo:
+        pad = 1.0 if integer else (abs(lo) * 0.1 or 1.0)
+        lo, hi = (lo - pad if lo - pad >= 0 or lo < 0 else 0.0), hi + pad
+    raw = (hi - lo) / max(count, 1)
+    magnitude = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1.0, 2.0, 2.5, 5.0, 10.0) if m * magnitude >= raw * (1 - 1e-9))
+    if integer:
+        step = float(max(1, math.ceil(step)))
+    first = math.floor(lo / step + 1e-9)
+    n = max(1, math.ceil(hi / step - 1e-9) - first)
+    digits = max(0, 3 - math.floor(math.log10(step)))
+    return [round((first + i) * step, digits) + 0.0 for i in range(n + 1)]
+
+
+def format_tick(value: float, ticks: Sequence[float]) -> str:
+    """Format ``value`` with the fewest decimals that tell all ``ticks`` apart."""
+    span = max(abs(t) for t in ticks) if ticks else abs(value)
+    if span >= 1e6 or (0 < span < 1e-4):
+        return f"{value:.3g}"
+    step = abs(ticks[1] - ticks[0]) if len(ticks) > 1 else 1.0
+    for decimals in range(7):
+        if all(abs(round(t, decimals) - t) <= step * 1e-6 for t in ticks):
+            return f"{value:.{decimals}f}"
+    return f"{value:.3g}"
+
+
+def _num(value: float) -> str:
+    return f"{value:.1f}"
+
+
+def _short(label: str) -> str:
+    return label if len(label) <= _MAX_LABEL else label[: _MAX_LABEL - 1] + "…"
+
+
+def line_chart(
+    series: Mapping[str, Sequence[Point]],
+    title: str,
+    xlabel: str = "",
+    ylabel: str = "",
+    *,
+    width: int = 540,
+    height: int = 300,
+    colors: Mapping[str, str] | None = None,
+    markers: Mapping[str, Point] | None = None,
+) -> str:
+    """An inline ``<svg>`` line chart: one line per series, nice ticks, grid, legend and title.
+
+    ``colors`` pins a series to a colour (others take the palette in order); ``markers`` rings one
+    point per series, e.g. the best-validation epoch. Non-finite points are skipped.
+    """
+    clean = {
+        name: [(float(x), float(y)) for x, y in points if math.isfinite(x) and math.isfinite(y)]
+        for name, points in series.items()
+    }
+    clean = {name: points for name, points in clean.items() if points}
+    palette = dict(colors or {})
+    for i, name in enumerate(n for n in clean if n not in palette):
+        palette[name] = PALETTE[i % len(PALETTE)]
+
+    legend_w = 34 + 6.5 * max((len(_short(n)) for n in clean), default=0) if clean else 0
+    left, top, bottom = 58.0, 34.0, 44.0
+    right = max(16.0, legend_w + 12)
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
+        f'height="{height}" role="img" font-family="{escape(_FONT)}" font-size="11" fill="{_TEXT}">',
+        f"<title>{escape(title)}</title>",
+        f'<text x="{left}" y="20" font-size="13" font-weight="600">{escape(title)}</text>',
+    ]
+    if not clean:
+        parts.append(
+            f'<rect x="{left}" y="{top}" width="{_num(plot_w)}" height="{_num(plot_h)}" fill="none" stroke="{_GRID}"/>'
+        )
+        parts.append(
+            f'<text x="{_num(left + plot_w / 2)}" y="{_num(top + plot_h / 2)}" text-anchor="middle" '
+            f'fill="{_MUTED}">no data</text>'
+        )
+        parts.append("</svg>")
+        return "".join(parts)
+
+    xs = [x for points in clean.values() for x, _ in points]
+    ys = [y for points in clean.values() for _, y in points]
+    xticks = nice_ticks(min(xs), max(xs), 6, integer=all(x.is_integer() for x in xs))
+    yticks = nice_ticks(min(ys), max(ys), 5)
+    x0, x1, y0, y1 = xticks[0], xticks[-1], yticks[0], yticks[-1]
+
+    def px(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * plot_w
+
+    def py(y: float) -> float:
+        return top + plot_h - (y - y0) / (y1 - y0) * plot_h
+
+    base = top + plot_h
+    for t in yticks:
+        parts.append(
+            f'<line x1="{left}" x2="{_num(left + plot_w)}" y1="{_num(py(t))}" y2="{_num(py(t))}" stroke="{_GRID}"/>'
+        )
+        parts.append(
+            f'<text x="{left - 6}" y="{_num(py(t) + 3.5)}" text-anchor="end" fill="{_MUTED}">'
+            f"{escape(format_tick(t, yticks))}</text>"
+        )
+    for t in xticks:
+        parts.append(f'<line x1="{_num(px(t))}" x2="{_num(px(t))}" y1="{base}" y2="{base + 4}" stroke="{_AXIS}"/>')
+        parts.append(
+            f'<text x="{_num(px(t))}" y="{base + 16}" text-anchor="middle" fill="{_MUTED}">'
+            f"{escape(format_tick(t, xticks))}</text>"
+        )
+    parts.append(f'<path d="M{left} {top}V{base}H{_num(left + plot_w)}" fill="none" stroke="{_AXIS}"/>')
+    if xlabel:
+        parts.append(
+            f'<text x="{_num(left + plot_w / 2)}" y="{height - 8}" text-anchor="middle" '
+            f'fill="{_MUTED}">{escape(xlabel)}</text>'
+        )
+    if ylabel:
+        cy = _num(top + plot_h / 2)
+        parts.append(
+            f'<text x="14" y="{cy}" transform="rotate(-90 14 {cy})" text-anchor="middle" '
+            f'fill="{_MUTED}">{escape(ylabel)}</text>'
+        )
+
+    for name, points in clean.items():
+        color = palette[name]
+        coords = " ".join(f"{_num(px(x))},{_num(py(y))}" for x, y in points)
+        parts.append(
+            f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2" '
+            f'stroke-linejoin="round" stroke-linecap="round"/>'
+        )
+        if len(points) <= _MAX_DOTS:
+            for x, y in points:
+                parts.append(
+                    f'<circle cx="{_num(px(x))}" cy="{_num(py(y))}" r="2.5" fill="{color}">'
+                    f"<title>{escape(f'{name}: ({x:g}, {y:.4g})')}</title></circle>"
+                )
+        marker = (markers or {}).get(name)
+        if marker is not None and all(math.isfinite(v) for v in marker):
+            mx, my = marker
+            parts.append(
+                f'<circle cx="{_num(px(mx))}" cy="{_num(py(my))}" r="5.5" fill="none" '
+                f'stroke="{color}" stroke-width="2"><title>{escape(f"{name}: best ({mx:g}, {my:.4g})")}'
+                f"</title></circle>"
+            )
+
+    lx = width - right + 12
+    for i, name in enumerate(clean):
+        ly = top + 6 + i * 16
+        parts.append(
+            f'<line x1="{_num(lx)}" x2="{_num(lx + 18)}" y1="{ly}" y2="{ly}" stroke="{palette[name]}" '
+            f'stroke-width="2.5"/>'
+        )
+        parts.append(
+            f'<text x="{_num(lx + 24)}" y="{ly + 3.5}"><title>{escape(name)}</title>{escape(_short(name))}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)

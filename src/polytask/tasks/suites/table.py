@@ -1,0 +1,253 @@
+"""``table``: the columns of a user's CSV or Parquet file as tasks on the other columns.
+
+Each target column is one task labelled on every row (empty cells are missing labels, NaN);
+features must be numeric and complete. Rows are shuffled into train/val/test with the seed, and
+features are standardised with train statistics only, so nothing leaks from val or test.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from polytask.errors import DataError
+from polytask.tasks.registry import SUITES
+from polytask.tasks.task import SPLITS, Kind, Task, TaskData, TaskSuite
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+TargetKind = Literal["classification", "regression", "auto"]
+
+
+class TableParams(BaseModel):
+    """Parameters of the ``table`` suite."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="a .csv, .tsv or .parquet file (.csv.gz and .tsv.gz too)")
+    targets: list[str] | dict[str, TargetKind] = Field(
+        description="target columns, or column -> classification / regression / auto"
+    )
+    features: list[str] | None = Field(
+        None, description="feature columns; by default every column that is not a target"
+    )
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="share of rows in validation")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="share of rows in test")
+    standardize: bool = Field(True, description="standardise features with train mean and std")
+    max_classes: int = Field(
+        20, ge=2, description="auto: an integer-valued column with at most this many distinct "
+        "values is a classification target"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TableParams:
+        targets = list(self.targets)
+        if not targets:
+            raise ValueError("targets is empty: name at least one target column")
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"targets repeat a column: {targets}")
+        if self.features is not None:
+            if len(set(self.features)) != len(self.features):
+                raise ValueError(f"features repeat a column: {self.features}")
+            both = [c for c in self.features if c in targets]
+            if both:
+                raise ValueError(f"column(s) {both} are both features and targets")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be below 1")
+        return self
+
+    def target_kinds(self) -> dict[str, TargetKind]:
+        """Each target column with its requested kind (``auto`` when only named)."""
+        if isinstance(self.targets, dict):
+            return dict(self.targets)
+        return {name: "auto" for name in self.targets}
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """The file as a DataFrame with string column names; the reader is chosen by suffix."""
+    import pandas as pd  # imported on use: pandas is slow to import and only tables need it
+
+    if not path.is_file():
+        raise DataError(f"table {path} does not exist")
+    kind = Path(path.name.lower().removesuffix(".gz")).suffix
+    readers = {
+        ".csv": pd.read_csv,
+        ".tsv": lambda p: pd.read_csv(p, sep="\t"),
+        ".parquet": pd.read_parquet,
+        ".pq": pd.read_parquet,
+    }
+    if kind not in readers:
+        raise DataError(f"table {path}: unknown file type {kind!r}; use .csv, .tsv or .parquet")
+    try:
+        frame = readers[kind](path)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read table {path}: {e}") from None
+    frame.columns = [str(c) for c in frame.columns]
+    return frame
+
+
+def _check_columns(names: Sequence[str], columns: Sequence[str], path: Path) -> None:
+    for name in names:
+        if name not in columns:
+            close = difflib.get_close_matches(name, columns, n=3, cutoff=0.6)
+            hint = (f"close matches: {', '.join(map(repr, close))}" if close
+                    else f"columns: {', '.join(map(repr, columns[:20]))}"
+                    + (", ..." if len(columns) > 20 else ""))
+            raise DataError(f"table {path} has no column {name!r}; {hint}")
+
+
+def _features(frame: pd.DataFrame, names: Sequence[str], path: Path) -> np.ndarray:
+    """The feature columns as float64, or an error naming the first bad column and row."""
+    import pandas as pd
+
+    columns = []
+    for name in names:
+        column = frame[name]
+        values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        bad = np.isnan(values) & column.notna().to_numpy()
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise DataError(
+                f"table {path}: feature column {name!r} is not numeric "
+                f"(row {row}, counting data rows from 0, holds {column.iloc[row]!r})"
+            )
+        if not np.isfinite(values).all():
+            row = int(np.argmax(~np.isfinite(values)))
+            raise DataError(
+                f"table {path}: feature column {name!r} has a missing or infinite value at row "
+                f"{row} (counting data rows from 0); features must be numeric and complete"
+            )
+        columns.append(values)
+    return np.stack(columns, axis=1)
+
+
+def _infer_kind(column: pd.Series, max_classes: int) -> Kind:
+    """Non-numeric or boolean -> classification; integer-valued with at most ``max_classes``
+    distinct values -> classification; otherwise regression."""
+    from pandas.api.types import is_bool_dtype, is_numeric_dtype
+
+    if is_bool_dtype(column) or not is_numeric_dtype(column):
+        return "classification"
+    values = column.dropna().to_numpy(dtype=np.float64)
+    if np.all(values == np.round(values)) and len(np.unique(values)) <= max_classes:
+        return "classification"
+    return "regression"
+
+
+def _target(
+    column: pd.Series, kind: TargetKind, max_classes: int, path: Path
+) -> tuple[Kind, np.ndarray, list[Any] | None]:
+    """The task kind, float targets (class ids or values, NaN where missing) and class names."""
+    from pandas.api.types import is_bool_dtype, is_numeric_dtype
+
+    name = column.name
+    if not is_numeric_dtype(column):
+        column = column.mask(column.astype(str).str.strip() == "")
+    present = column.notna().to_numpy()
+    if not present.any():
+        raise DataError(f"table {path}: target column {name!r} has no labels")
+    if kind == "auto":
+        kind = _infer_kind(column, max_classes)
+    numeric = is_numeric_dtype(column)
+    if kind == "regression":
+        if not numeric or is_bool_dtype(column):
+            raise DataError(
+                f"table {path}: target column {name!r} is not numeric, so it cannot be a "
+                "regression target (make it classification)"
+            )
+        values = column.to_numpy(dtype=np.float64, na_value=np.nan)
+        if np.isinf(values).any():
+            row = int(np.argmax(np.isinf(values)))
+            raise DataError(f"table {path}: target column {name!r} is infinite at row {row}")
+        return "regression", values, None
+    ids = np.full(len(column), np.nan)
+    if numeric:
+        values = column[present].to_numpy(dtype=np.float64)
+        classes = np.unique(values)
+        if is_bool_dtype(column):
+            names: list[Any] = [bool(c) for c in classes]
+        elif np.all(classes == np.round(classes)):
+            names = [int(c) for c in classes]
+        else:
+            names = [float(c) for c in classes]
+    else:
+        values = column[present].astype(str).to_numpy(dtype=object)
+        classes = np.unique(values)
+        names = [str(c) for c in classes]
+    ids[present] = np.searchsorted(classes, values)
+    if len(names) < 2:
+        raise DataError(
+            f"table {path}: target column {name!r} has a single class {names}; a classification "
+            "target needs at least 2"
+        )
+    return "classification", ids, names
+
+
+def _split_rows(
+    n: int, params: TableParams, rng: np.random.Generator, path: Path
+) -> list[np.ndarray]:
+    """Sorted row ids of train, val and test after a seeded shuffle (each split non-empty)."""
+    n_val = max(1, round(params.val_fraction * n))
+    n_test = max(1, round(params.test_fraction * n))
+    if n - n_val - n_test < 1:
+        raise DataError(f"table {path} has {n} rows, too few for a train/val/test split")
+    order = rng.permutation(n)
+    return [np.sort(part) for part in np.split(order, [n - n_val - n_test, n - n_test])]
+
+
+@SUITES.register(
+    "table",
+    params=TableParams,
+    summary="columns of a CSV/Parquet file as tasks on the other (numeric) columns",
+)
+def build(params: TableParams, seed: int) -> TaskSuite:
+    """One multi-target source per split; labels of each target column, NaN where blank."""
+    path = Path(params.path).expanduser()
+    frame = read_table(path)
+    columns = list(frame.columns)
+    kinds = params.target_kinds()
+    _check_columns(list(kinds), columns, path)
+    features = params.features if params.features is not None else [
+        c for c in columns if c not in kinds
+    ]
+    _check_columns(features, columns, path)
+    if not features:
+        raise DataError(f"table {path} has no feature columns besides the targets")
+    x = _features(frame, features, path)
+    rows = _split_rows(len(frame), params, np.random.default_rng(seed), path)
+    tasks, targets, classes = [], {}, {}
+    for name, requested in kinds.items():
+        kind, values, names = _target(frame[name], requested, params.max_classes, path)
+        tasks.append(Task(name, kind, len(names) if names else 1))
+        targets[name] = values
+        if names is not None:
+            classes[name] = names
+    info: dict[str, Any] = {
+        "params": params.model_dump(mode="json"),
+        "features": features,
+        "kinds": {t.name: t.kind for t in tasks},
+        "classes": classes,
+    }
+    if params.standardize:
+        mean = x[rows[0]].mean(axis=0)
+        std = x[rows[0]].std(axis=0)
+        std = np.where(std > 0, std, 1.0)
+        x = (x - mean) / std
+        info["feature_mean"] = mean.tolist()
+        info["feature_std"] = std.tolist()
+    splits = {
+        split: (TaskData(
+            torch.from_numpy(x[r].astype(np.float32)),
+            {name: torch.from_numpy(t[r].astype(np.float32)) for name, t in targets.items()},
+            torch.from_numpy(r.astype(np.int64)),
+        ),)
+        for split, r in zip(SPLITS, rows, strict=True)
+    }
+    return TaskSuite("table", tuple(tasks), splits, info)

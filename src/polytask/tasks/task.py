@@ -1,0 +1,204 @@
+"""Tasks and suites: the one vocabulary shared by the joint, merging and continual regimes.
+
+Targets are float tensors in which NaN marks a missing label: a row with a NaN target is masked for
+that task only and still serves every other task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from polytask.errors import DataError
+
+Kind = Literal["classification", "regression"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A named score of predictions against labelled targets, with its direction."""
+
+    name: str
+    higher_is_better: bool
+    fn: Callable[[Tensor, Tensor], Tensor]
+
+    def __call__(self, output: Tensor, target: Tensor) -> float:
+        return float(self.fn(output, target))
+
+
+def _accuracy(output: Tensor, target: Tensor) -> Tensor:
+    return (output.argmax(-1) == target.long()).float().mean()
+
+
+def _mse(output: Tensor, target: Tensor) -> Tensor:
+    return ((output.reshape(target.shape) - target) ** 2).mean()
+
+
+def _mae(output: Tensor, target: Tensor) -> Tensor:
+    return (output.reshape(target.shape) - target).abs().mean()
+
+
+ACCURACY = Metric("accuracy", True, _accuracy)
+MSE = Metric("mse", False, _mse)
+MAE = Metric("mae", False, _mae)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """The task-specific head: hidden widths before the output layer (empty: one linear layer)."""
+
+    hidden: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Task:
+    """One prediction problem: its target, head, loss and metrics.
+
+    ``n_outputs`` is the number of classes (classification) or target dimensions (regression).
+    ``target`` names where the labels come from (a column, an attribute); it defaults to ``name``.
+    """
+
+    name: str
+    kind: Kind
+    n_outputs: int
+    metrics: tuple[Metric, ...] = ()
+    head: HeadSpec = HeadSpec()
+    target: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("classification", "regression"):
+            raise DataError(f"task {self.name!r}: kind must be classification or regression, got {self.kind!r}")
+        if self.n_outputs < 1 or (self.kind == "classification" and self.n_outputs < 2):
+            raise DataError(f"task {self.name!r}: n_outputs={self.n_outputs} is too small for {self.kind}")
+        if not self.metrics:
+            default = (ACCURACY,) if self.kind == "classification" else (MSE, MAE)
+            object.__setattr__(self, "metrics", default)
+        if not self.target:
+            object.__setattr__(self, "target", self.name)
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """Per-sample loss on labelled rows (cross-entropy or squared error)."""
+        if self.kind == "classification":
+            return F.cross_entropy(output, target.long(), reduction="none")
+        return ((output.reshape(target.shape) - target) ** 2).reshape(len(target), -1).mean(1)
+
+    @staticmethod
+    def mask(target: Tensor) -> Tensor:
+        """True where the row is labelled for this task."""
+        missing = torch.isnan(target)
+        return ~(missing if missing.dim() == 1 else missing.any(-1))
+
+
+@dataclass
+class TaskData:
+    """Inputs and the targets of the tasks labelled on them (NaN = missing label).
+
+    ``index`` records where each row came from (e.g. the source image ids of a pair), so tests and
+    users can check split hygiene.
+    """
+
+    x: Tensor
+    y: dict[str, Tensor]
+    index: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.x)
+        for name, t in self.y.items():
+            if len(t) != n:
+                raise DataError(f"task {name!r}: {len(t)} targets for {n} inputs")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def take(self, rows: Tensor) -> TaskData:
+        return TaskData(
+            self.x[rows],
+            {k: v[rows] for k, v in self.y.items()},
+            None if self.index is None else self.index[rows],
+        )
+
+    def only(self, tasks: Sequence[str]) -> TaskData:
+        return TaskData(self.x, {k: v for k, v in self.y.items() if k in tasks}, self.index)
+
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class TaskSuite:
+    """Tasks over data with train/val/test splits.
+
+    Each split is a tuple of sources. A multi-target suite has one source labelled for every task; a
+    multi-input suite has one source per task (or per group of tasks). ``info`` holds what the suite
+    knows about itself, e.g. the planted grouping of the synthetic suite.
+    """
+
+    name: str
+    tasks: tuple[Task, ...]
+    splits: dict[str, tuple[TaskData, ...]]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise DataError(f"suite {self.name!r}: duplicate task names in {names}")
+        missing = [s for s in SPLITS if s not in self.splits]
+        if missing:
+            raise DataError(f"suite {self.name!r}: missing split(s) {missing}")
+        for split, sources in self.splits.items():
+            covered = [k for src in sources for k in src.y]
+            for n in names:
+                if covered.count(n) != 1:
+                    raise DataError(
+                        f"suite {self.name!r}, split {split!r}: task {n!r} is labelled in "
+                        f"{covered.count(n)} sources (need exactly 1)"
+                    )
+        shapes = {tuple(src.x.shape[1:]) for sources in self.splits.values() for src in sources}
+        if len(shapes) != 1:
+            raise DataError(f"suite {self.name!r}: inputs have different shapes {sorted(shapes)}")
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.splits["train"][0].x.shape[1:])
+
+    @property
+    def multi_input(self) -> bool:
+        return len(self.splits["train"]) > 1
+
+    def task(self, name: str) -> Task:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise DataError(f"suite {self.name!r} has no task {name!r}; tasks: {', '.join(self.task_names)}")
+
+    def subset(self, names: Sequence[str]) -> TaskSuite:
+        """The same suite restricted to ``names`` (sources left with no task are dropped)."""
+        tasks = tuple(self.task(n) for n in names)
+        splits = {
+            split: tuple(s.only(names) for s in sources if any(k in names for k in s.y))
+            for split, sources in self.splits.items()
+        }
+        return replace(self, tasks=tasks, splits=splits)
+
+    def describe(self) -> dict[str, Any]:
+        """Sizes and tasks, for listings and summaries."""
+        return {
+            "name": self.name,
+            "input_shape": list(self.input_shape),
+            "tasks": [
+                {"name": t.name, "kind": t.kind, "n_outputs": t.n_outputs,
+                 "metrics": [m.name for m in t.metrics]}
+                for t in self.tasks
+            ],
+            "sizes": {s: [len(src) for src in srcs] for s, srcs in self.splits.items()},
+            "multi_input": self.multi_input,
+        }

@@ -1,0 +1,86 @@
+"""The training loop: masked labels, multi-input suites, batch order."""
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from polytask.config import Config, MethodConfig
+from polytask.engine.data import epoch_batches
+from polytask.engine.loop import Job, evaluate, task_losses, train_job
+from polytask.models import build_model
+from polytask.tasks import Task, TaskData, TaskSuite, build_suite
+
+
+def small_config(**train):
+    return Config.model_validate({"model": {"backbone_params": {"hidden": [16]}},
+                                  "train": {"epochs": 2, "batch_size": 32, **train}})
+
+
+def test_masked_task_trains_and_evaluates_on_labelled_rows_only(tmp_path):
+    suite = build_suite("synthetic", {"d": 6, "groups": [2], "unrelated": 0, "conflicting_pairs": 0,
+                                      "n_train": 400, "n_val": 200, "n_test": 200,
+                                      "missing": {"g0_t1": 0.3}}, seed=0)
+    y = suite.splits["train"][0].y["g0_t1"]
+    assert 0.25 < torch.isnan(y).float().mean() < 0.35
+    job = Job("equal", tuple(suite.task_names), MethodConfig(name="equal"), "joint")
+    result = train_job(job, suite, small_config(), tmp_path)
+    assert all(math.isfinite(r["loss"]) for r in result["history"])
+    # evaluation uses exactly the labelled rows: recompute by hand on them
+    model = build_model(suite.tasks, suite.input_shape, "mlp", {"hidden": [16]})
+    test = suite.splits["test"][0]
+    scores = evaluate(model, [test], suite.tasks)
+    keep = ~torch.isnan(test.y["g0_t1"])
+    with torch.no_grad():
+        pred = model(test.x[keep])["g0_t1"].squeeze(-1)
+        full = model(test.x)["g0_t0"].squeeze(-1)
+    assert scores["g0_t1"]["mse"] == torch.mean((pred - test.y["g0_t1"][keep]) ** 2).item()
+    # the other task keeps every row
+    assert scores["g0_t0"]["mse"] == torch.mean((full - test.y["g0_t0"]) ** 2).item()
+
+
+def test_batch_with_no_label_gives_zero_loss_with_graph():
+    task = Task("t", "regression", 1)
+    other = Task("u", "regression", 1)
+    data = TaskData(torch.randn(4, 3), {"t": torch.full((4,), float("nan")), "u": torch.randn(4)})
+    model = build_model([task, other], (3,), "mlp", {"hidden": [4]})
+    losses = task_losses(model, [data], [torch.arange(4)], [task, other])
+    assert losses[0] == 0 and losses[1] > 0
+    losses.sum().backward()
+
+
+def multi_input_suite():
+    gen = torch.Generator().manual_seed(0)
+
+    def src(n, name):
+        x = torch.randn(n, 5, generator=gen)
+        return TaskData(x, {name: (x[:, 0] > 0).float()})
+
+    splits = {s: (src(n, "a"), src(n // 3, "b")) for s, n in [("train", 300), ("val", 90), ("test", 90)]}
+    tasks = (Task("a", "classification", 2), Task("b", "classification", 2))
+    return TaskSuite("two-inputs", tasks, splits)
+
+
+def test_multi_input_suite_trains(tmp_path):
+    suite = multi_input_suite()
+    assert suite.multi_input
+    job = Job("equal", ("a", "b"), MethodConfig(name="equal"), "joint")
+    result = train_job(job, suite, small_config(epochs=3, optimizer={"lr": 0.02}), tmp_path)
+    assert result["test"]["a"]["accuracy"] > 0.8 and result["test"]["b"]["accuracy"] > 0.7
+    assert result["steps"] == 3 * math.ceil(300 / 32)
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(1, 200), min_size=1, max_size=3), bs=st.integers(1, 64),
+       seed=st.integers(0, 2**31), epoch=st.integers(0, 5))
+def test_epoch_batches(sizes, bs, seed, epoch):
+    batches = epoch_batches(sizes, bs, seed, epoch)
+    assert len(batches) == max(math.ceil(n / bs) for n in sizes)
+    big = sizes.index(max(sizes))
+    seen = torch.cat([b[big] for b in batches])
+    assert sorted(seen.tolist()) == list(range(sizes[big]))  # the largest source: each row once
+    for s, n in enumerate(sizes):
+        assert all(len(b[s]) <= bs and (len(b[s]) == 0 or int(b[s].max()) < n) for b in batches)
+    again = epoch_batches(sizes, bs, seed, epoch)
+    assert all(torch.equal(a, b) for x, y in zip(batches, again, strict=False) for a, b in zip(x, y, strict=False))

@@ -56,12 +56,19 @@ def run(
 @app.command()
 def suites() -> None:
     """List the built-in suites, their tasks and parameters."""
-    from polytask.tasks import SUITES
+    from polytask.tasks import SUITES, build_suite
 
     for entry in SUITES:
         typer.echo(f"{entry.name}: {entry.summary}")
+        required = [n for n, f in entry.params.model_fields.items() if f.is_required()]
+        if required:
+            typer.echo(f"  tasks: depend on the data ({', '.join(required)})")
+        else:
+            suite = build_suite(entry.name, {}, seed=0)
+            typer.echo("  tasks: " + ", ".join(f"{t.name} ({t.kind}, {t.n_outputs})" for t in suite.tasks))
+        typer.echo("  params:")
         for name, field in entry.params.model_fields.items():
-            default = "required" if field.is_required() else f"default {field.default!r}"
+            default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
             typer.echo(f"    {name} ({default}): {field.description or ''}")
 
 

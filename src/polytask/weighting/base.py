@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from pydantic import BaseModel
+import torch
 from torch import Tensor
 
 from polytask.methods import METHODS
@@ -21,15 +22,29 @@ State = dict[str, Any]
 
 @dataclass(frozen=True)
 class StepContext:
-    """What a weighting may know about the step besides the losses."""
+    """What a method may know about the step besides its main input.
+
+    ``losses``: the K task losses of the step (detached). ``val_losses``: a callable returning the K task
+    losses on a validation batch (for methods that watch validation, like CoBa); None when unavailable.
+    ``generator``: a torch.Generator seeded from (run seed, step), for methods that draw random numbers
+    (RLW, DARE-like dropping), so no RNG state needs to be threaded through.
+    """
 
     step: int
     epoch: int
+    losses: Tensor | None = None
+    val_losses: Callable[[], Tensor] | None = None
+    steps_per_epoch: int = 1
+    generator: torch.Generator | None = None
 
 
 class Weighting(NamedTuple):
+    """``update(state, losses, ctx) -> (weights, state)``; optional ``after_step(state, new_losses, ctx)``
+    receives the losses recomputed on the same batch after the optimiser step (FAMO) and returns the state."""
+
     init: Callable[[], State]
     update: Callable[[State, Tensor, StepContext], tuple[Tensor, State]]
+    after_step: Callable[[State, Tensor, StepContext], State] | None = None
 
 
 WeightingBuilder = Callable[[Any, Sequence[str]], Weighting]

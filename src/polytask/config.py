@@ -60,6 +60,11 @@ class MethodConfig(_Strict):
     name: str = Field(description="a registered method (see `polytask methods`)")
     params: dict[str, Any] = Field(default_factory=dict)
     label: str = Field("", description="name in results; defaults to the method name")
+    grad_mode: Literal["params", "representation"] = Field(
+        "params", description="aggregators: per-task gradients of the shared parameters (exact) or of the "
+        "shared representation, per sample (cheaper)")
+    chunk_size: int = Field(0, ge=0, description="aggregators: tasks per batched backward pass (0: all)")
+    sam_rho: float = Field(0.0, ge=0, description="F-MTL: per-task sharpness-aware radius (0: off)")
 
     def model_post_init(self, __context: Any) -> None:
         if not self.label:

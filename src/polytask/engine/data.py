@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 
-def _perm(n: int, *key: int) -> Tensor:
+def permutation(n: int, *key: int) -> Tensor:
+    """A random permutation of range(n) that depends only on the integers in ``key``."""
     seed = int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0] >> 1)
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
@@ -29,9 +30,9 @@ def epoch_batches(sizes: list[int], batch_size: int, seed: int, epoch: int) -> l
     per_source = []
     for s, n in enumerate(sizes):
         if math.ceil(n / batch_size) == steps:
-            stream = _perm(n, seed, epoch, s, 0)
+            stream = permutation(n, seed, epoch, s, 0)
         else:
             cycles = math.ceil(steps * batch_size / n)
-            stream = torch.cat([_perm(n, seed, epoch, s, c) for c in range(cycles)])
+            stream = torch.cat([permutation(n, seed, epoch, s, c) for c in range(cycles)])
         per_source.append([stream[i * batch_size:(i + 1) * batch_size] for i in range(steps)])
     return [list(b) for b in zip(*per_source, strict=True)]

@@ -23,12 +23,13 @@ from torch import Tensor
 
 from polytask.config import Config, MethodConfig
 from polytask.engine import checkpoint, faults
-from polytask.engine.data import epoch_batches, steps_per_epoch
+from polytask.engine.data import epoch_batches, permutation, steps_per_epoch
 from polytask.engine.progress import Reporter
+from polytask.engine.step import build_method, masked_loss, train_step
 from polytask.io import atomic_write_bytes
 from polytask.models import MultiTaskModel, build_model
 from polytask.tasks.task import Task, TaskData, TaskSuite
-from polytask.weighting import StepContext, build_weighting
+from polytask.weighting import StepContext
 
 CHECKPOINT = "last.safetensors"
 BEST = "best.safetensors"
@@ -60,11 +61,7 @@ def task_losses(model: MultiTaskModel, sources: Sequence[TaskData], rows: Sequen
         preds = model(src.x[r], names)
         for t in tasks:
             if t.name in src.y:
-                y = src.y[t.name][r]
-                m = Task.mask(y)
-                p = preds[t.name]
-                # a batch with no label for a task contributes a zero loss that still has a graph
-                out[t.name] = t.loss(p[m], y[m]).mean() if m.any() else p.sum() * 0.0
+                out[t.name] = masked_loss(t, preds[t.name], src.y[t.name][r])
     return torch.stack([out[t.name] for t in tasks])
 
 
@@ -177,12 +174,12 @@ def train_job(
                         config.model.architecture, config.model.architecture_params)
     opt = make_optimizer(model, config)
     sched = make_scheduler(opt, config)
-    weighting = build_weighting(job.method.name, job.method.params, job.tasks)
+    method = build_method(job.method, job.tasks)
     state: dict[str, Any] = {
         "position": {"epoch": 0, "step": 0, "global_step": 0},
-        "method": weighting.init(),
+        "method": method.init(),
         "epoch_acc": {"loss": torch.zeros(len(tasks), dtype=torch.float64),
-                      "weight": torch.zeros(len(tasks), dtype=torch.float64), "n": 0},
+                      "weight": torch.zeros(len(tasks), dtype=torch.float64), "n": 0, "nw": 0},
         "best": {"score": float("inf"), "epoch": -1, "val": {}, "model": None},
         "history": [],
         "elapsed": 0.0,
@@ -205,6 +202,16 @@ def train_job(
         })
 
     sizes = [len(s) for s in train]
+
+    @torch.no_grad()
+    def val_losses() -> Tensor:
+        """Task losses on a validation batch drawn from (seed, step), for methods that watch validation."""
+        rows = [permutation(len(s), seed, 7919, pos["global_step"])[:cfg.batch_size] for s in val]
+        model.eval()
+        try:
+            return task_losses(model, val, rows, tasks)
+        finally:
+            model.train()
     steps = steps_per_epoch(sizes, cfg.batch_size)
     pos = state["position"]
     reporter.start(job.id, cfg.epochs * steps, pos["epoch"] * steps + pos["step"])
@@ -215,14 +222,14 @@ def train_job(
         batches = epoch_batches(sizes, cfg.batch_size, seed, epoch)
         acc = state["epoch_acc"]
         while pos["step"] < steps:
-            losses = task_losses(model, train, batches[pos["step"]], tasks)
-            weights, state["method"] = weighting.update(
-                state["method"], losses.detach(), StepContext(pos["global_step"], epoch))
-            opt.zero_grad(set_to_none=True)
-            (weights * losses).sum().backward()
-            opt.step()
-            acc["loss"] += losses.detach().double()
-            acc["weight"] += weights.detach().double()
+            ctx = StepContext(pos["global_step"], epoch, None, val_losses if method.needs_val else None, steps,
+                              torch.Generator().manual_seed(seed * 1_000_003 + pos["global_step"]))
+            losses, weights, state["method"] = train_step(
+                model, method, state["method"], train, batches[pos["step"]], tasks, opt, ctx, task_losses)
+            acc["loss"] += losses.double()
+            if weights is not None:
+                acc["weight"] += weights.double()
+                acc["nw"] += 1
             acc["n"] += 1
             pos["step"] += 1
             pos["global_step"] += 1
@@ -234,7 +241,8 @@ def train_job(
             sched.step()
         val_scores = evaluate(model, val, tasks, cfg.eval_batch_size)
         train_scores = {t.name: {"loss": float(acc["loss"][k] / acc["n"])} for k, t in enumerate(tasks)}
-        weights_now = {t.name: {"weight": float(acc["weight"][k] / acc["n"])} for k, t in enumerate(tasks)}
+        weights_now = {t.name: {"weight": float(acc["weight"][k] / acc["nw"])} for k, t in enumerate(tasks)
+                       if acc["nw"]}
         state["history"] += _records(job, epoch + 1, pos["global_step"], "train", train_scores, weights_now)
         state["history"] += _records(job, epoch + 1, pos["global_step"], "val", val_scores)
         score = selection_score(val_scores)
@@ -246,7 +254,7 @@ def train_job(
         pos["epoch"] += 1
         pos["step"] = 0
         state["epoch_acc"] = {"loss": torch.zeros_like(acc["loss"]), "weight": torch.zeros_like(acc["weight"]),
-                              "n": 0}
+                              "n": 0, "nw": 0}
         save_checkpoint()
         if on_epoch is not None:
             on_epoch(state["history"])

@@ -61,10 +61,6 @@ def build_method(cfg: MethodConfig, task_names: Sequence[str]) -> Method:
     return method
 
 
-def _head_groups(model: MultiTaskModel, tasks: Sequence[Task]) -> list[list[torch.nn.Parameter]]:
-    return [list(model.task_parameters(t.name)) for t in tasks]
-
-
 def _set_grads(params: Sequence[torch.nn.Parameter], grads: Sequence[Tensor]) -> None:
     for p, g in zip(params, grads, strict=True):
         p.grad = g.detach().reshape(p.shape).to(p.dtype)
@@ -81,49 +77,108 @@ def _aggregate(method: Method, state: State, blocks: Sequence[Tensor], ctx: Step
     return split(direction, blocks), None, state
 
 
-def _head_grads(method: Method, weights: Tensor | None, head_blocks: Sequence[Tensor],
-                groups: Sequence[Sequence[torch.nn.Parameter]]) -> list[Tensor]:
-    """Row k of task k's head blocks, scaled by w_k if the method weights the heads."""
-    out, i = [], 0
-    for k, group in enumerate(groups):
-        scale = float(weights[k]) if method.weights_heads and weights is not None else 1.0
-        for _ in group:
-            out.append(head_blocks[i][k] * scale)
-            i += 1
-    return out
+@dataclass
+class TaskGrads:
+    """Per-task gradients of one batch.
+
+    ``zs``: the shared representations (graph attached), one per source; ``z_blocks``: K x B x D per source,
+    row k the per-sample gradient of task k's loss; ``heads``/``owner``: head parameters, each with its own
+    task's gradient and the index of that task.
+    """
+
+    losses: Tensor
+    zs: list[Tensor]
+    z_blocks: list[Tensor]
+    heads: list[torch.nn.Parameter]
+    head_grads: list[Tensor]
+    owner: list[int]
 
 
-def _fmtl_flat_blocks(model: MultiTaskModel, loss_fn: Callable[[], Tensor], shared: Sequence[torch.nn.Parameter],
-                      shared_blocks: Sequence[Tensor], heads: Sequence[Sequence[torch.nn.Parameter]],
-                      head_blocks: Sequence[Tensor], rho: float) -> tuple[list[Tensor], list[Tensor]]:
-    """F-MTL (Phan et al. 2022): per-task SAM. For each task k, move the shared parameters and task k's
-    head by ρ ĝ_k/||ĝ_k|| and take task k's gradient there. Returns the shared "flat" gradients
-    h_k = g_k^SAM - g_k (aggregated separately, as in the paper) and the heads' SAM gradients."""
-    k_tasks = shared_blocks[0].shape[0]
-    flat_shared = [torch.zeros_like(b) for b in shared_blocks]
-    sam_heads = [b.clone() for b in head_blocks]
-    offsets = [0]
-    for group in heads:
-        offsets.append(offsets[-1] + len(group))
-    for k in range(k_tasks):
-        own = [b[k] for b in shared_blocks] + [head_blocks[i][k] for i in range(offsets[k], offsets[k + 1])]
-        params = list(shared) + list(heads[k])
+def representation_grads(model: Any, sources: Sequence[TaskData], rows: Sequence[Tensor],
+                         tasks: Sequence[Task]) -> TaskGrads:
+    """All per-task representation gradients and every head's own gradient from ONE backward pass.
+
+    Each head reads its own leaf copy of the representation, so the backward of Σ_k L_k leaves
+    ∂L_k/∂z in copy k: no K separate passes and no vmap."""
+    zs, copies, losses = [], {}, {}
+    for src, r in zip(sources, rows, strict=True):
+        z = model.encode(src.x[r])
+        zs.append(z)
+        for t in tasks:
+            if t.name in src.y:
+                copies[t.name] = z.detach().requires_grad_()
+                pred = model.decode(copies[t.name], [t.name])[t.name]
+                losses[t.name] = masked_loss(t, pred, src.y[t.name][r])
+    loss_vec = torch.stack([losses[t.name] for t in tasks])
+    heads, owner = [], []
+    for k, t in enumerate(tasks):
+        group = list(model.task_parameters(t.name))
+        heads += group
+        owner += [k] * len(group)
+    names = [t.name for t in tasks]
+    grads = torch.autograd.grad(loss_vec.sum(), [copies[n] for n in names] + heads, allow_unused=True,
+                                materialize_grads=True)
+    z_blocks = []
+    for z in zs:
+        rows_k = [g if copies[n].data_ptr() == z.data_ptr() else torch.zeros_like(z)
+                  for n, g in zip(names, grads[:len(names)], strict=True)]
+        z_blocks.append(torch.stack(rows_k))
+    return TaskGrads(loss_vec, zs, z_blocks, heads, list(grads[len(names):]), owner)
+
+
+def parameter_grads(model: MultiTaskModel, sources: Sequence[TaskData], rows: Sequence[Tensor],
+                    tasks: Sequence[Task], loss_fn: LossFn, chunk: int) -> tuple[TaskGrads, list[Tensor]]:
+    """Per-task gradients of the shared parameters (K x P, as blocks per parameter) and of the heads.
+
+    With a single shared representation the K rows are one batched vector-Jacobian product through the
+    encoder, seeded by the per-task representation gradients; otherwise through the whole model."""
+    shared = list(model.shared_parameters())
+    if hasattr(model, "encode") and hasattr(model, "decode"):
+        tg = representation_grads(model, sources, rows, tasks)
+        k = len(tasks)
+        step = chunk if chunk > 0 else k
+        parts = [torch.autograd.grad(tg.zs, shared, grad_outputs=[b[i:i + step] for b in tg.z_blocks],
+                                     is_grads_batched=True, retain_graph=i + step < k, allow_unused=True,
+                                     materialize_grads=True) for i in range(0, k, step)]
+        blocks = list(parts[0]) if len(parts) == 1 else [torch.cat(col) for col in zip(*parts, strict=True)]
+        return tg, blocks
+    losses = loss_fn(model, sources, rows, tasks)
+    heads, owner = [], []
+    for k, t in enumerate(tasks):
+        group = list(model.task_parameters(t.name))
+        heads += group
+        owner += [k] * len(group)
+    grads = batched_grads(losses, shared + heads, chunk)
+    head_grads = [g[k] for g, k in zip(grads[len(shared):], owner, strict=True)]
+    return TaskGrads(losses, [], [], heads, head_grads, owner), list(grads[:len(shared)])
+
+
+def _fmtl(model: MultiTaskModel, loss_fn: Callable[[], Tensor], shared: Sequence[torch.nn.Parameter],
+          blocks: Sequence[Tensor], tg: TaskGrads, rho: float) -> tuple[list[Tensor], list[Tensor]]:
+    """F-MTL (Phan et al. 2022, task-based flat regions): per-task SAM. For each task k, move the shared
+    parameters and task k's head by ρ g_k/||g_k|| and take task k's gradient there. Returns the shared
+    "flat" gradients h_k = g_k^SAM - g_k (aggregated separately, as in the paper) and the heads' SAM
+    gradients."""
+    flat_blocks = [torch.zeros_like(b) for b in blocks]
+    head_grads = list(tg.head_grads)
+    for k in range(blocks[0].shape[0]):
+        mine = [i for i, o in enumerate(tg.owner) if o == k]
+        params = list(shared) + [tg.heads[i] for i in mine]
+        own = [b[k] for b in blocks] + [tg.head_grads[i] for i in mine]
         norm = torch.sqrt(sum((g.double() ** 2).sum() for g in own))
         if norm == 0:
             continue
-        eps = [rho * g / norm for g in own]
+        eps = [(rho * g / norm).reshape(p.shape).to(p.dtype) for g, p in zip(own, params, strict=True)]
         with torch.no_grad():
-            for p, e in zip(params, eps, strict=True):
-                p.add_(e.reshape(p.shape))
+            torch._foreach_add_(params, eps)
         grads = torch.autograd.grad(loss_fn()[k], params, allow_unused=True, materialize_grads=True)
         with torch.no_grad():
-            for p, e in zip(params, eps, strict=True):
-                p.sub_(e.reshape(p.shape))
+            torch._foreach_sub_(params, eps)
         for i in range(len(shared)):
-            flat_shared[i][k] = grads[i].reshape(shared_blocks[i].shape[1:]) - shared_blocks[i][k]
-        for j, i in enumerate(range(offsets[k], offsets[k + 1])):
-            sam_heads[i][k] = grads[len(shared) + j].reshape(head_blocks[i].shape[1:])
-    return flat_shared, sam_heads
+            flat_blocks[i][k] = grads[i].reshape(blocks[i].shape[1:]) - blocks[i][k]
+        for j, i in enumerate(mine):
+            head_grads[i] = grads[len(shared) + j]
+    return flat_blocks, head_grads
 
 
 def train_step(model: MultiTaskModel, method: Method, state: State, sources: Sequence[TaskData],
@@ -142,60 +197,44 @@ def train_step(model: MultiTaskModel, method: Method, state: State, sources: Seq
             state = method.impl.after_step(state, new, ctx)
         return losses.detach(), weights.detach(), state
 
-    heads = _head_groups(model, tasks)
-    head_params = [p for g in heads for p in g]
     if method.mode == "representation":
-        encode = getattr(model, "encode", None)
-        if encode is None:
+        if not hasattr(model, "encode"):
             raise ConfigError(f"grad_mode representation needs an architecture with one shared representation; "
                               f"{type(model).__name__} has none (use grad_mode: params)")
-        zs = [encode(src.x[r]) for src, r in zip(sources, rows, strict=True)]
-        detached = [z.detach().requires_grad_() for z in zs]
-        losses = _losses_from_representation(model, detached, sources, rows, tasks)
-        grads = batched_grads(losses, detached + head_params, method.chunk)
-        z_blocks, head_blocks = grads[:len(zs)], grads[len(zs):]
-        ctx = _with_losses(ctx, losses)
-        directions, weights, state = _aggregate(method, state, z_blocks, ctx)
-        torch.autograd.backward(zs, directions)
+        tg = representation_grads(model, sources, rows, tasks)
+        ctx = _with_losses(ctx, tg.losses)
+        directions, weights, state = _aggregate(method, state, tg.z_blocks, ctx)
+        torch.autograd.backward(tg.zs, directions)
+        head_grads = tg.head_grads
     else:
         shared = list(model.shared_parameters())
-        losses = loss_fn(model, sources, rows, tasks)
-        grads = batched_grads(losses, shared + head_params, method.chunk)
-        shared_blocks, head_blocks = grads[:len(shared)], grads[len(shared):]
-        ctx = _with_losses(ctx, losses)
+        tg, blocks = parameter_grads(model, sources, rows, tasks, loss_fn, method.chunk)
+        ctx = _with_losses(ctx, tg.losses)
+        head_grads = tg.head_grads
         if method.sam_rho:
-            directions, weights, main = _aggregate(method, state["main"], shared_blocks, ctx)
-            flat_blocks, head_blocks = _fmtl_flat_blocks(
-                model, lambda: loss_fn(model, sources, rows, tasks), shared, shared_blocks, heads, head_blocks,
-                method.sam_rho)
+            directions, weights, main = _aggregate(method, state["main"], blocks, ctx)
+            flat_blocks, head_grads = _fmtl(model, lambda: loss_fn(model, sources, rows, tasks), shared, blocks,
+                                            tg, method.sam_rho)
             flat_dirs, _, flat_state = _aggregate(method, state["flat"], flat_blocks, ctx)
             directions = [d + f for d, f in zip(directions, flat_dirs, strict=True)]
             state = {"main": main, "flat": flat_state}
         else:
-            directions, weights, state = _aggregate(method, state, shared_blocks, ctx)
+            directions, weights, state = _aggregate(method, state, blocks, ctx)
         _set_grads(shared, directions)
-    _set_grads(head_params, _head_grads(method, weights, head_blocks, heads))
+    if method.weights_heads and weights is not None:
+        head_grads = [g * float(weights[k]) for g, k in zip(head_grads, tg.owner, strict=True)]
+    _set_grads(tg.heads, head_grads)
     opt.step()
-    return losses.detach(), None if weights is None else weights.detach().float(), state
+    return tg.losses.detach(), None if weights is None else weights.detach().float(), state
 
 
 def _with_losses(ctx: StepContext, losses: Tensor) -> StepContext:
     return StepContext(ctx.step, ctx.epoch, losses.detach(), ctx.val_losses, ctx.steps_per_epoch, ctx.generator)
 
 
-def _losses_from_representation(model: Any, zs: Sequence[Tensor], sources: Sequence[TaskData],
-                                rows: Sequence[Tensor], tasks: Sequence[Task]) -> Tensor:
-    out: dict[str, Tensor] = {}
-    for z, src, r in zip(zs, sources, rows, strict=True):
-        names = [t.name for t in tasks if t.name in src.y]
-        preds = model.decode(z, names)
-        for t in tasks:
-            if t.name in names:
-                out[t.name] = masked_loss(t, preds[t.name], src.y[t.name][r])
-    return torch.stack([out[t.name] for t in tasks])
-
-
 def masked_loss(task: Task, pred: Tensor, y: Tensor) -> Tensor:
     """Mean loss over the labelled rows; a batch with no label gives a zero that still has a graph."""
     m = Task.mask(y)
+    if bool(m.all()):
+        return task.loss(pred, y).mean()
     return task.loss(pred[m], y[m]).mean() if m.any() else pred.sum() * 0.0

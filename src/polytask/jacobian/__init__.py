@@ -39,13 +39,20 @@ def flat(grads: Sequence[Tensor]) -> Tensor:
 
 
 def gramian(blocks: Sequence[Tensor]) -> Tensor:
-    """G = J J^T in float64, summed over blocks of J's columns (no K x P concatenation needed)."""
-    out = None
+    """G = J J^T, summed over blocks of J's columns (no K x P concatenation), returned in float64.
+
+    Each block's product runs in the block's own dtype (a float64 copy of a K x P float32 Jacobian costs
+    more than the product); where that could have under- or overflowed (a tiny or non-finite diagonal)
+    the block is redone in float64. The blocks are summed in float64."""
+    out = torch.zeros(blocks[0].shape[0], blocks[0].shape[0], dtype=torch.float64)
     for b in blocks:
-        m = b.reshape(b.shape[0], -1).double()
-        g = m @ m.T
-        out = g if out is None else out + g
-    assert out is not None
+        m = b.reshape(b.shape[0], -1)
+        g = (m @ m.T).double()
+        diag = g.diagonal()
+        if m.dtype != torch.float64 and not (torch.isfinite(diag).all() and diag.min() > 1e-30):
+            m = m.double()
+            g = m @ m.T
+        out += g
     return out
 
 

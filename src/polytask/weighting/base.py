@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from pydantic import BaseModel
 import torch
+from pydantic import BaseModel
 from torch import Tensor
 
 from polytask.methods import METHODS

@@ -31,6 +31,8 @@ class ModelConfig(_Strict):
     backbone_params: dict[str, Any] = Field(default_factory=dict)
     architecture: str = Field("hard", description="multi-task architecture")
     architecture_params: dict[str, Any] = Field(default_factory=dict)
+    init_from: str = Field("", description="safetensors file of starting weights (e.g. a pretrained encoder); "
+                           "tensors whose names and shapes match the model are loaded, the rest keep their init")
 
 
 class OptimizerConfig(_Strict):

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -84,3 +85,21 @@ def test_epoch_batches(sizes, bs, seed, epoch):
         assert all(len(b[s]) <= bs and (len(b[s]) == 0 or int(b[s].max()) < n) for b in batches)
     again = epoch_batches(sizes, bs, seed, epoch)
     assert all(torch.equal(a, b) for x, y in zip(batches, again, strict=False) for a, b in zip(x, y, strict=False))
+
+
+def test_init_from_loads_matching_tensors(tmp_path):
+    from safetensors.torch import save_file
+
+    from polytask.engine.loop import load_matching
+    from polytask.errors import CheckpointError
+
+    tasks = [Task("a", "classification", 2)]
+    src = build_model(tasks, (5,), "mlp", {"hidden": [4]})
+    save_file({k: v for k, v in src.state_dict().items() if k.startswith("encoder.")}, tmp_path / "enc.safetensors")
+    dst = build_model(tasks, (5,), "mlp", {"hidden": [4]})
+    assert load_matching(dst, str(tmp_path / "enc.safetensors")) == ["encoder.1.bias", "encoder.1.weight"]
+    assert torch.equal(dst.encoder[1].weight, src.encoder[1].weight)
+    assert not torch.equal(dst.heads["a"][0].weight, src.heads["a"][0].weight)
+    save_file({"other": torch.zeros(2)}, tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError, match=r"bad\.safetensors has no tensor matching"):
+        load_matching(dst, str(tmp_path / "bad.safetensors"))

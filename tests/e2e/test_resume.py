@@ -15,6 +15,10 @@ from safetensors.torch import load_file
 from helpers import tiny_config_yaml
 
 CLI = [sys.executable, "-m", "polytask.cli"]
+# stateful methods too: their state (Adam moments, logits, EMA targets, validation history) must resume exactly
+EXTRA = """baselines: {cache: false}
+methods: [equal, uw, famo, {name: coba, params: {warmup_steps: 5, window: 4}}, gradvac, {name: nashmtl, label: nash}]
+"""
 
 
 def polytask(*args, env=None, timeout=300):
@@ -42,7 +46,7 @@ def comparable(run_dir: Path):
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("ref")
     cfg = out / "c.yaml"
-    cfg.write_text(tiny_config_yaml(out, "ref", "baselines: {cache: false}"))
+    cfg.write_text(tiny_config_yaml(out, "ref", EXTRA))
     r = polytask("run", str(cfg), "--quiet")
     assert r.returncode == 0, r.stderr
     return out / "ref"
@@ -50,7 +54,7 @@ def reference(tmp_path_factory):
 
 def kill_and_resume(tmp_path, kill_at=None, after_s=None):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(tiny_config_yaml(tmp_path, "run", "baselines: {cache: false}"))
+    cfg.write_text(tiny_config_yaml(tmp_path, "run", EXTRA))
     env = dict(os.environ)
     if kill_at:
         env["POLYTASK_KILL_AT"] = kill_at
@@ -72,7 +76,8 @@ def kill_and_resume(tmp_path, kill_at=None, after_s=None):
 @pytest.mark.parametrize("kill_at", [
     "step:6",                      # mid-epoch in the first single-task job, between checkpoints
     "write:last.safetensors:5",    # inside a checkpoint write: temp file complete, not yet renamed
-    "step:70",                     # in a joint-training job, after the baselines finished
+    "step:195",                    # mid-epoch in CoBa's job (its validation history must resume)
+    "step:255",                    # in Nash-MTL's job (previous solution kept in its state)
     "write:summary.json:1",        # after all training, while writing the summary
 ])
 def test_sigkill_and_resume_is_bit_identical(reference, tmp_path, kill_at):

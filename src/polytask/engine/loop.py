@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import Tensor
 
@@ -26,6 +27,7 @@ from polytask.engine import checkpoint, faults
 from polytask.engine.data import epoch_batches, permutation, steps_per_epoch
 from polytask.engine.progress import Reporter
 from polytask.engine.step import build_method, masked_loss, train_step
+from polytask.errors import CheckpointError
 from polytask.io import atomic_write_bytes
 from polytask.models import MultiTaskModel, build_model
 from polytask.tasks.task import Task, TaskData, TaskSuite
@@ -111,6 +113,23 @@ def make_scheduler(opt: torch.optim.Optimizer, config: Config) -> torch.optim.lr
     return None
 
 
+def load_matching(model: torch.nn.Module, path: str) -> list[str]:
+    """Load the tensors of a safetensors file whose names and shapes match ``model``; returns their names.
+
+    Raises CheckpointError naming the file if it is unreadable or shares no tensor with the model."""
+    try:
+        saved = load_file(path)
+    except Exception as e:
+        raise CheckpointError(f"model.init_from: cannot read {path}: {e}") from None
+    own = model.state_dict()
+    matched = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
+    if not matched:
+        raise CheckpointError(f"model.init_from: {path} has no tensor matching the model's names and shapes "
+                              f"(model has e.g. {next(iter(own))!r}, file has e.g. {next(iter(saved), None)!r})")
+    model.load_state_dict(matched, strict=False)
+    return sorted(matched)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -172,6 +191,8 @@ def train_job(
     seed_everything(seed)
     model = build_model(tasks, suite.input_shape, config.model.backbone, config.model.backbone_params,
                         config.model.architecture, config.model.architecture_params)
+    if config.model.init_from:
+        load_matching(model, config.model.init_from)
     opt = make_optimizer(model, config)
     sched = make_scheduler(opt, config)
     method = build_method(job.method, job.tasks)

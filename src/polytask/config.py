@@ -17,6 +17,10 @@ from polytask.errors import ConfigError
 from polytask.registry import validate_model
 
 
+# the default experiment's representative set: weightings and aggregators from each family
+DEFAULT_METHODS = ("equal", "uw", "pcgrad", "cagrad", "nashmtl", "aligned_mtl", "famo", "upgrad")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -88,7 +92,7 @@ class Config(_Strict):
     suite: SuiteConfig = Field(default_factory=SuiteConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    methods: list[MethodConfig] = Field(default_factory=lambda: [MethodConfig(name="equal")])
+    methods: list[MethodConfig] = Field(default_factory=lambda: [MethodConfig(name=n) for n in DEFAULT_METHODS])
     baselines: BaselineConfig = Field(default_factory=BaselineConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 

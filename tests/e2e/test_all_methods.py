@@ -18,9 +18,9 @@ def test_every_method_one_epoch_from_cli(tmp_path):
     methods += [{"name": "mean", "label": "mean-repr", "grad_mode": "representation"},
                 {"name": "pcgrad", "label": "pcgrad-fmtl", "sam_rho": 0.05}]
     config = {
-        "suite": {"name": "multidigits", "params": {"n_train": 512, "n_val": 128, "n_test": 128}},
+        "suite": {"name": "multidigits", "params": {"n_train": 1024, "n_val": 256, "n_test": 256}},
         "model": {"backbone_params": {"hidden": [64, 32]}},
-        "train": {"epochs": 1, "batch_size": 64},
+        "train": {"epochs": 1, "batch_size": 32, "optimizer": {"lr": 0.005}},
         "methods": methods,
         "baselines": {"single_task": False},
         "output": {"dir": str(tmp_path), "name": "all"},

@@ -30,6 +30,7 @@ from polytask.engine.step import build_method, masked_loss, train_step
 from polytask.errors import CheckpointError
 from polytask.io import atomic_write_bytes
 from polytask.models import MultiTaskModel, build_model
+from polytask.relations.probes import ProbeSet
 from polytask.tasks.task import Task, TaskData, TaskSuite
 from polytask.weighting import StepContext
 
@@ -176,10 +177,12 @@ def train_job(
     job_dir: Path,
     reporter: Reporter | None = None,
     on_epoch: Callable[[list[dict[str, Any]]], None] | None = None,
+    probes: ProbeSet | None = None,
 ) -> dict[str, Any]:
     """Train ``job`` (resuming from ``job_dir`` if it holds a checkpoint); returns its result dict.
 
-    ``on_epoch(history)`` is called after every epoch with the job's records so far.
+    ``on_epoch(history)`` is called after every epoch with the job's records so far. ``probes`` (affinity
+    estimators) look at the run without changing it; their state is checkpointed with the job.
     """
     reporter = reporter or Reporter(quiet=True)
     tasks = [suite.task(n) for n in job.tasks]
@@ -204,6 +207,7 @@ def train_job(
         "best": {"score": float("inf"), "epoch": -1, "val": {}, "model": None},
         "history": [],
         "elapsed": 0.0,
+        "probes": None,
     }
     ckpt_path = job_dir / CHECKPOINT
     if ckpt_path.exists():
@@ -214,8 +218,14 @@ def train_job(
             sched.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"])
         state = {k: saved[k] for k in state}
+    if probes is not None:
+        probes.start(len(tasks))
+        if state["probes"] is not None:
+            probes.load(state["probes"])
 
     def save_checkpoint() -> None:
+        if probes is not None:
+            state["probes"] = probes.tree()
         checkpoint.save(ckpt_path, {
             "model": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict() if sched is not None else None,
@@ -245,6 +255,8 @@ def train_job(
         while pos["step"] < steps:
             ctx = StepContext(pos["global_step"], epoch, None, val_losses if method.needs_val else None, steps,
                               torch.Generator().manual_seed(seed * 1_000_003 + pos["global_step"]))
+            if probes is not None:
+                probes.on_step(pos["global_step"], model, opt, train, batches[pos["step"]], tasks)
             losses, weights, state["method"] = train_step(
                 model, method, state["method"], train, batches[pos["step"]], tasks, opt, ctx, task_losses)
             acc["loss"] += losses.double()
@@ -260,6 +272,8 @@ def train_job(
                 save_checkpoint()
         if sched is not None:
             sched.step()
+        if probes is not None:
+            probes.on_epoch(model, train, tasks)
         val_scores = evaluate(model, val, tasks, cfg.eval_batch_size)
         train_scores = {t.name: {"loss": float(acc["loss"][k] / acc["n"])} for k, t in enumerate(tasks)}
         weights_now = {t.name: {"weight": float(acc["weight"][k] / acc["nw"])} for k, t in enumerate(tasks)
@@ -289,5 +303,6 @@ def train_job(
         "job": job.id, "kind": job.kind, "method": job.method.name, "tasks": list(job.tasks),
         "best_epoch": state["best"]["epoch"], "val": state["best"]["val"], "test": test_scores,
         "steps": pos["global_step"], "wall_time_s": state["elapsed"] + time.perf_counter() - t0,
+        "probe_time_s": probes.seconds if probes is not None else 0.0,
         "history": state["history"] + _records(job, state["best"]["epoch"], pos["global_step"], "test", test_scores),
     }

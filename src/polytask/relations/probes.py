@@ -1,0 +1,270 @@
+"""Affinity estimators that ride on a joint training run.
+
+A probe looks at the run every ``every`` steps (before the optimiser step, on the step's batch) or at
+the end of every epoch, keeps explicit state, and turns it into an affinity matrix at the end. Probes run
+in eval mode and draw no random numbers, so the training run they ride on is unchanged by them.
+
+- ``grad_cosine``: cosine similarity of the per-task gradients of the shared parameters, averaged.
+- ``lookahead``: TAG inter-task affinity (Fifty et al. 2021): a virtual update of the shared parameters on
+  task i's gradient with the run's own optimiser rule (momentum and Adam moments included), then
+  Z(i->j) = 1 - L_j(after) / L_j(before) on the same batch, averaged over the probed steps.
+- ``datamap``: data maps (Swayamdipta et al. 2020) per task, the features of STG-MTL task grouping: per
+  training sample, the mean and the variability (std) across epochs of the model's confidence in the gold
+  label (softmax probability; for regression exp(-squared error)).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+from polytask.errors import ConfigError, DataError
+from polytask.models import MultiTaskModel
+from polytask.tasks.task import Task, TaskData
+
+State = dict[str, Any]
+
+
+def virtual_update(opt: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter],
+                   grads: Sequence[Tensor]) -> list[Tensor]:
+    """The parameters ``opt.step()`` would produce from ``grads``, leaving ``opt`` and ``params`` untouched.
+
+    Supports SGD (momentum, dampening, Nesterov, weight decay), Adam and AdamW, as torch implements them."""
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    out = []
+    for p, g in zip(params, grads, strict=True):
+        group, state = group_of[id(p)], opt.state.get(p, {})
+        g = g.reshape(p.shape).to(p.dtype)
+        lr, wd = group["lr"], group.get("weight_decay", 0.0)
+        if isinstance(opt, torch.optim.SGD):
+            d = g + wd * p if wd else g
+            mu = group["momentum"]
+            if mu:
+                buf = state.get("momentum_buffer")
+                buf = d.clone() if buf is None else buf * mu + (1 - group["dampening"]) * d
+                d = d + mu * buf if group["nesterov"] else buf
+            out.append(p.detach() - lr * d)
+        elif isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
+            if group.get("amsgrad"):
+                raise ConfigError("lookahead affinity: amsgrad is not supported")
+            b1, b2 = group["betas"]
+            theta = p.detach()
+            if isinstance(opt, torch.optim.AdamW):
+                theta = theta * (1 - lr * wd)
+            elif wd:
+                g = g + wd * p
+            t = float(state["step"]) + 1 if "step" in state else 1.0
+            m = state["exp_avg"] * b1 + (1 - b1) * g if "exp_avg" in state else (1 - b1) * g
+            v = state["exp_avg_sq"] * b2 + (1 - b2) * g * g if "exp_avg_sq" in state else (1 - b2) * g * g
+            denom = v.sqrt() / math.sqrt(1 - b2**t) + group["eps"]
+            out.append(theta - lr / (1 - b1**t) * m / denom)
+        else:
+            raise ConfigError(f"lookahead affinity: optimiser {type(opt).__name__} is not supported (sgd, adam, adamw)")
+    return out
+
+
+@dataclass
+class ProbeBatch:
+    """One probed step: the batch, and its per-task shared-parameter gradients computed once on demand."""
+
+    model: MultiTaskModel
+    opt: torch.optim.Optimizer
+    sources: Sequence[TaskData]
+    rows: Sequence[Tensor]
+    tasks: Sequence[Task]
+    _cache: dict[str, Any] = field(default_factory=dict)
+
+    def grads(self) -> tuple[Tensor, list[Tensor]]:
+        """(K losses, per-task gradient blocks of the shared parameters)."""
+        if "grads" not in self._cache:
+            from polytask.engine.loop import task_losses
+            from polytask.engine.step import parameter_grads
+
+            tg, blocks = parameter_grads(self.model, self.sources, self.rows, self.tasks, task_losses, 0)
+            self._cache["grads"] = (tg.losses.detach(), [b.detach() for b in blocks])
+        return self._cache["grads"]
+
+    def losses_with(self, shared: Sequence[Tensor]) -> Tensor:
+        """The K task losses on this batch with the shared parameters replaced by ``shared``."""
+        from polytask.engine.loop import task_losses
+
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        params = {names[id(p)]: t for p, t in zip(self.model.shared_parameters(), shared, strict=True)}
+
+        def swapped(x: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+            return functional_call(self.model, params, (x, tasks))
+
+        with torch.no_grad():
+            return task_losses(swapped, self.sources, self.rows, self.tasks)  # type: ignore[arg-type]
+
+
+class Probe:
+    """Base: ``every`` > 0 probes steps; ``on_epoch`` probes epoch ends. Subclasses fill in the math."""
+
+    name = ""
+    every = 0
+    on_epoch = False
+
+    def init(self, k: int) -> State:
+        return {}
+
+    def step(self, state: State, batch: ProbeBatch) -> State:
+        return state
+
+    def epoch(self, state: State, model: MultiTaskModel, train: Sequence[TaskData], tasks: Sequence[Task]) -> State:
+        return state
+
+    def result(self, state: State) -> Tensor:
+        raise NotImplementedError
+
+
+class GradCosine(Probe):
+    """Mean pairwise cosine similarity of the tasks' shared-parameter gradients over the probed steps."""
+
+    name = "grad_cosine"
+
+    def __init__(self, every: int = 10) -> None:
+        self.every = every
+
+    def init(self, k: int) -> State:
+        return {"sum": torch.zeros(k, k, dtype=torch.float64), "n": 0}
+
+    def step(self, state: State, batch: ProbeBatch) -> State:
+        from polytask.jacobian import gramian
+
+        g = gramian(batch.grads()[1])
+        norms = g.diagonal().clamp_min(0).sqrt()
+        cos = g / (norms[:, None] * norms[None, :]).clamp_min(torch.finfo(torch.float64).tiny)
+        return {"sum": state["sum"] + cos, "n": state["n"] + 1}
+
+    def result(self, state: State) -> Tensor:
+        return state["sum"] / max(state["n"], 1)
+
+
+class Lookahead(Probe):
+    """TAG (Fifty et al. 2021, Eq. 3): Z(i->j) = 1 - L_j(θ_s - Δ_i) / L_j(θ_s), averaged over probed steps."""
+
+    name = "lookahead"
+
+    def __init__(self, every: int = 10) -> None:
+        self.every = every
+
+    def init(self, k: int) -> State:
+        return {"sum": torch.zeros(k, k, dtype=torch.float64), "n": 0}
+
+    def step(self, state: State, batch: ProbeBatch) -> State:
+        before, blocks = batch.grads()
+        shared = list(batch.model.shared_parameters())
+        k = len(batch.tasks)
+        z = torch.zeros(k, k, dtype=torch.float64)
+        for i in range(k):
+            after = batch.losses_with(virtual_update(batch.opt, shared, [b[i] for b in blocks]))
+            z[i] = 1 - after.double() / before.double().clamp_min(1e-12)
+        return {"sum": state["sum"] + z, "n": state["n"] + 1}
+
+    def result(self, state: State) -> Tensor:
+        return state["sum"] / max(state["n"], 1)
+
+
+class DataMap(Probe):
+    """Per task and training sample: running sum and sum of squares of the gold-label confidence."""
+
+    name = "datamap"
+    on_epoch = True
+
+    def init(self, k: int) -> State:
+        return {"sum": None, "sumsq": None, "n": 0}
+
+    def epoch(self, state: State, model: MultiTaskModel, train: Sequence[TaskData], tasks: Sequence[Task]) -> State:
+        if len(train) != 1:
+            raise DataError("data maps need one shared input for every task (a multi-target suite)")
+        conf = confidences(model, train[0], tasks)
+        if state["sum"] is None:
+            return {"sum": conf.double(), "sumsq": conf.double() ** 2, "n": 1}
+        return {"sum": state["sum"] + conf, "sumsq": state["sumsq"] + conf.double() ** 2, "n": state["n"] + 1}
+
+    def result(self, state: State) -> Tensor:
+        """K x 2N task features: [mean confidence per sample, variability per sample]; NaN where unlabelled."""
+        mean = state["sum"] / state["n"]
+        var = (state["sumsq"] / state["n"] - mean**2).clamp_min(0)
+        return torch.cat([mean, var.sqrt()], dim=1)
+
+
+@torch.no_grad()
+def confidences(model: MultiTaskModel, data: TaskData, tasks: Sequence[Task], batch_size: int = 2048) -> Tensor:
+    """K x N gold-label confidence of every task on every sample (NaN where the label is missing)."""
+    names = [t.name for t in tasks]
+    outs: dict[str, list[Tensor]] = {n: [] for n in names}
+    for i in range(0, len(data), batch_size):
+        for n, o in model(data.x[i:i + batch_size], names).items():
+            outs[n].append(o)
+    rows = []
+    for t in tasks:
+        out, y = torch.cat(outs[t.name]), data.y[t.name]
+        mask = Task.mask(y)
+        if t.kind == "classification":
+            gold = torch.where(mask, y, torch.zeros_like(y)).long()
+            c = out.softmax(-1).gather(1, gold[:, None]).squeeze(1)
+        else:
+            c = torch.exp(-((out.reshape(y.shape) - y) ** 2).reshape(len(y), -1).mean(1))
+        rows.append(torch.where(mask, c, torch.full_like(c, float("nan"))))
+    return torch.stack(rows)
+
+
+PROBES: dict[str, type[Probe]] = {"grad_cosine": GradCosine, "lookahead": Lookahead, "datamap": DataMap}
+
+
+@dataclass
+class ProbeSet:
+    """The probes riding on one training job, their states and the time they took."""
+
+    probes: list[Probe]
+    states: dict[str, State] = field(default_factory=dict)
+    seconds: float = 0.0
+    calls: dict[str, int] = field(default_factory=dict)
+
+    def start(self, k: int) -> None:
+        for p in self.probes:
+            self.states.setdefault(p.name, p.init(k))
+            self.calls.setdefault(p.name, 0)
+
+    def on_step(self, step: int, model: MultiTaskModel, opt: torch.optim.Optimizer, sources: Sequence[TaskData],
+                rows: Sequence[Tensor], tasks: Sequence[Task]) -> None:
+        due = [p for p in self.probes if p.every and step % p.every == 0]
+        if not due:
+            return
+        t0 = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        batch = ProbeBatch(model, opt, sources, rows, tasks)
+        for p in due:
+            self.states[p.name] = p.step(self.states[p.name], batch)
+            self.calls[p.name] += 1
+        model.train(was_training)
+        self.seconds += time.perf_counter() - t0
+
+    def on_epoch(self, model: MultiTaskModel, train: Sequence[TaskData], tasks: Sequence[Task]) -> None:
+        due = [p for p in self.probes if p.on_epoch]
+        if not due:
+            return
+        t0 = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        for p in due:
+            self.states[p.name] = p.epoch(self.states[p.name], model, train, tasks)
+            self.calls[p.name] += 1
+        model.train(was_training)
+        self.seconds += time.perf_counter() - t0
+
+    def tree(self) -> State:
+        return {"states": self.states, "seconds": self.seconds, "calls": self.calls}
+
+    def load(self, tree: State) -> None:
+        self.states, self.seconds, self.calls = tree["states"], tree["seconds"], tree["calls"]

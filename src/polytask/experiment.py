@@ -59,7 +59,7 @@ def stl_cache_key(config: Config, task: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _job_dir(run_dir: Path, job: Job) -> Path:
+def job_dir_of(run_dir: Path, job: Job) -> Path:
     return run_dir / "jobs" / re.sub(r"[^A-Za-z0-9_.-]+", "_", job.id.replace("/", "__"))
 
 
@@ -101,6 +101,26 @@ def summarize(config: Config, suite: TaskSuite, results: dict[str, dict[str, Any
     }
 
 
+def execute(job: Job, suite: TaskSuite, config: Config, run_dir: Path, reporter: Reporter,
+            on_epoch: Any = None, probes: Any = None) -> dict[str, Any]:
+    """A job's result: read if finished, copied from the single-task cache if there, else trained
+    (resuming its checkpoint if one exists); single-task results go into the cache."""
+    job_dir = job_dir_of(run_dir, job)
+    done = job_dir / "result.json"
+    cached = cache_dir() / "stl" / stl_cache_key(config, job.tasks[0]) if job.kind == "single_task" else None
+    if not done.exists() and cached is not None and config.baselines.cache and (cached / "result.json").exists():
+        _copy_result(cached, job_dir)
+        reporter.log(f"[{job.id}] single-task result reused from cache {cached}")
+    if done.exists():
+        return json.loads(done.read_text())
+    job_dir.mkdir(parents=True, exist_ok=True)
+    result = train_job(job, suite, config, job_dir, reporter, on_epoch=on_epoch, probes=probes)
+    atomic_write_json(done, result)
+    if cached is not None and config.baselines.cache:
+        _copy_result(job_dir, cached)
+    return result
+
+
 def _copy_result(src: Path, dst: Path) -> None:
     """Copy a finished job's weights, then its result (the marker of completion), each atomically."""
     for name in ("best.safetensors", "result.json"):
@@ -117,10 +137,9 @@ def _new_run_dir(config: Config) -> Path:
     return run_dir
 
 
-def run(config: Config | None = None, resume: str | os.PathLike[str] | None = None,
-        reporter: Reporter | None = None, report: bool = True) -> tuple[Path, dict[str, Any]]:
-    """Run (or resume) an experiment; returns the run directory and its summary."""
-    reporter = reporter or Reporter()
+def open_run(config: Config | None, resume: str | os.PathLike[str] | None) -> tuple[Path, Config, dict[str, Any]]:
+    """A new run directory for ``config`` (its resolved config saved), or the existing one at ``resume``
+    with its saved config; returns (run directory, config, run state)."""
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
@@ -136,7 +155,14 @@ def run(config: Config | None = None, resume: str | os.PathLike[str] | None = No
     atomic_write_json(run_dir / "run.json", state)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
+    return run_dir, config, state
 
+
+def run(config: Config | None = None, resume: str | os.PathLike[str] | None = None,
+        reporter: Reporter | None = None, report: bool = True) -> tuple[Path, dict[str, Any]]:
+    """Run (or resume) an experiment; returns the run directory and its summary."""
+    reporter = reporter or Reporter()
+    run_dir, config, state = open_run(config, resume)
     suite = build_suite(config.suite.name, config.suite.params, config.seed)
     jobs = plan(config, suite)
     results: dict[str, dict[str, Any]] = {}
@@ -146,21 +172,7 @@ def run(config: Config | None = None, resume: str | os.PathLike[str] | None = No
         atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(rec) + "\n" for rec in lines))
 
     for job in jobs:
-        job_dir = _job_dir(run_dir, job)
-        done = job_dir / "result.json"
-        cached = cache_dir() / "stl" / stl_cache_key(config, job.tasks[0]) if job.kind == "single_task" else None
-        if not done.exists() and cached is not None and config.baselines.cache and (cached / "result.json").exists():
-            _copy_result(cached, job_dir)
-            reporter.log(f"[{job.id}] single-task result reused from cache {cached}")
-        if done.exists():
-            results[job.id] = json.loads(done.read_text())
-            continue
-        job_dir.mkdir(parents=True, exist_ok=True)
-        result = train_job(job, suite, config, job_dir, reporter, on_epoch=write_metrics)
-        atomic_write_json(done, result)
-        results[job.id] = result
-        if cached is not None and config.baselines.cache:
-            _copy_result(job_dir, cached)
+        results[job.id] = execute(job, suite, config, run_dir, reporter, on_epoch=write_metrics)
     write_metrics()
 
     wall = sum(r["wall_time_s"] for r in results.values())

@@ -15,6 +15,7 @@ METHODS: Registry[Any] = Registry("method")
 
 def load_all() -> Registry[Any]:
     """Import the modules that register methods and return the registry."""
+    import polytask.aggregators
     import polytask.weighting  # noqa: F401
 
     return METHODS

@@ -1,0 +1,350 @@
+"""Small K x K solvers shared by the Gramian aggregators.
+
+Everything here works on float64 numpy arrays of size K <= ~10: for such sizes numpy is an order of magnitude
+faster than torch (no dispatcher, no autograd bookkeeping). Each solver is iteration-bounded and its
+tolerances are relative: callers pass a trace-normalised Gramian (``normalize``), so "1e-12" means 1e-12 of
+an average squared gradient norm whatever the gradient scale.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+REL_TOL = 1e-12
+"""Relative tolerance of the KKT / optimality tests on a trace-normalised Gramian."""
+
+RIDGE = 1e-10
+"""Relative ridge added to the diagonal of the Gramian (G_ii -> (1 + RIDGE) G_ii) by the solvers whose weights
+are unbounded (dual-cone projections, Nash-MTL / FairGrad): every face problem of non-zero tasks becomes
+strictly convex, so duplicate or linearly dependent tasks get small weights instead of huge cancelling ones,
+at a cost of ~1e-10 relative in each task's KKT condition. Simplex-bounded problems (MGDA, CAGrad) need none."""
+
+
+def ridged(g: np.ndarray) -> np.ndarray:
+    """``g`` with its diagonal multiplied by ``1 + RIDGE``."""
+    return g + RIDGE * np.diag(np.diag(g))
+
+
+def normalize(g: np.ndarray) -> tuple[np.ndarray, float]:
+    """Symmetrise ``g`` and divide it by ``trace(g) / K``; the scale is 0.0 (and the matrix all zeros) when
+    the Gramian is zero, so callers can return a zero direction."""
+    g = 0.5 * (g + g.T)
+    scale = float(np.trace(g)) / len(g)
+    if not scale > 0.0:
+        return np.zeros_like(g), 0.0
+    return g / scale, scale
+
+
+def lin_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solve ``a x = b``; the minimum-norm least-squares solution when ``a`` is singular (duplicate tasks)."""
+    try:
+        x = np.linalg.solve(a, b)
+        if np.isfinite(x).all():
+            return x
+    except np.linalg.LinAlgError:
+        pass
+    return np.linalg.lstsq(a, b, rcond=None)[0]
+
+
+def _bordered(hf: np.ndarray) -> np.ndarray:
+    """The KKT matrix [[H, 1], [1^T, 0]] of a face of the simplex."""
+    m = len(hf)
+    kkt = np.zeros((m + 1, m + 1))
+    kkt[:m, :m] = hf
+    kkt[:m, m] = 1.0
+    kkt[m, :m] = 1.0
+    return kkt
+
+
+def _face_solve(h: np.ndarray, rhs: np.ndarray, idx: np.ndarray, simplex: bool, total: float) -> np.ndarray:
+    """Minimiser of 1/2 y^T H_ff y - rhs^T y on face ``idx`` (with sum(y) = total on the simplex)."""
+    hf = h[np.ix_(idx, idx)]
+    if not simplex:
+        return lin_solve(hf, rhs[idx])
+    full = np.zeros(len(idx) + 1)
+    full[:-1] = rhs[idx]
+    full[-1] = total
+    return lin_solve(_bordered(hf), full)[:-1]
+
+
+def active_set_qp(
+    h: np.ndarray, b: np.ndarray, simplex: bool, x0: np.ndarray | None = None, max_iter: int | None = None
+) -> np.ndarray:
+    """argmin_x 1/2 x^T h x + b^T x s.t. x >= 0 (and sum(x) = 1 when ``simplex``), for PSD ``h``.
+
+    A primal active-set method (Nocedal & Wright 2006, Alg. 16.3): on the current face take the step to the
+    face minimiser (minimum-norm when the face is singular), stop at a blocking bound, and free the index
+    with the most negative multiplier once the face is optimal. ``b`` must lie in the range of ``h`` on every
+    face, which holds for all the aggregators' problems (b = h u), so every face problem is bounded.
+    ``x0`` warm-starts from a point (clipped to the feasible set). Exact up to linear algebra in at most
+    ``max_iter`` (default 6K + 10) steps.
+    """
+    k = len(b)
+    tol = REL_TOL * max(1.0, float(np.abs(b).max(initial=0.0)), float(np.abs(np.diag(h)).max(initial=0.0)))
+    x = np.zeros(k) if x0 is None else np.maximum(x0, 0.0)
+    if simplex and not x.sum() > 0:
+        x[int(np.argmin(0.5 * np.diag(h) + b))] = 1.0
+    if simplex:
+        x = x / x.sum()
+    free = x > 0
+    at_face_optimum = x0 is None or not free.any()
+    for _ in range(max_iter or 6 * k + 10):
+        grad = h @ x + b
+        if at_face_optimum:
+            lam = grad - (grad[free].mean() if simplex else 0.0)
+            lam[free] = np.inf
+            j = int(np.argmin(lam))
+            if lam[j] >= -tol:
+                break
+            free[j] = True
+        idx = np.flatnonzero(free)
+        p = _face_solve(h, -grad, idx, simplex, 0.0)
+        xf = x[idx]
+        shrinking = p < 0
+        t, block = 1.0, -1
+        if shrinking.any():
+            ratios = xf[shrinking] / -p[shrinking]
+            r = int(np.argmin(ratios))
+            if ratios[r] < 1.0:
+                t, block = float(ratios[r]), int(idx[shrinking][r])
+        x[idx] = np.maximum(xf + t * p, 0.0)
+        if block >= 0:
+            x[block], free[block] = 0.0, False
+        at_face_optimum = block < 0
+    if simplex:
+        x = x / x.sum()
+    return x
+
+
+def _pdas_systems(g: np.ndarray, b: np.ndarray, active: np.ndarray, simplex: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Batched linear systems of one primal-dual active-set step: free rows keep (G x + b)_j (- nu) = 0,
+    active rows fix x_j = 0; on the simplex an extra unknown nu and the row sum(x) = 1."""
+    n, k = b.shape
+    m = k + 1 if simplex else k
+    mat = np.zeros((n, m, m))
+    rhs = np.zeros((n, m))
+    mat[:, :k, :k] = np.where(active[:, :, None], np.eye(k), g)
+    rhs[:, :k] = np.where(active, 0.0, -b)
+    if simplex:
+        mat[:, :k, k] = np.where(active, 0.0, -1.0)
+        mat[:, k, :k] = 1.0
+        rhs[:, k] = 1.0
+    return mat, rhs
+
+
+def _batched_solve(mat: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Solve every system of the batch; singular ones (duplicate tasks) by minimum-norm least squares."""
+    try:
+        x = np.linalg.solve(mat, rhs[..., None])[..., 0]
+        if np.isfinite(x).all():
+            return x
+    except np.linalg.LinAlgError:
+        pass
+    return np.stack([lin_solve(a, r) for a, r in zip(mat, rhs, strict=True)])
+
+
+def qp_batch(g: np.ndarray, b: np.ndarray, simplex: bool, active: np.ndarray | None = None) -> np.ndarray:
+    """Row-wise argmin_x 1/2 x^T G x + b_n^T x s.t. x >= 0 (and sum(x) = 1 when ``simplex``), for PSD G.
+
+    A batched primal-dual active-set method (Hintermueller, Ito & Kunisch 2002) updates every problem's active
+    set with one batched K x K solve per sweep; once a problem's active set stops changing it satisfies the KKT
+    conditions (free x >= 0 and active multipliers >= 0, to ``REL_TOL``). Problems whose active set cycles or
+    is still moving after a few sweeps are finished by the primal active-set method (``active_set_qp``),
+    warm-started from their last iterate, so the result is exact either way.
+    """
+    n, k = b.shape
+    tol = REL_TOL * max(1.0, float(np.abs(b).max(initial=0.0)), float(np.abs(np.diag(g)).max(initial=0.0)))
+    if active is None:
+        active = np.zeros((n, k), dtype=bool) if simplex else b >= -tol
+    active, previous = active.copy(), None
+    x = np.zeros((n, k))
+    rows = np.arange(n)
+    stuck = []
+    for _ in range(min(k + 3, 6)):
+        bb = b if len(rows) == n else b[rows]
+        if simplex:
+            empty = active.all(axis=1)
+            if empty.any():
+                active[empty, np.argmin(bb[empty], axis=1)] = False
+        sol = _batched_solve(*_pdas_systems(g, bb, active, simplex))
+        xs = sol[:, :k]
+        mu = xs @ g + bb - (sol[:, k:] if simplex else 0.0)
+        new = np.where(active, mu >= -tol, xs < -tol)
+        x[rows] = np.where(active, 0.0, np.maximum(xs, 0.0))
+        left = (new != active).any(axis=1)
+        if previous is not None:
+            cycle = left & (new == previous).all(axis=1)
+            stuck.extend(rows[cycle])
+            left &= ~cycle
+        if not left.any():
+            break
+        rows, previous, active = rows[left], active[left], new[left]
+    else:
+        stuck.extend(rows)
+    for i in stuck:
+        x[i] = active_set_qp(g, b[i], simplex, x0=x[i])
+    if simplex:
+        x = x / x.sum(axis=1, keepdims=True)
+    return x
+
+
+def min_norm_simplex(g: np.ndarray) -> np.ndarray:
+    """Weights of the minimum-norm point of the convex hull of the gradients: argmin_{w in simplex} w^T G w."""
+    return qp_batch(g, np.zeros((1, len(g))), simplex=True)[0]
+
+
+def dual_cone_weights(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Row-wise weights v >= u_n of the projection of J^T u_n onto the dual cone {x : J x >= 0} of J's rows.
+
+    Quinton & Rey (2024), Prop. 1: the projection is J^T v with v = argmin_{v >= u} v^T G v, i.e. v = u + l
+    where l solves the non-negative QP min_{l >= 0} 1/2 l^T G l + (G u)^T l.
+    """
+    h = ridged(g)
+    return u + qp_batch(h, u @ h, simplex=False)
+
+
+def _affine_path(g: np.ndarray, a: np.ndarray, r: float, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """On support ``idx`` the simplex minimiser of (s/r) a^T w + 1/2 w^T G w is p + s m; return (p, m)."""
+    m = len(idx)
+    kkt = _bordered(g[np.ix_(idx, idx)])
+    rhs = np.zeros((m + 1, 2))
+    rhs[m, 0] = 1.0
+    rhs[:m, 1] = -a[idx] / r
+    sol = lin_solve(kkt, rhs)
+    p, mm = np.zeros(len(a)), np.zeros(len(a))
+    p[idx], mm[idx] = sol[:m, 0], sol[:m, 1]
+    return p, mm
+
+
+def cagrad_dual(g: np.ndarray, r: float, max_iter: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """The CAGrad dual optimum w and weights u with J^T u = g_w / ||g_w|| (Liu et al. 2021, Eq. 4).
+
+    The dual is min_{w in simplex} a^T w + r ||g_w|| with a = G 1/K. Writing ||g_w|| = min_{s>0} (q/(2s) + s/2)
+    (q = w^T G w) makes it jointly convex in (w, s); for fixed s the minimiser w(s) solves a simplex QP and
+    the optimal s satisfies s^2 = q(w(s)). On a fixed support w(s) = p + s m is affine, so that equation is a
+    quadratic in s: we solve it exactly, re-solve the QP at the new s, and stop when the support repeats
+    (bisection on the monotone 1 - q/s^2 keeps the iteration bracketed). If the root is s -> 0 (zero lies in
+    the convex hull and the dual optimum has g_w = 0), g_w / ||g_w|| is the limit direction J^T m / ||J^T m||.
+    """
+    k = len(g)
+    a = g.mean(axis=1)
+    lo, hi = 0.0, math.inf
+    s = math.sqrt(max(float(a.mean()), REL_TOL))
+    w, support, root_support = None, None, None
+    for _ in range(max_iter):
+        w = qp_batch(g, (s / r) * a[None], simplex=True, active=None if support is None else ~support[None])[0]
+        support = w > 0
+        q = float(w @ g @ w)
+        psi = 1.0 - q / (s * s)
+        if abs(psi) <= 1e-10 or (root_support is not None and (support == root_support).all()):
+            break  # s^2 = q(w(s)), or s is the exact root of this very support's path
+        lo, hi = (s, hi) if psi < 0 else (lo, s)
+        p, m = _affine_path(g, a, r, np.flatnonzero(support))
+        big_a, big_b, big_c = float(p @ g @ p), float(p @ g @ m), float(m @ g @ m)
+        if big_a <= REL_TOL and big_c <= 1.0 and psi > 0:
+            return p, (m / math.sqrt(big_c) if big_c > REL_TOL else np.zeros(k))
+        roots = _positive_roots(1.0 - big_c, -2.0 * big_b, -big_a)
+        inside = [x for x in roots if lo <= x <= hi]
+        root_support = support if inside else None
+        if inside:
+            s_new = min(inside, key=lambda x: abs(x - s))
+        else:
+            s_new = 2.0 * s if math.isinf(hi) else (0.5 * (lo + hi) if lo == 0.0 else math.sqrt(lo * hi))
+        if abs(s_new - s) <= 1e-15 * s:
+            break
+        s = s_new
+    q = float(w @ g @ w)
+    return w, (w / math.sqrt(q) if q > REL_TOL * REL_TOL else np.zeros(k))
+
+
+def _positive_roots(qa: float, qb: float, qc: float) -> list[float]:
+    """Positive real roots of qa x^2 + qb x + qc = 0 (linear when qa is ~0)."""
+    if abs(qa) <= 1e-14 * max(abs(qb), abs(qc), 1.0):
+        return [-qc / qb] if qb != 0.0 and -qc / qb > 0 else []
+    disc = qb * qb - 4.0 * qa * qc
+    if disc < 0:
+        return []
+    sq = math.sqrt(disc)
+    q = -0.5 * (qb + math.copysign(sq, qb))
+    roots = [q / qa] + ([qc / q] if q != 0.0 else [])
+    return [x for x in roots if x > 0]
+
+
+def power_fixed_point(g: np.ndarray, p: float, max_iter: int = 100) -> np.ndarray:
+    """The w > 0 solving (G w)_i = w_i^{-p} (Nash-MTL: p = 1; FairGrad: p = 1/alpha), on a normalised G.
+
+    It is the minimiser of the strictly convex F(w) = 1/2 w^T G w - sum_i phi(w_i), phi' = w^{-p} (phi = log
+    for p = 1), found by damped Newton with a fraction-to-the-boundary rule and Armijo backtracking (full
+    steps once the Newton decrement is below what F's rounding can resolve, stopping when the residual
+    stalls). The ``RIDGE``
+    on the diagonal keeps a solution in existence when no positive one exists (tasks in exact conflict, G
+    singular along a positive direction); tasks with zero gradient get weight 0.
+    Starts from the exact solution for orthogonal gradients, w_i = G_ii^{-1/(1+p)}, rescaled optimally.
+    """
+    k = len(g)
+    w_out = np.zeros(k)
+    live = np.diag(g) > REL_TOL
+    if not live.any():
+        return w_out
+    h = ridged(g[np.ix_(live, live)])
+
+    def phi(w: np.ndarray) -> float:
+        return float(np.log(w).sum()) if p == 1.0 else float((w ** (1.0 - p)).sum() / (1.0 - p))
+
+    def objective(w: np.ndarray) -> float:
+        return 0.5 * float(w @ h @ w) - phi(w)
+
+    w = np.diag(h) ** (-1.0 / (1.0 + p))
+    wgw = float(w @ h @ w)
+    if wgw > 0:
+        w = w * (float((w ** (1.0 - p)).sum()) / wgw) ** (1.0 / (1.0 + p))
+    f = objective(w)
+    best, stalled = math.inf, 0
+    for _ in range(max_iter):
+        wp = w ** (-p)
+        grad = h @ w - wp
+        res = float(np.abs(grad / wp).max())
+        if res <= 1e-12 or stalled >= 3:
+            break
+        step = -lin_solve(h + np.diag(p * wp / w), grad)
+        neg = step < 0
+        t = min(1.0, 0.99 * float((w[neg] / -step[neg]).min())) if neg.any() else 1.0
+        decrement = -float(grad @ step)
+        rounding = 0.5 * float(np.abs(w) @ np.abs(h) @ np.abs(w)) + abs(phi(w)) + 1.0  # scale of F's rounding
+        local = decrement <= 1e-10 * rounding
+        stalled = stalled + 1 if local and res >= best else 0
+        best = min(best, res)
+        if not local:
+            for _ in range(40):
+                if objective(w + t * step) <= f - 1e-4 * t * decrement:
+                    break
+                t *= 0.5
+        w = w + t * step
+        f = objective(w)
+    w_out[live] = _polish(g[np.ix_(live, live)], p, w)
+    return w_out
+
+
+def _polish(g: np.ndarray, p: float, w: np.ndarray) -> np.ndarray:
+    """A few plain Newton steps on (G w)_i = w_i^{-p} without the ridge, kept only while the relative
+    residual falls: exact where a positive solution exists, the ridged one where none does."""
+
+    def residual(v: np.ndarray) -> float:
+        return float(np.abs((g @ v) * v**p - 1.0).max())
+
+    res = residual(w)
+    for _ in range(10):
+        if res <= 1e-13 or res > 1e-2:  # solved, or no positive solution nearby (keep the ridged one)
+            break
+        wp = w ** (-p)
+        step = -lin_solve(g + np.diag(p * wp / w), g @ w - wp)
+        trial = w + step
+        if not (trial > 0).all():
+            break
+        new = residual(trial)
+        if not new < res:
+            break
+        w, res = trial, new
+    return w

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -29,26 +30,35 @@ def _fail(e: BaseException) -> None:
     raise typer.Exit(2)
 
 
-@app.command()
-def run(
-    config: Annotated[Optional[Path], typer.Argument(help="experiment YAML (none: the default experiment)")] = None,
-    set_: Annotated[list[str], typer.Option("--set", help="override a key, e.g. --set train.epochs=3")] = [],  # noqa: B006
-    resume: Annotated[Optional[Path], typer.Option(help="continue the run in this directory")] = None,
-    quiet: Annotated[bool, typer.Option(help="no progress output")] = False,
-) -> None:
-    """Train the single-task baselines and every configured method; write summary.json and report.html."""
+def _flow(fn: Callable[..., Any], config: Optional[Path], set_: list[str], resume: Optional[Path],
+          quiet: bool) -> Any:
+    """Run a run-directory flow (relate, group) with the shared config/override/resume handling."""
     from polytask.config import load_config
     from polytask.engine.progress import Reporter
-    from polytask.experiment import run as run_experiment
-    from polytask.report.console import format_results
 
     try:
         if resume is not None and (config is not None or set_):
             raise PolytaskError("--resume continues a run with its saved config; drop CONFIG and --set")
         cfg = None if resume is not None else load_config(config, set_)
-        run_dir, summary = run_experiment(cfg, resume=resume, reporter=Reporter(quiet=quiet))
+        return fn(cfg, resume=resume, reporter=Reporter(quiet=quiet))
     except (PolytaskError, OSError) as e:
         _fail(e)
+
+
+ConfigArg = Annotated[Optional[Path], typer.Argument(help="experiment YAML (none: the default experiment)")]
+SetOpt = Annotated[list[str], typer.Option("--set", help="override a key, e.g. --set relate.every=5")]
+ResumeOpt = Annotated[Optional[Path], typer.Option(help="continue the run in this directory")]
+QuietOpt = Annotated[bool, typer.Option(help="no progress output")]
+
+
+@app.command()
+def run(config: ConfigArg = None, set_: SetOpt = [], resume: ResumeOpt = None,  # noqa: B006
+        quiet: QuietOpt = False) -> None:
+    """Train the single-task baselines and every configured method; write summary.json and report.html."""
+    from polytask.experiment import run as run_experiment
+    from polytask.report.console import format_results
+
+    run_dir, summary = _flow(run_experiment, config, set_, resume, quiet)
     typer.echo(format_results(summary))
     typer.echo(f"run directory: {run_dir}  (summary.json, report.html)")
 
@@ -81,6 +91,37 @@ def methods() -> None:
         typer.echo(f"{entry.name:12s} [{entry.extra.get('kind', '')}] {entry.summary}")
         if entry.paper:
             typer.echo(f"{'':12s} paper: {entry.paper}")
+
+
+@app.command()
+def relate(config: ConfigArg = None, set_: SetOpt = [], resume: ResumeOpt = None,  # noqa: B006
+           quiet: QuietOpt = False) -> None:
+    """Estimate task-affinity matrices (relate.estimators); write affinity_*.json, heatmaps and the report."""
+    from polytask.relations.workflow import relate as relate_flow
+
+    run_dir, affinities = _flow(relate_flow, config, set_, resume, quiet)
+    for name, aff in affinities.items():
+        typer.echo(f"{name} affinity (row i -> column j), cost {aff.cost}")
+        width = max(len(t) for t in aff.tasks)
+        typer.echo(" " * (width + 1) + " ".join(f"{t[:8]:>8s}" for t in aff.tasks))
+        for t, row in zip(aff.tasks, aff.matrix, strict=True):
+            typer.echo(f"{t:>{width}s} " + " ".join(f"{v:8.3f}" for v in row))
+    typer.echo(f"run directory: {run_dir}")
+
+
+@app.command()
+def group(config: ConfigArg = None, set_: SetOpt = [], resume: ResumeOpt = None,  # noqa: B006
+          quiet: QuietOpt = False) -> None:
+    """Choose task groups under a budget (group.*) and prove them by training against the alternatives."""
+    from polytask.relations.workflow import group as group_flow
+
+    run_dir, summary = _flow(group_flow, config, set_, resume, quiet)
+    g = summary["grouping"]
+    typer.echo(f"chosen groups ({summary['estimator']}, budget {summary['budget']}): {g['groups']}")
+    typer.echo(f"{'strategy':14s} {'models':>6s} {'total val loss (mean ± std over seeds)':>40s}")
+    for name, st in summary["strategies"].items():
+        typer.echo(f"{name:14s} {st['models']:6d} {st['total_val_loss_mean']:28.4f} ± {st['total_val_loss_std']:.4f}")
+    typer.echo(f"run directory: {run_dir}")
 
 
 @app.command()

@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from polytask.errors import ConfigError
 from polytask.registry import validate_model
 
-
 # the default experiment's representative set: weightings and aggregators from each family
 DEFAULT_METHODS = ("equal", "uw", "pcgrad", "cagrad", "nashmtl", "aligned_mtl", "famo", "upgrad")
 
@@ -82,6 +81,27 @@ class BaselineConfig(_Strict):
     cache: bool = Field(True, description="reuse single-task results across runs with the same config")
 
 
+ESTIMATORS = ("lookahead", "grad_cosine", "datamap", "pairwise", "logme", "leep", "hscore", "nce")
+Estimator = Literal["lookahead", "grad_cosine", "datamap", "pairwise", "logme", "leep", "hscore", "nce"]
+
+
+class RelateConfig(_Strict):
+    estimators: list[Estimator] = Field(["lookahead", "grad_cosine"], min_length=1,
+                                        description=f"affinity estimators: {', '.join(ESTIMATORS)}")
+    every: int = Field(10, ge=1, description="probe every N steps of the joint run (lookahead, grad_cosine)")
+    method: MethodConfig = Field(default_factory=lambda: MethodConfig(name="equal"),
+                                 description="the joint training run the probes ride on")
+
+
+class GroupConfig(_Strict):
+    budget: int = Field(2, ge=1, description="number of models (groups) allowed")
+    estimator: Estimator = Field("lookahead", description="the affinity that chooses the groups")
+    solver: Literal["auto", "exact", "beam"] = Field("auto", description="auto: exact up to 16 tasks, else beam")
+    max_group_size: int | None = Field(None, ge=1)
+    seeds: list[int] = Field([0, 1, 2], min_length=1, description="training seeds of the comparison")
+    random_groupings: int = Field(3, ge=0, description="random groupings (same budget) per seed")
+
+
 class OutputConfig(_Strict):
     dir: str = Field("runs", description="parent folder of run directories")
     name: str = Field("", description="run directory name (default: suite and time)")
@@ -95,6 +115,8 @@ class Config(_Strict):
     methods: list[MethodConfig] = Field(default_factory=lambda: [MethodConfig(name=n) for n in DEFAULT_METHODS])
     baselines: BaselineConfig = Field(default_factory=BaselineConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    relate: RelateConfig = Field(default_factory=RelateConfig)
+    group: GroupConfig = Field(default_factory=GroupConfig)
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -115,6 +137,7 @@ def check(config: Config) -> Config:
                          "model.architecture_params")
         for i, m in enumerate(config.methods):
             load_all().params_for(m.name, m.params, f"methods.{i}.params")
+        load_all().params_for(config.relate.method.name, config.relate.method.params, "relate.method.params")
     except ConfigError as e:
         raise ConfigError(str(e)) from None
     labels = [m.label for m in config.methods]

@@ -13,6 +13,7 @@ from typing import Any
 
 from polytask.errors import CheckpointError, PolytaskError
 from polytask.report.console import ResultsTable, number, tabulate_results, task_metrics
+from polytask.report.relations import has_relations, relations_section
 from polytask.report.svg import PALETTE, Point, line_chart
 
 Record = dict[str, Any]
@@ -265,14 +266,27 @@ def _section(run_dir: Path, summary: Mapping[str, Any]) -> str:
     )
 
 
+def _summary_or_relations(run_dir: Path) -> dict[str, Any]:
+    """The run's summary; a run with only relations results (relate, group) has none and gets ``{}``."""
+    if not (run_dir / "summary.json").exists() and has_relations(run_dir):
+        return {}
+    return load_summary(run_dir)
+
+
+def _relations_only(run_dir: Path) -> str:
+    return (f"<section class='run'><h1>{escape(run_dir.name)}</h1>"
+            "<p class='subtitle'>polytask task-relations report</p></section>")
+
+
 def render_report(run_dirs: Sequence[Path]) -> str:
     """The report page of one or more run directories, one section per run, as an HTML string."""
     if not run_dirs:
         raise PolytaskError("the report needs at least one run directory")
-    summaries = [(Path(d), load_summary(Path(d))) for d in run_dirs]
+    summaries = [(Path(d), _summary_or_relations(Path(d))) for d in run_dirs]
     ids = [str(s.get("run_id") or d.name) for d, s in summaries]
     version = next((s.get("polytask_version") for _, s in summaries if s.get("polytask_version")), "")
-    body = "".join(_section(d, s) for d, s in summaries)
+    body = "".join((_section(d, s) if s.get("results") is not None else _relations_only(d)) + relations_section(d)
+                   for d, s in summaries)
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"

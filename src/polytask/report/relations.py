@@ -1,0 +1,91 @@
+"""The "Task relations" part of a report: affinity heatmaps with their cost, agreement between
+estimators, and the grouping comparison. Reads affinity_*.json / groups.json; never trains."""
+
+from __future__ import annotations
+
+import json
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def has_relations(run_dir: Path) -> bool:
+    return any(Path(run_dir).glob("affinity_*.json")) or (Path(run_dir) / "groups.json").exists()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return ", ".join(map(str, v))
+    return str(v)
+
+
+def _affinities(run_dir: Path) -> list[Any]:
+    from polytask.relations.affinity import AffinityMatrix
+
+    return [AffinityMatrix.load(p) for p in sorted(Path(run_dir).glob("affinity_*.json"))]
+
+
+def _agreement(affs: list[Any]) -> str:
+    """Spearman correlation of every estimator with the pairwise ground truth, where it was run."""
+    truth = next((a for a in affs if a.estimator == "pairwise"), None)
+    if truth is None or len(affs) < 2:
+        return ""
+    rows = "".join(f"<tr><td>{escape(a.estimator)}</td><td class='num'>{a.spearman(truth):+.3f}</td></tr>"
+                   for a in affs if a is not truth)
+    return ("<h3>Agreement with pairwise transfer (the costly ground truth)</h3>"
+            f"<table><thead><tr><th>estimator</th><th>Spearman ρ</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
+def _grouping(run_dir: Path) -> str:
+    path = Path(run_dir) / "groups.json"
+    if not path.exists():
+        return ""
+    g = json.loads(path.read_text())
+    chosen = g["grouping"]
+    rows = []
+    for name, st in g["strategies"].items():
+        groups = " | ".join("+".join(x) for x in st["groups"])
+        rows.append(f"<tr><td>{escape(name)}</td><td class='num'>{st['models']}</td><td>{escape(groups)}</td>"
+                    f"<td class='num'>{st['total_val_loss_mean']:.4f} ± {st['total_val_loss_std']:.4f}</td></tr>")
+    tasks = g["tasks"]
+    metric_rows = []
+    for name, st in g["strategies"].items():
+        cells = []
+        for t in tasks:
+            vals = [s["tasks"][t] for s in st["seeds"]]
+            key = next(k for k in vals[0] if k not in ("val_loss", "loss"))
+            cells.append(f"<td class='num'>{np.mean([v[key] for v in vals]):.4f}</td>")
+        metric_rows.append(f"<tr><td>{escape(name)}</td>{''.join(cells)}</tr>")
+    planted = g.get("planted_groups")
+    return (
+        f"<h3>Grouping (budget {g['budget']}, from {escape(g['estimator'])} affinity)</h3>"
+        f"<p>chosen: <b>{escape(' | '.join('+'.join(x) for x in chosen['groups']))}</b> "
+        f"({escape(chosen['solver'])}, score {chosen['total']:.4g})"
+        + (f"; planted: {escape(' | '.join('+'.join(x) for x in planted))}" if planted else "") + "</p>"
+        "<table><thead><tr><th>strategy</th><th>models</th><th>groups</th>"
+        "<th>total validation loss ↓ (mean ± std over seeds)</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+        "<p class='note'>Every task is scored by the model of the group that serves it. Independent uses one "
+        "model per task (over budget); random groupings split the tasks into as many groups as the budget.</p>"
+        "<h3>Per-task test metric (mean over seeds)</h3>"
+        f"<table><thead><tr><th>strategy</th>{''.join(f'<th>{escape(t)}</th>' for t in tasks)}</tr></thead>"
+        f"<tbody>{''.join(metric_rows)}</tbody></table>"
+    )
+
+
+def relations_section(run_dir: Path) -> str:
+    """HTML for the relations results in ``run_dir`` ('' if there are none)."""
+    if not has_relations(run_dir):
+        return ""
+    from polytask.relations.heatmap import heatmap_svg
+
+    affs = _affinities(run_dir)
+    maps = "".join(
+        f"<figure class='chart'>{heatmap_svg(a, title=f'{a.estimator} (row i → column j)')}"
+        f"<figcaption>cost: {escape('; '.join(f'{k}: {_fmt(v)}' for k, v in a.cost.items()))}</figcaption>"
+        "</figure>" for a in affs)
+    return f"<h2>Task relations</h2><div class='charts'>{maps}</div>{_agreement(affs)}{_grouping(run_dir)}"

@@ -91,3 +91,19 @@ def test_probes_do_not_change_the_run_and_resume_exactly(tmp_path):
     dm = DataMap().result(probed.states["datamap"])
     assert dm.shape == (4, 2 * 320) and probed.states["datamap"]["n"] == 3
     assert torch.all((dm[:, :320] >= 0) & (dm[:, :320] <= 1))
+
+
+def test_virtual_update_batched_rows_equal_single_updates():
+    torch.manual_seed(1)
+    model = torch.nn.Linear(3, 2)
+    for opt in (torch.optim.Adam(model.parameters(), lr=0.01), torch.optim.SGD(model.parameters(), lr=0.1,
+                                                                               momentum=0.9)):
+        model(torch.randn(4, 3)).sum().backward()
+        opt.step()
+        params = list(model.parameters())
+        batched = [torch.randn(5, *p.shape) for p in params]
+        together = virtual_update(opt, params, batched)
+        for i in range(5):
+            alone = virtual_update(opt, params, [b[i] for b in batched])
+            for a, t in zip(alone, together, strict=True):
+                torch.testing.assert_close(t[i], a)

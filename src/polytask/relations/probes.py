@@ -36,12 +36,13 @@ def virtual_update(opt: torch.optim.Optimizer, params: Sequence[torch.nn.Paramet
                    grads: Sequence[Tensor]) -> list[Tensor]:
     """The parameters ``opt.step()`` would produce from ``grads``, leaving ``opt`` and ``params`` untouched.
 
-    Supports SGD (momentum, dampening, Nesterov, weight decay), Adam and AdamW, as torch implements them."""
+    Supports SGD (momentum, dampening, Nesterov, weight decay), Adam and AdamW, as torch implements them.
+    A grad may carry extra leading dimensions (e.g. one row per task): the result then has them too."""
     group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
     out = []
     for p, g in zip(params, grads, strict=True):
         group, state = group_of[id(p)], opt.state.get(p, {})
-        g = g.reshape(p.shape).to(p.dtype)
+        g = g.reshape(*g.shape[:g.dim() - p.dim()], *p.shape).to(p.dtype)
         lr, wd = group["lr"], group.get("weight_decay", 0.0)
         if isinstance(opt, torch.optim.SGD):
             d = g + wd * p if wd else g
@@ -61,10 +62,11 @@ def virtual_update(opt: torch.optim.Optimizer, params: Sequence[torch.nn.Paramet
             elif wd:
                 g = g + wd * p
             t = float(state["step"]) + 1 if "step" in state else 1.0
-            m = state["exp_avg"] * b1 + (1 - b1) * g if "exp_avg" in state else (1 - b1) * g
-            v = state["exp_avg_sq"] * b2 + (1 - b2) * g * g if "exp_avg_sq" in state else (1 - b2) * g * g
-            denom = v.sqrt() / math.sqrt(1 - b2**t) + group["eps"]
-            out.append(theta - lr / (1 - b1**t) * m / denom)
+            m = torch.add(state["exp_avg"] * b1, g, alpha=1 - b1) if "exp_avg" in state else g * (1 - b1)
+            v = torch.addcmul(state["exp_avg_sq"] * b2 if "exp_avg_sq" in state else torch.zeros_like(p), g, g,
+                              value=1 - b2)
+            denom = v.sqrt_().div_(math.sqrt(1 - b2**t)).add_(group["eps"])
+            out.append(torch.addcdiv(theta, m, denom, value=-lr / (1 - b1**t)))
         else:
             raise ConfigError(f"lookahead affinity: optimiser {type(opt).__name__} is not supported (sgd, adam, adamw)")
     return out
@@ -92,17 +94,23 @@ class ProbeBatch:
         return self._cache["grads"]
 
     def losses_with(self, shared: Sequence[Tensor]) -> Tensor:
-        """The K task losses on this batch with the shared parameters replaced by ``shared``."""
+        """Task losses on this batch with the shared parameters replaced by ``shared``, each of which has a
+        leading dimension of n candidate values: returns n x K, all candidates in one vectorised forward."""
         from polytask.engine.loop import task_losses
 
         names = {id(p): n for n, p in self.model.named_parameters()}
-        params = {names[id(p)]: t for p, t in zip(self.model.shared_parameters(), shared, strict=True)}
+        keys = [names[id(p)] for p in self.model.shared_parameters()]
 
-        def swapped(x: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
-            return functional_call(self.model, params, (x, tasks))
+        def losses(*values: Tensor) -> Tensor:
+            params = dict(zip(keys, values, strict=True))
+
+            def swapped(x: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+                return functional_call(self.model, params, (x, tasks))
+
+            return task_losses(swapped, self.sources, self.rows, self.tasks)  # type: ignore[arg-type]
 
         with torch.no_grad():
-            return task_losses(swapped, self.sources, self.rows, self.tasks)  # type: ignore[arg-type]
+            return torch.func.vmap(losses)(*shared)
 
 
 class Probe:
@@ -162,11 +170,8 @@ class Lookahead(Probe):
     def step(self, state: State, batch: ProbeBatch) -> State:
         before, blocks = batch.grads()
         shared = list(batch.model.shared_parameters())
-        k = len(batch.tasks)
-        z = torch.zeros(k, k, dtype=torch.float64)
-        for i in range(k):
-            after = batch.losses_with(virtual_update(batch.opt, shared, [b[i] for b in blocks]))
-            z[i] = 1 - after.double() / before.double().clamp_min(1e-12)
+        after = batch.losses_with(virtual_update(batch.opt, shared, blocks))  # row i: all losses after step i
+        z = 1 - after.double() / before.double().clamp_min(1e-12)
         return {"sum": state["sum"] + z, "n": state["n"] + 1}
 
     def result(self, state: State) -> Tensor:

@@ -44,7 +44,7 @@ def gramian(blocks: Sequence[Tensor]) -> Tensor:
     Each block's product runs in the block's own dtype (a float64 copy of a K x P float32 Jacobian costs
     more than the product); where that could have under- or overflowed (a tiny or non-finite diagonal)
     the block is redone in float64. The blocks are summed in float64."""
-    out = torch.zeros(blocks[0].shape[0], blocks[0].shape[0], dtype=torch.float64)
+    out = torch.zeros(blocks[0].shape[0], blocks[0].shape[0], dtype=torch.float64, device=blocks[0].device)
     for b in blocks:
         m = b.reshape(b.shape[0], -1)
         g = (m @ m.T).double()
@@ -58,10 +58,10 @@ def gramian(blocks: Sequence[Tensor]) -> Tensor:
 
 def combine(weights: Tensor, blocks: Sequence[Tensor]) -> list[Tensor]:
     """Σ_k w_k J_k for each block (the update direction J^T w, block by block)."""
-    return [torch.tensordot(weights.to(b.dtype), b, dims=1) for b in blocks]
+    return [torch.tensordot(weights.to(b.device, b.dtype), b, dims=1) for b in blocks]
 
 
 def split(direction: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     """Cut a flat P-vector back into blocks shaped like ``like[i].shape[1:]``."""
     sizes = [b[0].numel() for b in like]
-    return [d.reshape(b.shape[1:]) for d, b in zip(direction.split(sizes), like, strict=True)]
+    return [d.reshape(b.shape[1:]).to(b.device) for d, b in zip(direction.split(sizes), like, strict=True)]

@@ -17,7 +17,7 @@ def _fixed(weights: torch.Tensor) -> Weighting:
         return {}
 
     def update(state: State, losses: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, State]:
-        return weights.to(losses.dtype), state
+        return weights.to(losses.device, losses.dtype), state
 
     return Weighting(init, update)
 

@@ -60,3 +60,22 @@ def test_group_recovers_planted_groups_and_beats_alternatives(tmp_path):
     loss = {k: v["total_val_loss_mean"] for k, v in summary["strategies"].items()}
     assert loss["chosen"] < loss["all-in-one"] and loss["chosen"] < loss["random-0"], loss
     assert "chosen groups (lookahead, budget 3)" in r.stdout
+
+
+def test_transferability_from_frozen_single_task_models(tmp_path):
+    cfg = {"suite": {"name": "digit-attributes"}, "train": {"epochs": 3},
+           "relate": {"estimators": ["logme", "leep", "hscore", "nce"]},
+           "output": {"dir": str(tmp_path), "name": "tr"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    r = polytask("relate", str(tmp_path / "c.yaml"))
+    assert r.returncode == 0, r.stderr
+    leep = AffinityMatrix.load(tmp_path / "tr" / "affinity_leep.json")
+    d = leep.index("digit")
+    # the digit class determines every other attribute: its model is the best other source for each of them
+    for j, target in enumerate(leep.tasks):
+        if target != "digit":
+            others = [i for i in range(leep.k) if i != j]
+            assert max(others, key=lambda i: leep.matrix[i, j]) == d, (target, leep.matrix[:, j])
+    for est in ("logme", "hscore", "nce"):
+        aff = AffinityMatrix.load(tmp_path / "tr" / f"affinity_{est}.json")
+        assert aff.cost["training_runs"] == 6 and aff.tasks == leep.tasks

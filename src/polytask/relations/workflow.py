@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
 from polytask.config import Config
@@ -165,11 +166,17 @@ def pair_losses(aff: AffinityMatrix) -> AffinityMatrix:
     return AffinityMatrix(m, names, "pairwise_loss", aff.cost, higher_is_better=False)
 
 
-def choose_groups(config: Config, aff: AffinityMatrix) -> Any:
-    """Solve the grouping problem for ``config.group`` on ``aff`` (TAG score; Standley's HOA for pairwise)."""
+def choose_groups(config: Config, aff: AffinityMatrix, run_dir: Path) -> Any:
+    """Solve the grouping problem for ``config.group`` on ``aff``: TAG's score (Standley's HOA for pairwise)
+    with exact or beam selection; for data maps, STG-MTL clustering of the tasks' data-map features."""
+    from polytask.relations.clustering import cluster_tasks
     from polytask.relations.grouping import HoaScore, TagScore, select_beam, select_exact
 
     gc = config.group
+    if aff.estimator == "datamap":
+        feats = load_file(run_dir / "datamap.safetensors")["features"].double()
+        feats = torch.where(torch.isnan(feats), torch.nanmean(feats, dim=0, keepdim=True), feats)
+        return cluster_tasks(feats.numpy(), aff.tasks, gc.budget, seed=config.seed).to_grouping()
     score = HoaScore(pair_losses(aff)) if aff.estimator == "pairwise" else TagScore(aff)
     exact = gc.solver == "exact" or (gc.solver == "auto" and len(aff.tasks) <= 16)
     if exact:
@@ -237,7 +244,7 @@ def group(config: Config | None = None, resume: str | None = None,
     run_dir, config, _ = open_run(config, resume)
     suite = build_suite(config.suite.name, config.suite.params, config.seed)
     aff = estimate(config, suite, run_dir, reporter, [config.group.estimator])[config.group.estimator]
-    chosen = choose_groups(config, aff)
+    chosen = choose_groups(config, aff, run_dir)
     comparison = compare_groupings(config, suite, run_dir, reporter, chosen)
     summary = {"estimator": aff.estimator, "affinity_cost": aff.cost, "budget": config.group.budget,
                "grouping": chosen.to_json(), "planted_groups": suite.info.get("planted_groups"), **comparison}

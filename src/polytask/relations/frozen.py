@@ -1,0 +1,64 @@
+"""Transferability from frozen features (LogME, LEEP, H-score, NCE): source = the single-task model of
+task i, target = task j's labels on the same training inputs. The single-task models are the cached
+baselines, so this costs K trainings shared with pairwise transfer and ``polytask run``, plus K forward
+passes over the training set."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from polytask.config import Config
+from polytask.engine.progress import Reporter
+from polytask.errors import DataError
+from polytask.experiment import execute, job_dir_of
+from polytask.models import build_model
+from polytask.relations.affinity import AffinityMatrix
+from polytask.relations.transferability import transferability_matrix
+from polytask.tasks.task import TaskSuite
+
+
+def source_outputs(config: Config, suite: TaskSuite, run_dir: Path, reporter: Reporter
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per task: the frozen representation of its single-task model on the training inputs, and its
+    softmax predictions (classification tasks only)."""
+    from polytask.relations.workflow import single_job
+
+    if suite.multi_input:
+        raise DataError("transferability needs one shared input for every task (a multi-target suite)")
+    x = suite.splits["train"][0].x
+    features, probs = {}, {}
+    for task in suite.tasks:
+        job = single_job(task.name, config)
+        execute(job, suite, config, run_dir, reporter)
+        model = build_model([task], suite.input_shape, config.model.backbone, config.model.backbone_params,
+                            config.model.architecture, config.model.architecture_params)
+        model.load_state_dict(load_file(job_dir_of(run_dir, job) / "best.safetensors"))
+        model.eval()
+        with torch.no_grad():
+            z = torch.cat([model.encode(x[i:i + 2048]) for i in range(0, len(x), 2048)])
+            features[task.name] = z
+            if task.kind == "classification":
+                probs[task.name] = model.decode(z, [task.name])[task.name].softmax(-1)
+    return features, probs
+
+
+def transferability(config: Config, suite: TaskSuite, run_dir: Path, reporter: Reporter,
+                    methods: list[str]) -> dict[str, AffinityMatrix]:
+    t0 = time.perf_counter()
+    features, probs = source_outputs(config, suite, run_dir, reporter)
+    labels = {t: suite.splits["train"][0].y[t] for t in suite.task_names}
+    prep = time.perf_counter() - t0
+    out = {}
+    for m in methods:
+        if m == "leep" and len(probs) < len(features):
+            regression = sorted(set(features) - set(probs))
+            raise DataError(f"LEEP needs classification sources; regression task(s) {regression}")
+        aff = transferability_matrix(probs if m == "leep" else features, labels, m, tasks=suite.task_names)
+        aff.cost |= {"training_runs": len(suite.tasks), "shared_with": ["pairwise", "single-task baselines"],
+                     "forward_passes": len(suite.tasks), "feature_time_s": prep}
+        out[m] = aff
+    return out

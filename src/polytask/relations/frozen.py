@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -17,7 +18,7 @@ from polytask.errors import DataError
 from polytask.experiment import execute, job_dir_of
 from polytask.models import build_model
 from polytask.relations.affinity import AffinityMatrix
-from polytask.relations.transferability import transferability_matrix
+from polytask.relations.transferability import logme, transferability_matrix
 from polytask.tasks.task import TaskSuite
 
 
@@ -46,6 +47,20 @@ def source_outputs(config: Config, suite: TaskSuite, run_dir: Path, reporter: Re
     return features, probs
 
 
+def _logme_mixed(features: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
+                 suite: TaskSuite) -> AffinityMatrix:
+    """LogME with each target in its own form: class evidence for classification, regression evidence for
+    real-valued targets (You et al. 2021 define both), on the rows labelled for the target."""
+    names = suite.task_names
+    m = np.zeros((len(names), len(names)))
+    for j, target in enumerate(suite.tasks):
+        y = labels[target.name].numpy().astype(np.float64)
+        ok = ~np.isnan(y)
+        for i, source in enumerate(names):
+            m[i, j] = logme(features[source].numpy().astype(np.float64)[ok], y[ok], target.kind == "regression")
+    return AffinityMatrix(m, names, "logme", {"pairs": len(names) ** 2}, meta={"paper": "You et al. 2021, LogME"})
+
+
 def transferability(config: Config, suite: TaskSuite, run_dir: Path, reporter: Reporter,
                     methods: list[str]) -> dict[str, AffinityMatrix]:
     t0 = time.perf_counter()
@@ -53,11 +68,14 @@ def transferability(config: Config, suite: TaskSuite, run_dir: Path, reporter: R
     labels = {t: suite.splits["train"][0].y[t] for t in suite.task_names}
     prep = time.perf_counter() - t0
     out = {}
+    regression = [t.name for t in suite.tasks if t.kind == "regression"]
     for m in methods:
-        if m == "leep" and len(probs) < len(features):
-            regression = sorted(set(features) - set(probs))
-            raise DataError(f"LEEP needs classification sources; regression task(s) {regression}")
-        aff = transferability_matrix(probs if m == "leep" else features, labels, m, tasks=suite.task_names)
+        if m != "logme" and regression:
+            raise DataError(f"{m} scores class labels; task(s) {regression} are regression (LogME handles both)")
+        if m == "logme" and regression:
+            aff = _logme_mixed(features, labels, suite)
+        else:
+            aff = transferability_matrix(probs if m == "leep" else features, labels, m, tasks=suite.task_names)
         aff.cost |= {"training_runs": len(suite.tasks), "shared_with": ["pairwise", "single-task baselines"],
                      "forward_passes": len(suite.tasks), "feature_time_s": prep}
         out[m] = aff

@@ -52,14 +52,13 @@ def _grouping(run_dir: Path) -> str:
         rows.append(f"<tr><td>{escape(name)}</td><td class='num'>{st['models']}</td><td>{escape(groups)}</td>"
                     f"<td class='num'>{st['total_val_loss_mean']:.4f} ± {st['total_val_loss_std']:.4f}</td></tr>")
     tasks = g["tasks"]
+    first = next(iter(g["strategies"].values()))["seeds"][0]["tasks"]
+    keys = {t: next(k for k in first[t] if k not in ("val_loss", "loss")) for t in tasks}
     metric_rows = []
     for name, st in g["strategies"].items():
-        cells = []
-        for t in tasks:
-            vals = [s["tasks"][t] for s in st["seeds"]]
-            key = next(k for k in vals[0] if k not in ("val_loss", "loss"))
-            cells.append(f"<td class='num'>{np.mean([v[key] for v in vals]):.4f}</td>")
-        metric_rows.append(f"<tr><td>{escape(name)}</td>{''.join(cells)}</tr>")
+        cells = "".join(f"<td class='num'>{np.mean([s['tasks'][t][keys[t]] for s in st['seeds']]):.4f}</td>"
+                        for t in tasks)
+        metric_rows.append(f"<tr><td>{escape(name)}</td>{cells}</tr>")
     planted = g.get("planted_groups")
     return (
         f"<h3>Grouping (budget {g['budget']}, from {escape(g['estimator'])} affinity)</h3>"
@@ -72,7 +71,8 @@ def _grouping(run_dir: Path) -> str:
         "<p class='note'>Every task is scored by the model of the group that serves it. Independent uses one "
         "model per task (over budget); random groupings split the tasks into as many groups as the budget.</p>"
         "<h3>Per-task test metric (mean over seeds)</h3>"
-        f"<table><thead><tr><th>strategy</th>{''.join(f'<th>{escape(t)}</th>' for t in tasks)}</tr></thead>"
+        f"<table><thead><tr><th>strategy</th>{''.join(f'<th>{escape(t)} ({keys[t]})</th>' for t in tasks)}"
+        "</tr></thead>"
         f"<tbody>{''.join(metric_rows)}</tbody></table>"
     )
 

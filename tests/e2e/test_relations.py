@@ -63,7 +63,8 @@ def test_group_recovers_planted_groups_and_beats_alternatives(tmp_path):
 
 
 def test_transferability_from_frozen_single_task_models(tmp_path):
-    cfg = {"suite": {"name": "digit-attributes"}, "train": {"epochs": 3},
+    cfg = {"suite": {"name": "digit-attributes"}, "train": {"epochs": 8, "optimizer": {"lr": 0.003}},
+           "model": {"backbone_params": {"hidden": [64]}},
            "relate": {"estimators": ["logme", "leep", "hscore", "nce"]},
            "output": {"dir": str(tmp_path), "name": "tr"}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))

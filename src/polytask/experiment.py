@@ -36,11 +36,16 @@ from polytask.tasks.task import TaskSuite
 STL = "stl"
 
 
+def single_task_job(task: str) -> Job:
+    """The single-task baseline of ``task`` (same backbone and budget, one head)."""
+    return Job(f"{STL}/{task}", (task,), MethodConfig(name="equal"), "single_task")
+
+
 def plan(config: Config, suite: TaskSuite) -> list[Job]:
     """The jobs of a run: one single-task job per task (if asked), then one joint job per method."""
     jobs = []
     if config.baselines.single_task:
-        jobs += [Job(f"{STL}/{t}", (t,), MethodConfig(name="equal"), "single_task") for t in suite.task_names]
+        jobs += [single_task_job(t) for t in suite.task_names]
     jobs += [Job(m.label, tuple(suite.task_names), m, "joint") for m in config.methods]
     return jobs
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from polytask.config import Config
 from polytask.engine.progress import Reporter
 from polytask.errors import DataError
-from polytask.experiment import execute, job_dir_of
+from polytask.experiment import execute, job_dir_of, single_task_job
 from polytask.models import build_model
 from polytask.relations.affinity import AffinityMatrix
 from polytask.relations.transferability import logme, transferability_matrix
@@ -26,14 +26,12 @@ def source_outputs(config: Config, suite: TaskSuite, run_dir: Path, reporter: Re
                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per task: the frozen representation of its single-task model on the training inputs, and its
     softmax predictions (classification tasks only)."""
-    from polytask.relations.workflow import single_job
-
     if suite.multi_input:
         raise DataError("transferability needs one shared input for every task (a multi-target suite)")
     x = suite.splits["train"][0].x
     features, probs = {}, {}
     for task in suite.tasks:
-        job = single_job(task.name, config)
+        job = single_task_job(task.name)
         execute(job, suite, config, run_dir, reporter)
         model = build_model([task], suite.input_shape, config.model.backbone, config.model.backbone_params,
                             config.model.architecture, config.model.architecture_params)

@@ -22,7 +22,7 @@ from polytask.config import Config
 from polytask.engine import checkpoint
 from polytask.engine.loop import CHECKPOINT, Job
 from polytask.engine.progress import Reporter
-from polytask.experiment import STL, execute, job_dir_of, open_run
+from polytask.experiment import execute, job_dir_of, open_run, single_task_job
 from polytask.io import atomic_write_bytes
 from polytask.relations.affinity import AffinityMatrix
 from polytask.relations.heatmap import save_heatmap
@@ -35,16 +35,10 @@ def affinity_path(run_dir: Path, estimator: str) -> Path:
     return run_dir / f"affinity_{estimator}.json"
 
 
-def single_job(task: str, config: Config) -> Job:
-    from polytask.config import MethodConfig
-
-    return Job(f"{STL}/{task}", (task,), MethodConfig(name="equal"), "single_task")
-
-
 def group_job(tasks: tuple[str, ...], config: Config, prefix: str = "group") -> Job:
     """One model for ``tasks`` (a single task is its single-task baseline)."""
     if len(tasks) == 1:
-        return single_job(tasks[0], config)
+        return single_task_job(tasks[0])
     return Job(f"{prefix}/{'+'.join(tasks)}", tasks, config.relate.method, "joint")
 
 
@@ -96,7 +90,7 @@ def pairwise(config: Config, suite: TaskSuite, run_dir: Path, reporter: Reporter
     affinity i->j = (L_j(alone) - L_j(with i)) / L_j(alone), validation loss at the best epoch."""
     t0 = time.perf_counter()
     names = suite.task_names
-    single = {t: execute(single_job(t, config), suite, config, run_dir, reporter)["val"][t]["loss"] for t in names}
+    single = {t: execute(single_task_job(t), suite, config, run_dir, reporter)["val"][t]["loss"] for t in names}
     pair: dict[str, dict[str, float]] = {}
     steps = 0
     for a, b in itertools.combinations(names, 2):

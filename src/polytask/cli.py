@@ -137,6 +137,42 @@ def report(run_dirs: Annotated[list[Path], typer.Argument(help="one or more run 
     typer.echo(f"report: {path}")
 
 
+@app.command()
+def merge(
+    config: Annotated[Optional[Path], typer.Argument(
+        help="merge YAML: base, models, method, output; or an experiment with 'suite:'")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="override a key, e.g. --set params.density=0.3")] = [],  # noqa: B006
+    list_methods: Annotated[bool, typer.Option("--list", help="list the merge methods and their parameters")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress output")] = False,
+) -> None:
+    """Merge models: checkpoints tensor by tensor, or pretrain / fine-tune / merge / evaluate on a suite."""
+    from polytask.engine.progress import Reporter
+    from polytask.merging import METHODS, ExperimentConfig, load_merge_config, run_merge_config
+    from polytask.merging.report import format_merge_table
+
+    if list_methods:
+        for entry in METHODS:
+            typer.echo(f"{entry.name:16s} [{entry.extra.get('kind', '')}] {entry.summary}")
+            typer.echo(f"{'':16s} paper: {entry.paper}")
+            for name, field in entry.params.model_fields.items():
+                typer.echo(f"{'':16s} {field.alias or name} (default {field.default!r}): {field.description or ''}")
+        return
+    try:
+        if config is None:
+            raise PolytaskError("give a merge config (see `polytask merge --list` for the methods)")
+        cfg = load_merge_config(config, set_)
+        reporter = Reporter(quiet=quiet)
+        out, summary = run_merge_config(cfg, log=reporter.log, reporter=reporter)
+    except (PolytaskError, OSError) as e:
+        _fail(e)
+    if isinstance(cfg, ExperimentConfig):
+        typer.echo(format_merge_table(summary))
+        typer.echo(f"run directory: {out}  (summary.json, report.html)")
+    else:
+        typer.echo(f"merged {summary['tensors_merged']} tensors ({summary['tensors_copied']} copied from the base) "
+                   f"with {summary['method']} in {summary['seconds']:.1f} s -> {out}")
+
+
 def entrypoint() -> None:
     try:
         app()

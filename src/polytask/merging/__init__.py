@@ -1,0 +1,107 @@
+"""Model merging: task vectors and their successors, streamed tensor by tensor, with evaluation.
+
+Two ways in:
+
+- **checkpoints on disk** (:func:`merge_checkpoints`, ``polytask merge CONFIG.yaml``): a base and N models
+  (safetensors files, sharded Hugging Face directories, PEFT LoRA adapters, polytask job/run directories)
+  merged one tensor name at a time by a data-free method into sharded safetensors, atomically;
+- **a merging experiment on a suite** (:func:`run_merge_experiment`, a config with ``suite:``): pretrain a
+  backbone, fine-tune one model per task, merge with every method (data-free or data-driven), evaluate.
+
+Methods (``METHODS``, each from its paper; ``polytask merge --list`` prints them):
+
+==============  ==========  ===============================================================
+name            kind        paper
+==============  ==========  ===============================================================
+average         data-free   Wortsman et al. 2022 (model soups)
+task_arithmetic data-free   Ilharco et al. 2023
+ties            data-free   Yadav et al. 2023
+dare            data-free   Yu et al. 2024
+dare_ties       data-free   Yu et al. 2024 + Yadav et al. 2023
+breadcrumbs     data-free   Davari & Belilovsky 2024
+generalized     data-free   any sparsify x consensus x sum/mean combination
+metagpt         data-free   Zhou et al. 2024 (two passes: norms, then merge)
+lwptv           data-free   Zhang et al. 2025 (two passes: layer saliency, then merge)
+fisher          data        Matena & Raffel 2022
+regmean         data        Jin et al. 2023
+adamerging      data        Yang et al. 2024
+divmerge        data        Touayouch et al. 2025
+==============  ==========  ===============================================================
+
+Parameters have one meaning across methods. Where mergekit uses the same name differently:
+
+==============  ===========================================  =================================================
+parameter       polytask                                     mergekit
+==============  ===========================================  =================================================
+weight          per model; multiplies its task vector        same (TIES/linear also normalise by the weights)
+lambda          scales the merged task vector                same
+density         fraction of each task-vector tensor kept     TIES/breadcrumbs: same; DARE: keep probability
+                by magnitude (TIES, breadcrumbs, dare_ties)  (polytask's DARE uses drop_rate = 1 - density)
+drop_rate       DARE's p: drop probability                   (no such name; density = 1 - p)
+rescale         DARE: survivors x 1/(1-p) (the paper)        rescale the masked vector to the original L1 norm
+gamma           breadcrumbs: fraction of largest dropped     same
+normalize       TIES/dare_ties: disjoint mean (default on)   dare_ties defaults to off (sum of agreeing entries)
+==============  ===========================================  =================================================
+
+Other differences from mergekit: TIES' trim keeps every entry tied with the k-th largest magnitude (mergekit
+keeps exactly k, breaking ties arbitrarily; identical on float32 data without ties); DARE's random masks use
+our own per-tensor seeded streams (mergekit's use the global torch RNG), so DARE agrees with mergekit only at
+drop_rate 0; ``average`` excludes the base unless it is listed as a model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from polytask.merging import data_driven  # noqa: F401  (registers the data-driven methods)
+from polytask.merging.checkpoint import Checkpoint, open_checkpoint
+from polytask.merging.config import ExperimentConfig, MergeConfig, load_merge_config
+from polytask.merging.data_driven import TaskModels, merge_encoders
+from polytask.merging.methods import METHODS, MergeInputs, merge_tensors
+from polytask.merging.stream import MergeOptions, ModelInput, merge_checkpoints, merge_state_dicts
+from polytask.merging.writer import ShardedWriter
+
+
+def run_merge_experiment(cfg: ExperimentConfig, reporter: Any = None, run_dir: Any = None
+                         ) -> tuple[Path, dict[str, Any]]:
+    """Pretrain, fine-tune per task, merge with every method, evaluate (see :mod:`polytask.merging.experiment`)."""
+    from polytask.merging.experiment import run_merge_experiment as run
+
+    return run(cfg, reporter, run_dir)
+
+
+def run_merge_config(cfg: MergeConfig | ExperimentConfig, log: Any = None, reporter: Any = None
+                     ) -> tuple[Path, dict[str, Any]]:
+    """Run a validated merge config: a checkpoint merge or an experiment. Returns (output dir, summary)."""
+    if isinstance(cfg, ExperimentConfig):
+        return run_merge_experiment(cfg, reporter)
+    base = cfg.base
+    summary = merge_checkpoints(
+        base.path if base is not None else cfg.models[0].path,
+        [ModelInput(m.path, m.weight, m.params, m.job) for m in cfg.models], cfg.method, cfg.output.path,
+        cfg.params, options=cfg.options, shard_size=cfg.output.shard_size, out_dtype=cfg.output.dtype,
+        copy_files=cfg.output.copy_files, overwrite=cfg.output.overwrite,
+        base_job=base.job if base is not None else cfg.models[0].job, log=log)
+    return Path(summary["output"]), summary
+
+
+__all__ = [
+    "METHODS",
+    "Checkpoint",
+    "ExperimentConfig",
+    "MergeConfig",
+    "MergeInputs",
+    "MergeOptions",
+    "ModelInput",
+    "ShardedWriter",
+    "TaskModels",
+    "load_merge_config",
+    "merge_checkpoints",
+    "merge_encoders",
+    "merge_state_dicts",
+    "merge_tensors",
+    "open_checkpoint",
+    "run_merge_config",
+    "run_merge_experiment",
+]

@@ -1,0 +1,367 @@
+"""Merge methods found by name. Each is a small function over the tensors of one name, with the paper
+named in its docstring and its parameters typed (pydantic, unknown keys are errors).
+
+Data-free methods take a :class:`MergeInputs` (the base tensor, one tensor per model, per-model weights and
+parameters) and return the merged tensor; the streaming merge calls them name by name. A method that
+needs a statistic of every tensor first (MetaGPT's norms, LwPTV's layer saliency) also registers
+``stats`` (per tensor) and ``finalize`` (over all tensors): the merge then reads the inputs twice.
+Data-driven methods (``kind="data"``, in :mod:`polytask.merging.data_driven`) need models polytask can
+run and inputs to run them on.
+
+Registry ``extra`` keys: ``kind`` (``data-free``/``data``), ``per_model`` (parameters a model entry may
+override), ``order_invariant`` (permuting the models, with their weights, gives the same result),
+``uses_weights`` (per-model ``weight`` is meaningful), ``identity(K)`` (parameters under which merging K
+copies of one model returns it: the property suite checks this for every method).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from polytask.errors import ConfigError
+from polytask.merging import ops
+from polytask.registry import Registry
+
+
+@dataclass
+class MergeInputs:
+    """What a data-free method sees for one tensor name."""
+
+    name: str
+    base: Tensor | None
+    tensors: list[Tensor]
+    weights: list[float]
+    params: BaseModel
+    model_params: list[BaseModel]
+    seed: int = 0
+    stats: Any = None
+    consume: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def need_base(self, method: str) -> Tensor:
+        if self.base is None:
+            raise ConfigError(f"method {method!r} needs a base model (the shared pretrained weights)")
+        return self.base
+
+
+MergeFn = Callable[[MergeInputs], Tensor]
+METHODS: Registry[Any] = Registry("merge method")
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+_LAMBDA = "lambda: scale of the merged task vector added to the base (0 returns the base)"
+_DENSITY = "fraction of each task-vector tensor's entries kept, by magnitude (1 keeps all)"
+_DROP = "DARE drop probability p of each task-vector entry (survivors are rescaled by 1/(1-p))"
+
+
+class NoParams(_Params):
+    """No parameters."""
+
+
+class TaskArithmeticParams(_Params):
+    lam: float = Field(1.0, alias="lambda", description=_LAMBDA)
+
+
+class TiesParams(_Params):
+    density: float = Field(0.2, ge=0, le=1, description=_DENSITY)
+    lam: float = Field(1.0, alias="lambda", description=_LAMBDA)
+    normalize: bool = Field(True, description="disjoint mean: divide by the summed weights of the models "
+                            "agreeing with the elected sign (False: their sum)")
+
+
+class DareParams(_Params):
+    drop_rate: float = Field(0.9, ge=0, le=1, description=_DROP)
+    lam: float = Field(1.0, alias="lambda", description=_LAMBDA)
+    rescale: bool = Field(True, description="rescale survivors by 1/(1-p) (False: only drop)")
+
+
+class DareTiesParams(_Params):
+    drop_rate: float = Field(0.9, ge=0, le=1, description=_DROP)
+    density: float = Field(1.0, ge=0, le=1, description=_DENSITY + "; applied after the DARE drop")
+    lam: float = Field(1.0, alias="lambda", description=_LAMBDA)
+    normalize: bool = Field(True, description="disjoint mean over the agreeing models (False: their sum)")
+    rescale: bool = Field(True, description="rescale survivors by 1/(1-p)")
+
+
+class BreadcrumbsParams(_Params):
+    density: float = Field(0.9, ge=0, le=1, description=_DENSITY + " (the band just below the outliers)")
+    gamma: float = Field(0.01, ge=0, le=1, description="fraction of each task-vector tensor's largest-magnitude "
+                         "entries (outliers) dropped")
+    lam: float = Field(1.0, alias="lambda", description=_LAMBDA)
+
+
+class GeneralizedParams(_Params):
+    sparsify: list[Literal["none", "magnitude", "random", "band"]] = Field(
+        default_factory=list, description="sparsification steps in order: magnitude (TIES trim), random (DARE), "
+        "band (breadcrumbs)")
+    consensus: bool = Field(False, description="TIES sign election: keep entries agreeing with the elected sign")
+    normalize: bool = Field(False, description="divide by the summed weights (of the agreeing models)")
+    density: float = Field(1.0, ge=0, le=1, description=_DENSITY)
+    drop_rate: float = Field(0.0, ge=0, le=1, description=_DROP)
+    gamma: float = Field(0.0, ge=0, le=1, description="breadcrumbs: fraction of outliers dropped")
+    rescale: bool = Field(True, description="DARE: rescale survivors by 1/(1-p)")
+    lam: float = Field(1.0, alias="lambda", description=_LAMBDA)
+
+
+class MetaGPTParams(_Params):
+    scope: Literal["layer", "model"] = Field(
+        "layer", description="layer: one coefficient per model and layer (module); model: one per model")
+
+
+class LwPTVParams(_Params):
+    threshold: float = Field(0.5, ge=0, description="eta: a model's task vector is pruned at a layer whose "
+                             "saliency is below eta (0 prunes nothing)")
+    base_method: str = Field("task_arithmetic", description="the data-free method that merges the pruned "
+                             "task vectors")
+    base_params: dict[str, Any] = Field(default_factory=dict, description="parameters of base_method")
+
+
+def dare_generator(seed: int, name: str, k: int) -> torch.Generator:
+    """The random stream of model ``k``'s drop mask for tensor ``name``: a pure function of (seed, name, k),
+    so a merge is reproducible and independent of the order tensors are processed in."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}\0{name}\0{k}".encode()) + (seed << 32))
+
+
+def _gta(inp: MergeInputs, method: str, *, sparsify: Sequence[str], consensus: bool, normalize: bool,
+         lam: float, rescale: bool = True) -> Tensor:
+    base = inp.need_base(method)
+    mp = inp.model_params
+    gens = [dare_generator(inp.seed, inp.name, k) for k in range(len(inp.tensors))] if "random" in sparsify else None
+    return ops.generalized_task_arithmetic(
+        base, inp.tensors, inp.weights, sparsify=tuple(sparsify) or "none",
+        density=[getattr(p, "density", 1.0) for p in mp], drop_rate=[getattr(p, "drop_rate", 0.0) for p in mp],
+        gamma=[getattr(p, "gamma", 0.0) for p in mp], generators=gens, consensus=consensus,
+        normalize=normalize, lam=lam, rescale=rescale, consume=inp.consume)
+
+
+def _identity_lambda(k: int) -> dict[str, Any]:
+    return {"lambda": 1.0 / k}
+
+
+@METHODS.register("average", summary="weight averaging: sum_k w_k theta_k / sum_k w_k",
+                  paper="Wortsman et al. 2022, Model soups", kind="data-free", per_model=(),
+                  order_invariant=True, uses_weights=True, needs_base=False, identity=lambda k: {})
+def average(inp: MergeInputs) -> Tensor:
+    """Weight averaging (Wortsman et al. 2022, "Model soups"): the weighted mean of the models; the base is
+    not part of it (list it as a model to include it)."""
+    return ops.weighted_average(inp.tensors, inp.weights, consume=inp.consume)
+
+
+@METHODS.register("task_arithmetic", params=TaskArithmeticParams,
+                  summary="base + lambda * sum_k w_k (theta_k - base); negative weights negate a task",
+                  paper="Ilharco et al. 2023, Editing Models with Task Arithmetic", kind="data-free", per_model=(),
+                  order_invariant=True, uses_weights=True, needs_base=True, identity=_identity_lambda)
+def task_arithmetic(inp: MergeInputs) -> Tensor:
+    """Task arithmetic (Ilharco et al. 2023): add ``lambda`` times the weighted sum of task vectors to the
+    base; a negative weight subtracts (negates) that task."""
+    p: TaskArithmeticParams = inp.params  # type: ignore[assignment]
+    return _gta(inp, "task_arithmetic", sparsify=(), consensus=False, normalize=False, lam=p.lam)
+
+
+@METHODS.register("ties", params=TiesParams,
+                  summary="trim each task vector to its top-density magnitudes, elect a sign, disjoint mean",
+                  paper="Yadav et al. 2023, TIES-Merging", kind="data-free", per_model=("density",),
+                  order_invariant=True, uses_weights=True, needs_base=True,
+                  identity=lambda k: {"density": 1.0, "lambda": 1.0})
+def ties(inp: MergeInputs) -> Tensor:
+    """TIES-Merging (Yadav et al. 2023): trim (keep the top ``density`` magnitudes of each task-vector
+    tensor), elect the sign of the summed trimmed vectors per entry, average the agreeing entries
+    (disjoint mean), scale by ``lambda``."""
+    p: TiesParams = inp.params  # type: ignore[assignment]
+    return _gta(inp, "ties", sparsify=("magnitude",), consensus=True, normalize=p.normalize, lam=p.lam)
+
+
+@METHODS.register("dare", params=DareParams,
+                  summary="drop task-vector entries with probability p, rescale by 1/(1-p), then task arithmetic",
+                  paper="Yu et al. 2024, Language Models are Super Mario (DARE)", kind="data-free",
+                  per_model=("drop_rate",), order_invariant=False, uses_weights=True, needs_base=True,
+                  identity=lambda k: {"drop_rate": 0.0, "lambda": 1.0 / k})
+def dare(inp: MergeInputs) -> Tensor:
+    """DARE (Yu et al. 2024) with task arithmetic: each task vector keeps an entry with probability 1-p
+    (the mask of model k on tensor ``name`` is seeded by (seed, name, k)), survivors are scaled by
+    1/(1-p), then ``base + lambda * sum_k w_k tau_k``. Not order invariant: the mask follows the position."""
+    p: DareParams = inp.params  # type: ignore[assignment]
+    return _gta(inp, "dare", sparsify=("random",), consensus=False, normalize=False, lam=p.lam, rescale=p.rescale)
+
+
+@METHODS.register("dare_ties", params=DareTiesParams,
+                  summary="DARE drop and rescale, then TIES (optional trim, sign election, disjoint mean)",
+                  paper="Yu et al. 2024 (DARE) + Yadav et al. 2023 (TIES)", kind="data-free",
+                  per_model=("drop_rate", "density"), order_invariant=False, uses_weights=True, needs_base=True,
+                  identity=lambda k: {"drop_rate": 0.0, "density": 1.0, "lambda": 1.0})
+def dare_ties(inp: MergeInputs) -> Tensor:
+    """DARE as a preprocessing step of TIES (Yu et al. 2024, sec. 4): drop and rescale each task vector,
+    trim to ``density`` (1: no trim), elect signs, disjoint mean, scale by ``lambda``."""
+    p: DareTiesParams = inp.params  # type: ignore[assignment]
+    return _gta(inp, "dare_ties", sparsify=("random", "magnitude"), consensus=True, normalize=p.normalize,
+                lam=p.lam, rescale=p.rescale)
+
+
+@METHODS.register("breadcrumbs", params=BreadcrumbsParams,
+                  summary="mask the largest (outliers) and smallest task-vector entries, then task arithmetic",
+                  paper="Davari & Belilovsky 2024, Model Breadcrumbs", kind="data-free",
+                  per_model=("density", "gamma"), order_invariant=True, uses_weights=True, needs_base=True,
+                  identity=lambda k: {"density": 1.0, "gamma": 0.0, "lambda": 1.0 / k})
+def breadcrumbs(inp: MergeInputs) -> Tensor:
+    """Model Breadcrumbs (Davari & Belilovsky 2024): per task-vector tensor drop the ``gamma`` fraction of
+    largest magnitudes and the smallest ones so that ``density`` remain, then ``base + lambda * sum``."""
+    p: BreadcrumbsParams = inp.params  # type: ignore[assignment]
+    return _gta(inp, "breadcrumbs", sparsify=("band",), consensus=False, normalize=False, lam=p.lam)
+
+
+@METHODS.register("generalized", params=GeneralizedParams,
+                  summary="any combination of sparsify (magnitude/random/band) x sign consensus x sum/mean",
+                  paper="the shared shape of TIES, DARE and breadcrumbs (mergekit's generalized task arithmetic)",
+                  kind="data-free", per_model=("density", "drop_rate", "gamma"), order_invariant=False,
+                  uses_weights=True, needs_base=True,
+                  identity=lambda k: {"lambda": 1.0 / k})
+def generalized(inp: MergeInputs) -> Tensor:
+    """The parts of :func:`polytask.merging.ops.generalized_task_arithmetic` chosen by parameters."""
+    p: GeneralizedParams = inp.params  # type: ignore[assignment]
+    return _gta(inp, "generalized", sparsify=tuple(p.sparsify), consensus=p.consensus, normalize=p.normalize,
+                lam=p.lam, rescale=p.rescale)
+
+
+def layer_of(name: str) -> str:
+    """The layer (module) a tensor belongs to: its name without the last component (``x.weight`` -> ``x``)."""
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def _task_norms(inp: MergeInputs) -> list[float]:
+    base = inp.need_base("metagpt")
+    return [ops.squared_norm(t.float() - base.float()) for t in inp.tensors]
+
+
+def _metagpt_finalize(stats: dict[str, list[float]], params: MetaGPTParams) -> dict[str, list[float]]:
+    groups: dict[str, list[float]] = {}
+    for name, norms in stats.items():
+        key = layer_of(name) if params.scope == "layer" else ""
+        acc = groups.setdefault(key, [0.0] * len(norms))
+        for k, v in enumerate(norms):
+            acc[k] += v
+    coef = {}
+    for name in stats:
+        norms = groups[layer_of(name) if params.scope == "layer" else ""]
+        total = sum(norms)
+        coef[name] = [v / total for v in norms] if total > 0 else [1.0 / len(norms)] * len(norms)
+    return coef
+
+
+@METHODS.register("metagpt", params=MetaGPTParams,
+                  summary="task arithmetic with closed-form lambda_k = ||tau_k||^2 / sum_j ||tau_j||^2",
+                  paper="Zhou et al. 2024, MetaGPT: Merging LLMs Using Model Exclusive Task Arithmetic",
+                  kind="data-free", per_model=(), order_invariant=True, uses_weights=False, needs_base=True,
+                  stats=_task_norms, finalize=_metagpt_finalize, identity=lambda k: {})
+def metagpt(inp: MergeInputs) -> Tensor:
+    """MetaGPT (Zhou et al. 2024): ``base + sum_k lambda_k tau_k`` with the closed-form coefficients
+    ``lambda_k = ||tau_k||^2 / sum_j ||tau_j||^2`` that minimise the paper's upper bound on the average
+    loss gap, per layer (``scope: layer``) or over the whole model (``scope: model``)."""
+    base = inp.need_base("metagpt")
+    coef = inp.stats
+    return ops.generalized_task_arithmetic(base, inp.tensors, coef, consume=inp.consume)
+
+
+def _lwptv_stats(inp: MergeInputs) -> list[float]:
+    base = inp.need_base("lwptv")
+    return [ops.squared_norm(t.float() - base.float()) for t in inp.tensors] + [float(base.numel())]
+
+
+def lwptv_saliency(stats: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Per layer and model: the mean squared task-vector entry of the layer divided by that model's mean
+    over layers (1 = an average layer of that task vector, near 0 = a layer the fine-tuning barely moved)."""
+    layers: dict[str, list[float]] = {}
+    for name, v in stats.items():
+        acc = layers.setdefault(layer_of(name), [0.0] * len(v))
+        for k, x in enumerate(v):
+            acc[k] += x
+    ms = {layer: [x / max(v[-1], 1.0) for x in v[:-1]] for layer, v in layers.items()}
+    k = len(next(iter(ms.values()), []))
+    mean = [sum(v[j] for v in ms.values()) / max(len(ms), 1) for j in range(k)]
+    return {layer: [v[j] / mean[j] if mean[j] > 0 else 0.0 for j in range(k)] for layer, v in ms.items()}
+
+
+def _lwptv_finalize(stats: dict[str, list[float]], params: LwPTVParams) -> dict[str, list[bool]]:
+    sal = lwptv_saliency(stats)
+    return {name: [s >= params.threshold for s in sal[layer_of(name)]] for name in stats}
+
+
+def _lwptv_base(params: LwPTVParams) -> tuple[Any, BaseModel]:
+    entry = METHODS.get(params.base_method)
+    if entry.extra.get("kind") != "data-free" or "stats" in entry.extra or entry.name == "lwptv":
+        raise ConfigError(f"lwptv: base_method {params.base_method!r} must be a single-pass data-free method "
+                          "(e.g. task_arithmetic, ties, dare, breadcrumbs)")
+    return entry, METHODS.params_for(entry.name, params.base_params, "params.base_params")
+
+
+@METHODS.register("lwptv", params=LwPTVParams,
+                  summary="prune each model's task vector at layers of low saliency, then merge with base_method",
+                  paper="Zhang et al. 2025, Merging Smarter, Generalizing Better: Enhancing Model Merging on OOD "
+                        "Data (LwPTV)", kind="data-free", per_model=("density", "drop_rate", "gamma"),
+                  order_invariant=True, uses_weights=True, needs_base=True, stats=_lwptv_stats,
+                  finalize=_lwptv_finalize, identity=lambda k: {"threshold": 0.0,
+                                                               "base_params": {"lambda": 1.0 / k}})
+def lwptv(inp: MergeInputs) -> Tensor:
+    """LwPTV (Zhang et al. 2025): a mask per model over layers, from a saliency score of each layer of its
+    task vector; a masked layer keeps the pre-trained weights for that model (its task vector is dropped
+    there), then the remaining task vectors are merged by ``base_method``. Plug-in for any data-free method.
+
+    Saliency (our reading, see :func:`lwptv_saliency`): the layer's mean squared task-vector entry relative
+    to the model's average over layers; layers below ``threshold`` are pruned.
+    """
+    p: LwPTVParams = inp.params  # type: ignore[assignment]
+    base = inp.need_base("lwptv")
+    entry, bp = _lwptv_base(p)
+    keep = inp.stats
+    tensors = [t if keep[k] else ops.own(base, False) for k, t in enumerate(inp.tensors)]
+    sub = MergeInputs(inp.name, base, tensors, inp.weights, bp, inp.model_params, inp.seed, None, inp.consume)
+    return entry.build(sub)
+
+
+def model_params_for(method: str, params: BaseModel, overrides: Sequence[dict[str, Any]]) -> list[BaseModel]:
+    """Each model's effective parameters: the shared ``params`` with that model's overrides of per-model keys."""
+    entry = METHODS.get(method)
+    if method == "lwptv":  # its models carry the parameters of the method it wraps
+        base_entry, base_params = _lwptv_base(params)  # type: ignore[arg-type]
+        return model_params_for(base_entry.name, base_params, overrides)
+    allowed = set(entry.extra.get("per_model", ()))
+    out = []
+    for i, ov in enumerate(overrides):
+        bad = [k for k in ov if k not in allowed]
+        if bad:
+            why = f"per-model keys of {method}: {', '.join(sorted(allowed))}" if allowed else \
+                f"{method} has no per-model parameters"
+            raise ConfigError(f"models.{i}.params: {bad[0]!r} cannot be set per model ({why})")
+        if not ov:
+            out.append(params)
+            continue
+        out.append(METHODS.params_for(method, {**params.model_dump(by_alias=True), **ov}, f"models.{i}.params"))
+    return out
+
+
+def merge_tensors(method: str, base: Tensor | None, tensors: Sequence[Tensor], params: dict[str, Any] | BaseModel |
+                  None = None, weights: Sequence[float] | None = None, *, name: str = "tensor", seed: int = 0,
+                  model_params: Sequence[dict[str, Any]] | None = None) -> Tensor:
+    """Merge one tensor with a data-free method (pure: the inputs are not modified).
+
+    A two-pass method gets its statistics from this tensor alone (as if the model had one tensor).
+    """
+    entry = METHODS.get(method)
+    if entry.extra.get("kind") != "data-free":
+        raise ConfigError(f"method {method!r} is data-driven: it needs models and data (see merge_experiment)")
+    p = METHODS.params_for(method, params, "params")
+    mp = model_params_for(method, p, model_params or [{}] * len(tensors))
+    w = [1.0] * len(tensors) if weights is None else [float(x) for x in weights]
+    inp = MergeInputs(name, base, list(tensors), w, p, mp, seed)
+    if "stats" in entry.extra:
+        inp.stats = entry.extra["finalize"]({name: entry.extra["stats"](inp)}, p)[name]
+    return entry.build(inp)

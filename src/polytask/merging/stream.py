@@ -1,0 +1,421 @@
+"""The streaming merge: for each tensor name, read it from every input, merge, write, free.
+
+Whole models are never held: the peak is the current tensor from each of the N+1 inputs, the merge's
+chunked workspace, and (when ``prefetch`` allows) the next tensors being read in the background. Every
+check that can be made from the headers (missing tensors, shapes, dtypes, vocabulary sizes) runs before
+any output exists; a failure later (a corrupt byte range, a NaN with ``check_finite``) removes the
+partial output, so a failed merge leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+import polytask
+from polytask.errors import CheckpointError, ConfigError, DataError
+from polytask.merging.checkpoint import Checkpoint, iter_config_files, open_checkpoint
+from polytask.merging.methods import METHODS, MergeInputs, model_params_for
+from polytask.merging.tensorfile import itemsize
+from polytask.merging.writer import ShardedWriter, parse_size
+
+OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+              "float64": torch.float64}
+
+
+class MergeOptions(BaseModel):
+    """How inputs are read and checked (independent of the method)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allow_pickle: bool = Field(False, description="load .bin/.pt inputs with torch.load(weights_only=True)")
+    check_finite: bool = Field(False, description="fail on NaN or inf in any input tensor")
+    vocab: Literal["error", "shared"] = Field(
+        "error", description="inputs whose tensors differ only in the number of rows (vocabulary): fail, or "
+        "merge only the rows they share (the output keeps the shared rows)")
+    seed: int = Field(0, description="seed of random methods (DARE); each tensor's stream is derived from it")
+    include: list[str] = Field(default_factory=list, description="regexes of tensor names to merge (default all)")
+    exclude: list[str] = Field(default_factory=list, description="regexes of tensor names copied from the base")
+    prefetch: int | str = Field("512MiB", description="bytes of upcoming tensors read ahead while merging, "
+                                "with writes behind it on another thread (0: the lean mode, one tensor name at a "
+                                "time: about N+1 tensors of that name in memory)")
+    threads: int = Field(0, ge=0, description="torch threads (0: leave as is)")
+    fsync: bool = Field(True, description="flush the output to disk before renaming it into place")
+    compute_dtype: Literal["float32", "float64"] = Field("float32", description="dtype the merge computes in")
+
+
+@dataclass
+class ModelInput:
+    """One model to merge: a checkpoint path, its weight and per-model parameter overrides."""
+
+    path: str
+    weight: float = 1.0
+    params: dict[str, Any] = field(default_factory=dict)
+    job: str = ""
+
+
+@dataclass
+class _Plan:
+    merged: list[str]
+    copied: list[str]
+    rows: dict[str, int]
+    out: dict[str, tuple[torch.dtype, tuple[int, ...]]]
+    input_bytes: int
+
+
+def _match(name: str, patterns: Sequence[str]) -> bool:
+    return any(re.search(p, name) for p in patterns)
+
+
+def _check_inputs(base: Checkpoint, models: Sequence[Checkpoint], opts: MergeOptions,
+                  out_dtype: torch.dtype | None) -> _Plan:
+    """Every check that the headers allow, before any tensor is read."""
+    names = base.names()
+    known = set(names)
+    selected = [n for n in names if (not opts.include or _match(n, opts.include)) and not _match(n, opts.exclude)]
+    for m in models:
+        own = m.names()
+        extra = [n for n in own if n not in known]
+        if extra:
+            raise CheckpointError(f"{m.meta(extra[0]).file}: tensor {extra[0]!r} is not in the base model {base.path}")
+        if m.relative:
+            continue
+        have = set(own)
+        for n in selected:
+            if n not in have:
+                raise CheckpointError(f"{m.path}: tensor {n!r} is missing (the base model {base.path} has it)")
+    relative_names = [set(m.names()) if m.relative else set() for m in models]
+    merged, copied, rows, out = [], [], {}, {}
+    input_bytes = 0
+    for n in names:
+        b = base.meta(n)
+        floating = b.dtype.is_floating_point
+        shape = b.shape
+        if n in selected:
+            for m, rel in zip(models, relative_names, strict=True):
+                if m.relative and n not in rel:
+                    continue
+                t = m.meta(n)
+                if t.dtype != b.dtype and not m.relative:
+                    raise CheckpointError(f"{t.file}: tensor {n!r} is {t.dtype}, but {b.file} has {b.dtype}; convert "
+                                          "the models to one dtype first")
+                if t.shape != b.shape:
+                    if len(t.shape) == len(b.shape) and t.shape[1:] == b.shape[1:] and len(b.shape) >= 1:
+                        if opts.vocab != "shared":
+                            raise CheckpointError(
+                                f"mismatched vocabulary sizes: tensor {n!r} has {t.shape[0]} rows in {t.file} but "
+                                f"{b.shape[0]} in {b.file}; set options.vocab: shared to merge only the shared rows")
+                        rows[n] = min(rows.get(n, b.shape[0]), t.shape[0])
+                    else:
+                        raise CheckpointError(f"{t.file}: tensor {n!r} has shape {list(t.shape)}, but {b.file} has "
+                                              f"{list(b.shape)}")
+            if n in rows:
+                shape = (rows[n], *b.shape[1:])
+            if floating:
+                merged.append(n)
+            else:
+                copied.append(n)
+        else:
+            copied.append(n)
+        dtype = out_dtype if (out_dtype is not None and floating) else b.dtype
+        out[n] = (dtype, tuple(shape))
+        input_bytes += _nbytes(b.dtype, b.shape)
+        if n in selected:
+            for m in models:
+                if not m.relative:
+                    input_bytes += _nbytes(b.dtype, m.meta(n).shape)
+    return _Plan(merged, copied, rows, out, input_bytes)
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * itemsize(dtype)
+
+
+class _Prefetcher:
+    """Runs ``jobs`` in order on a background thread, ahead of the consumer while the bytes held (read and
+    not yet released) stay within ``budget``; one job always runs, however large."""
+
+    def __init__(self, jobs: list[tuple[int, Callable[[], Any]]], budget: int) -> None:
+        self.jobs, self.budget = jobs, budget
+        self.cond = threading.Condition()
+        self.results: dict[int, Any] = {}
+        self.held = 0
+        self.stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True, name="polytask-merge-reader")
+        self.thread.start()
+
+    def _run(self) -> None:
+        for i, (size, fn) in enumerate(self.jobs):
+            with self.cond:
+                while not self.stop and self.held > 0 and self.held + size > self.budget:
+                    self.cond.wait()
+                if self.stop:
+                    return
+                self.held += size
+            try:
+                result: Any = fn()
+            except BaseException as e:  # handed to the consumer, which raises it
+                result = e
+            with self.cond:
+                self.results[i] = result
+                self.cond.notify_all()
+            if isinstance(result, BaseException):
+                return
+
+    def get(self, i: int) -> Any:
+        with self.cond:
+            while i not in self.results:
+                self.cond.wait()
+            r = self.results.pop(i)
+        if isinstance(r, BaseException):
+            raise r
+        return r
+
+    def release(self, size: int) -> None:
+        with self.cond:
+            self.held -= size
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.stop = True
+            self.cond.notify_all()
+        self.thread.join()
+
+
+class _WriteBehind:
+    """Writes merged tensors on a background thread while the next ones are merged (at most one waits)."""
+
+    def __init__(self, writer: ShardedWriter) -> None:
+        self.writer = writer
+        self.queue: queue.Queue[tuple[str, Tensor] | None] = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True, name="polytask-merge-writer")
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.writer.write(*item)
+                except BaseException as e:  # raised in the merging thread
+                    self.error = e
+
+    def put(self, name: str, tensor: Tensor) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((name, tensor))
+
+    def close(self) -> None:
+        """Wait for every queued write; raise the first write error."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+class _WriteNow:
+    """Writes each merged tensor before the next is read (``prefetch: 0``, the lean mode)."""
+
+    def __init__(self, writer: ShardedWriter) -> None:
+        self.writer = writer
+
+    def put(self, name: str, tensor: Tensor) -> None:
+        self.writer.write(name, tensor)
+
+    def close(self) -> None:
+        """Nothing is pending."""
+
+
+def _open_all(base: str | os.PathLike[str] | Checkpoint, models: Sequence[ModelInput | str | os.PathLike[str]],
+              opts: MergeOptions, base_job: str = "") -> tuple[Checkpoint, list[Checkpoint], list[ModelInput]]:
+    specs = [m if isinstance(m, ModelInput) else ModelInput(str(m)) for m in models]
+    if not specs:
+        raise ConfigError("models: give at least one model to merge")
+    b = base if isinstance(base, Checkpoint) else open_checkpoint(base, allow_pickle=opts.allow_pickle, job=base_job)
+    names = b.names()
+    ckpts = [open_checkpoint(s.path, allow_pickle=opts.allow_pickle, job=s.job, base_names=names) for s in specs]
+    return b, ckpts, specs
+
+
+def merge_checkpoints(
+    base: str | os.PathLike[str] | Checkpoint,
+    models: Sequence[ModelInput | str | os.PathLike[str]],
+    method: str,
+    output: str | os.PathLike[str],
+    params: dict[str, Any] | BaseModel | None = None,
+    *,
+    options: MergeOptions | dict[str, Any] | None = None,
+    shard_size: int | str = "2GB",
+    out_dtype: str = "auto",
+    copy_files: bool = True,
+    overwrite: bool = False,
+    base_job: str = "",
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Merge checkpoints tensor by tensor with a data-free method; write sharded safetensors to ``output``.
+
+    Returns a summary (tensors merged/copied, bytes read/written, seconds). Raises CheckpointError or
+    ConfigError naming the file and tensor on bad input, leaving no output.
+    """
+    t0 = time.perf_counter()
+    opts = options if isinstance(options, MergeOptions) else MergeOptions.model_validate(options or {})
+    entry = METHODS.get(method)
+    if entry.extra.get("kind") != "data-free":
+        raise ConfigError(f"method {method!r} is data-driven: it needs models polytask can run and their data; "
+                          "use a suite experiment (polytask merge with a 'suite:' config)")
+    p = METHODS.params_for(method, params, "params")
+    if out_dtype != "auto" and out_dtype not in OUT_DTYPES:
+        raise ConfigError(f"output.dtype {out_dtype!r}: expected auto or one of {', '.join(OUT_DTYPES)}")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    b, ckpts, specs = _open_all(base, models, opts, base_job)
+    try:
+        mp = model_params_for(method, p, [s.params for s in specs])
+        weights = [float(s.weight) for s in specs]
+        if not entry.extra.get("uses_weights", True) and any(w != 1 for w in weights):
+            raise ConfigError(f"method {method!r} computes its own coefficients; remove the models' weight")
+        plan = _check_inputs(b, ckpts, opts, OUT_DTYPES.get(out_dtype))
+        compute = OUT_DTYPES[opts.compute_dtype]
+        check = opts.check_finite
+
+        def load(name: str) -> tuple[Tensor, list[Tensor]]:
+            bt = b.load(name)
+            ts = [m.load(name, base=bt) for m in ckpts]
+            rows = plan.rows.get(name)
+            if rows is not None:
+                bt, ts = bt[:rows], [t[:rows] for t in ts]
+            if check:
+                for src, t in zip([b, *ckpts], [bt, *ts], strict=True):
+                    if not bool(torch.isfinite(t).all()):
+                        file = src.meta(name).file if name in src else src.path
+                        raise DataError(f"{file}: tensor {name!r} contains NaN or inf values")
+            return bt.to(compute), [t.to(compute) for t in ts]
+
+        stats: dict[str, Any] = {}
+        passes = 1
+        if "stats" in entry.extra:
+            passes = 2
+            raw = {}
+            for name in plan.merged:
+                bt, ts = load(name)
+                raw[name] = entry.extra["stats"](MergeInputs(name, bt, ts, weights, p, mp, opts.seed))
+            stats = entry.extra["finalize"](raw, p)
+        sizes = {n: _nbytes(compute, plan.out[n][1]) * (len(ckpts) + 2) for n in plan.out}
+        meta = {"format": "pt", "polytask_merge_method": method}
+        written = 0
+        with ShardedWriter(output, [(n, *plan.out[n]) for n in plan.out], parse_size(shard_size), meta,
+                           overwrite=overwrite, fsync=opts.fsync) as writer:
+            merged = set(plan.merged)
+            jobs = [(sizes[n], (lambda n=n: load(n)) if n in merged else (lambda n=n: b.load(n))) for n in plan.out]
+            budget = parse_size(opts.prefetch)
+            pf = _Prefetcher(jobs, budget)
+            writes = _WriteBehind(writer) if budget > 0 else _WriteNow(writer)
+            try:
+                for i, name in enumerate(plan.out):
+                    got = pf.get(i)
+                    if name in merged:
+                        bt, ts = got
+                        out = entry.build(MergeInputs(name, bt, ts, weights, p, mp, opts.seed, stats.get(name),
+                                                      consume=True))
+                        del bt, ts
+                    else:
+                        out = got[:plan.rows[name]] if name in plan.rows else got
+                    out = out.to(plan.out[name][0]).contiguous()
+                    writes.put(name, out)
+                    written += out.numel() * out.element_size()
+                    del out, got
+                    pf.release(jobs[i][0])
+                    if log is not None and (i + 1) % max(1, len(plan.out) // 10) == 0:
+                        log(f"merged {i + 1}/{len(plan.out)} tensors")
+            finally:
+                pf.close()
+                writes.close()
+            if copy_files and b.config_dir is not None:
+                for f in iter_config_files(b.config_dir):
+                    if f.name == "config.json" and plan.rows:
+                        writer.add_file(f.name, _shared_vocab_config(f, plan.rows))
+                    elif f.name != "polytask_merge.json":
+                        writer.copy_file(f)
+            summary = {
+                "method": method, "params": p.model_dump(mode="json", by_alias=True),
+                "base": str(b.path), "models": [{"path": s.path, "weight": s.weight, "params": s.params,
+                                                 **({"job": s.job} if s.job else {})} for s in specs],
+                "options": opts.model_dump(mode="json"), "tensors_merged": len(plan.merged),
+                "tensors_copied": len(plan.copied), "shared_rows": plan.rows, "shards": len(writer.files),
+                "polytask_version": polytask.__version__,
+            }
+            writer.add_file("polytask_merge.json", (json.dumps(summary, indent=2) + "\n").encode())
+            out_path = writer.commit()
+    finally:
+        for c in (b, *ckpts):
+            c.close()
+    return {**summary, "output": str(out_path), "passes": passes, "input_bytes": plan.input_bytes * passes,
+            "output_bytes": written, "seconds": time.perf_counter() - t0}
+
+
+def _shared_vocab_config(path: Path, rows: dict[str, int]) -> bytes:
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return path.read_bytes()
+    if isinstance(cfg, dict) and "vocab_size" in cfg and rows:
+        cfg["vocab_size"] = min(rows.values())
+    return (json.dumps(cfg, indent=2) + "\n").encode()
+
+
+def merge_state_dicts(method: str, base: dict[str, Tensor] | None, models: Sequence[dict[str, Tensor]],
+                      params: dict[str, Any] | BaseModel | None = None, weights: Sequence[float] | None = None,
+                      model_params: Sequence[dict[str, Any]] | None = None, seed: int = 0) -> dict[str, Tensor]:
+    """Merge in-memory state dicts with a data-free method (every floating tensor; others from the base).
+    Inputs are not modified."""
+    entry = METHODS.get(method)
+    if entry.extra.get("kind") != "data-free":
+        raise ConfigError(f"method {method!r} is data-driven; use polytask.merging.data_driven")
+    p = METHODS.params_for(method, params, "params")
+    mp = model_params_for(method, p, model_params or [{}] * len(models))
+    w = [1.0] * len(models) if weights is None else [float(x) for x in weights]
+    ref = base if base is not None else models[0]
+    for i, m in enumerate(models):
+        for name in ref:
+            if name not in m:
+                raise CheckpointError(f"model {i}: tensor {name!r} is missing")
+            if m[name].shape != ref[name].shape:
+                raise CheckpointError(f"model {i}: tensor {name!r} has shape {list(m[name].shape)}, expected "
+                                      f"{list(ref[name].shape)}")
+
+    def inputs(name: str) -> MergeInputs:
+        f32 = torch.float32
+        return MergeInputs(name, None if base is None else base[name].to(f32, copy=True),
+                           [m[name].to(f32, copy=True) for m in models], w, p, mp, seed)
+
+    names = [n for n in ref if ref[n].is_floating_point()]
+    stats: dict[str, Any] = {}
+    if "stats" in entry.extra:
+        stats = entry.extra["finalize"]({n: entry.extra["stats"](inputs(n)) for n in names}, p)
+    out = {}
+    for name, t in ref.items():
+        if name in names:
+            inp = inputs(name)
+            inp.stats = stats.get(name)
+            inp.consume = True
+            out[name] = entry.build(inp).to(t.dtype)
+        else:
+            out[name] = t.clone()
+    return out

@@ -1,0 +1,156 @@
+"""The safetensors format read and written tensor by tensor with plain file reads and writes.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header (name -> dtype, shape and
+byte offsets into the data that follows) and the raw little-endian tensor bytes. We read one tensor with
+``preadv`` into a fresh buffer instead of mapping the file: a memory map keeps every page it touched
+resident (and counted in the process's memory) until it is closed, so reading a whole model through one
+map would hold the whole model. Writing goes the other way: the header of a shard is computed from the
+shapes known in advance, so each tensor is written at its final offset as soon as it exists, and no
+shard is ever held in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from polytask.errors import CheckpointError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
+                     ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        DTYPES[_name] = getattr(torch, _attr)
+CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+MAX_HEADER = 100 * 1024 * 1024
+_MAX_IO = 1 << 30  # bytes per read/write call (Linux caps one call near 2 GiB)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, dtype, shape and absolute byte range in the file."""
+
+    name: str
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The tensors of a safetensors file (in file order) and its string metadata, after checking that
+    the header is well formed and that every tensor's bytes lie inside the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes, no header)")
+            n = int.from_bytes(head, "little")
+            if n > MAX_HEADER or 8 + n > size:
+                raise CheckpointError(f"{path}: truncated or not a safetensors file (header of {n} bytes "
+                                      f"announced, file has {size} bytes)")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    meta = header.pop("__metadata__", None) or {}
+    base = 8 + n
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            code, shape, (start, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}: {entry!r}") from None
+        if code not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {code}, which polytask cannot read "
+                                  f"(known: {', '.join(DTYPES)})")
+        dtype = DTYPES[code]
+        if any(d < 0 for d in shape) or not (0 <= start <= end):
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}: {entry!r}")
+        if end - start != math.prod(shape) * itemsize(dtype):
+            raise CheckpointError(f"{path}: tensor {name!r} has {end - start} bytes but shape {list(shape)} of "
+                                  f"{code} needs {math.prod(shape) * itemsize(dtype)}")
+        if base + end > size:
+            raise CheckpointError(f"{path}: truncated file: tensor {name!r} needs bytes up to {base + end}, "
+                                  f"the file has {size}")
+        infos[name] = TensorInfo(name, path, dtype, shape, base + start, base + end)
+    order = sorted(infos.values(), key=lambda i: i.start)
+    return {i.name: i for i in order}, {str(k): str(v) for k, v in meta.items()}
+
+
+def read_tensor(fd: int, info: TensorInfo) -> Tensor:
+    """Read one tensor's bytes from the open file ``fd`` into a new tensor (no memory map)."""
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    if info.nbytes:
+        view = memoryview(buf.numpy())
+        done = 0
+        while done < info.nbytes:
+            try:
+                got = os.preadv(fd, [view[done:done + _MAX_IO]], info.start + done)
+            except OSError as e:
+                raise CheckpointError(f"{info.path}: cannot read tensor {info.name!r}: {e}") from None
+            if got <= 0:
+                raise CheckpointError(f"{info.path}: truncated file while reading tensor {info.name!r}")
+            done += got
+    return buf.view(info.dtype).reshape(info.shape)
+
+
+def tensor_bytes(t: Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, without a copy."""
+    flat = t.contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def write_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:done + _MAX_IO], offset + done)
+
+
+def build_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The bytes that open a safetensors file holding ``entries`` in this order (length prefix and JSON
+    padded with spaces to 8 bytes), and each tensor's absolute byte range in that file."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    rel: dict[str, tuple[int, int]] = {}
+    for name, dtype, shape in entries:
+        n = math.prod(shape) * itemsize(dtype)
+        header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        rel[name] = (offset, offset + n)
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    start = 8 + len(text)
+    return len(text).to_bytes(8, "little") + text, {k: (s + start, e + start) for k, (s, e) in rel.items()}

@@ -1,0 +1,268 @@
+"""Checkpoints in and out: layouts, sharding, atomicity, bad input, pickle, PEFT LoRA."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from polytask.errors import CheckpointError, ConfigError, DataError
+from polytask.merging import ModelInput, merge_checkpoints, merge_state_dicts, open_checkpoint
+from polytask.merging.writer import ShardedWriter, parse_size
+
+
+def _read_dir(path):
+    with open_checkpoint(path) as c:
+        return {n: c.load(n) for n in c.names()}
+
+
+def _expected(method, base, models, params=None, weights=None):
+    return merge_state_dicts(method, base, models, params, weights)
+
+
+@pytest.mark.parametrize("layout", ["file", "hf", "sharded"])
+def test_merge_reads_every_layout_and_matches_the_in_memory_merge(make_family, tmp_path, layout):
+    base_path, paths, base, models = make_family(3, layout)
+    out = tmp_path / "out"
+    summary = merge_checkpoints(base_path, [ModelInput(str(p), w) for p, w in zip(paths, [1, 0.5, 2], strict=True)],
+                                "ties", out, {"density": 0.5, "lambda": 0.7}, options={"fsync": False})
+    got = _read_dir(out)
+    want = _expected("ties", base, models, {"density": 0.5, "lambda": 0.7}, [1, 0.5, 2])
+    assert set(got) == set(want)
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+    assert summary["tensors_merged"] == 4 and summary["tensors_copied"] == 1  # position_ids is copied
+    if layout != "file":  # config and tokenizer files travel with the weights
+        assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= {f.name for f in out.iterdir()}
+    assert json.loads((out / "polytask_merge.json").read_text())["method"] == "ties"
+
+
+def test_sharded_output_round_trip_with_index(make_family, tmp_path):
+    base_path, paths, base, models = make_family(2, "hf")
+    out = tmp_path / "out"
+    merge_checkpoints(base_path, [str(p) for p in paths], "task_arithmetic", out, {"lambda": 0.5},
+                      shard_size=200, options={"fsync": False})
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((out / s).is_file() for s in shards)
+    want = _expected("task_arithmetic", base, models, {"lambda": 0.5})
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in want.values())
+    for name, shard in index["weight_map"].items():  # each shard is a valid safetensors file for the library
+        with safe_open(out / shard, "pt") as f:
+            assert torch.equal(f.get_tensor(name), want[name])
+    assert set(index["weight_map"]) == set(want)
+
+
+def test_writer_leaves_nothing_behind_on_failure(tmp_path):
+    out = tmp_path / "out"
+    entries = [("a", torch.float32, (2,)), ("b", torch.float32, (3,))]
+    with pytest.raises(RuntimeError), ShardedWriter(out, entries, 100) as w:
+        w.write("a", torch.ones(2))
+        raise RuntimeError("boom")
+    assert not out.exists() and os.listdir(tmp_path) == []
+    with ShardedWriter(out, entries, 100) as w:
+        w.write("b", torch.ones(3))
+        with pytest.raises(CheckpointError, match="'a' was never written"):
+            w.commit()
+
+
+def test_existing_output_is_kept_unless_overwrite(make_family, tmp_path):
+    base_path, paths, *_ = make_family(1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="already exists"):
+        merge_checkpoints(base_path, [str(paths[0])], "task_arithmetic", out)
+    assert (out / "keep.txt").read_text() == "mine"
+    merge_checkpoints(base_path, [str(paths[0])], "task_arithmetic", out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def _no_output(tmp_path):
+    return not any(p.name.startswith(("out", ".out")) for p in tmp_path.iterdir())
+
+
+def test_shape_mismatch_names_file_and_tensor(make_family, tmp_path, write_state):
+    base_path, paths, _base, models = make_family(2)
+    bad = dict(models[1])
+    bad["layer.0.linear.weight"] = torch.zeros(6, 5)
+    bad_path = write_state(tmp_path / "bad", bad)
+    with pytest.raises(CheckpointError, match=r"bad\.safetensors: tensor 'layer\.0\.linear\.weight' has shape"):
+        merge_checkpoints(base_path, [str(paths[0]), str(bad_path)], "ties", tmp_path / "out")
+    assert _no_output(tmp_path)
+
+
+def test_dtype_mismatch_names_file_and_tensor(make_family, tmp_path, write_state):
+    base_path, _paths, _base, models = make_family(1)
+    bad = {**models[0], "layer.1.linear.weight": models[0]["layer.1.linear.weight"].half()}
+    bad_path = write_state(tmp_path / "bad", bad)
+    with pytest.raises(CheckpointError, match=r"bad\.safetensors: tensor 'layer\.1\.linear\.weight' is torch\.float16"):
+        merge_checkpoints(base_path, [str(bad_path)], "task_arithmetic", tmp_path / "out")
+    assert _no_output(tmp_path)
+
+
+def test_missing_and_extra_tensors_name_file_and_tensor(make_family, tmp_path, write_state):
+    base_path, _paths, _base, models = make_family(1)
+    missing = {k: v for k, v in models[0].items() if k != "layer.0.linear.bias"}
+    p = write_state(tmp_path / "missing", missing)
+    with pytest.raises(CheckpointError, match=r"missing\.safetensors: tensor 'layer\.0\.linear\.bias' is missing"):
+        merge_checkpoints(base_path, [str(p)], "task_arithmetic", tmp_path / "out")
+    extra = {**models[0], "surprise": torch.zeros(2)}
+    p = write_state(tmp_path / "extra", extra)
+    with pytest.raises(CheckpointError, match=r"extra\.safetensors: tensor 'surprise' is not in the base"):
+        merge_checkpoints(base_path, [str(p)], "task_arithmetic", tmp_path / "out")
+    assert _no_output(tmp_path)
+
+
+def test_truncated_and_corrupt_files_are_clear_errors(make_family, tmp_path):
+    base_path, paths, *_ = make_family(1)
+    data = paths[0].read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[:-10])
+    with pytest.raises(CheckpointError, match=r"truncated\.safetensors: truncated file: tensor '.+' needs bytes"):
+        merge_checkpoints(base_path, [str(truncated)], "task_arithmetic", tmp_path / "out")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(data[:8] + b"{not json" + data[17:])
+    with pytest.raises(CheckpointError, match=r"corrupt\.safetensors: corrupt safetensors header"):
+        merge_checkpoints(base_path, [str(corrupt)], "task_arithmetic", tmp_path / "out")
+    tiny = tmp_path / "tiny.safetensors"
+    tiny.write_bytes(b"\x01\x02")
+    with pytest.raises(CheckpointError, match=r"tiny\.safetensors: not a safetensors file"):
+        open_checkpoint(tiny)
+    assert _no_output(tmp_path)
+
+
+def test_nan_check_is_opt_in_and_removes_partial_output(make_family, tmp_path, write_state):
+    base_path, _paths, _base, models = make_family(1)
+    nan = dict(models[0])
+    nan["layer.1.linear.weight"] = nan["layer.1.linear.weight"].clone()
+    nan["layer.1.linear.weight"][2, 3] = float("nan")
+    p = write_state(tmp_path / "nan", nan)
+    with pytest.raises(DataError, match=r"nan\.safetensors: tensor 'layer\.1\.linear\.weight' contains NaN or inf"):
+        merge_checkpoints(base_path, [str(p)], "task_arithmetic", tmp_path / "out", options={"check_finite": True},
+                          shard_size=50)
+    assert _no_output(tmp_path)
+    merge_checkpoints(base_path, [str(p)], "task_arithmetic", tmp_path / "out")  # off: merged as given
+    assert torch.isnan(_read_dir(tmp_path / "out")["layer.1.linear.weight"]).any()
+
+
+def test_vocabulary_mismatch_fails_or_merges_shared_rows(make_family, tmp_path, write_state):
+    base_path, paths, base, models = make_family(2, "hf")
+    bigger = {**models[1], "embed.weight": torch.cat([models[1]["embed.weight"], torch.ones(3, 6)])}
+    p = write_state(tmp_path / "bigger", bigger, "hf")
+    with pytest.raises(CheckpointError, match=r"mismatched vocabulary sizes: tensor 'embed\.weight' has 15 rows"):
+        merge_checkpoints(base_path, [str(paths[0]), str(p)], "task_arithmetic", tmp_path / "out")
+    assert _no_output(tmp_path)
+    merge_checkpoints(base_path, [str(paths[0]), str(p)], "task_arithmetic", tmp_path / "out",
+                      options={"vocab": "shared"})
+    got = _read_dir(tmp_path / "out")
+    want = _expected("task_arithmetic", base, [models[0], models[1]])
+    assert torch.equal(got["embed.weight"], want["embed.weight"]) and got["embed.weight"].shape[0] == 12
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 12
+
+
+def test_pickle_is_refused_unless_allowed_then_loaded_weights_only(make_family, tmp_path):
+    base_path, _paths, _base, models = make_family(1)
+    pt = tmp_path / "model.bin"
+    torch.save(models[0], pt)
+    with pytest.raises(CheckpointError, match=r"model\.bin is a pickle-based file.*allow_pickle"):
+        merge_checkpoints(base_path, [str(pt)], "task_arithmetic", tmp_path / "out")
+    merge_checkpoints(base_path, [str(pt)], "task_arithmetic", tmp_path / "out", options={"allow_pickle": True})
+    assert torch.equal(_read_dir(tmp_path / "out")["layer.0.linear.weight"], models[0]["layer.0.linear.weight"])
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"x": Evil()}, evil)
+    with pytest.raises(CheckpointError, match=r"evil\.pt.*weights_only=True"):
+        open_checkpoint(evil, allow_pickle=True)
+
+
+def _peft_dir(path, base, r=2, alpha=8, rslora=False, targets=("layer.0.linear", "layer.1.linear")):
+    g = torch.Generator().manual_seed(7)
+    path.mkdir()
+    tensors, want = {}, {}
+    scale = alpha / math.sqrt(r) if rslora else alpha / r
+    for t in targets:
+        w = base[f"{t}.weight"]
+        a, b = torch.randn(r, w.shape[1], generator=g), torch.randn(w.shape[0], r, generator=g)
+        tensors[f"base_model.model.{t}.lora_A.weight"] = a
+        tensors[f"base_model.model.{t}.lora_B.weight"] = b
+        want[f"{t}.weight"] = b @ a * scale
+    save_file(tensors, path / "adapter_model.safetensors")
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": alpha,
+                                                          "use_rslora": rslora, "target_modules": list(targets)}))
+    return path, want
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_peft_lora_task_vector_is_b_a_scale(make_family, tmp_path, rslora):
+    base_path, paths, base, models = make_family(1)
+    adapter, want = _peft_dir(tmp_path / "adapter", base, r=2, alpha=8, rslora=rslora)
+    lora = open_checkpoint(adapter, base_names=list(base))
+    for name, delta in want.items():
+        assert torch.allclose(lora.delta(name), delta, atol=1e-6)
+    assert lora.delta("embed.weight") is None
+    merge_checkpoints(base_path, [str(adapter)], "task_arithmetic", tmp_path / "out")
+    got = _read_dir(tmp_path / "out")
+    for name in base:
+        expect = base[name] + want[name] if name in want else base[name]
+        assert torch.allclose(got[name], expect, atol=1e-6), name
+    # a LoRA adapter merges with full models like any task vector
+    merge_checkpoints(base_path, [str(adapter), str(paths[0])], "ties", tmp_path / "out2", {"density": 1.0})
+    assert torch.allclose(_read_dir(tmp_path / "out2")["embed.weight"], models[0]["embed.weight"], atol=1e-6)
+
+
+def test_peft_adapter_for_unknown_module_is_an_error(make_family, tmp_path):
+    base_path, _paths, base, _models = make_family(1)
+    adapter, _ = _peft_dir(tmp_path / "adapter", {**base, "nope.weight": torch.zeros(3, 3)}, targets=("nope",))
+    with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors: adapter tensor for 'nope\.weight' "
+                                              "matches no tensors"):
+        merge_checkpoints(base_path, [str(adapter)], "task_arithmetic", tmp_path / "out")
+
+
+def test_polytask_job_and_run_directories(make_family, tmp_path):
+    base_path, _paths, _base, models = make_family(2)
+    run = tmp_path / "run"
+    (run / "jobs" / "stl__a").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")
+    save_file(models[0], run / "jobs" / "stl__a" / "best.safetensors")
+    with pytest.raises(CheckpointError, match=r"name the job.*stl__a"):
+        open_checkpoint(run)
+    assert torch.equal(open_checkpoint(run, job="stl/a").load("embed.weight"), models[0]["embed.weight"])
+    job_dir = run / "jobs" / "stl__a"
+    merge_checkpoints(base_path, [ModelInput(str(run), job="stl/a"), str(job_dir)], "average", tmp_path / "out")
+    assert torch.allclose(_read_dir(tmp_path / "out")["embed.weight"], models[0]["embed.weight"])
+
+
+def test_include_and_exclude_copy_tensors_from_the_base(make_family, tmp_path):
+    base_path, paths, base, models = make_family(1)
+    merge_checkpoints(base_path, [str(paths[0])], "task_arithmetic", tmp_path / "out",
+                      options={"exclude": [r"^embed\."]})
+    got = _read_dir(tmp_path / "out")
+    assert torch.equal(got["embed.weight"], base["embed.weight"])
+    assert torch.equal(got["layer.0.linear.weight"], models[0]["layer.0.linear.weight"])
+
+
+def test_output_dtype_and_parse_size(make_family, tmp_path):
+    base_path, paths, _base, _models = make_family(1)
+    merge_checkpoints(base_path, [str(paths[0])], "task_arithmetic", tmp_path / "out", out_dtype="bfloat16")
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert got["embed.weight"].dtype == torch.bfloat16 and got["position_ids"].dtype == torch.int64
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("500MiB") == 500 * 2**20 and parse_size(7) == 7
+    with pytest.raises(ConfigError):
+        parse_size("lots")
+
+
+def test_data_driven_method_on_checkpoints_is_a_clear_error(make_family, tmp_path):
+    base_path, paths, *_ = make_family(1)
+    with pytest.raises(ConfigError, match="data-driven"):
+        merge_checkpoints(base_path, [str(paths[0])], "fisher", tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"'density' cannot be set per model"):
+        merge_checkpoints(base_path, [ModelInput(str(paths[0]), params={"density": 0.5})], "task_arithmetic",
+                          tmp_path / "out")

@@ -1,0 +1,131 @@
+"""The shared parts of task-vector merging, against hand-computed values and slow references."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from polytask.merging import merge_state_dicts, merge_tensors, ops
+from polytask.merging.methods import lwptv_saliency
+
+floats = st.floats(-1e6, 1e6, allow_nan=False, width=32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(floats, min_size=1, max_size=300), st.data())
+def test_kth_largest_abs_matches_kthvalue(values, data):
+    t = torch.tensor(values, dtype=torch.float32)
+    k = data.draw(st.integers(1, len(values)))
+    assert ops.kth_largest_abs(t, k) == float(torch.kthvalue(t.abs(), len(values) - k + 1).values)
+
+
+def test_kth_largest_abs_over_several_chunks(monkeypatch):
+    monkeypatch.setattr(ops, "CHUNK", 1000)
+    t = torch.randn(10_007)
+    for k in (1, 17, 5000, 10_007):
+        assert ops.kth_largest_abs(t, k) == float(torch.kthvalue(t.abs(), 10_007 - k + 1).values)
+
+
+def test_magnitude_prune_keeps_the_top_density_entries():
+    tau = torch.tensor([0.1, -0.5, 0.3, -0.05, 0.9, 0.0, -0.2, 0.4, 0.01, -0.7])
+    out = ops.magnitude_prune(tau, 0.3)
+    assert out.tolist() == pytest.approx([0, -0.5, 0, 0, 0.9, 0, 0, 0, 0, -0.7])
+    assert tau[0] == pytest.approx(0.1)  # pure: input untouched
+    assert ops.magnitude_prune(tau, 0.01).count_nonzero() == 1  # k = max(1, int(density * n))
+    assert torch.equal(ops.magnitude_prune(tau, 1.0), tau)
+    assert ops.magnitude_prune(tau, 0.0).count_nonzero() == 0
+
+
+def test_magnitude_band_drops_outliers_and_smallest():
+    tau = torch.arange(1.0, 21.0) * torch.tensor([1.0, -1.0]).repeat(10)  # |tau| = 1..20
+    out = ops.magnitude_band(tau, density=0.5, gamma=0.1)  # keep 10, drop the 2 largest, so ranks 9..18
+    kept = sorted(int(v) for v in out.abs().tolist() if v)
+    assert kept == list(range(9, 19))
+
+
+def test_random_drop_is_seeded_and_unbiased():
+    tau = torch.ones(200_000)
+    a = ops.random_drop(tau, 0.75, torch.Generator().manual_seed(1))
+    b = ops.random_drop(tau, 0.75, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert set(a.unique().tolist()) == {0.0, 4.0}
+    assert a.mean().item() == pytest.approx(1.0, abs=0.02)
+    assert (a == 0).float().mean().item() == pytest.approx(0.75, abs=0.01)
+
+
+def test_ties_by_hand():
+    base = torch.zeros(4)
+    models = [torch.tensor([1.0, -2.0, 0.5, 0.0]), torch.tensor([3.0, 1.0, -0.5, 0.0]),
+              torch.tensor([-1.0, 1.0, -1.0, 0.0])]
+    # no trim; elected signs: +, +, -, + (0 -> +); disjoint means: (1+3)/2, (1+1)/2, (-0.5-1)/2, 0
+    out = merge_tensors("ties", base, models, {"density": 1.0})
+    assert out.tolist() == pytest.approx([2.0, 1.0, -0.75, 0.0])
+    # weights scale the vectors and the divisor: (1*1 + 2*3)/(1+2) for entry 0
+    out = merge_tensors("ties", base, models, {"density": 1.0}, weights=[1.0, 2.0, 1.0])
+    assert out[0].item() == pytest.approx(7 / 3)
+
+
+def test_task_arithmetic_adds_and_negates():
+    base = torch.tensor([1.0, 1.0])
+    a, b = torch.tensor([2.0, 1.0]), torch.tensor([1.0, 3.0])
+    assert merge_tensors("task_arithmetic", base, [a, b], {"lambda": 0.5}).tolist() == [1.5, 2.0]
+    assert merge_tensors("task_arithmetic", base, [a], weights=[-1.0]).tolist() == [0.0, 1.0]  # forgetting
+
+
+def test_dare_masks_depend_only_on_seed_name_and_position():
+    base = torch.zeros(1000)
+    models = [torch.ones(1000), 2 * torch.ones(1000)]
+    a = merge_tensors("dare", base, models, {"drop_rate": 0.5}, name="x", seed=3)
+    b = merge_tensors("dare", base, models, {"drop_rate": 0.5}, name="x", seed=3)
+    c = merge_tensors("dare", base, models, {"drop_rate": 0.5}, name="y", seed=3)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert set(a.unique().tolist()) <= {0.0, 2.0, 4.0, 6.0}
+
+
+def test_metagpt_coefficients_are_squared_norm_shares():
+    base = {"l.weight": torch.zeros(2), "l.bias": torch.zeros(1), "m.weight": torch.zeros(1)}
+    m1 = {"l.weight": torch.tensor([3.0, 0.0]), "l.bias": torch.tensor([0.0]), "m.weight": torch.tensor([1.0])}
+    m2 = {"l.weight": torch.tensor([0.0, 0.0]), "l.bias": torch.tensor([4.0]), "m.weight": torch.tensor([1.0])}
+    out = merge_state_dicts("metagpt", base, [m1, m2])  # layer l: norms 9 and 16 -> 9/25, 16/25
+    assert out["l.weight"].tolist() == pytest.approx([3 * 9 / 25, 0])
+    assert out["l.bias"].tolist() == pytest.approx([4 * 16 / 25])
+    assert out["m.weight"].tolist() == pytest.approx([1.0])  # 1/2 + 1/2
+    model = merge_state_dicts("metagpt", base, [m1, m2], {"scope": "model"})  # norms 10 and 17
+    assert model["l.weight"][0].item() == pytest.approx(3 * 10 / 27)
+
+
+def test_lwptv_prunes_layers_a_model_barely_changed():
+    stats = {"a.weight": [4.0, 1.0, 4.0], "b.weight": [0.04, 1.0, 4.0]}  # squared norms per model, then numel
+    sal = lwptv_saliency(stats)
+    assert sal["b"][0] == pytest.approx(0.02 / 1.01) and sal["a"][0] == pytest.approx(2 / 1.01)
+    assert sal["a"][1] == pytest.approx(1.0)
+    base = {"a.weight": torch.zeros(4), "b.weight": torch.zeros(4)}
+    m = {"a.weight": torch.ones(4), "b.weight": torch.full((4,), 0.1)}
+    out = merge_state_dicts("lwptv", base, [m], {"threshold": 0.5})
+    assert out["a.weight"].tolist() == [1.0] * 4 and out["b.weight"].tolist() == [0.0] * 4
+    assert merge_state_dicts("lwptv", base, [m], {"threshold": 0.0})["b.weight"][0].item() == pytest.approx(0.1)
+
+
+def test_generalized_composes_the_same_parts_as_the_named_methods():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(50, generator=g)
+    models = [base + torch.randn(50, generator=g) for _ in range(3)]
+    ties = merge_tensors("ties", base, models, {"density": 0.4, "lambda": 0.8})
+    gen = merge_tensors("generalized", base, models, {"sparsify": ["magnitude"], "consensus": True,
+                                                        "normalize": True, "density": 0.4, "lambda": 0.8})
+    assert torch.equal(ties, gen)
+    dare = merge_tensors("dare", base, models, {"drop_rate": 0.3}, name="n", seed=2)
+    gen = merge_tensors("generalized", base, models, {"sparsify": ["random"], "drop_rate": 0.3}, name="n", seed=2)
+    assert torch.equal(dare, gen)
+
+
+def test_large_tensors_are_merged_chunk_by_chunk_identically(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3000, generator=g)
+    models = [base + torch.randn(3000, generator=g) for _ in range(3)]
+    whole = merge_tensors("ties", base, models, {"density": 0.3})
+    monkeypatch.setattr(ops, "CHUNK", 256)
+    assert torch.equal(merge_tensors("ties", base, models, {"density": 0.3}), whole)
+    assert math.isfinite(float(whole.sum()))

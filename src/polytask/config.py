@@ -175,23 +175,30 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
             node = node[idx]
 
 
-def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or the default experiment), apply ``--set`` overrides, validate everything."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p}: the top level must be a mapping of keys")
-    else:
-        data = Config().model_dump()
+def read_yaml(path: str | os.PathLike[str], overrides: list[str] | None = None) -> dict[str, Any]:
+    """The mapping in a YAML config file with ``--set`` overrides applied; errors name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p}: the top level must be a mapping of keys")
     for assignment in overrides or []:
         apply_override(data, assignment)
+    return data
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the default experiment), apply ``--set`` overrides, validate everything."""
+    if path is not None:
+        data = read_yaml(path, overrides)
+    else:
+        data = Config().model_dump()
+        for assignment in overrides or []:
+            apply_override(data, assignment)
     config = validate_model(Config, data)
     assert isinstance(config, Config)
     return check(config)

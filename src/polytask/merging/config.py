@@ -24,10 +24,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from polytask.config import ModelConfig, SuiteConfig, TrainConfig, apply_override
+from polytask.config import ModelConfig, SuiteConfig, TrainConfig, read_yaml
 from polytask.errors import ConfigError
 from polytask.merging.methods import METHODS, model_params_for
 from polytask.merging.stream import MergeOptions
@@ -170,16 +169,7 @@ def load_merge_config(path: str | os.PathLike[str], overrides: list[str] | None 
     """Read a merge YAML (checkpoint merge, or experiment if it has ``suite``), apply ``--set`` overrides,
     validate everything; relative paths are taken relative to the config file."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {p}: the top level must be a mapping of keys")
-    for assignment in overrides or []:
-        apply_override(data, assignment)
+    data = read_yaml(p, overrides)
     if "suite" in data:
         exp = validate_model(ExperimentConfig, data)
         assert isinstance(exp, ExperimentConfig)

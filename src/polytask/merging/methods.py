@@ -348,6 +348,19 @@ def model_params_for(method: str, params: BaseModel, overrides: Sequence[dict[st
     return out
 
 
+def data_free_setup(method: str, params: dict[str, Any] | BaseModel | None, weights: Sequence[float] | None,
+                    model_params: Sequence[dict[str, Any]] | None, n: int
+                    ) -> tuple[Any, BaseModel, list[BaseModel], list[float]]:
+    """A data-free method's entry, validated parameters, per-model parameters and weights for n models."""
+    entry = METHODS.get(method)
+    if entry.extra.get("kind") != "data-free":
+        raise ConfigError(f"method {method!r} is data-driven: it needs models and data (see merge_experiment)")
+    p = METHODS.params_for(method, params, "params")
+    mp = model_params_for(method, p, model_params or [{}] * n)
+    w = [1.0] * n if weights is None else [float(x) for x in weights]
+    return entry, p, mp, w
+
+
 def merge_tensors(method: str, base: Tensor | None, tensors: Sequence[Tensor], params: dict[str, Any] | BaseModel |
                   None = None, weights: Sequence[float] | None = None, *, name: str = "tensor", seed: int = 0,
                   model_params: Sequence[dict[str, Any]] | None = None) -> Tensor:
@@ -355,12 +368,7 @@ def merge_tensors(method: str, base: Tensor | None, tensors: Sequence[Tensor], p
 
     A two-pass method gets its statistics from this tensor alone (as if the model had one tensor).
     """
-    entry = METHODS.get(method)
-    if entry.extra.get("kind") != "data-free":
-        raise ConfigError(f"method {method!r} is data-driven: it needs models and data (see merge_experiment)")
-    p = METHODS.params_for(method, params, "params")
-    mp = model_params_for(method, p, model_params or [{}] * len(tensors))
-    w = [1.0] * len(tensors) if weights is None else [float(x) for x in weights]
+    entry, p, mp, w = data_free_setup(method, params, weights, model_params, len(tensors))
     inp = MergeInputs(name, base, list(tensors), w, p, mp, seed)
     if "stats" in entry.extra:
         inp.stats = entry.extra["finalize"]({name: entry.extra["stats"](inp)}, p)[name]

@@ -27,7 +27,7 @@ from torch import Tensor
 import polytask
 from polytask.errors import CheckpointError, ConfigError, DataError
 from polytask.merging.checkpoint import Checkpoint, iter_config_files, open_checkpoint
-from polytask.merging.methods import METHODS, MergeInputs, model_params_for
+from polytask.merging.methods import METHODS, MergeInputs, data_free_setup, model_params_for
 from polytask.merging.tensorfile import itemsize
 from polytask.merging.writer import ShardedWriter, parse_size
 
@@ -385,12 +385,7 @@ def merge_state_dicts(method: str, base: dict[str, Tensor] | None, models: Seque
                       model_params: Sequence[dict[str, Any]] | None = None, seed: int = 0) -> dict[str, Tensor]:
     """Merge in-memory state dicts with a data-free method (every floating tensor; others from the base).
     Inputs are not modified."""
-    entry = METHODS.get(method)
-    if entry.extra.get("kind") != "data-free":
-        raise ConfigError(f"method {method!r} is data-driven; use polytask.merging.data_driven")
-    p = METHODS.params_for(method, params, "params")
-    mp = model_params_for(method, p, model_params or [{}] * len(models))
-    w = [1.0] * len(models) if weights is None else [float(x) for x in weights]
+    entry, p, mp, w = data_free_setup(method, params, weights, model_params, len(models))
     ref = base if base is not None else models[0]
     for i, m in enumerate(models):
         for name in ref:

@@ -59,6 +59,8 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(100, ge=0, description="also checkpoint every N steps (0: only each epoch)")
     threads: int = Field(1, ge=0, description="torch CPU threads (0: torch's default)")
     eval_batch_size: int = Field(1024, ge=1)
+    device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$",
+                        description="cpu, cuda, cuda:N, or auto (cuda when available)")
 
 
 class MethodConfig(_Strict):

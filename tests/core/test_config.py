@@ -86,3 +86,14 @@ def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "a: [1,\n"))
     assert isinstance(Config(), Config)
+
+
+def test_device_values():
+    from polytask.engine.loop import resolve_device
+
+    with pytest.raises(ConfigError, match=r"train.device: String should match"):
+        load_config(None, ["train.device=gpu"])
+    assert str(resolve_device(load_config(None, ["train.device=auto"]).train.device)) in ("cpu", "cuda")
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            resolve_device("cuda:0")

@@ -27,7 +27,7 @@ from polytask.engine import checkpoint, faults
 from polytask.engine.data import epoch_batches, permutation, steps_per_epoch
 from polytask.engine.progress import Reporter
 from polytask.engine.step import build_method, masked_loss, train_step
-from polytask.errors import CheckpointError
+from polytask.errors import CheckpointError, ConfigError
 from polytask.io import atomic_write_bytes
 from polytask.models import MultiTaskModel, build_model
 from polytask.relations.probes import ProbeSet
@@ -131,6 +131,15 @@ def load_matching(model: torch.nn.Module, path: str) -> list[str]:
     return sorted(matched)
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is cuda when available; asking for cuda without one is an error naming the key."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name!r} asked for, but torch sees no CUDA device (use cpu or auto)")
+    return torch.device(name)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -141,6 +150,7 @@ def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "python": random.getstate(),
     }
@@ -148,6 +158,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
+    if state.get("cuda"):
+        torch.cuda.set_rng_state_all(state["cuda"])
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     v, internal, gauss = state["python"]
@@ -186,14 +198,15 @@ def train_job(
     """
     reporter = reporter or Reporter(quiet=True)
     tasks = [suite.task(n) for n in job.tasks]
-    sub = suite.subset(job.tasks)
-    train, val = sub.splits["train"], sub.splits["val"]
     cfg = config.train
+    device = resolve_device(cfg.device)
+    splits = {s: [d.to(device) for d in srcs] for s, srcs in suite.subset(job.tasks).splits.items()}
+    train, val = splits["train"], splits["val"]
     seed = config.seed + job.seed_offset
 
     seed_everything(seed)
     model = build_model(tasks, suite.input_shape, config.model.backbone, config.model.backbone_params,
-                        config.model.architecture, config.model.architecture_params)
+                        config.model.architecture, config.model.architecture_params).to(device)
     if config.model.init_from:
         load_matching(model, config.model.init_from)
     opt = make_optimizer(model, config)
@@ -259,9 +272,9 @@ def train_job(
                 probes.on_step(pos["global_step"], model, opt, train, batches[pos["step"]], tasks)
             losses, weights, state["method"] = train_step(
                 model, method, state["method"], train, batches[pos["step"]], tasks, opt, ctx, task_losses)
-            acc["loss"] += losses.double()
+            acc["loss"] += losses.double().cpu()
             if weights is not None:
-                acc["weight"] += weights.double()
+                acc["weight"] += weights.double().cpu()
                 acc["nw"] += 1
             acc["n"] += 1
             pos["step"] += 1
@@ -296,9 +309,10 @@ def train_job(
     reporter.finish()
 
     model.load_state_dict(state["best"]["model"])
-    atomic_write_bytes(job_dir / BEST, st_save({k: v.contiguous() for k, v in model.state_dict().items()},
-                                               metadata={"job": job.id, "epoch": str(state["best"]["epoch"])}))
-    test_scores = evaluate(model, sub.splits["test"], tasks, cfg.eval_batch_size)
+    weights_cpu = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(job_dir / BEST, st_save(weights_cpu, metadata={"job": job.id,
+                                                                      "epoch": str(state["best"]["epoch"])}))
+    test_scores = evaluate(model, splits["test"], tasks, cfg.eval_batch_size)
     return {
         "job": job.id, "kind": job.kind, "method": job.method.name, "tasks": list(job.tasks),
         "best_epoch": state["best"]["epoch"], "val": state["best"]["val"], "test": test_scores,

@@ -52,10 +52,10 @@ def _logme_mixed(features: dict[str, torch.Tensor], labels: dict[str, torch.Tens
     names = suite.task_names
     m = np.zeros((len(names), len(names)))
     for j, target in enumerate(suite.tasks):
-        y = labels[target.name].numpy().astype(np.float64)
+        y = labels[target.name].cpu().numpy().astype(np.float64)
         ok = ~np.isnan(y)
         for i, source in enumerate(names):
-            m[i, j] = logme(features[source].numpy().astype(np.float64)[ok], y[ok], target.kind == "regression")
+            m[i, j] = logme(features[source].cpu().numpy().astype(np.float64)[ok], y[ok], target.kind == "regression")
     return AffinityMatrix(m, names, "logme", {"pairs": len(names) ** 2}, meta={"paper": "You et al. 2021, LogME"})
 
 

@@ -64,17 +64,17 @@ def _probe_affinities(config: Config, suite: TaskSuite, run_dir: Path, reporter:
             cost |= {"forward_passes": probes.calls[p.name], "backward_passes": probes.calls[p.name] * k}
         raw = p.result(probes.states[p.name])
         if p.name == "datamap":
-            atomic_write_bytes(run_dir / "datamap.safetensors", st_save({"features": raw.float().contiguous()},
+            atomic_write_bytes(run_dir / "datamap.safetensors", st_save({"features": raw.float().cpu().contiguous()},
                                                                         metadata={"tasks": ",".join(suite.task_names)}))
             cost["forward_passes"] = probes.calls[p.name]
             raw = _nan_corr(raw)
-        out[p.name] = AffinityMatrix(raw.numpy(), suite.task_names, p.name, cost)
+        out[p.name] = AffinityMatrix(raw.cpu().numpy(), suite.task_names, p.name, cost)
     return out
 
 
 def _nan_corr(features: torch.Tensor) -> torch.Tensor:
     """Pearson correlation between task feature rows over the samples both tasks label."""
-    f = features.double().numpy()
+    f = features.double().cpu().numpy()
     k = f.shape[0]
     out = np.eye(k)
     for i, j in itertools.combinations(range(k), 2):

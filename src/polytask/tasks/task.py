@@ -115,6 +115,10 @@ class TaskData:
     def __len__(self) -> int:
         return len(self.x)
 
+    def to(self, device: torch.device | str) -> TaskData:
+        """The same data on ``device`` (no copy when already there)."""
+        return TaskData(self.x.to(device), {k: v.to(device) for k, v in self.y.items()}, self.index)
+
     def take(self, rows: Tensor) -> TaskData:
         return TaskData(
             self.x[rows],

@@ -61,6 +61,7 @@ class TrainConfig(_Strict):
     eval_batch_size: int = Field(1024, ge=1)
     device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$",
                         description="cpu, cuda, cuda:N, or auto (cuda when available)")
+    deterministic: bool = Field(True, description="on CUDA, deterministic kernels (exact resume; slower)")
 
 
 class MethodConfig(_Strict):

@@ -8,6 +8,7 @@ never stopped, because batch order is a pure function of (seed, epoch, step) and
 
 from __future__ import annotations
 
+import os
 import random
 import time
 import zlib
@@ -131,12 +132,18 @@ def load_matching(model: torch.nn.Module, path: str) -> list[str]:
     return sorted(matched)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is cuda when available; asking for cuda without one is an error naming the key."""
+def resolve_device(name: str, deterministic: bool = True) -> torch.device:
+    """``auto`` is cuda when available; asking for cuda without one is an error naming the key. On CUDA,
+    ``deterministic`` selects deterministic kernels (cuDNN, cuBLAS workspace), so a resumed run is exact."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device: {name!r} asked for, but torch sees no CUDA device (use cpu or auto)")
+    if name.startswith("cuda") and deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
     return torch.device(name)
 
 
@@ -199,7 +206,7 @@ def train_job(
     reporter = reporter or Reporter(quiet=True)
     tasks = [suite.task(n) for n in job.tasks]
     cfg = config.train
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.deterministic)
     splits = {s: [d.to(device) for d in srcs] for s, srcs in suite.subset(job.tasks).splits.items()}
     train, val = splits["train"], splits["val"]
     seed = config.seed + job.seed_offset

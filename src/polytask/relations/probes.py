@@ -150,7 +150,7 @@ class GradCosine(Probe):
         g = gramian(batch.grads()[1])
         norms = g.diagonal().clamp_min(0).sqrt()
         cos = g / (norms[:, None] * norms[None, :]).clamp_min(torch.finfo(torch.float64).tiny)
-        return {"sum": state["sum"] + cos, "n": state["n"] + 1}
+        return {"sum": state["sum"] + cos.cpu(), "n": state["n"] + 1}
 
     def result(self, state: State) -> Tensor:
         return state["sum"] / max(state["n"], 1)
@@ -172,7 +172,7 @@ class Lookahead(Probe):
         shared = list(batch.model.shared_parameters())
         after = batch.losses_with(virtual_update(batch.opt, shared, blocks))  # row i: all losses after step i
         z = 1 - after.double() / before.double().clamp_min(1e-12)
-        return {"sum": state["sum"] + z, "n": state["n"] + 1}
+        return {"sum": state["sum"] + z.cpu(), "n": state["n"] + 1}
 
     def result(self, state: State) -> Tensor:
         return state["sum"] / max(state["n"], 1)
@@ -190,7 +190,7 @@ class DataMap(Probe):
     def epoch(self, state: State, model: MultiTaskModel, train: Sequence[TaskData], tasks: Sequence[Task]) -> State:
         if len(train) != 1:
             raise DataError("data maps need one shared input for every task (a multi-target suite)")
-        conf = confidences(model, train[0], tasks)
+        conf = confidences(model, train[0], tasks).cpu()
         if state["sum"] is None:
             return {"sum": conf.double(), "sumsq": conf.double() ** 2, "n": 1}
         return {"sum": state["sum"] + conf, "sumsq": state["sumsq"] + conf.double() ** 2, "n": state["n"] + 1}

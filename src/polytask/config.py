@@ -124,7 +124,12 @@ class Config(_Strict):
     @field_validator("methods", mode="before")
     @classmethod
     def _names_as_methods(cls, v: Any) -> Any:
-        return [{"name": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
+        return names_as_methods(v)
+
+
+def names_as_methods(v: Any) -> Any:
+    """Let a method list mix bare names and mappings: ``[equal, {name: static, ...}]``."""
+    return [{"name": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
 
 
 def check(config: Config) -> Config:

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from polytask.config import ModelConfig, SuiteConfig, TrainConfig, read_yaml
+from polytask.config import ModelConfig, SuiteConfig, TrainConfig, names_as_methods, read_yaml
 from polytask.errors import ConfigError
 from polytask.merging.methods import METHODS, model_params_for
 from polytask.merging.stream import MergeOptions
@@ -134,7 +134,7 @@ class ExperimentConfig(_Strict):
     @field_validator("methods", mode="before")
     @classmethod
     def _names_as_methods(cls, v: Any) -> Any:
-        return [{"name": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
+        return names_as_methods(v)
 
 
 

@@ -133,10 +133,8 @@ class Probe:
         raise NotImplementedError
 
 
-class GradCosine(Probe):
-    """Mean pairwise cosine similarity of the tasks' shared-parameter gradients over the probed steps."""
-
-    name = "grad_cosine"
+class AveragedProbe(Probe):
+    """A K x K matrix computed every ``every`` steps and averaged over the run (kept on the host)."""
 
     def __init__(self, every: int = 10) -> None:
         self.every = every
@@ -144,38 +142,39 @@ class GradCosine(Probe):
     def init(self, k: int) -> State:
         return {"sum": torch.zeros(k, k, dtype=torch.float64), "n": 0}
 
+    def matrix(self, batch: ProbeBatch) -> Tensor:
+        raise NotImplementedError
+
     def step(self, state: State, batch: ProbeBatch) -> State:
+        return {"sum": state["sum"] + self.matrix(batch).double().cpu(), "n": state["n"] + 1}
+
+    def result(self, state: State) -> Tensor:
+        return state["sum"] / max(state["n"], 1)
+
+
+class GradCosine(AveragedProbe):
+    """Pairwise cosine similarity of the tasks' shared-parameter gradients."""
+
+    name = "grad_cosine"
+
+    def matrix(self, batch: ProbeBatch) -> Tensor:
         from polytask.jacobian import gramian
 
         g = gramian(batch.grads()[1])
         norms = g.diagonal().clamp_min(0).sqrt()
-        cos = g / (norms[:, None] * norms[None, :]).clamp_min(torch.finfo(torch.float64).tiny)
-        return {"sum": state["sum"] + cos.cpu(), "n": state["n"] + 1}
-
-    def result(self, state: State) -> Tensor:
-        return state["sum"] / max(state["n"], 1)
+        return g / (norms[:, None] * norms[None, :]).clamp_min(torch.finfo(torch.float64).tiny)
 
 
-class Lookahead(Probe):
-    """TAG (Fifty et al. 2021, Eq. 3): Z(i->j) = 1 - L_j(θ_s - Δ_i) / L_j(θ_s), averaged over probed steps."""
+class Lookahead(AveragedProbe):
+    """TAG (Fifty et al. 2021, Eq. 3): Z(i->j) = 1 - L_j(θ_s - Δ_i) / L_j(θ_s)."""
 
     name = "lookahead"
 
-    def __init__(self, every: int = 10) -> None:
-        self.every = every
-
-    def init(self, k: int) -> State:
-        return {"sum": torch.zeros(k, k, dtype=torch.float64), "n": 0}
-
-    def step(self, state: State, batch: ProbeBatch) -> State:
+    def matrix(self, batch: ProbeBatch) -> Tensor:
         before, blocks = batch.grads()
         shared = list(batch.model.shared_parameters())
         after = batch.losses_with(virtual_update(batch.opt, shared, blocks))  # row i: all losses after step i
-        z = 1 - after.double() / before.double().clamp_min(1e-12)
-        return {"sum": state["sum"] + z.cpu(), "n": state["n"] + 1}
-
-    def result(self, state: State) -> Tensor:
-        return state["sum"] / max(state["n"], 1)
+        return 1 - after.double() / before.double().clamp_min(1e-12)
 
 
 class DataMap(Probe):

@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from polytask.errors import ConfigError, DataError
-from polytask.registry import Registry
+from polytask.registry import NoParams, Registry
 from polytask.relations.affinity import AffinityMatrix, _jsonable
 
 ScoreFn = Callable[[int, tuple[int, ...]], float]
@@ -766,10 +766,6 @@ class TagParams(BaseModel):
     singleton_score: float = Field(TAG_SINGLETON_SCORE, description="score of a task alone in its group")
 
 
-class NoScoreParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
 class ExactParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_group_size: int | None = Field(None, ge=1, description="largest group considered (default: all tasks)")
@@ -788,9 +784,9 @@ def _tag(params: TagParams, aff: AffinityMatrix) -> TagScore:
     return TagScore(aff, params.singleton_score)
 
 
-@GROUP_SCORES.register("hoa", params=NoScoreParams, summary="higher-order approximation from pairwise networks",
+@GROUP_SCORES.register("hoa", summary="higher-order approximation from pairwise networks",
                        paper="Standley et al. 2020, Which Tasks Should Be Learned Together in Multi-task Learning?")
-def _hoa(params: NoScoreParams, aff: AffinityMatrix) -> HoaScore:
+def _hoa(params: NoParams, aff: AffinityMatrix) -> HoaScore:
     return HoaScore(aff)
 
 

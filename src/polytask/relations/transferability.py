@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from polytask.errors import ConfigError, DataError
-from polytask.registry import Registry
+from polytask.registry import NoParams, Registry
 from polytask.relations.affinity import AffinityMatrix
 
 # --------------------------------------------------------------------------------------------------------------
@@ -247,10 +247,6 @@ class HScoreParams(BaseModel):
     shrinkage: float | Literal["ledoit-wolf"] = Field("ledoit-wolf", description="covariance shrinkage")
 
 
-class SourceParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
 class NCEParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     source: Literal["labels", "predictions"] = Field(
@@ -263,9 +259,9 @@ def _logme(params: LogMEParams, features: np.ndarray, labels: np.ndarray) -> flo
     return logme(features, labels, params.regression)
 
 
-@TRANSFERABILITY.register("leep", params=SourceParams, summary="log expected empirical prediction",
+@TRANSFERABILITY.register("leep", summary="log expected empirical prediction",
                           paper="Nguyen et al. 2020, LEEP", source="features")
-def _leep(params: SourceParams, probs: np.ndarray, labels: np.ndarray) -> float:
+def _leep(params: NoParams, probs: np.ndarray, labels: np.ndarray) -> float:
     return leep(probs, labels)
 
 

@@ -94,6 +94,13 @@ class RelateConfig(_Strict):
     every: int = Field(10, ge=1, description="probe every N steps of the joint run (lookahead, grad_cosine)")
     method: MethodConfig = Field(default_factory=lambda: MethodConfig(name="equal"),
                                  description="the joint training run the probes ride on")
+    lookahead_update: Literal["sgd", "optimizer"] = Field(
+        "sgd", description="lookahead step: sgd (TAG's paper: lr * task gradient, no optimiser state) or optimizer "
+        "(the run's optimiser rule with its momentum / Adam moments)")
+    lookahead_lr: float | None = Field(None, gt=0, description="lookahead sgd step size (default: the run's lr)")
+    logme_evidence: Literal["final", "official"] = Field(
+        "final", description="LogME evidence: final (exact at the returned alpha, beta) or official (as the "
+        "reference code: the last iteration's terms, no (D - rank) log alpha term)")
 
 
 class GroupConfig(_Strict):

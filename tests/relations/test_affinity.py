@@ -144,11 +144,48 @@ def test_heatmap_svg_is_self_contained_and_escaped(tmp_path):
     assert path.read_text() == svg
 
 
+def _cell_fills(svg):
+    ns = "{http://www.w3.org/2000/svg}"
+    root = ET.fromstring(svg)
+    return {r.find(f"{ns}title").text.split(":")[0]: r.get("fill") for r in root.iter(f"{ns}rect")
+            if r.find(f"{ns}title") is not None}
+
+
+def _luminance(fill):
+    r, g, b = (int(fill[i : i + 2], 16) / 255 for i in (1, 3, 5))
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
 def test_heatmap_flips_colours_for_losses():
     loss = aff(np.array([[0.0, 1.0], [3.0, 0.0]]), ["a", "b"], higher_is_better=False)
-    root = ET.fromstring(heatmap_svg(loss, title="losses"))
-    ns = "{http://www.w3.org/2000/svg}"
-    fills = {r.find(f"{ns}title").text.split(":")[0]: r.get("fill") for r in root.iter(f"{ns}rect")
-             if r.find(f"{ns}title") is not None}
-    big = fills["b → a"]  # the largest loss is the worst pair: blue
-    assert int(big[5:7], 16) > int(big[1:3], 16)
+    fills = _cell_fills(heatmap_svg(loss, title="losses"))
+    # all losses are one sign: a sequential scale, the best (smallest loss) darkest, the worst palest
+    assert _luminance(fills["a → b"]) < _luminance(fills["b → a"]) - 0.3
+
+
+def test_heatmap_has_a_colour_bar_in_the_matrix_units():
+    for m, hib in ((M, True), (np.array([[0.0, 1.0], [3.0, 0.0]]), False)):
+        a = aff(m, [f"t{i}" for i in range(len(m))], higher_is_better=hib)
+        root = ET.fromstring(heatmap_svg(a))
+        ns = "{http://www.w3.org/2000/svg}"
+        bars = [g for g in root.iter(f"{ns}g") if g.get("class") == "colorbar"]
+        assert len(bars) == 1
+        ticks = [float(t.text) for t in bars[0].iter(f"{ns}text")]
+        off = m[~np.eye(len(m), dtype=bool)]
+        off = off[np.isfinite(off)]
+        assert len(ticks) == 5 and len({_luminance(r.get("fill")) for r in bars[0].iter(f"{ns}rect")
+                                        if r.get("fill") != "none"}) > 10
+        if hib:  # diverging around 0: +-the largest magnitude, best at the top
+            assert ticks[0] == pytest.approx(np.abs(off).max(), rel=1e-2) and ticks[2] == 0.0
+        else:  # sequential over the values' range, best (smallest loss) at the top
+            assert ticks[0] == pytest.approx(off.min()) and ticks[-1] == pytest.approx(off.max())
+
+
+def test_heatmap_of_a_one_signed_matrix_shows_its_range():
+    """A data-map correlation matrix (all off-diagonal values in 0.90..0.99) is not painted one dark colour."""
+    m = np.array([[1.0, 0.90, 0.95, 0.93], [0.90, 1.0, 0.99, 0.91], [0.95, 0.99, 1.0, 0.97],
+                  [0.93, 0.91, 0.97, 1.0]])
+    fills = _cell_fills(heatmap_svg(aff(m, list("abcd"), estimator="datamap")))
+    lum = {k: _luminance(v) for k, v in fills.items()}
+    assert lum["b → c"] < lum["a → b"] - 0.4  # 0.99 dark, 0.90 pale
+    assert max(lum.values()) - min(lum.values()) > 0.5

@@ -107,3 +107,137 @@ def test_virtual_update_batched_rows_equal_single_updates():
             alone = virtual_update(opt, params, [b[i] for b in batched])
             for a, t in zip(alone, together, strict=True):
                 torch.testing.assert_close(t[i], a)
+
+
+def _warm_model_and_opt(make_opt):
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    opt = make_opt(model.parameters())
+    x = torch.randn(8, 4)
+    for _ in range(3):  # build up momentum / Adam moments
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01),
+    lambda p: torch.optim.Adam(p, lr=0.01),
+])
+def test_sgd_lookahead_is_the_papers_step_whatever_the_optimiser_state(make_opt):
+    """TAG Eq. 2: theta - lr * grad L_i, at the run's lr, with no momentum, Adam moments or weight decay."""
+    from polytask.relations.probes import sgd_update
+
+    model, opt = _warm_model_and_opt(make_opt)
+    params = list(model.parameters())
+    grads = [torch.randn(2, *p.shape) for p in params]  # two tasks' gradients
+    lr = opt.param_groups[0]["lr"]
+    stepped = sgd_update(opt, params, grads)
+    for p, g, s in zip(params, grads, stepped, strict=True):
+        torch.testing.assert_close(s, p.detach()[None] - lr * g, rtol=0, atol=0)
+    for p, s in zip(params, sgd_update(opt, params, grads, lr=0.5), strict=True):
+        assert not torch.equal(s[0], p.detach())
+    # the optimiser rule (the option) is a different step here: it carries the run's state
+    ruled = virtual_update(opt, params, grads)
+    assert not all(torch.allclose(a, b) for a, b in zip(stepped, ruled, strict=True))
+
+
+def test_lookahead_default_ignores_optimiser_state_and_option_keeps_it(tmp_path):
+    suite = build_suite("synthetic", {**SUITE, "n_train": 128}, seed=4)
+    job = Job("equal", tuple(suite.task_names), MethodConfig(name="equal"), "joint")
+    cfg = Config.model_validate({**small(1).model_dump(), "train": {**small(1).train.model_dump(),
+                                                                    "optimizer": {"name": "sgd", "lr": 0.05,
+                                                                                  "momentum": 0.9}}})
+    probes = ProbeSet([Lookahead(every=1), Lookahead(every=1, update="optimizer")])
+    probes.probes[1].name = "lookahead_optimizer"
+    train_job(job, suite, cfg, tmp_path, probes=probes)
+    paper = Lookahead().result(probes.states["lookahead"])
+    rule = Lookahead().result(probes.states["lookahead_optimizer"])
+    assert probes.calls["lookahead"] == 2 and not torch.allclose(paper, rule)
+
+    # by hand: one probed batch, the paper's step with lr 0.05 and the optimiser ignored entirely
+    from polytask.engine.loop import task_losses
+    from polytask.engine.step import parameter_grads
+    from polytask.models import build_model
+    from polytask.relations.probes import ProbeBatch
+
+    torch.manual_seed(0)
+    tasks = suite.tasks
+    model = build_model(tasks, suite.input_shape, "mlp", {"hidden": [8]}, "hard", {})
+    model.eval()
+    sources, rows = suite.splits["train"], [torch.arange(32)]
+    fresh = torch.optim.SGD(model.parameters(), lr=0.05)
+    warm = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for p in model.parameters():  # a momentum buffer that the paper's step must not read
+        warm.state[p]["momentum_buffer"] = torch.randn_like(p)
+    tg, blocks = parameter_grads(model, sources, rows, tasks, task_losses, 0)
+    shared = list(model.shared_parameters())
+    z = Lookahead(every=1).matrix(ProbeBatch(model, warm, sources, rows, tasks))
+    assert torch.equal(z, Lookahead(every=1).matrix(ProbeBatch(model, fresh, sources, rows, tasks)))
+    k = len(tasks)
+    for i in range(k):
+        moved = [p.detach() - 0.05 * b[i].reshape(p.shape) for p, b in zip(shared, blocks, strict=True)]
+        names = {id(p): n for n, p in model.named_parameters()}
+        params = {names[id(p)]: v for p, v in zip(shared, moved, strict=True)}
+        with torch.no_grad():
+            after = task_losses(lambda x, t=None, params=params: torch.func.functional_call(model, params, (x, t)),
+                                sources, rows, tasks)
+        want = 1 - after.double() / tg.losses.detach().double()
+        torch.testing.assert_close(z[i], want, rtol=1e-5, atol=1e-7)
+    with_rule = Lookahead(every=1, update="optimizer").matrix(ProbeBatch(model, warm, sources, rows, tasks))
+    assert not torch.allclose(with_rule, z)
+
+
+class _FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class _Sleeper(GradCosine):
+    """grad_cosine that takes `own` fake seconds of its own (after reading the gradients)."""
+
+    def __init__(self, clock, own, name, every=1):
+        super().__init__(every)
+        self.clock, self.own, self.name = clock, own, name
+
+    def step(self, state, batch):
+        batch.grads()
+        self.clock.now += self.own
+        return state
+
+
+def test_each_probe_is_timed_on_its_own(monkeypatch):
+    """Per-estimator cost: each probe's own seconds, plus the shared gradient pass it read (its cost alone)."""
+    from polytask.engine import step as step_mod
+
+    clock = _FakeClock()
+    suite = build_suite("synthetic", {**SUITE, "n_train": 64}, seed=5)
+    from polytask.models import build_model
+
+    model = build_model(suite.tasks, suite.input_shape, "mlp", {"hidden": [4]}, "hard", {})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    real = step_mod.parameter_grads
+
+    def slow_grads(*args):  # computing the gradients costs 2 fake seconds
+        clock.now += 2.0
+        return real(*args)
+
+    monkeypatch.setattr(step_mod, "parameter_grads", slow_grads)
+    fast, slow = _Sleeper(clock, 1.0, "fast"), _Sleeper(clock, 5.0, "slow")
+    dm = DataMap()
+    ps = ProbeSet([fast, slow, dm], clock=clock)
+    ps.start(len(suite.tasks))
+    for step in range(3):
+        ps.on_step(step, model, opt, suite.splits["train"], [torch.arange(16)], suite.tasks)
+    assert ps.cost("fast") == {"own_time_s": 3.0, "gradient_time_s": 6.0, "probe_time_s": 9.0}
+    assert ps.cost("slow") == {"own_time_s": 15.0, "gradient_time_s": 6.0, "probe_time_s": 21.0}
+    assert ps.cost("datamap")["probe_time_s"] == 0.0
+    assert ps.seconds == 3 * (2.0 + 1.0 + 5.0)  # the run's total probing time counts the gradients once
+    again = ProbeSet([fast, slow, dm])
+    again.start(len(suite.tasks))
+    again.load(ps.tree())
+    assert again.cost("slow") == ps.cost("slow")

@@ -114,6 +114,65 @@ def test_logme_evidence_matches_brute_force_and_is_maximal(n, d):
             assert dense_evidence(f, y, alpha * da, beta * db)[1] <= ev + 1e-3
 
 
+def official_logme_evidence(f, y):
+    """The reference code's fixed-point LogME (thuml/LogME, _fit_fixed_point), restated for the test: the
+    evidence uses alpha, beta of the last update with the posterior terms of the iteration before it, and log|A|
+    over the SVD's singular values only."""
+    n, d = f.shape
+    if n > d:
+        evals, vecs = np.linalg.eigh(f.T @ f)
+        keep = np.sqrt(np.maximum(evals, 0)) > 1e-10
+        s = np.sqrt(evals[keep])
+        u = f @ vecs[:, keep] / s
+    else:
+        u, s, _ = np.linalg.svd(f, full_matrices=False)
+    sig, x2 = s**2, (u.T @ y) ** 2
+    rest = y @ y - x2.sum()
+    alpha = beta = 1.0
+    for _ in range(11):
+        t = alpha / beta
+        gamma = np.sum(sig / (sig + t))
+        m2 = np.sum(sig * x2 / (t + sig) ** 2)
+        res2 = np.sum(x2 / (1 + sig / t) ** 2) + rest
+        alpha, beta = gamma / (m2 + 1e-5), (n - gamma) / (res2 + 1e-5)
+        if abs(alpha / beta - t) / t <= 1e-3:
+            break
+    ev = (d * math.log(alpha) + n * math.log(beta) - np.sum(np.log(alpha + beta * sig)) - beta * res2
+          - alpha * m2 - n * math.log(2 * math.pi)) / 2
+    return ev / n, alpha, beta
+
+
+def _unconverged_case():
+    """A target on which 11 fixed-point steps do not converge (found by search; n = 14, d = 4)."""
+    rng = np.random.default_rng(2771)
+    n, d = int(rng.integers(10, 60)), int(rng.integers(2, 30))
+    f = rng.normal(size=(n, d)) * np.logspace(rng.uniform(-4, 0), rng.uniform(0, 4), d)
+    return f, rng.normal(size=n) * 10 ** rng.uniform(-2, 2)
+
+
+def test_logme_official_evidence_matches_the_reference_code_when_unconverged():
+    f, y = _unconverged_case()
+    exact, alpha, beta = logme_evidence(f, y)
+    official, a2, b2 = logme_evidence(f, y, evidence="official")
+    ref, a3, b3 = official_logme_evidence(f, y)
+    assert (alpha, beta) == (a2, b2) and a3 == pytest.approx(alpha, rel=1e-9) and b3 == pytest.approx(beta, rel=1e-9)
+    assert official == pytest.approx(ref, abs=1e-9)
+    # the default is the exact evidence at the (alpha, beta) it returns; the reference differs when unconverged
+    assert exact == pytest.approx(dense_evidence(f, y, alpha, beta)[1], abs=1e-9)
+    assert abs(exact - official) > 0.01
+    # rank-deficient wide features: the reference keeps all min(N, D) singular values, zeros included
+    g = np.random.default_rng(1).normal(size=(12, 30))
+    g[:, 1:] = g[:, :1] * np.arange(1, 30)
+    yy = np.random.default_rng(2).normal(size=12)
+    assert logme_evidence(g, yy, "official")[0] == pytest.approx(official_logme_evidence(g, yy)[0], abs=1e-9)
+    assert logme(f, y, regression=True, evidence="official") == pytest.approx(official)
+    with pytest.raises(ConfigError, match="evidence"):
+        logme_evidence(f, y, "nope")
+    m = transferability_matrix({"a": f, "b": f}, {"a": y, "b": y}, "logme",
+                               {"regression": True, "evidence": "official"})
+    assert m.matrix[0, 1] == pytest.approx(official)
+
+
 def test_logme_prefers_features_that_determine_the_labels():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, size=150)

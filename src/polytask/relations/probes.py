@@ -6,8 +6,10 @@ in eval mode and draw no random numbers, so the training run they ride on is unc
 
 - ``grad_cosine``: cosine similarity of the per-task gradients of the shared parameters, averaged.
 - ``lookahead``: TAG inter-task affinity (Fifty et al. 2021): a virtual update of the shared parameters on
-  task i's gradient with the run's own optimiser rule (momentum and Adam moments included), then
-  Z(i->j) = 1 - L_j(after) / L_j(before) on the same batch, averaged over the probed steps.
+  task i's gradient alone, then Z(i->j) = 1 - L_j(after) / L_j(before) on the same batch, averaged over the
+  probed steps. By default the paper's step (Eq. 2: theta - lr * grad L_i, plain SGD at the run's current
+  learning rate, no optimiser state); ``update="optimizer"`` steps with the run's own optimiser rule instead
+  (momentum buffers and Adam moments included).
 - ``datamap``: data maps (Swayamdipta et al. 2020) per task, the features of STG-MTL task grouping: per
   training sample, the mean and the variability (std) across epochs of the model's confidence in the gold
   label (softmax probability; for regression exp(-squared error)).
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +32,22 @@ from polytask.models import MultiTaskModel
 from polytask.tasks.task import Task, TaskData
 
 State = dict[str, Any]
+
+
+def sgd_update(opt: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter], grads: Sequence[Tensor],
+               lr: float | None = None) -> list[Tensor]:
+    """TAG's lookahead step (Fifty et al. 2021, Eq. 2): theta - lr * grad, with no optimiser state.
+
+    ``lr`` defaults to each parameter's current learning rate in ``opt``. Unlike the official Taskonomy code
+    (google-research/tag, ``tag.patch``: ``lookahead``), it adds no weight-decay term; that code reads the momentum
+    buffer from the param-group dict, where it never is, so its step uses no momentum either. A grad may carry
+    extra leading dimensions (one row per task): the result then has them too."""
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    out = []
+    for p, g in zip(params, grads, strict=True):
+        g = g.reshape(*g.shape[:g.dim() - p.dim()], *p.shape).to(p.dtype)
+        out.append(p.detach() - (group_of[id(p)]["lr"] if lr is None else lr) * g)
+    return out
 
 
 def virtual_update(opt: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter],
@@ -83,14 +101,21 @@ class ProbeBatch:
     tasks: Sequence[Task]
     _cache: dict[str, Any] = field(default_factory=dict)
 
+    clock: Callable[[], float] = time.perf_counter
+    grad_seconds: float = 0.0  # time spent computing the per-task gradients (once per probed step)
+    used_grads: bool = False  # set when a probe asks for the gradients (reset by ProbeSet before each probe)
+
     def grads(self) -> tuple[Tensor, list[Tensor]]:
         """(K losses, per-task gradient blocks of the shared parameters)."""
+        self.used_grads = True
         if "grads" not in self._cache:
             from polytask.engine.loop import task_losses
             from polytask.engine.step import parameter_grads
 
+            t0 = self.clock()
             tg, blocks = parameter_grads(self.model, self.sources, self.rows, self.tasks, task_losses, 0)
             self._cache["grads"] = (tg.losses.detach(), [b.detach() for b in blocks])
+            self.grad_seconds = self.clock() - t0
         return self._cache["grads"]
 
     def losses_with(self, shared: Sequence[Tensor]) -> Tensor:
@@ -165,15 +190,38 @@ class GradCosine(AveragedProbe):
         return g / (norms[:, None] * norms[None, :]).clamp_min(torch.finfo(torch.float64).tiny)
 
 
+LOOKAHEAD_UPDATES = ("sgd", "optimizer")
+
+
 class Lookahead(AveragedProbe):
-    """TAG (Fifty et al. 2021, Eq. 3): Z(i->j) = 1 - L_j(θ_s - Δ_i) / L_j(θ_s)."""
+    """TAG (Fifty et al. 2021, Eq. 3): Z(i->j) = 1 - L_j(θ_s - Δ_i) / L_j(θ_s), with Δ_i a step on task i's
+    gradient alone.
+
+    ``update="sgd"`` (default): the paper's Δ_i = lr * grad L_i (Eq. 2) at the run's current learning rate, or
+    ``lr``. ``update="optimizer"``: the step the run's optimiser would take on that gradient from its current
+    state (momentum buffers, Adam moments). The second lets the shared momentum dominate the matrix (on the
+    synthetic suite the target column explained most of the off-diagonal variance), so it is an option only.
+    The official code divides Z by the learning rate; a constant factor, left out here."""
 
     name = "lookahead"
+
+    def __init__(self, every: int = 10, update: str = "sgd", lr: float | None = None) -> None:
+        super().__init__(every)
+        if update not in LOOKAHEAD_UPDATES:
+            raise ConfigError(f"lookahead affinity: update must be one of {LOOKAHEAD_UPDATES}, got {update!r}")
+        if lr is not None and not lr > 0:
+            raise ConfigError(f"lookahead affinity: lr must be > 0, got {lr!r}")
+        self.update = update
+        self.lr = lr
 
     def matrix(self, batch: ProbeBatch) -> Tensor:
         before, blocks = batch.grads()
         shared = list(batch.model.shared_parameters())
-        after = batch.losses_with(virtual_update(batch.opt, shared, blocks))  # row i: all losses after step i
+        if self.update == "optimizer":
+            moved = virtual_update(batch.opt, shared, blocks)
+        else:
+            moved = sgd_update(batch.opt, shared, blocks, self.lr)
+        after = batch.losses_with(moved)  # row i: all losses after the step on task i
         return 1 - after.double() / before.double().clamp_min(1e-12)
 
 
@@ -227,48 +275,75 @@ PROBES: dict[str, type[Probe]] = {"grad_cosine": GradCosine, "lookahead": Lookah
 
 @dataclass
 class ProbeSet:
-    """The probes riding on one training job, their states and the time they took."""
+    """The probes riding on one training job, their states and the time each took.
+
+    ``seconds`` is the time of all probes together (what the run spent probing). Per probe, ``timing`` keeps its
+    own time and, apart, the time of the per-task gradients it read: probes due at the same step share one
+    gradient computation, and each is charged all of it, which is what it would cost run alone."""
 
     probes: list[Probe]
     states: dict[str, State] = field(default_factory=dict)
     seconds: float = 0.0
     calls: dict[str, int] = field(default_factory=dict)
+    timing: dict[str, dict[str, float]] = field(default_factory=dict)
+    clock: Callable[[], float] = time.perf_counter
 
     def start(self, k: int) -> None:
         for p in self.probes:
             self.states.setdefault(p.name, p.init(k))
             self.calls.setdefault(p.name, 0)
+            self.timing.setdefault(p.name, {"own_s": 0.0, "gradients_s": 0.0})
+
+    def cost(self, name: str) -> dict[str, float]:
+        """Seconds of probe ``name``: its own work, the gradients it read, and their sum (its cost alone)."""
+        t = self.timing.get(name, {"own_s": 0.0, "gradients_s": 0.0})
+        return {"own_time_s": t["own_s"], "gradient_time_s": t["gradients_s"],
+                "probe_time_s": t["own_s"] + t["gradients_s"]}
+
+    def _run(self, p: Probe, call: Callable[[], State], batch: ProbeBatch | None) -> None:
+        grad_before = batch.grad_seconds if batch is not None else 0.0
+        if batch is not None:
+            batch.used_grads = False
+        t0 = self.clock()
+        self.states[p.name] = call()
+        spent = self.clock() - t0
+        t = self.timing[p.name]
+        if batch is not None:
+            spent -= batch.grad_seconds - grad_before  # computed inside this call: booked as gradients
+            if batch.used_grads:
+                t["gradients_s"] += batch.grad_seconds
+        t["own_s"] += spent
+        self.calls[p.name] += 1
 
     def on_step(self, step: int, model: MultiTaskModel, opt: torch.optim.Optimizer, sources: Sequence[TaskData],
                 rows: Sequence[Tensor], tasks: Sequence[Task]) -> None:
         due = [p for p in self.probes if p.every and step % p.every == 0]
         if not due:
             return
-        t0 = time.perf_counter()
+        t0 = self.clock()
         was_training = model.training
         model.eval()
-        batch = ProbeBatch(model, opt, sources, rows, tasks)
+        batch = ProbeBatch(model, opt, sources, rows, tasks, clock=self.clock)
         for p in due:
-            self.states[p.name] = p.step(self.states[p.name], batch)
-            self.calls[p.name] += 1
+            self._run(p, lambda p=p: p.step(self.states[p.name], batch), batch)
         model.train(was_training)
-        self.seconds += time.perf_counter() - t0
+        self.seconds += self.clock() - t0
 
     def on_epoch(self, model: MultiTaskModel, train: Sequence[TaskData], tasks: Sequence[Task]) -> None:
         due = [p for p in self.probes if p.on_epoch]
         if not due:
             return
-        t0 = time.perf_counter()
+        t0 = self.clock()
         was_training = model.training
         model.eval()
         for p in due:
-            self.states[p.name] = p.epoch(self.states[p.name], model, train, tasks)
-            self.calls[p.name] += 1
+            self._run(p, lambda p=p: p.epoch(self.states[p.name], model, train, tasks), None)
         model.train(was_training)
-        self.seconds += time.perf_counter() - t0
+        self.seconds += self.clock() - t0
 
     def tree(self) -> State:
-        return {"states": self.states, "seconds": self.seconds, "calls": self.calls}
+        return {"states": self.states, "seconds": self.seconds, "calls": self.calls, "timing": self.timing}
 
     def load(self, tree: State) -> None:
         self.states, self.seconds, self.calls = tree["states"], tree["seconds"], tree["calls"]
+        self.timing = {**self.timing, **tree.get("timing", {})}

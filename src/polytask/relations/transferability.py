@@ -48,39 +48,58 @@ def _svd(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return u[:, keep], s[keep]
 
 
-def logme_evidence(features: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+LOGME_EVIDENCE = ("final", "official")
+
+
+def logme_evidence(features: np.ndarray, y: np.ndarray, evidence: str = "final") -> tuple[float, float, float]:
     """(log evidence / N, alpha, beta) of Bayesian linear regression y ~ N(f w, 1/beta), w ~ N(0, I/alpha),
     with alpha, beta maximising the evidence by the fixed-point iteration of You et al. (2021b, Alg. 2).
 
     The iteration (start alpha = beta = 1; at most 11 steps; stop when t = alpha/beta moves by <= 1e-3
-    relatively) follows the official LogME code. The returned evidence is the exact log marginal likelihood at
-    the final (alpha, beta), log N(y | 0, I/beta + f f^T/alpha) / N; unlike the official fixed-point code it keeps
-    the (D - rank) log(alpha) / 2 term of log|A| when f has fewer non-zero singular values than columns (the
-    official ICML-version code keeps it too).
+    relatively) follows the official LogME code (thuml/LogME, ``_fit_fixed_point``). What is returned differs:
+
+    * ``evidence="final"`` (default): the exact log marginal likelihood at the returned (alpha, beta),
+      log N(y | 0, I/beta + f f^T/alpha) / N, with the posterior terms recomputed at t = alpha/beta after the
+      last update and log|A| including (D - rank) log(alpha) when f has fewer non-zero singular values than
+      columns. The score and the (alpha, beta) it reports belong together, also when 11 steps did not converge.
+    * ``evidence="official"``: as the reference code: alpha, beta of the last update with the posterior terms of
+      the iteration before it (they differ by the tolerance when converged, by more when not), and log|A| over
+      the singular values of the SVD only (all min(N, D) of them when N <= D, the non-zero ones when N > D).
     """
+    if evidence not in LOGME_EVIDENCE:
+        raise ConfigError(f"logme: evidence must be one of {LOGME_EVIDENCE}, got {evidence!r}")
     f = np.asarray(features, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64).reshape(-1)
     n, d = f.shape
-    u, s = _svd(f)
+    if evidence == "official" and n <= d:
+        u, s, _ = np.linalg.svd(f, full_matrices=False)
+    else:
+        u, s = _svd(f)
     sigma = s**2
     x = u.T @ y
     x2 = x**2
     res_x2 = max(float(y @ y - x2.sum()), 0.0)
-    alpha, beta = 1.0, 1.0
-    for _ in range(LOGME_MAX_ITER):
-        t = alpha / beta
+
+    def posterior(t: float) -> tuple[float, float, float]:
+        """(gamma, |m|^2, |y - f m|^2) at t = alpha / beta."""
         gamma = float((sigma / (sigma + t)).sum())
         m2 = float((sigma * x2 / (t + sigma) ** 2).sum())
         res2 = float((x2 / (1 + sigma / t) ** 2).sum()) + res_x2
+        return gamma, m2, res2
+
+    alpha, beta = 1.0, 1.0
+    for _ in range(LOGME_MAX_ITER):
+        t = alpha / beta
+        gamma, m2, res2 = posterior(t)
         alpha = gamma / (m2 + LOGME_EPS)
         beta = (n - gamma) / (res2 + LOGME_EPS)
         if abs(alpha / beta - t) / t <= LOGME_TOL:
             break
-    t = alpha / beta
-    m2 = float((sigma * x2 / (t + sigma) ** 2).sum())
-    res2 = float((x2 / (1 + sigma / t) ** 2).sum()) + res_x2
-    log_det_a = float(np.log(alpha + beta * sigma).sum()) + (d - len(sigma)) * math.log(alpha)
-    evidence = (
+    log_det_a = float(np.log(alpha + beta * sigma).sum())
+    if evidence == "final":
+        _, m2, res2 = posterior(alpha / beta)
+        log_det_a += (d - len(sigma)) * math.log(alpha)
+    value = (
         d / 2.0 * math.log(alpha)
         + n / 2.0 * math.log(beta)
         - 0.5 * log_det_a
@@ -88,11 +107,12 @@ def logme_evidence(features: np.ndarray, y: np.ndarray) -> tuple[float, float, f
         - alpha / 2.0 * m2
         - n / 2.0 * math.log(2 * math.pi)
     )
-    return evidence / n, alpha, beta
+    return value / n, alpha, beta
 
 
-def logme(features: np.ndarray, labels: np.ndarray, regression: bool = False) -> float:
-    """LogME (You et al. 2021): the mean over target columns of the maximised log evidence per sample.
+def logme(features: np.ndarray, labels: np.ndarray, regression: bool = False, evidence: str = "final") -> float:
+    """LogME (You et al. 2021): the mean over target columns of the maximised log evidence per sample
+    (``evidence``: see :func:`logme_evidence`).
 
     Classification: ``labels`` are class ids; each class present is one one-hot column (the official code uses
     ``range(max + 1)``; the same when every class appears). Regression: ``labels`` is N or N x C real targets.
@@ -107,7 +127,7 @@ def logme(features: np.ndarray, labels: np.ndarray, regression: bool = False) ->
         cols = [(lab == c).astype(np.float64) for c in np.unique(lab)]
     if len(f) != len(cols[0]):
         raise DataError(f"logme: {len(f)} feature rows for {len(cols[0])} labels")
-    return float(np.mean([logme_evidence(f, col)[0] for col in cols]))
+    return float(np.mean([logme_evidence(f, col, evidence)[0] for col in cols]))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -240,6 +260,8 @@ TRANSFERABILITY: Registry[Any] = Registry("transferability metric")
 class LogMEParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     regression: bool = Field(False, description="real-valued targets instead of class ids")
+    evidence: Literal["final", "official"] = Field(
+        "final", description="final: exact evidence at the returned alpha, beta; official: as the reference code")
 
 
 class HScoreParams(BaseModel):
@@ -256,7 +278,7 @@ class NCEParams(BaseModel):
 @TRANSFERABILITY.register("logme", params=LogMEParams, summary="maximum evidence of a linear model on features",
                           paper="You et al. 2021, LogME", source="features")
 def _logme(params: LogMEParams, features: np.ndarray, labels: np.ndarray) -> float:
-    return logme(features, labels, params.regression)
+    return logme(features, labels, params.regression, params.evidence)
 
 
 @TRANSFERABILITY.register("leep", summary="log expected empirical prediction",

@@ -22,11 +22,11 @@ from polytask.config import Config
 from polytask.engine import checkpoint
 from polytask.engine.loop import CHECKPOINT, Job
 from polytask.engine.progress import Reporter
-from polytask.experiment import execute, job_dir_of, open_run, single_task_job
+from polytask.experiment import execute, job_dir_of, open_run, releases_run_locks, single_task_job
 from polytask.io import atomic_write_bytes
 from polytask.relations.affinity import AffinityMatrix
 from polytask.relations.heatmap import save_heatmap
-from polytask.relations.probes import PROBES, ProbeSet
+from polytask.relations.probes import PROBES, Lookahead, ProbeSet
 from polytask.tasks import build_suite
 from polytask.tasks.task import TaskSuite
 
@@ -42,10 +42,19 @@ def group_job(tasks: tuple[str, ...], config: Config, prefix: str = "group") -> 
     return Job(f"{prefix}/{'+'.join(tasks)}", tasks, config.relate.method, "joint")
 
 
+def make_probe(name: str, config: Config) -> Any:
+    """The probe ``name`` as ``config.relate`` sets it up."""
+    rc = config.relate
+    if name == "lookahead":
+        return PROBES[name](rc.every, update=rc.lookahead_update, lr=rc.lookahead_lr)
+    return PROBES[name]() if name == "datamap" else PROBES[name](rc.every)
+
+
 def _probe_affinities(config: Config, suite: TaskSuite, run_dir: Path, reporter: Reporter,
                       names: list[str]) -> dict[str, AffinityMatrix]:
-    """Run the joint job with the requested probes on it; turn their states into matrices."""
-    probes = ProbeSet([PROBES[n](config.relate.every) if n != "datamap" else PROBES[n]() for n in names])
+    """Run the joint job with the requested probes on it; turn their states into matrices, each with its own
+    cost (the shared joint run is reported once, as ``joint_run_time_s``)."""
+    probes = ProbeSet([make_probe(n, config) for n in names])
     job = Job("relate", tuple(suite.task_names), config.relate.method, "joint")
     result = execute(job, suite, config, run_dir, reporter, probes=probes)
     if not probes.calls or not any(probes.calls.values()):  # finished earlier: states are in its last checkpoint
@@ -55,9 +64,10 @@ def _probe_affinities(config: Config, suite: TaskSuite, run_dir: Path, reporter:
     train_time = result["wall_time_s"] - result.get("probe_time_s", probes.seconds)
     out = {}
     for p in probes.probes:
+        own = probes.cost(p.name)
         cost = {"training_runs": 1, "shared_with": names, "steps": result["steps"], "probe_calls": probes.calls[p.name],
-                "probe_time_s": probes.seconds, "joint_run_time_s": train_time,
-                "overhead_ratio": probes.seconds / train_time if train_time > 0 else None}
+                **own, "wall_time_s": own["probe_time_s"], "joint_run_time_s": train_time,
+                "overhead_ratio": own["probe_time_s"] / train_time if train_time > 0 else None}
         if p.name == "lookahead":
             cost |= {"forward_passes": probes.calls[p.name] * (k + 1), "backward_passes": probes.calls[p.name] * k}
         elif p.name == "grad_cosine":
@@ -68,7 +78,8 @@ def _probe_affinities(config: Config, suite: TaskSuite, run_dir: Path, reporter:
                                                                         metadata={"tasks": ",".join(suite.task_names)}))
             cost["forward_passes"] = probes.calls[p.name]
             raw = _nan_corr(raw)
-        out[p.name] = AffinityMatrix(raw.cpu().numpy(), suite.task_names, p.name, cost)
+        meta = {"update": p.update, "lr": p.lr} if isinstance(p, Lookahead) else {}
+        out[p.name] = AffinityMatrix(raw.cpu().numpy(), suite.task_names, p.name, cost, meta=meta)
     return out
 
 
@@ -131,6 +142,7 @@ def estimate(config: Config, suite: TaskSuite, run_dir: Path, reporter: Reporter
     return out | fresh
 
 
+@releases_run_locks
 def relate(config: Config | None = None, resume: str | None = None,
            reporter: Reporter | None = None) -> tuple[Path, dict[str, AffinityMatrix]]:
     """Estimate ``config.relate.estimators`` on the configured suite; returns the run directory and matrices."""
@@ -213,7 +225,9 @@ def compare_groupings(config: Config, suite: TaskSuite, run_dir: Path, reporter:
         per_seed = []
         for s in gc.seeds:
             cfg = config.model_copy(update={"seed": s})
-            results = [execute(_seeded(group_job(tuple(g), cfg), s), suite, cfg, run_dir, reporter) for g in groups]
+            # the suite's split was drawn with the run's seed; only the training seed is s
+            results = [execute(_seeded(group_job(tuple(g), cfg), s), suite, cfg, run_dir, reporter,
+                               split_seed=config.seed) for g in groups]
             per_task = {t: {"val_loss": results[serve[t]]["val"][t]["loss"], **results[serve[t]]["test"][t]}
                         for t in tasks}
             per_seed.append({"seed": s, "tasks": per_task,
@@ -229,6 +243,7 @@ def _seeded(job: Job, seed: int) -> Job:
     return Job(f"s{seed}/{job.id}", job.tasks, job.method, job.kind)
 
 
+@releases_run_locks
 def group(config: Config | None = None, resume: str | None = None,
           reporter: Reporter | None = None) -> tuple[Path, dict[str, Any]]:
     """Estimate affinity, choose groups under the budget, prove them by training; write groups.json."""

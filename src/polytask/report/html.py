@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from polytask.errors import CheckpointError, PolytaskError
-from polytask.report.console import ResultsTable, number, tabulate_results, task_metrics
+from polytask.report.console import Grid, layout, number, tabulate_results, task_metrics
 from polytask.report.relations import has_relations, relations_section
 from polytask.report.svg import PALETTE, Point, line_chart
 
@@ -37,14 +37,13 @@ dl.meta dd { margin: 0; }
 table.results { border-collapse: collapse; font-variant-numeric: tabular-nums; }
 table.results th, table.results td { padding: 6px 14px; text-align: right; white-space: nowrap;
        border-bottom: 1px solid var(--line); }
-table.results th:first-child, table.results td:first-child { text-align: left; }
+table.results .label { text-align: left; }
+table.results caption { caption-side: top; text-align: left; font-weight: 600; padding: 14px 0 6px; }
 table.results thead th { background: var(--soft); font-weight: 600; }
-table.results thead tr:first-child th { border-bottom: none; }
+table.results thead tr:not(:last-child) th { border-bottom: none; }
 table.results th.group { text-align: center; }
 table.results tbody tr:hover { background: var(--soft); }
 table.results td.best { background: var(--best); font-weight: 600; }
-.tag { font-size: 11px; color: var(--muted); border: 1px solid var(--line); border-radius: 9px;
-       padding: 0 6px; margin-left: 6px; font-weight: 400; }
 .note { color: var(--muted); font-size: 13px; max-width: 90ch; margin: 8px 0; }
 .charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 14px; }
 figure { margin: 0; padding: 8px; border: 1px solid var(--line); border-radius: 6px; }
@@ -176,29 +175,47 @@ def _charts(summary: Mapping[str, Any], records: Sequence[Record]) -> str:
     return "".join(out)
 
 
-def _table(model: ResultsTable) -> str:
-    cols = model.columns
+_PAGE_PX = 1116
+"""Width of the page's content box: ``main``'s max-width less its padding (see _CSS)."""
+_CHAR_PX = 8.2
+"""Upper estimate of one character's width in a table cell (14 px system-ui, bold headers)."""
+_CELL_PAD_PX = 28
+"""Horizontal padding of a table cell (see _CSS)."""
+
+
+def fits_page(grid: Grid) -> bool:
+    """Whether a table fits the page's width without a horizontal scroll (estimated from its text)."""
+    return sum(w * _CHAR_PX + _CELL_PAD_PX for w in grid.widths()) <= _PAGE_PX
+
+
+def _table(grid: Grid, multiple: bool) -> str:
+    caption = f"<caption>{escape(grid.title)}</caption>" if multiple else ""
     groups: list[tuple[str, int]] = []
-    for column in cols:
-        if groups and groups[-1][0] == column.group and column.group:
-            groups[-1] = (column.group, groups[-1][1] + 1)
+    for group, _ in grid.headers:
+        if groups and groups[-1][0] == group and group:
+            groups[-1] = (group, groups[-1][1] + 1)
         else:
-            groups.append((column.group, 1))
-    head1 = "".join(f"<th class='group' colspan='{n}'>{escape(g)}</th>" if g else "<th></th>" for g, n in groups)
-    head2 = "".join(f"<th>{escape(c.header)}</th>" for c in cols)
+            groups.append((group, 1))
+    labels = "".join(f"<th class='label'>{escape(h)}</th>" for h in grid.label_headers)
+    names = "".join(f"<th>{escape(name)}</th>" for _, name in grid.headers)
+    head = f"<tr>{labels}{names}</tr>"
+    if any(group for group, _ in grid.headers):
+        spans = "".join(f"<th class='group' colspan='{n}'>{escape(g)}</th>" if g else "<th></th>" * n
+                        for g, n in groups)
+        head = f"<tr>{'<th></th>' * len(grid.label_headers)}{spans}</tr>{head}"
     rows = []
-    for i, method in enumerate(model.methods):
-        tag = "<span class='tag'>reference</span>" if method == model.reference else ""
-        cells = "".join(
-            f"<td class='best'>{escape(c.text(i))}</td>" if c.is_best(i) else f"<td>{escape(c.text(i))}</td>"
-            for c in cols
-        )
-        rows.append(f"<tr><td>{escape(method)}{tag}</td>{cells}</tr>")
-    return (
-        "<div class='scroll'><table class='results'><thead>"
-        f"<tr><th></th>{head1}</tr><tr><th>method</th>{head2}</tr></thead>"
-        f"<tbody>{''.join(rows)}</tbody></table></div>"
-    )
+    for row in grid.rows:
+        cells = "".join(f"<td class='best'>{escape(c)}</td>" if b else f"<td>{escape(c)}</td>"
+                        for c, b in zip(row.cells, row.best, strict=True))
+        label = "".join(f"<td class='label'>{escape(x)}</td>" for x in row.labels)
+        rows.append(f"<tr>{label}{cells}</tr>")
+    return (f"<div class='scroll'><table class='results'>{caption}<thead>{head}</thead>"
+            f"<tbody>{''.join(rows)}</tbody></table></div>")
+
+
+def _tables(grids: list[Grid]) -> str:
+    """The laid-out results tables (see :func:`~polytask.report.console.layout`), captioned when several."""
+    return "".join(_table(grid, len(grids) > 1) for grid in grids)
 
 
 def _duration(seconds: float | None) -> str | None:
@@ -234,10 +251,12 @@ def _section(run_dir: Path, summary: Mapping[str, Any]) -> str:
     model = tabulate_results(summary)
     run_id = str(summary.get("run_id") or Path(run_dir).name)
     reference = model.reference
+    grids = layout(model, fits_page)
+    where = "column" if len(grids) == 1 else "column of the summary and each row of the per-task metrics"
     how = (
         "<p class='note'><b>How to read this.</b> Test metrics are taken at each job's "
         "best-validation epoch (ringed in the curves); ↑ means higher is better, ↓ lower is better, "
-        "and the best value of each column is highlighted. "
+        f"and the best value of each {where} is highlighted. "
     )
     if reference:
         how += (
@@ -258,7 +277,7 @@ def _section(run_dir: Path, summary: Mapping[str, Any]) -> str:
         f"<h1>{escape(run_id)}</h1>"
         f"<p class='subtitle'>polytask run report · {escape(Path(run_dir).name)}</p>"
         f"{_meta(summary, task_metrics(summary))}"
-        f"<h2>Results</h2>{_table(model)}{how}"
+        f"<h2>Results</h2>{_tables(grids)}{how}"
         f"<h2>Training curves</h2>"
         + "".join(f"<p class='note'>{escape(n)}</p>" for n in notes)
         + (_charts(summary, records) if records else "")

@@ -29,6 +29,8 @@ _TEXT = "#1f2328"
 _MUTED = "#59636e"
 _MAX_DOTS = 30
 _MAX_LABEL = 22
+_CHAR_W = 6.6
+"""Upper estimate of one character's width at font-size 11 (tick labels, legend)."""
 
 
 def nice_ticks(lo: float, hi: float, count: int = 5, *, integer: bool = False) -> list[float]:
@@ -55,15 +57,27 @@ def nice_ticks(lo: float, hi: float, count: int = 5, *, integer: bool = False) -
 
 
 def format_tick(value: float, ticks: Sequence[float]) -> str:
-    """Format ``value`` with the fewest decimals that tell all ``ticks`` apart."""
+    """Format ``value`` with the fewest digits that tell all ``ticks`` apart: fixed decimals, or significant
+    digits in scientific form (``5.25e6``, ``1.5e-5``) where the ticks reach 1e6 or stay below 1e-3."""
     span = max(abs(t) for t in ticks) if ticks else abs(value)
-    if span >= 1e6 or (0 < span < 1e-4):
-        return f"{value:.3g}"
+    if span >= 1e6 or (0 < span < 1e-3):
+        for digits in range(1, 16):
+            if len({scientific(t, digits) for t in ticks}) == len(set(ticks)):
+                return scientific(value, digits)
+        return scientific(value, 16)
     step = abs(ticks[1] - ticks[0]) if len(ticks) > 1 else 1.0
     for decimals in range(7):
         if all(abs(round(t, decimals) - t) <= step * 1e-6 for t in ticks):
             return f"{value:.{decimals}f}"
     return f"{value:.3g}"
+
+
+def scientific(value: float, digits: int) -> str:
+    """``value`` with ``digits`` significant digits in compact scientific form: ``5.290e6``, ``-1.2e-4``, ``0``."""
+    if value == 0:
+        return "0"
+    mantissa, exponent = f"{value:.{max(digits - 1, 0)}e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
 
 
 def _num(value: float) -> str:
@@ -99,20 +113,29 @@ def line_chart(
     for i, name in enumerate(n for n in clean if n not in palette):
         palette[name] = PALETTE[i % len(PALETTE)]
 
-    legend_w = 34 + 6.5 * max((len(_short(n)) for n in clean), default=0) if clean else 0
-    left, top, bottom = 58.0, 34.0, 44.0
+    legend_w = 34 + _CHAR_W * max((len(_short(n)) for n in clean), default=0) if clean else 0
+    top, bottom = 34.0, 44.0
     right = max(16.0, legend_w + 12)
+    yticks: list[float] = []
+    ylabels: list[str] = []
+    if clean:
+        ys = [y for points in clean.values() for _, y in points]
+        yticks = nice_ticks(min(ys), max(ys), 5)
+        ylabels = [format_tick(t, yticks) for t in yticks]
+    # room for the longest y tick label, its 6 px gap, and the rotated axis label beside it
+    left = max(58.0, 28 + 6 + _CHAR_W * max((len(s) for s in ylabels), default=0))
     plot_w, plot_h = width - left - right, height - top - bottom
 
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
         f'height="{height}" role="img" font-family="{escape(_FONT)}" font-size="11" fill="{_TEXT}">',
         f"<title>{escape(title)}</title>",
-        f'<text x="{left}" y="20" font-size="13" font-weight="600">{escape(title)}</text>',
+        f'<text x="{_num(left)}" y="20" font-size="13" font-weight="600">{escape(title)}</text>',
     ]
     if not clean:
         parts.append(
-            f'<rect x="{left}" y="{top}" width="{_num(plot_w)}" height="{_num(plot_h)}" fill="none" stroke="{_GRID}"/>'
+            f'<rect x="{_num(left)}" y="{top}" width="{_num(plot_w)}" height="{_num(plot_h)}" fill="none" '
+            f'stroke="{_GRID}"/>'
         )
         parts.append(
             f'<text x="{_num(left + plot_w / 2)}" y="{_num(top + plot_h / 2)}" text-anchor="middle" '
@@ -122,9 +145,7 @@ def line_chart(
         return "".join(parts)
 
     xs = [x for points in clean.values() for x, _ in points]
-    ys = [y for points in clean.values() for _, y in points]
     xticks = nice_ticks(min(xs), max(xs), 6, integer=all(x.is_integer() for x in xs))
-    yticks = nice_ticks(min(ys), max(ys), 5)
     x0, x1, y0, y1 = xticks[0], xticks[-1], yticks[0], yticks[-1]
 
     def px(x: float) -> float:
@@ -134,13 +155,14 @@ def line_chart(
         return top + plot_h - (y - y0) / (y1 - y0) * plot_h
 
     base = top + plot_h
-    for t in yticks:
+    for t, label in zip(yticks, ylabels, strict=True):
         parts.append(
-            f'<line x1="{left}" x2="{_num(left + plot_w)}" y1="{_num(py(t))}" y2="{_num(py(t))}" stroke="{_GRID}"/>'
+            f'<line x1="{_num(left)}" x2="{_num(left + plot_w)}" y1="{_num(py(t))}" y2="{_num(py(t))}" '
+            f'stroke="{_GRID}"/>'
         )
         parts.append(
-            f'<text x="{left - 6}" y="{_num(py(t) + 3.5)}" text-anchor="end" fill="{_MUTED}">'
-            f"{escape(format_tick(t, yticks))}</text>"
+            f'<text x="{_num(left - 6)}" y="{_num(py(t) + 3.5)}" text-anchor="end" fill="{_MUTED}">'
+            f"{escape(label)}</text>"
         )
     for t in xticks:
         parts.append(f'<line x1="{_num(px(t))}" x2="{_num(px(t))}" y1="{base}" y2="{base + 4}" stroke="{_AXIS}"/>')
@@ -148,7 +170,7 @@ def line_chart(
             f'<text x="{_num(px(t))}" y="{base + 16}" text-anchor="middle" fill="{_MUTED}">'
             f"{escape(format_tick(t, xticks))}</text>"
         )
-    parts.append(f'<path d="M{left} {top}V{base}H{_num(left + plot_w)}" fill="none" stroke="{_AXIS}"/>')
+    parts.append(f'<path d="M{_num(left)} {top}V{base}H{_num(left + plot_w)}" fill="none" stroke="{_AXIS}"/>')
     if xlabel:
         parts.append(
             f'<text x="{_num(left + plot_w / 2)}" y="{height - 8}" text-anchor="middle" '

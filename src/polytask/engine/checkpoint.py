@@ -58,15 +58,28 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     raise CheckpointError(f"unknown node in checkpoint skeleton: {sorted(obj)}")
 
 
+def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file whose bytes depend only on the tensors and metadata.
+
+    ``safetensors.torch.save`` writes the header's keys in the order of a randomly seeded hash map, so two
+    identical runs wrote different files; the header is written again here with its keys sorted (the data
+    layout, by dtype then name, is already fixed)."""
+    data = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")
+    text = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
+
+
 def dumps(tree: Any) -> bytes:
-    """Serialise a state tree to safetensors bytes."""
+    """Serialise a state tree to safetensors bytes (the same tree always gives the same bytes)."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _encode(tree, tensors)
-    return st_save(tensors, metadata={_KEY: json.dumps(skeleton)})
+    return tensors_to_bytes(tensors, {_KEY: json.dumps(skeleton)})
 
 
 def save(path: str | os.PathLike[str], tree: Any) -> Path:
-    """Write a state tree atomically (temporary file, fsync, rename)."""
+    """Write a state tree atomically (temporary file, fsync, rename); a failed write names the file."""
     return atomic_write_bytes(path, dumps(tree))
 
 

@@ -8,6 +8,7 @@ never stopped, because batch order is a pure function of (seed, epoch, step) and
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -20,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from safetensors.torch import save as st_save
 from torch import Tensor
 
 from polytask.config import Config, MethodConfig
@@ -28,8 +28,8 @@ from polytask.engine import checkpoint, faults
 from polytask.engine.data import epoch_batches, permutation, steps_per_epoch
 from polytask.engine.progress import Reporter
 from polytask.engine.step import build_method, masked_loss, train_step
-from polytask.errors import CheckpointError, ConfigError
-from polytask.io import atomic_write_bytes
+from polytask.errors import CheckpointError, ConfigError, DivergenceError
+from polytask.io import atomic_write_bytes, atomic_write_json
 from polytask.models import MultiTaskModel, build_model
 from polytask.relations.probes import ProbeSet
 from polytask.tasks.task import Task, TaskData, TaskSuite
@@ -37,6 +37,7 @@ from polytask.weighting import StepContext
 
 CHECKPOINT = "last.safetensors"
 BEST = "best.safetensors"
+TIMING = "timing.json"  # wall time so far; kept out of the checkpoint so that identical runs write identical bytes
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,21 @@ def selection_score(val: dict[str, dict[str, float]]) -> float:
     return float(np.mean([v["loss"] for v in val.values()]))
 
 
+def check_finite(job: Job, tasks: Sequence[Task], losses: Tensor, split: str, epoch: int,
+                 where: str = "") -> None:
+    """Raise DivergenceError naming the job, the first task whose ``split`` loss is not finite, and the epoch.
+
+    A non-finite loss never recovers (the weights it updates become NaN), and no epoch of it could be the
+    best one, so training stops at the first one instead of ending without a best model."""
+    bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+    if bad:
+        k = bad[0]
+        others = f" (and {len(bad) - 1} other task(s))" if len(bad) > 1 else ""
+        raise DivergenceError(
+            f"job {job.id!r} diverged: task {tasks[k].name!r}{others} has {split} loss {float(losses[k])} at "
+            f"epoch {epoch}{where}; lower train.optimizer.lr or check the scale of the task's targets")
+
+
 def _records(job: Job, epoch: int, step: int, split: str, scores: dict[str, dict[str, float]],
              extra: dict[str, dict[str, float]] | None = None) -> list[dict[str, Any]]:
     return [
@@ -237,7 +253,9 @@ def train_job(
         if sched is not None:
             sched.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"])
-        state = {k: saved[k] for k in state}
+        state = {k: saved[k] for k in state if k != "elapsed"}
+        timing = job_dir / TIMING
+        state["elapsed"] = json.loads(timing.read_text())["elapsed"] if timing.exists() else saved.get("elapsed", 0.0)
     if probes is not None:
         probes.start(len(tasks))
         if state["probes"] is not None:
@@ -249,8 +267,9 @@ def train_job(
         checkpoint.save(ckpt_path, {
             "model": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict() if sched is not None else None,
-            "rng": rng_state(), **state, "elapsed": state["elapsed"] + time.perf_counter() - t0,
+            "rng": rng_state(), **{k: v for k, v in state.items() if k != "elapsed"},
         })
+        atomic_write_json(job_dir / TIMING, {"elapsed": state["elapsed"] + time.perf_counter() - t0})
 
     sizes = [len(s) for s in train]
 
@@ -279,7 +298,10 @@ def train_job(
                 probes.on_step(pos["global_step"], model, opt, train, batches[pos["step"]], tasks)
             losses, weights, state["method"] = train_step(
                 model, method, state["method"], train, batches[pos["step"]], tasks, opt, ctx, task_losses)
-            acc["loss"] += losses.double().cpu()
+            losses = losses.detach().double().cpu()
+            check_finite(job, tasks, losses, "training", epoch + 1,
+                         f", step {pos['step'] + 1} of {steps} (global step {pos['global_step'] + 1})")
+            acc["loss"] += losses
             if weights is not None:
                 acc["weight"] += weights.double().cpu()
                 acc["nw"] += 1
@@ -295,6 +317,9 @@ def train_job(
         if probes is not None:
             probes.on_epoch(model, train, tasks)
         val_scores = evaluate(model, val, tasks, cfg.eval_batch_size)
+        check_finite(job, [t for t in tasks if t.name in val_scores],
+                     torch.tensor([val_scores[t.name]["loss"] for t in tasks if t.name in val_scores]),
+                     "validation", epoch + 1)
         train_scores = {t.name: {"loss": float(acc["loss"][k] / acc["n"])} for k, t in enumerate(tasks)}
         weights_now = {t.name: {"weight": float(acc["weight"][k] / acc["nw"])} for k, t in enumerate(tasks)
                        if acc["nw"]}
@@ -317,8 +342,8 @@ def train_job(
 
     model.load_state_dict(state["best"]["model"])
     weights_cpu = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(job_dir / BEST, st_save(weights_cpu, metadata={"job": job.id,
-                                                                      "epoch": str(state["best"]["epoch"])}))
+    atomic_write_bytes(job_dir / BEST, checkpoint.tensors_to_bytes(
+        weights_cpu, {"job": job.id, "epoch": str(state["best"]["epoch"])}))
     test_scores = evaluate(model, splits["test"], tasks, cfg.eval_batch_size)
     return {
         "job": job.id, "kind": job.kind, "method": job.method.name, "tasks": list(job.tasks),

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from polytask.errors import ConfigError
 from polytask.registry import validate_model
+
+# a seed is what numpy's legacy seeding accepts (0 .. 2**32 - 1); derived job and step seeds stay in torch's range
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 # the default experiment's representative set: weightings and aggregators from each family
 DEFAULT_METHODS = ("equal", "uw", "pcgrad", "cagrad", "nashmtl", "aligned_mtl", "famo", "upgrad")
@@ -108,7 +111,7 @@ class GroupConfig(_Strict):
     estimator: Estimator = Field("lookahead", description="the affinity that chooses the groups")
     solver: Literal["auto", "exact", "beam"] = Field("auto", description="auto: exact up to 16 tasks, else beam")
     max_group_size: int | None = Field(None, ge=1)
-    seeds: list[int] = Field([0, 1, 2], min_length=1, description="training seeds of the comparison")
+    seeds: list[Seed] = Field([0, 1, 2], min_length=1, description="training seeds of the comparison")
     random_groupings: int = Field(3, ge=0, description="random groupings (same budget) per seed")
 
 
@@ -118,11 +121,12 @@ class OutputConfig(_Strict):
 
 
 class Config(_Strict):
-    seed: int = 0
+    seed: Seed = 0
     suite: SuiteConfig = Field(default_factory=SuiteConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    methods: list[MethodConfig] = Field(default_factory=lambda: [MethodConfig(name=n) for n in DEFAULT_METHODS])
+    methods: list[MethodConfig] = Field(default_factory=lambda: [MethodConfig(name=n) for n in DEFAULT_METHODS],
+                                        min_length=1, description="at least one; leave out for the default set")
     baselines: BaselineConfig = Field(default_factory=BaselineConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     relate: RelateConfig = Field(default_factory=RelateConfig)
@@ -188,6 +192,9 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
             if isinstance(node[idx], str):  # a method given by name: expand to a mapping
                 node[idx] = {"name": node[idx]}
             node = node[idx]
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is a value ({node!r}), not a "
+                                  f"section with keys; set it directly, e.g. --set {'.'.join(parts[:i + 1])}=...")
 
 
 def read_yaml(path: str | os.PathLike[str], overrides: list[str] | None = None) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 Layout of a run directory::
 
     config.yaml        the resolved configuration
+    preprocessing.json the fitted input/target standardisation and class labels (``TaskSuite.preprocessing``)
     metrics.jsonl      one line per job, epoch, split and task
     summary.json       test metrics at the best-validation epoch, Δm%, mean rank, wall time, versions
     report.html        a self-contained page
@@ -320,6 +321,7 @@ def run(config: Config | None = None, resume: str | os.PathLike[str] | None = No
     reporter = reporter or Reporter()
     run_dir, config, state = open_run(config, resume)
     suite = build_suite(config.suite.name, config.suite.params, config.seed)
+    atomic_write_json(run_dir / "preprocessing.json", suite.preprocessing())
     jobs = plan(config, suite)
     results: dict[str, dict[str, Any]] = {}
 

@@ -96,3 +96,19 @@ def test_device_values():
     if not __import__("torch").cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device"):
             resolve_device("cuda:0")
+
+
+def test_seed_out_of_range_is_a_config_error_naming_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"^seed: .*greater than or equal to 0 \(got -1\)$"):
+        load_config(None, ["seed=-1"])
+    with pytest.raises(ConfigError, match=r"^seed: .*less than or equal to 4294967295"):
+        load_config(None, [f"seed={2**32}"])
+    with pytest.raises(ConfigError, match=r"^group\.seeds\.1: .*greater than or equal to 0"):
+        load_config(write(tmp_path, "group: {seeds: [0, -3]}\n"))
+
+
+def test_override_through_a_value_is_a_config_error_naming_the_key():
+    with pytest.raises(ConfigError, match=r"--set seed\.x: seed is a value \(0\), not a section"):
+        load_config(None, ["seed.x=1"])
+    with pytest.raises(ConfigError, match=r"--set train\.epochs\.n: train\.epochs is a value \(20\)"):
+        load_config(None, ["train.epochs.n=1"])

@@ -308,7 +308,8 @@ def test_table_from_csv_and_parquet(tmp_path: Path) -> None:
     assert kinds == {"label": ("classification", 3), "score": ("regression", 1),
                      "count": ("classification", 4)}
     assert csv.info["features"] == ["f1", "f2"]
-    assert csv.info["classes"] == {"label": ["cat", "dog", "emu"], "count": [0, 1, 2, 3]}
+    assert {t.name: t.classes for t in csv.tasks} == {"label": ("cat", "dog", "emu"), "score": (),
+                                                      "count": (0, 1, 2, 3)}
     assert [len(csv.splits[s][0]) for s in SPLITS] == [30, 10, 10]
     assert_disjoint_pools(csv)
     rows = torch.cat([csv.splits[s][0].index for s in SPLITS])
@@ -338,7 +339,7 @@ def test_table_explicit_kinds_and_features(tmp_path: Path) -> None:
     suite = build_suite("table", {"path": str(path), "targets": {"count": "regression"},
                                   "features": ["f1"], "standardize": False}, 0)
     assert [(t.name, t.kind) for t in suite.tasks] == [("count", "regression")]
-    assert suite.input_shape == (1,) and "feature_mean" not in suite.info
+    assert suite.input_shape == (1,) and suite.input_scale is None
     raw = torch.tensor(_frame()["f1"].to_numpy(), dtype=torch.float32)
     (train,) = suite.splits["train"]
     assert torch.equal(train.x[:, 0], raw[train.index])

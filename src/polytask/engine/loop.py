@@ -73,7 +73,8 @@ def task_losses(model: MultiTaskModel, sources: Sequence[TaskData], rows: Sequen
 @torch.no_grad()
 def evaluate(model: MultiTaskModel, sources: Sequence[TaskData], tasks: Sequence[Task],
              batch_size: int = 1024) -> dict[str, dict[str, float]]:
-    """Per task: mean loss and every metric, over the labelled rows of the split."""
+    """Per task, over the labelled rows of the split: the mean loss (on the training scale) and every metric
+    (in the original units, ``Task.scores``)."""
     was_training = model.training
     model.eval()
     scores: dict[str, dict[str, float]] = {}
@@ -91,7 +92,7 @@ def evaluate(model: MultiTaskModel, sources: Sequence[TaskData], tasks: Sequence
             y = src.y[t.name]
             m = Task.mask(y)
             p = torch.cat(outs[t.name])[m]
-            scores[t.name] = {"loss": float(t.loss(p, y[m]).mean())} | {mt.name: mt(p, y[m]) for mt in t.metrics}
+            scores[t.name] = {"loss": float(t.loss(p, y[m]).mean())} | t.scores(p, y[m])
     model.train(was_training)
     return scores
 

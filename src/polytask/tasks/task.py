@@ -1,7 +1,9 @@
 """Tasks and suites: the one vocabulary shared by the joint, merging and continual regimes.
 
 Targets are float tensors in which NaN marks a missing label: a row with a NaN target is masked for
-that task only and still serves every other task.
+that task only and still serves every other task. A regression task may carry the standardisation its
+targets were given (fitted on the training split): losses are computed on that scale, metrics in the
+original units.
 """
 
 from __future__ import annotations
@@ -49,6 +51,50 @@ MAE = Metric("mae", False, _mae)
 
 
 @dataclass(frozen=True)
+class Standardizer:
+    """Per-column affine map to zero mean and unit variance, fitted on a training split.
+
+    ``encode`` gives the scale models are trained on; ``decode`` maps back to the original units. A
+    constant column keeps std 1, so it is only centred.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != len(self.std) or not all(s > 0 for s in self.std):
+            raise DataError(f"standardizer: need one positive std per mean, got mean={self.mean} std={self.std}")
+
+    @classmethod
+    def fit(cls, values: Tensor) -> Standardizer:
+        """Mean and population std of each column (a 1-D tensor is one column) over the rows without NaN,
+        in float64; no such row gives the identity map."""
+        v = values.double().reshape(len(values), -1)
+        v = v[~torch.isnan(v).any(1)]
+        if not len(v):
+            return cls((0.0,) * v.shape[1], (1.0,) * v.shape[1])
+        std = v.std(0, correction=0)
+        return cls(tuple(v.mean(0).tolist()), tuple(torch.where(std > 0, std, 1.0).tolist()))
+
+    def _params(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return (torch.tensor(self.mean, dtype=torch.float64, device=x.device),
+                torch.tensor(self.std, dtype=torch.float64, device=x.device))
+
+    def encode(self, x: Tensor) -> Tensor:
+        """(x - mean) / std over the last dimension, computed in float64, returned in ``x``'s dtype."""
+        mean, std = self._params(x)
+        return ((x.double() - mean) / std).to(x.dtype)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """z * std + mean in float64: back to the original units (whose squares may overflow float32)."""
+        mean, std = self._params(z)
+        return z.double() * std + mean
+
+    def to_json(self) -> dict[str, list[float]]:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+
+@dataclass(frozen=True)
 class HeadSpec:
     """The task-specific head: hidden widths before the output layer (empty: one linear layer)."""
 
@@ -61,6 +107,9 @@ class Task:
 
     ``n_outputs`` is the number of classes (classification) or target dimensions (regression).
     ``target`` names where the labels come from (a column, an attribute); it defaults to ``name``.
+    ``classes`` are the original labels of the class indices (classification, when known); ``scale`` is
+    the standardisation the regression targets were given: the loss is on that scale, ``scores`` (the
+    metrics) are in the original units.
     """
 
     name: str
@@ -69,6 +118,8 @@ class Task:
     metrics: tuple[Metric, ...] = ()
     head: HeadSpec = HeadSpec()
     target: str = ""
+    classes: tuple[Any, ...] = ()
+    scale: Standardizer | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("classification", "regression"):
@@ -80,12 +131,35 @@ class Task:
             object.__setattr__(self, "metrics", default)
         if not self.target:
             object.__setattr__(self, "target", self.name)
+        if self.classes and (self.kind != "classification" or len(self.classes) != self.n_outputs):
+            raise DataError(f"task {self.name!r}: {len(self.classes)} class labels for a {self.kind} task "
+                            f"with {self.n_outputs} outputs")
+        if self.scale is not None and (self.kind != "regression" or len(self.scale.mean) != self.n_outputs):
+            raise DataError(f"task {self.name!r}: a target standardizer of {len(self.scale.mean)} column(s) "
+                            f"for a {self.kind} task with {self.n_outputs} outputs")
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         """Per-sample loss on labelled rows (cross-entropy or squared error)."""
         if self.kind == "classification":
             return F.cross_entropy(output, target.long(), reduction="none")
         return ((output.reshape(target.shape) - target) ** 2).reshape(len(target), -1).mean(1)
+
+    def decode(self, values: Tensor) -> Tensor:
+        """Regression outputs or targets in the original units (unchanged when the task is not scaled)."""
+        return values if self.scale is None else self.scale.decode(values)
+
+    def scores(self, output: Tensor, target: Tensor) -> dict[str, float]:
+        """Every metric of labelled rows, in the target's original units."""
+        if self.scale is not None:
+            output, target = self.decode(output.reshape(target.shape)), self.decode(target)
+        return {m.name: m(output, target) for m in self.metrics}
+
+    def preprocessing(self) -> dict[str, Any]:
+        """How raw labels map to this task's targets and outputs back: class labels in index order, the
+        target standardisation (None: raw units)."""
+        return {"kind": self.kind, "target": self.target, "n_outputs": self.n_outputs,
+                "classes": list(self.classes) or None,
+                "standardize": None if self.scale is None else self.scale.to_json()}
 
     @staticmethod
     def mask(target: Tensor) -> Tensor:
@@ -138,14 +212,17 @@ class TaskSuite:
     """Tasks over data with train/val/test splits.
 
     Each split is a tuple of sources. A multi-target suite has one source labelled for every task; a
-    multi-input suite has one source per task (or per group of tasks). ``info`` holds what the suite
-    knows about itself, e.g. the planted grouping of the synthetic suite.
+    multi-input suite has one source per task (or per group of tasks). Every task needs at least one
+    labelled row in every split (else its validation or test score is undefined). ``info`` holds what the
+    suite knows about itself, e.g. the planted grouping of the synthetic suite; ``input_scale`` is the
+    standardisation the inputs were given (None: raw).
     """
 
     name: str
     tasks: tuple[Task, ...]
     splits: dict[str, tuple[TaskData, ...]]
     info: dict[str, Any] = field(default_factory=dict)
+    input_scale: Standardizer | None = None
 
     def __post_init__(self) -> None:
         names = [t.name for t in self.tasks]
@@ -162,6 +239,17 @@ class TaskSuite:
                         f"suite {self.name!r}, split {split!r}: task {n!r} is labelled in "
                         f"{covered.count(n)} sources (need exactly 1)"
                     )
+        labelled = {n: {split: int(Task.mask(src.y[n]).sum()) for split, sources in self.splits.items()
+                        for src in sources if n in src.y} for n in names}
+        for n, counts in labelled.items():
+            empty = [split for split, c in counts.items() if c == 0]
+            if empty:
+                raise DataError(
+                    f"suite {self.name!r}: task {n!r} has no labelled rows in the {' and '.join(empty)} split"
+                    f"{'s' if len(empty) > 1 else ''} (labelled rows: "
+                    f"{', '.join(f'{s} {c}' for s, c in counts.items())}); every task needs labels in "
+                    f"{', '.join(self.splits)}"
+                )
         shapes = {tuple(src.x.shape[1:]) for sources in self.splits.values() for src in sources}
         if len(shapes) != 1:
             raise DataError(f"suite {self.name!r}: inputs have different shapes {sorted(shapes)}")
@@ -192,6 +280,17 @@ class TaskSuite:
             for split, sources in self.splits.items()
         }
         return replace(self, tasks=tasks, splits=splits)
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The fitted maps between raw data and this suite's tensors (input standardisation, per task its
+        class labels and target standardisation), as JSON: saved with a run so predictions can be made
+        on new raw rows and read in the original units."""
+        return {
+            "suite": self.name,
+            "features": self.info.get("features"),
+            "input_standardize": None if self.input_scale is None else self.input_scale.to_json(),
+            "tasks": {t.name: t.preprocessing() for t in self.tasks},
+        }
 
     def describe(self) -> dict[str, Any]:
         """Sizes and tasks, for listings and summaries."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import shutil
 import sys
 import traceback
 from collections.abc import Callable
@@ -11,14 +13,28 @@ from typing import Annotated, Any, Optional
 import typer
 
 from polytask.errors import PolytaskError
+from polytask.registry import describe_params
+
+# Nothing at import time here imports torch: a config is validated (well under a second) before a command imports
+# the flow that trains; tests/e2e/test_cli_startup.py holds the CLI to that.
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Learn many tasks with one model: which tasks to group, and how to learn them.")
 _state = {"debug": False}
 
 
+def _version(value: bool) -> None:
+    if value:
+        from polytask import __version__
+
+        typer.echo(f"polytask {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(debug: Annotated[bool, typer.Option("--debug", help="show full tracebacks")] = False) -> None:
+def main(debug: Annotated[bool, typer.Option("--debug", help="show full tracebacks")] = False,
+         version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="print the version and exit")] = False) -> None:
     _state["debug"] = debug
 
 
@@ -30,9 +46,12 @@ def _fail(e: BaseException) -> None:
     raise typer.Exit(2)
 
 
-def _flow(fn: Callable[..., Any], config: Optional[Path], set_: list[str], resume: Optional[Path],
+def _flow(fn: Callable[..., Any] | str, config: Optional[Path], set_: list[str], resume: Optional[Path],
           quiet: bool) -> Any:
-    """Run a run-directory flow (relate, group) with the shared config/override/resume handling."""
+    """Run a run-directory flow (run, relate, group) with the shared config/override/resume handling.
+
+    ``fn`` may be named as ``"module:function"``: it is imported only after the config is valid, so a typo is
+    reported before torch loads."""
     from polytask.config import load_config
     from polytask.engine.progress import Reporter
 
@@ -40,6 +59,9 @@ def _flow(fn: Callable[..., Any], config: Optional[Path], set_: list[str], resum
         if resume is not None and (config is not None or set_):
             raise PolytaskError("--resume continues a run with its saved config; drop CONFIG and --set")
         cfg = None if resume is not None else load_config(config, set_)
+        if isinstance(fn, str):
+            module, _, name = fn.partition(":")
+            fn = getattr(importlib.import_module(module), name)
         return fn(cfg, resume=resume, reporter=Reporter(quiet=quiet))
     except (PolytaskError, OSError) as e:
         _fail(e)
@@ -55,11 +77,10 @@ QuietOpt = Annotated[bool, typer.Option(help="no progress output")]
 def run(config: ConfigArg = None, set_: SetOpt = [], resume: ResumeOpt = None,  # noqa: B006
         quiet: QuietOpt = False) -> None:
     """Train the single-task baselines and every configured method; write summary.json and report.html."""
-    from polytask.experiment import run as run_experiment
     from polytask.report.console import format_results
 
-    run_dir, summary = _flow(run_experiment, config, set_, resume, quiet)
-    typer.echo(format_results(summary))
+    run_dir, summary = _flow("polytask.experiment:run", config, set_, resume, quiet)
+    typer.echo(format_results(summary, width=max(80, shutil.get_terminal_size((120, 24)).columns)))
     typer.echo(f"run directory: {run_dir}  (summary.json, report.html)")
 
 
@@ -77,29 +98,28 @@ def suites() -> None:
             suite = build_suite(entry.name, {}, seed=0)
             typer.echo("  tasks: " + ", ".join(f"{t.name} ({t.kind}, {t.n_outputs})" for t in suite.tasks))
         typer.echo("  params:")
-        for name, field in entry.params.model_fields.items():
-            default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
-            typer.echo(f"    {name} ({default}): {field.description or ''}")
+        for line in describe_params(entry.params):
+            typer.echo(f"    {line}")
 
 
 @app.command()
 def methods() -> None:
-    """List the registered joint-training methods, each with its paper."""
+    """List the registered joint-training methods, each with its paper and parameters."""
     from polytask.methods import load_all
 
     for entry in load_all():
         typer.echo(f"{entry.name:12s} [{entry.extra.get('kind', '')}] {entry.summary}")
         if entry.paper:
             typer.echo(f"{'':12s} paper: {entry.paper}")
+        for line in describe_params(entry.params):
+            typer.echo(f"{'':12s} {line}")
 
 
 @app.command()
 def relate(config: ConfigArg = None, set_: SetOpt = [], resume: ResumeOpt = None,  # noqa: B006
            quiet: QuietOpt = False) -> None:
     """Estimate task-affinity matrices (relate.estimators); write affinity_*.json, heatmaps and the report."""
-    from polytask.relations.workflow import relate as relate_flow
-
-    run_dir, affinities = _flow(relate_flow, config, set_, resume, quiet)
+    run_dir, affinities = _flow("polytask.relations.workflow:relate", config, set_, resume, quiet)
     for name, aff in affinities.items():
         typer.echo(f"{name} affinity (row i -> column j), cost {aff.cost}")
         width = max(len(t) for t in aff.tasks)
@@ -113,9 +133,7 @@ def relate(config: ConfigArg = None, set_: SetOpt = [], resume: ResumeOpt = None
 def group(config: ConfigArg = None, set_: SetOpt = [], resume: ResumeOpt = None,  # noqa: B006
           quiet: QuietOpt = False) -> None:
     """Choose task groups under a budget (group.*) and prove them by training against the alternatives."""
-    from polytask.relations.workflow import group as group_flow
-
-    run_dir, summary = _flow(group_flow, config, set_, resume, quiet)
+    run_dir, summary = _flow("polytask.relations.workflow:group", config, set_, resume, quiet)
     g = summary["grouping"]
     typer.echo(f"chosen groups ({summary['estimator']}, budget {summary['budget']}): {g['groups']}")
     typer.echo(f"{'strategy':14s} {'models':>6s} {'total val loss (mean ± std over seeds)':>40s}")
@@ -154,8 +172,8 @@ def merge(
         for entry in METHODS:
             typer.echo(f"{entry.name:16s} [{entry.extra.get('kind', '')}] {entry.summary}")
             typer.echo(f"{'':16s} paper: {entry.paper}")
-            for name, field in entry.params.model_fields.items():
-                typer.echo(f"{'':16s} {field.alias or name} (default {field.default!r}): {field.description or ''}")
+            for line in describe_params(entry.params):
+                typer.echo(f"{'':16s} {line}")
         return
     try:
         if config is None:

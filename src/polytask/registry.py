@@ -82,6 +82,16 @@ class Registry(Generic[T]):
         return sorted(self._entries)
 
 
+def describe_params(params: type[BaseModel]) -> list[str]:
+    """One line per parameter of ``params`` for listings: the config key, its default or 'required', and its
+    description."""
+    lines = []
+    for name, info in params.model_fields.items():
+        default = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
+        lines.append(f"{info.alias or name} ({default})" + (f": {info.description}" if info.description else ""))
+    return lines
+
+
 def suggest(word: str, candidates: Any) -> str:
     """' (did you mean 'x'?)' for the closest candidate, or ''."""
     close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.5)

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -135,18 +136,26 @@ def test_truncated_and_corrupt_files_are_clear_errors(make_family, tmp_path):
     assert _no_output(tmp_path)
 
 
-def test_nan_check_is_opt_in_and_removes_partial_output(make_family, tmp_path, write_state):
+def test_nan_check_is_on_by_default_and_removes_partial_output(make_family, tmp_path, write_state):
     base_path, _paths, _base, models = make_family(1)
     nan = dict(models[0])
     nan["layer.1.linear.weight"] = nan["layer.1.linear.weight"].clone()
     nan["layer.1.linear.weight"][2, 3] = float("nan")
     p = write_state(tmp_path / "nan", nan)
     with pytest.raises(DataError, match=r"nan\.safetensors: tensor 'layer\.1\.linear\.weight' contains NaN or inf"):
-        merge_checkpoints(base_path, [str(p)], "task_arithmetic", tmp_path / "out", options={"check_finite": True},
-                          shard_size=50)
+        merge_checkpoints(base_path, [str(p)], "task_arithmetic", tmp_path / "out", shard_size=50)
     assert _no_output(tmp_path)
-    merge_checkpoints(base_path, [str(p)], "task_arithmetic", tmp_path / "out")  # off: merged as given
-    assert torch.isnan(_read_dir(tmp_path / "out")["layer.1.linear.weight"]).any()
+    merge_checkpoints(base_path, [str(p)], "task_arithmetic", tmp_path / "out", options={"check_finite": False})
+    assert torch.isnan(_read_dir(tmp_path / "out")["layer.1.linear.weight"]).any()  # opted out: merged as given
+
+
+def test_an_overflowing_output_is_refused(make_family, tmp_path, write_state):
+    base_path, _paths, base, models = make_family(1)
+    big = {**models[0], "embed.weight": base["embed.weight"] + 1e5}  # finite in float32, inf in float16
+    p = write_state(tmp_path / "big", big)
+    with pytest.raises(DataError, match=r"merged tensor 'embed\.weight' contains NaN or inf.*float16"):
+        merge_checkpoints(base_path, [str(p)], "task_arithmetic", tmp_path / "out", out_dtype="float16")
+    assert _no_output(tmp_path)
 
 
 def test_vocabulary_mismatch_fails_or_merges_shared_rows(make_family, tmp_path, write_state):
@@ -162,6 +171,48 @@ def test_vocabulary_mismatch_fails_or_merges_shared_rows(make_family, tmp_path, 
     want = _expected("task_arithmetic", base, [models[0], models[1]])
     assert torch.equal(got["embed.weight"], want["embed.weight"]) and got["embed.weight"].shape[0] == 12
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 12
+
+
+@pytest.mark.parametrize("name,shape", [("layer.0.linear.weight", (5, 6)), ("layer.0.linear.bias", (5,))])
+def test_rows_missing_from_a_non_vocabulary_tensor_are_a_shape_mismatch(make_family, tmp_path, write_state,
+                                                                          name, shape):
+    base_path, paths, _base, models = make_family(2, "hf")
+    short = {**models[1], name: models[1][name][:shape[0]]}
+    p = write_state(tmp_path / "short", short, "hf")
+    for options in ({}, {"vocab": "shared"}):  # vocab: shared never cuts a tensor that is not a vocabulary
+        with pytest.raises(CheckpointError, match=rf"short/model\.safetensors: tensor '{re.escape(name)}' has "
+                                                  rf"shape {re.escape(str(list(shape)))}"):
+            merge_checkpoints(base_path, [str(paths[0]), str(p)], "task_arithmetic", tmp_path / "out",
+                              options=options)
+        assert _no_output(tmp_path)
+
+
+def test_vocabulary_tensors_come_from_the_config(tmp_path):
+    from polytask.merging.stream import vocabulary_tensors
+
+    state = {"model.embed_tokens.weight": torch.zeros(30, 4), "lm_head.weight": torch.zeros(30, 4),
+             "model.layers.0.self_attn.q_proj.weight": torch.zeros(30, 4), "model.norm.weight": torch.zeros(30),
+             "model.layers.0.mlp.output.weight": torch.zeros(29, 4)}
+    d = tmp_path / "m"
+    d.mkdir()
+    save_file(state, d / "model.safetensors")
+    (d / "config.json").write_text(json.dumps({"vocab_size": 30}))
+    with open_checkpoint(d) as c:
+        assert vocabulary_tensors(c) == {"model.embed_tokens.weight", "lm_head.weight"}
+        assert vocabulary_tensors(c, [r"q_proj"]) == {"model.embed_tokens.weight", "lm_head.weight",
+                                                       "model.layers.0.self_attn.q_proj.weight"}
+    (d / "config.json").unlink()  # no config: no vocabulary is known
+    with open_checkpoint(d) as c:
+        assert vocabulary_tensors(c) == set()
+
+
+def test_weights_summing_to_zero_are_a_config_error(make_family, tmp_path):
+    base_path, paths, *_ = make_family(3)
+    models = [ModelInput(str(p), w) for p, w in zip(paths, [1.0, -1.0, 0.0], strict=True)]
+    with pytest.raises(ConfigError, match=r"weights \(1, -1, 0\) sum to zero, but average divides by their sum"):
+        merge_checkpoints(base_path, models, "average", tmp_path / "out")
+    assert _no_output(tmp_path)
+    merge_checkpoints(base_path, models, "task_arithmetic", tmp_path / "out")  # a sum of task vectors: defined
 
 
 def test_pickle_is_refused_unless_allowed_then_loaded_weights_only(make_family, tmp_path):

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from polytask.errors import ConfigError
-from polytask.merging.methods import METHODS, _Params
+from polytask.merging.methods import METHODS, _Params, check_weights
 from polytask.merging.stream import merge_state_dicts
 from polytask.tasks.task import Task
 
@@ -146,7 +146,7 @@ def fisher_average(states: Sequence[StateDict], fishers: Sequence[StateDict], we
 @METHODS.register("fisher", params=FisherParams, summary="per-parameter average weighted by each task's "
                   "diagonal Fisher information", paper="Matena & Raffel 2022, Merging Models with Fisher-Weighted "
                   "Averaging", kind="data", per_model=(), order_invariant=True, uses_weights=True, needs_base=False,
-                  identity=lambda k: {})
+                  weight_sum="positive", identity=lambda k: {})
 def fisher(params: FisherParams, ctx: TaskModels, weights: Sequence[float], seed: int = 0) -> StateDict:
     """Fisher merging (Matena & Raffel 2022): each encoder parameter is the average of the task models'
     values weighted by their diagonal Fisher on that task's inputs (times the model weight)."""
@@ -349,7 +349,8 @@ def merge_encoders(method: str, params: dict[str, Any] | Any, ctx: TaskModels, w
     """Merge the task encoders of ``ctx`` with any registered method (data-free ones ignore the data)."""
     entry = METHODS.get(method)
     p = METHODS.params_for(method, params, "params")
-    w = [1.0] * len(ctx.encoders) if weights is None else list(weights)
+    w = [1.0] * len(ctx.encoders) if weights is None else [float(x) for x in weights]
+    check_weights(method, w)
     if entry.extra.get("kind") == "data-free":
         return merge_state_dicts(method, ctx.pretrained if entry.extra.get("needs_base") else None,
                                  ctx.encoders, p, w, seed=seed)

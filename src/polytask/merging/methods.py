@@ -3,19 +3,22 @@ named in its docstring and its parameters typed (pydantic, unknown keys are erro
 
 Data-free methods take a :class:`MergeInputs` (the base tensor, one tensor per model, per-model weights and
 parameters) and return the merged tensor; the streaming merge calls them name by name. A method that
-needs a statistic of every tensor first (MetaGPT's norms, LwPTV's layer saliency) also registers
-``stats`` (per tensor) and ``finalize`` (over all tensors): the merge then reads the inputs twice.
+needs a statistic of every tensor first (MetaGPT's norms, LwPTV's layer saliency, a model-wide trim
+threshold) also registers ``passes(params)``: the :class:`StatsPass` es to run, each a read of every tensor
+before the merge; ``inp.stats`` then holds the last pass's value for the tensor.
 Data-driven methods (``kind="data"``, in :mod:`polytask.merging.data_driven`) need models polytask can
 run and inputs to run them on.
 
 Registry ``extra`` keys: ``kind`` (``data-free``/``data``), ``per_model`` (parameters a model entry may
 override), ``order_invariant`` (permuting the models, with their weights, gives the same result),
-``uses_weights`` (per-model ``weight`` is meaningful), ``identity(K)`` (parameters under which merging K
+``uses_weights`` (per-model ``weight`` is meaningful), ``weight_sum`` (the method divides by the summed
+weights, so they must not sum to zero), ``identity(K)`` (parameters under which merging K
 copies of one model returns it: the property suite checks this for every method).
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +54,43 @@ class MergeInputs:
         return self.base
 
 
+@dataclass(frozen=True)
+class StatsPass:
+    """One read of every merged tensor before the merge: ``update(acc, inp)`` for each tensor name in merge
+    order (``inp.stats`` is the previous pass's value for that name), then ``finalize(acc)`` gives each name's
+    value (for the next pass, or ``inp.stats`` of the merge)."""
+
+    init: Callable[[], Any]
+    update: Callable[[Any, MergeInputs], None]
+    finalize: Callable[[Any], dict[str, Any]]
+
+
+def no_passes(params: BaseModel) -> list[StatsPass]:
+    return []
+
+
+def per_name_pass(stat: Callable[[MergeInputs], Any], finalize: Callable[[dict[str, Any], Any], dict[str, Any]]
+                  ) -> Callable[[BaseModel], list[StatsPass]]:
+    """One statistics pass keeping a small value per tensor name, then ``finalize(values, params)``."""
+
+    def passes(p: BaseModel) -> list[StatsPass]:
+        return [StatsPass(dict, lambda acc, inp: acc.__setitem__(inp.name, stat(inp)), lambda acc: finalize(acc, p))]
+
+    return passes
+
+
+def run_passes(passes: Sequence[StatsPass], names: Sequence[str], inputs: Callable[[str, Any], MergeInputs]
+               ) -> dict[str, Any]:
+    """Run the statistics passes over ``names``; ``inputs(name, stats)`` reads one tensor name."""
+    prev: dict[str, Any] = {}
+    for ps in passes:
+        acc = ps.init()
+        for name in names:
+            ps.update(acc, inputs(name, prev.get(name)))
+        prev = ps.finalize(acc)
+    return prev
+
+
 MergeFn = Callable[[MergeInputs], Tensor]
 METHODS: Registry[Any] = Registry("merge method")
 
@@ -62,6 +102,13 @@ class _Params(BaseModel):
 _LAMBDA = "lambda: scale of the merged task vector added to the base (0 returns the base)"
 _DENSITY = "fraction of each task-vector tensor's entries kept, by magnitude (1 keeps all)"
 _DROP = "DARE drop probability p of each task-vector entry (survivors are rescaled by 1/(1-p))"
+TrimScope = Literal["tensor", "model"]
+TieRule = Literal["first", "all"]
+_SCOPE = ("where the trim ranks magnitudes: tensor (each task-vector tensor keeps its own top density, as "
+          "mergekit; one read) or model (the top density of the whole task vector, as the TIES paper and "
+          "FusionBench; two extra reads of the inputs for the model-wide thresholds)")
+_TIES = ("entries tied with the threshold magnitude: first (keep exactly k, the first tied entries in index "
+         "order, then tensor order) or all (keep every tied entry, as the official TIES code: possibly more than k)")
 
 
 class NoParams(_Params):
@@ -72,7 +119,12 @@ class TaskArithmeticParams(_Params):
     lam: float = Field(1.0, alias="lambda", description=_LAMBDA)
 
 
-class TiesParams(_Params):
+class _TrimParams(_Params):
+    trim_scope: TrimScope = Field("tensor", description=_SCOPE)
+    trim_ties: TieRule = Field("first", description=_TIES)
+
+
+class TiesParams(_TrimParams):
     density: float = Field(0.2, ge=0, le=1, description=_DENSITY)
     lam: float = Field(1.0, alias="lambda", description=_LAMBDA)
     normalize: bool = Field(True, description="disjoint mean: divide by the summed weights of the models "
@@ -85,7 +137,7 @@ class DareParams(_Params):
     rescale: bool = Field(True, description="rescale survivors by 1/(1-p) (False: only drop)")
 
 
-class DareTiesParams(_Params):
+class DareTiesParams(_TrimParams):
     drop_rate: float = Field(0.9, ge=0, le=1, description=_DROP)
     density: float = Field(1.0, ge=0, le=1, description=_DENSITY + "; applied after the DARE drop")
     lam: float = Field(1.0, alias="lambda", description=_LAMBDA)
@@ -93,14 +145,14 @@ class DareTiesParams(_Params):
     rescale: bool = Field(True, description="rescale survivors by 1/(1-p)")
 
 
-class BreadcrumbsParams(_Params):
+class BreadcrumbsParams(_TrimParams):
     density: float = Field(0.9, ge=0, le=1, description=_DENSITY + " (the band just below the outliers)")
     gamma: float = Field(0.01, ge=0, le=1, description="fraction of each task-vector tensor's largest-magnitude "
                          "entries (outliers) dropped")
     lam: float = Field(1.0, alias="lambda", description=_LAMBDA)
 
 
-class GeneralizedParams(_Params):
+class GeneralizedParams(_TrimParams):
     sparsify: list[Literal["none", "magnitude", "random", "band"]] = Field(
         default_factory=list, description="sparsification steps in order: magnitude (TIES trim), random (DARE), "
         "band (breadcrumbs)")
@@ -132,16 +184,96 @@ def dare_generator(seed: int, name: str, k: int) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}\0{name}\0{k}".encode()) + (seed << 32))
 
 
+def _generators(inp: MergeInputs, sparsify: Sequence[str]) -> list[torch.Generator] | None:
+    return [dare_generator(inp.seed, inp.name, k) for k in range(len(inp.tensors))] if "random" in sparsify else None
+
+
 def _gta(inp: MergeInputs, method: str, *, sparsify: Sequence[str], consensus: bool, normalize: bool,
          lam: float, rescale: bool = True) -> Tensor:
     base = inp.need_base(method)
     mp = inp.model_params
-    gens = [dare_generator(inp.seed, inp.name, k) for k in range(len(inp.tensors))] if "random" in sparsify else None
+    p = inp.params
+    model_scope = getattr(p, "trim_scope", "tensor") == "model" and any(s in ops.TRIM_STEPS for s in sparsify)
     return ops.generalized_task_arithmetic(
         base, inp.tensors, inp.weights, sparsify=tuple(sparsify) or "none",
-        density=[getattr(p, "density", 1.0) for p in mp], drop_rate=[getattr(p, "drop_rate", 0.0) for p in mp],
-        gamma=[getattr(p, "gamma", 0.0) for p in mp], generators=gens, consensus=consensus,
-        normalize=normalize, lam=lam, rescale=rescale, consume=inp.consume)
+        density=[getattr(q, "density", 1.0) for q in mp], drop_rate=[getattr(q, "drop_rate", 0.0) for q in mp],
+        gamma=[getattr(q, "gamma", 0.0) for q in mp], generators=_generators(inp, sparsify), consensus=consensus,
+        normalize=normalize, lam=lam, rescale=rescale, tie_rule=getattr(p, "trim_ties", "first"),
+        trims=inp.stats if model_scope else None, consume=inp.consume)
+
+
+@dataclass
+class _ModelTrim:
+    """State of the model-wide trim passes: per model, a radix selection over its whole task vector."""
+
+    steps: list[str]
+    selects: list[ops.RadixSelect] = field(default_factory=list)
+    ranks: list[tuple[int, int] | None] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    model_params: list[BaseModel] = field(default_factory=list)
+
+    def taus(self, inp: MergeInputs) -> list[Tensor]:
+        """Each model's task vector as the trim sees it: after the sparsification steps before the trim."""
+        base = inp.need_base("trim_scope: model")
+        gens = _generators(inp, self.steps)
+        p = inp.params
+        return [ops.task_vector(base, t, self.steps, drop_rate=getattr(q, "drop_rate", 0.0),
+                                generator=gens[k] if gens else None, rescale=getattr(p, "rescale", True),
+                                consume=inp.consume)
+                for k, (t, q) in enumerate(zip(inp.tensors, inp.model_params, strict=True))]
+
+
+def _sparsify_steps(method: str, p: BaseModel) -> list[str]:
+    fixed = {"ties": ["magnitude"], "dare_ties": ["random", "magnitude"], "breadcrumbs": ["band"]}
+    return fixed[method] if method in fixed else list(getattr(p, "sparsify", []))
+
+
+def model_trim_passes(method: str) -> Callable[[BaseModel], list[StatsPass]]:
+    """The two statistics passes of ``trim_scope: model``: the top 16 bits of every magnitude of each task
+    vector, then the low 16 bits inside the buckets that hold the model-wide ranks (exact thresholds)."""
+
+    def passes(p: BaseModel) -> list[StatsPass]:
+        if getattr(p, "trim_scope", "tensor") != "model":
+            return []
+        steps = _sparsify_steps(method, p)
+        trims = [i for i, s in enumerate(steps) if s in ops.TRIM_STEPS]
+        if len(trims) != 1:
+            raise ConfigError(f"params.trim_scope: model needs exactly one magnitude or band step in {method}'s "
+                              f"sparsify (got {steps})")
+        kind = steps[trims[0]]
+        rule = getattr(p, "trim_ties", "first")
+
+        state = _ModelTrim(steps[:trims[0]])  # both passes fill this one state (one merge calls passes once)
+
+        def high(acc: _ModelTrim, inp: MergeInputs) -> None:
+            if not acc.selects:
+                acc.selects = [ops.RadixSelect() for _ in inp.tensors]
+                acc.model_params = list(inp.model_params)
+            acc.names.append(inp.name)
+            for sel, tau in zip(acc.selects, acc.taus(inp), strict=True):
+                sel.count_high(tau)
+
+        def locate(acc: _ModelTrim) -> dict[str, Any]:
+            for sel, q in zip(acc.selects, acc.model_params, strict=True):
+                ranks = ops.trim_ranks(kind, sel.n, getattr(q, "density", 1.0), getattr(q, "gamma", 0.0))
+                acc.ranks.append(ranks)
+                if ranks is not None and ranks[0] > 0:
+                    sel.locate(ops.needed_ranks(*ranks, rule))
+            return {}
+
+        def low(acc: _ModelTrim, inp: MergeInputs) -> None:
+            for sel, ranks, tau in zip(acc.selects, acc.ranks, acc.taus(inp), strict=True):
+                if ranks is not None and ranks[0] > 0:
+                    sel.count_low(tau)
+
+        def finish(acc: _ModelTrim) -> dict[str, Any]:
+            trims_ = [None if r is None else ops.trim_of(sel.thresholds() if r[0] > 0 else {}, *r, rule)
+                      for sel, r in zip(acc.selects, acc.ranks, strict=True)]
+            return dict.fromkeys(acc.names, trims_)
+
+        return [StatsPass(lambda: state, high, locate), StatsPass(lambda: state, low, finish)]
+
+    return passes
 
 
 def _identity_lambda(k: int) -> dict[str, Any]:
@@ -150,7 +282,8 @@ def _identity_lambda(k: int) -> dict[str, Any]:
 
 @METHODS.register("average", summary="weight averaging: sum_k w_k theta_k / sum_k w_k",
                   paper="Wortsman et al. 2022, Model soups", kind="data-free", per_model=(),
-                  order_invariant=True, uses_weights=True, needs_base=False, identity=lambda k: {})
+                  order_invariant=True, uses_weights=True, needs_base=False, weight_sum="nonzero",
+                  identity=lambda k: {})
 def average(inp: MergeInputs) -> Tensor:
     """Weight averaging (Wortsman et al. 2022, "Model soups"): the weighted mean of the models; the base is
     not part of it (list it as a model to include it)."""
@@ -171,7 +304,7 @@ def task_arithmetic(inp: MergeInputs) -> Tensor:
 @METHODS.register("ties", params=TiesParams,
                   summary="trim each task vector to its top-density magnitudes, elect a sign, disjoint mean",
                   paper="Yadav et al. 2023, TIES-Merging", kind="data-free", per_model=("density",),
-                  order_invariant=True, uses_weights=True, needs_base=True,
+                  order_invariant=True, uses_weights=True, needs_base=True, passes=model_trim_passes("ties"),
                   identity=lambda k: {"density": 1.0, "lambda": 1.0})
 def ties(inp: MergeInputs) -> Tensor:
     """TIES-Merging (Yadav et al. 2023): trim (keep the top ``density`` magnitudes of each task-vector
@@ -198,6 +331,7 @@ def dare(inp: MergeInputs) -> Tensor:
                   summary="DARE drop and rescale, then TIES (optional trim, sign election, disjoint mean)",
                   paper="Yu et al. 2024 (DARE) + Yadav et al. 2023 (TIES)", kind="data-free",
                   per_model=("drop_rate", "density"), order_invariant=False, uses_weights=True, needs_base=True,
+                  passes=model_trim_passes("dare_ties"),
                   identity=lambda k: {"drop_rate": 0.0, "density": 1.0, "lambda": 1.0})
 def dare_ties(inp: MergeInputs) -> Tensor:
     """DARE as a preprocessing step of TIES (Yu et al. 2024, sec. 4): drop and rescale each task vector,
@@ -211,6 +345,7 @@ def dare_ties(inp: MergeInputs) -> Tensor:
                   summary="mask the largest (outliers) and smallest task-vector entries, then task arithmetic",
                   paper="Davari & Belilovsky 2024, Model Breadcrumbs", kind="data-free",
                   per_model=("density", "gamma"), order_invariant=True, uses_weights=True, needs_base=True,
+                  passes=model_trim_passes("breadcrumbs"),
                   identity=lambda k: {"density": 1.0, "gamma": 0.0, "lambda": 1.0 / k})
 def breadcrumbs(inp: MergeInputs) -> Tensor:
     """Model Breadcrumbs (Davari & Belilovsky 2024): per task-vector tensor drop the ``gamma`` fraction of
@@ -223,7 +358,7 @@ def breadcrumbs(inp: MergeInputs) -> Tensor:
                   summary="any combination of sparsify (magnitude/random/band) x sign consensus x sum/mean",
                   paper="the shared shape of TIES, DARE and breadcrumbs (mergekit's generalized task arithmetic)",
                   kind="data-free", per_model=("density", "drop_rate", "gamma"), order_invariant=False,
-                  uses_weights=True, needs_base=True,
+                  uses_weights=True, needs_base=True, passes=model_trim_passes("generalized"),
                   identity=lambda k: {"lambda": 1.0 / k})
 def generalized(inp: MergeInputs) -> Tensor:
     """The parts of :func:`polytask.merging.ops.generalized_task_arithmetic` chosen by parameters."""
@@ -261,7 +396,7 @@ def _metagpt_finalize(stats: dict[str, list[float]], params: MetaGPTParams) -> d
                   summary="task arithmetic with closed-form lambda_k = ||tau_k||^2 / sum_j ||tau_j||^2",
                   paper="Zhou et al. 2024, MetaGPT: Merging LLMs Using Model Exclusive Task Arithmetic",
                   kind="data-free", per_model=(), order_invariant=True, uses_weights=False, needs_base=True,
-                  stats=_task_norms, finalize=_metagpt_finalize, identity=lambda k: {})
+                  passes=per_name_pass(_task_norms, _metagpt_finalize), identity=lambda k: {})
 def metagpt(inp: MergeInputs) -> Tensor:
     """MetaGPT (Zhou et al. 2024): ``base + sum_k lambda_k tau_k`` with the closed-form coefficients
     ``lambda_k = ||tau_k||^2 / sum_j ||tau_j||^2`` that minimise the paper's upper bound on the average
@@ -297,18 +432,22 @@ def _lwptv_finalize(stats: dict[str, list[float]], params: LwPTVParams) -> dict[
 
 def _lwptv_base(params: LwPTVParams) -> tuple[Any, BaseModel]:
     entry = METHODS.get(params.base_method)
-    if entry.extra.get("kind") != "data-free" or "stats" in entry.extra or entry.name == "lwptv":
+    if entry.extra.get("kind") != "data-free" or entry.name == "lwptv":
         raise ConfigError(f"lwptv: base_method {params.base_method!r} must be a single-pass data-free method "
                           "(e.g. task_arithmetic, ties, dare, breadcrumbs)")
-    return entry, METHODS.params_for(entry.name, params.base_params, "params.base_params")
+    bp = METHODS.params_for(entry.name, params.base_params, "params.base_params")
+    if passes_of(entry.name, bp):
+        raise ConfigError(f"lwptv: base_method {params.base_method!r} with these base_params reads the inputs "
+                          "before merging (e.g. trim_scope: model); lwptv wraps single-pass methods only")
+    return entry, bp
 
 
 @METHODS.register("lwptv", params=LwPTVParams,
                   summary="prune each model's task vector at layers of low saliency, then merge with base_method",
                   paper="Zhang et al. 2025, Merging Smarter, Generalizing Better: Enhancing Model Merging on OOD "
                         "Data (LwPTV)", kind="data-free", per_model=("density", "drop_rate", "gamma"),
-                  order_invariant=True, uses_weights=True, needs_base=True, stats=_lwptv_stats,
-                  finalize=_lwptv_finalize, identity=lambda k: {"threshold": 0.0,
+                  order_invariant=True, uses_weights=True, needs_base=True,
+                  passes=per_name_pass(_lwptv_stats, _lwptv_finalize), identity=lambda k: {"threshold": 0.0,
                                                                "base_params": {"lambda": 1.0 / k}})
 def lwptv(inp: MergeInputs) -> Tensor:
     """LwPTV (Zhang et al. 2025): a mask per model over layers, from a saliency score of each layer of its
@@ -358,7 +497,28 @@ def data_free_setup(method: str, params: dict[str, Any] | BaseModel | None, weig
     p = METHODS.params_for(method, params, "params")
     mp = model_params_for(method, p, model_params or [{}] * n)
     w = [1.0] * n if weights is None else [float(x) for x in weights]
+    check_weights(method, w)
     return entry, p, mp, w
+
+
+def check_weights(method: str, weights: Sequence[float]) -> None:
+    """Refuse model weights ``method`` cannot use, before any work: non-finite weights, and for a method that
+    divides by the summed weights (``weight_sum``: a weighted mean) weights summing to zero, or negative ones
+    where the method needs them positive (``weight_sum: "positive"``: Fisher's weighted mean of Fishers)."""
+    for i, w in enumerate(weights):
+        if not math.isfinite(w):
+            raise ConfigError(f"models.{i}.weight: {w} is not a finite number")
+    rule = METHODS.get(method).extra.get("weight_sum")
+    if not rule:
+        return
+    shown = ", ".join(f"{w:g}" for w in weights)
+    if rule == "positive" and any(w < 0 for w in weights):
+        i = next(i for i, w in enumerate(weights) if w < 0)
+        raise ConfigError(f"models.{i}.weight: {method} takes non-negative weights (a weighted mean); got {shown}")
+    if abs(math.fsum(weights)) <= 1e-9 * math.fsum(abs(w) for w in weights) or not any(weights):
+        raise ConfigError(f"models' weights ({shown}) sum to zero, but {method} divides by their sum (a weighted "
+                          "mean); give weights with a non-zero sum, or use task_arithmetic to add and subtract "
+                          "task vectors")
 
 
 def merge_tensors(method: str, base: Tensor | None, tensors: Sequence[Tensor], params: dict[str, Any] | BaseModel |
@@ -370,6 +530,13 @@ def merge_tensors(method: str, base: Tensor | None, tensors: Sequence[Tensor], p
     """
     entry, p, mp, w = data_free_setup(method, params, weights, model_params, len(tensors))
     inp = MergeInputs(name, base, list(tensors), w, p, mp, seed)
-    if "stats" in entry.extra:
-        inp.stats = entry.extra["finalize"]({name: entry.extra["stats"](inp)}, p)[name]
+    passes = passes_of(method, p)
+    if passes:
+        inp.stats = run_passes(passes, [name], lambda n, st: MergeInputs(n, base, list(tensors), w, p, mp, seed,
+                                                                         st)).get(name)
     return entry.build(inp)
+
+
+def passes_of(method: str, params: BaseModel) -> list[StatsPass]:
+    """The statistics passes ``method`` needs before merging with ``params`` (none for most)."""
+    return METHODS.get(method).extra.get("passes", no_passes)(params)

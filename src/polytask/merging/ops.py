@@ -15,14 +15,13 @@ over fixed-size chunks so temporaries stay small whatever the tensor size.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 CHUNK = 1 << 20  # elements per chunk of elementwise work
-_LITTLE = sys.byteorder == "little"
 
 
 def _chunks(n: int) -> range:
@@ -34,96 +33,229 @@ def own(t: Tensor, consume: bool) -> Tensor:
     return t if consume and t.is_contiguous() else t.clone(memory_format=torch.contiguous_format)
 
 
-def kth_largest_abs(t: Tensor, k: int) -> float:
-    """The ``k``-th largest ``|t|`` (1-based), exactly.
+MAX_KEY = 0x7FFFFFFF  # the magnitude key of a NaN with every payload bit set; keys are never larger
+SMALL = 1 << 15  # tensors up to this many entries are selected by sorting their keys (no histogram passes)
+TIE_RULES = ("first", "all")
 
-    float32 uses a two-pass radix select on the bit patterns (for non-negative floats the integer order of
-    the bits is the numeric order): a histogram of the top 16 bits finds the bucket holding the k-th
-    value, a histogram of the low 16 bits inside that bucket finds the value. That is several times
-    faster than ``torch.kthvalue`` on CPU and needs no copy of the tensor. Other dtypes use kthvalue.
-    """
-    n = t.numel()
-    if not 1 <= k <= n:
-        raise ValueError(f"k={k} is outside 1..{n}")
+
+def magnitude_keys(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """int32 keys that order ``|x|`` (compared as float32): for non-negative floats the integer order of the
+    bit patterns is the numeric order, so ``|x|`` is ``x``'s bits without the sign bit. NaN sorts above inf."""
+    f = x if x.dtype == torch.float32 else x.float()
+    return torch.bitwise_and(f.view(torch.int32), MAX_KEY, out=out)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """The ``rank``-th largest magnitude key of a tensor (or of a whole task vector) and how many entries
+    have a larger key (``greater``) or this key (``equal``): ``greater < rank <= greater + equal``."""
+
+    key: int
+    greater: int
+    equal: int
+
+
+class RadixSelect:
+    """Exact rank selection of magnitude keys over a stream of tensors, in two passes (radix select): the
+    first counts the top 16 bits of every key, which finds the bucket holding each wanted rank; the second
+    counts the low 16 bits of the keys inside those buckets. Memory: the histograms, whatever the stream."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.high = torch.zeros(1 << 15, dtype=torch.int64)
+        self.low: dict[int, Tensor] = {}
+        self.where: dict[int, tuple[int, int]] = {}
+
+    def count_high(self, x: Tensor) -> None:
+        """First pass: one tensor of the stream."""
+        flat = x.reshape(-1)
+        self.n += flat.numel()
+        for s in _chunks(flat.numel()):
+            self.high += torch.bincount(magnitude_keys(flat[s:s + CHUNK]) >> 16, minlength=1 << 15)
+
+    def locate(self, ranks: Sequence[int]) -> None:
+        """Between the passes: the bucket of each rank (1 = the largest)."""
+        from_top = self.high.flip(0).cumsum(0)
+        for r in ranks:
+            if not 1 <= r <= self.n:
+                raise ValueError(f"rank {r} is outside 1..{self.n}")
+            i = int(torch.searchsorted(from_top, r))
+            self.where[r] = ((1 << 15) - 1 - i, int(from_top[i - 1]) if i else 0)
+        self.low = {b: torch.zeros(1 << 16, dtype=torch.int64) for b, _ in self.where.values()}
+
+    def count_low(self, x: Tensor) -> None:
+        """Second pass: one tensor of the stream (in any order)."""
+        flat = x.reshape(-1)
+        for s in _chunks(flat.numel()):
+            keys = magnitude_keys(flat[s:s + CHUNK])
+            high = keys >> 16
+            for b, hist in self.low.items():
+                hist += torch.bincount(keys[high == b] & 0xFFFF, minlength=1 << 16)
+
+    def thresholds(self) -> dict[int, Threshold]:
+        """After the second pass: the threshold of every located rank."""
+        out = {}
+        for r, (b, above) in self.where.items():
+            low = self.low[b]
+            from_top = low.flip(0).cumsum(0)
+            j = int(torch.searchsorted(from_top, r - above))
+            lo = (1 << 16) - 1 - j
+            out[r] = Threshold((b << 16) | lo, above + (int(from_top[j - 1]) if j else 0), int(low[lo]))
+        return out
+
+
+def thresholds(t: Tensor, ranks: Sequence[int]) -> dict[int, Threshold]:
+    """The threshold of each rank (1 = the largest magnitude) of one tensor, exactly."""
     flat = t.reshape(-1)
-    if flat.dtype != torch.float32:
-        return float(torch.kthvalue(flat.abs().float(), n - k + 1).values)
-    bits = _kth_abs_bits(flat, k)
-    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
-
-
-def _halves(c: Tensor) -> tuple[Tensor, Tensor]:
-    """The high and low 16 bits of each float32 of ``c`` (int16 views, no copy)."""
-    v = c.view(torch.int16)
-    return (v[1::2], v[0::2]) if _LITTLE else (v[0::2], v[1::2])
-
-
-def _kth_abs_bits(flat: Tensor, k: int) -> int:
-    """The bit pattern of the k-th largest |x| of a contiguous float32 vector (radix select, two passes)."""
     n = flat.numel()
-    hist = torch.zeros(1 << 15, dtype=torch.int64)
-    for s in _chunks(n):
-        hi, _ = _halves(flat[s:s + CHUNK])
-        hist += torch.bincount(hi & 0x7FFF, minlength=1 << 15)
-    from_top = hist.flip(0).cumsum(0)
-    i = int(torch.searchsorted(from_top, k))
-    bucket = (1 << 15) - 1 - i
-    above = int(from_top[i - 1]) if i > 0 else 0
-    low = torch.zeros(1 << 16, dtype=torch.int64)
-    for s in _chunks(n):
-        hi, lo = _halves(flat[s:s + CHUNK])
-        inside = lo[(hi & 0x7FFF) == bucket].to(torch.int32) & 0xFFFF
-        low += torch.bincount(inside, minlength=1 << 16)
-    j = int(torch.searchsorted(low.flip(0).cumsum(0), k - above))
-    return (bucket << 16) | ((1 << 16) - 1 - j)
+    if n <= SMALL:
+        asc = magnitude_keys(flat).sort().values
+        out = {}
+        for r in ranks:
+            if not 1 <= r <= n:
+                raise ValueError(f"rank {r} is outside 1..{n}")
+            key = asc[n - r]
+            left, right = int(torch.searchsorted(asc, key)), int(torch.searchsorted(asc, key, right=True))
+            out[r] = Threshold(int(key), n - right, right - left)
+        return out
+    sel = RadixSelect()
+    sel.count_high(flat)
+    sel.locate(ranks)
+    sel.count_low(flat)
+    return sel.thresholds()
 
 
-def magnitude_prune(tau: Tensor, density: float, *, inplace: bool = False) -> Tensor:
-    """TIES' trim step (Yadav et al. 2023): keep the ``density`` fraction of entries of ``tau`` with the
-    largest magnitude, zero the rest. k = max(1, int(density * numel)) as in mergekit; entries tied with the
-    k-th magnitude are all kept."""
-    out = own(tau, inplace)
-    n = out.numel()
+def kth_largest_abs(t: Tensor, k: int) -> float:
+    """The ``k``-th largest ``|t|`` (1-based) as a float32 value, exactly."""
+    key = thresholds(t, [k])[k].key
+    return float(torch.tensor([key], dtype=torch.int32).view(torch.float32))
+
+
+@dataclass
+class Cut:
+    """The top of a magnitude ranking: every entry whose key is above ``key``, and the first ``ties`` of the
+    ``equal`` entries whose key is ``key`` (first in index order; for a model-wide cut, in the order the
+    tensors are merged). ``used`` counts the ties already kept (a model-wide cut is applied tensor by tensor)."""
+
+    key: int
+    ties: int
+    equal: int
+    used: int = 0
+
+    @classmethod
+    def of(cls, th: Threshold, rank: int, rule: str) -> Cut:
+        """The top ``rank`` entries: exactly ``rank`` with ``first``; with ``all`` every entry tied with the
+        rank-th is kept too."""
+        return cls(th.key, th.equal if rule == "all" else rank - th.greater, th.equal)
+
+    def mask(self, keys: Tensor) -> Tensor:
+        """Which entries (of the next chunk, in order) are in the top."""
+        if self.ties >= self.equal:
+            return keys >= self.key
+        m = keys > self.key
+        left = self.ties - self.used
+        if left <= 0:
+            return m
+        eq = keys == self.key
+        c = int(eq.sum())
+        if c > left:
+            eq &= eq.cumsum(0, dtype=torch.int32) <= left
+            c = left
+        self.used += c
+        return m.logical_or_(eq)
+
+
+@dataclass
+class Trim:
+    """Which entries of a task vector survive a magnitude trim: the top ``keep`` minus the top ``drop``
+    (the outliers Model Breadcrumbs removes). ``keep`` None keeps nothing."""
+
+    keep: Cut | None
+    drop: Cut | None = None
+
+
+def trim_ranks(kind: str, n: int, density: float, gamma: float = 0.0) -> tuple[int, int] | None:
+    """(keep, drop) ranks of a trim of ``n`` entries, or None when nothing is trimmed.
+
+    ``magnitude`` (TIES): the top ``k = max(1, int(density * n))`` (as mergekit; density 0 keeps nothing).
+    ``band`` (breadcrumbs): ``int(density * n)`` entries below the ``int(gamma * n)`` largest; with
+    density + gamma > 1 fewer outliers are dropped, as in mergekit."""
     if density >= 1 or n == 0:
-        return out
-    if density <= 0:
-        return out.zero_()
-    k = max(1, int(density * n))
-    flat = out.view(-1)
-    if flat.dtype == torch.float32:
-        thr_bits = _kth_abs_bits(flat, k)
-        for s in _chunks(n):
-            c = flat[s:s + CHUNK]
-            c.mul_((c.view(torch.int32) & 0x7FFFFFFF) >= thr_bits)
-        return out
-    thr = kth_largest_abs(out, k)
-    for s in _chunks(n):
-        c = flat[s:s + CHUNK]
-        c.mul_(c.abs() >= thr)
-    return out
-
-
-def magnitude_band(tau: Tensor, density: float, gamma: float, *, inplace: bool = False) -> Tensor:
-    """Model Breadcrumbs' mask (Davari & Belilovsky 2024): drop the ``gamma`` fraction of entries with the
-    largest magnitude (outliers) and the smallest ones, keeping ``density`` of the entries (the band just
-    below the outliers; with ``density + gamma > 1`` fewer outliers are dropped, as in mergekit)."""
-    out = own(tau, inplace)
-    n = out.numel()
-    if density >= 1 or n == 0:
-        return out
+        return None
+    if kind == "magnitude":
+        return (max(1, int(density * n)) if density > 0 else 0), 0
     keep = int(density * n)
     if keep <= 0:
-        return out.zero_()
-    n_top = int(gamma * n)
-    n_bot = max(0, n - keep - n_top)
-    hi = kth_largest_abs(out, n - (n_bot + keep - 1))
-    lo = kth_largest_abs(out, n - n_bot)
-    flat = out.view(-1)
-    for s in _chunks(n):
-        c = flat[s:s + CHUNK]
-        a = c.abs()
-        c.mul_((a >= lo) & (a <= hi))
+        return 0, 0
+    n_bot = max(0, n - keep - int(gamma * n))
+    return n - n_bot, n - n_bot - keep
+
+
+def needed_ranks(keep: int, drop: int, rule: str) -> list[int]:
+    """The ranks whose thresholds a trim with these ranks needs."""
+    out = [keep] if keep > 0 else []
+    if keep > 0 and drop > 0:
+        out.append(drop + 1 if rule == "all" else drop)
     return out
+
+
+def trim_of(ths: dict[int, Threshold], keep: int, drop: int, rule: str) -> Trim:
+    """The trim keeping the top ``keep`` minus the top ``drop`` entries, from the thresholds of those ranks.
+    With ``all`` ties are resolved towards keeping: every entry tied with the keep-th is kept, and only the
+    entries strictly above the (drop+1)-th are dropped."""
+    if keep <= 0:
+        return Trim(None)
+    cut = Cut.of(ths[keep], keep, rule)
+    if drop <= 0:
+        return Trim(cut)
+    if rule == "all":
+        th = ths[drop + 1]
+        return Trim(cut, Cut(th.key, 0, th.equal))
+    return Trim(cut, Cut.of(ths[drop], drop, rule))
+
+
+def tensor_trim(tau: Tensor, kind: str, density: float, gamma: float = 0.0, rule: str = "first") -> Trim | None:
+    """The trim of one tensor by its own magnitudes (``trim_scope: tensor``)."""
+    ranks = trim_ranks(kind, tau.numel(), density, gamma)
+    if ranks is None:
+        return None
+    return trim_of(thresholds(tau, needed_ranks(*ranks, rule)) if ranks[0] > 0 else {}, *ranks, rule)
+
+
+def apply_trim(tau: Tensor, trim: Trim | None) -> Tensor:
+    """Zero the entries of ``tau`` (in place) that ``trim`` does not keep."""
+    if trim is None:
+        return tau
+    if trim.keep is None:
+        return tau.zero_()
+    flat = tau.view(-1)
+    for s in _chunks(flat.numel()):
+        c = flat[s:s + CHUNK]
+        keys = magnitude_keys(c)
+        m = trim.keep.mask(keys)
+        if trim.drop is not None:
+            m.logical_and_(trim.drop.mask(keys).logical_not_())
+        c.masked_fill_(m.logical_not_(), 0)
+    return tau
+
+
+def magnitude_prune(tau: Tensor, density: float, *, rule: str = "first", inplace: bool = False) -> Tensor:
+    """TIES' trim step (Yadav et al. 2023): keep the ``density`` fraction of entries of ``tau`` with the largest
+    magnitude, zero the rest. k = max(1, int(density * numel)) as in mergekit. ``rule``: ``first`` keeps exactly
+    k (of the entries tied with the k-th magnitude, the first in index order); ``all`` keeps every tied entry
+    (the official TIES code's ``>= kthvalue``), so possibly more than k."""
+    out = own(tau, inplace)
+    return apply_trim(out, tensor_trim(out, "magnitude", density, 0.0, rule))
+
+
+def magnitude_band(tau: Tensor, density: float, gamma: float, *, rule: str = "first",
+                   inplace: bool = False) -> Tensor:
+    """Model Breadcrumbs' mask (Davari & Belilovsky 2024): drop the ``gamma`` fraction of entries with the
+    largest magnitude (outliers) and the smallest ones, keeping ``density`` of the entries (the band just
+    below the outliers; with ``density + gamma > 1`` fewer outliers are dropped, as in mergekit). ``rule`` as
+    in :func:`magnitude_prune` (``first``: exactly ``int(density * n)`` entries)."""
+    out = own(tau, inplace)
+    return apply_trim(out, tensor_trim(out, "band", density, gamma, rule))
 
 
 def random_drop(tau: Tensor, drop_rate: float, generator: torch.Generator, *, rescale: bool = True,
@@ -188,6 +320,28 @@ def _combine_chunk(base: Tensor, taus: list[Tensor], weights: Sequence[float], c
     base += mixed
 
 
+TRIM_STEPS = ("magnitude", "band")
+
+
+def task_vector(base: Tensor, t: Tensor, steps: Sequence[str], *, density: float = 1.0, drop_rate: float = 0.0,
+                gamma: float = 0.0, generator: torch.Generator | None = None, rescale: bool = True,
+                tie_rule: str = "first", trim: Trim | None = None, consume: bool = False) -> Tensor:
+    """``sparsify(t - base)`` for one model, the sparsification ``steps`` applied in order: ``none``,
+    ``random`` (DARE: ``drop_rate``, ``generator``), ``magnitude`` (TIES trim: ``density``) or ``band``
+    (breadcrumbs: ``density``, ``gamma``). A trim decided beforehand over the whole model (``trim``) replaces
+    the per-tensor selection of the magnitude/band step."""
+    tau = own(t, consume)
+    tau -= base
+    for step in steps:
+        if step == "random":
+            random_drop(tau, drop_rate, generator, rescale=rescale, inplace=True)  # type: ignore[arg-type]
+        elif step in TRIM_STEPS:
+            apply_trim(tau, trim if trim is not None else tensor_trim(tau, step, density, gamma, tie_rule))
+        elif step != "none":
+            raise ValueError(f"unknown sparsification {step!r}")
+    return tau
+
+
 def generalized_task_arithmetic(
     base: Tensor,
     tensors: Sequence[Tensor],
@@ -202,13 +356,15 @@ def generalized_task_arithmetic(
     normalize: bool = False,
     lam: float = 1.0,
     rescale: bool = True,
+    tie_rule: str = "first",
+    trims: Sequence[Trim | None] | None = None,
     consume: bool = False,
 ) -> Tensor:
     """``base + lam * combine(weight_k * sparsify(theta_k - base))`` for one tensor.
 
-    ``sparsify``: one step or a sequence of steps applied in order: ``none``, ``magnitude`` (TIES trim,
-    per-model ``density``), ``random`` (DARE, per-model ``drop_rate`` and generator) or ``band``
-    (breadcrumbs, per-model ``density`` and ``gamma``).
+    ``sparsify``: one step or a sequence of steps applied in order (see :func:`task_vector`), with per-model
+    ``density``, ``drop_rate``, ``gamma`` and ``generators``; ``tie_rule`` resolves ties at a trim threshold
+    (see :func:`magnitude_prune`); ``trims``: per model, a trim decided over the whole model (model scope).
     ``consensus``: keep only entries whose sign agrees with the elected sign (TIES). ``normalize``: divide
     by the summed weights (of the agreeing entries, with consensus) - the disjoint mean.
     With ``consume`` the function may overwrite ``base`` and ``tensors`` (the streaming merge owns them).
@@ -219,17 +375,10 @@ def generalized_task_arithmetic(
     steps = [sparsify] if isinstance(sparsify, str) else list(sparsify)
     taus = []
     for i, t in enumerate(tensors):
-        tau = own(t, consume)
-        tau -= base
-        for step in steps:
-            if step == "random":
-                random_drop(tau, drop_rate[i], generators[i], rescale=rescale, inplace=True)
-            elif step == "magnitude":
-                magnitude_prune(tau, density[i], inplace=True)
-            elif step == "band":
-                magnitude_band(tau, density[i], gamma[i], inplace=True)
-            elif step != "none":
-                raise ValueError(f"unknown sparsification {step!r}")
+        tau = task_vector(base, t, steps, density=density[i] if density else 1.0,
+                          drop_rate=drop_rate[i] if drop_rate else 0.0, gamma=gamma[i] if gamma else 0.0,
+                          generator=generators[i] if generators else None, rescale=rescale, tie_rule=tie_rule,
+                          trim=trims[i] if trims else None, consume=consume)
         if weights[i] != 1:
             tau *= weights[i]
         taus.append(tau.reshape(-1))

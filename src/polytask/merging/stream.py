@@ -3,13 +3,19 @@
 Whole models are never held: the peak is the current tensor from each of the N+1 inputs, the merge's
 chunked workspace, and (when ``prefetch`` allows) the next tensors being read in the background. Every
 check that can be made from the headers (missing tensors, shapes, dtypes, vocabulary sizes) runs before
-any output exists; a failure later (a corrupt byte range, a NaN with ``check_finite``) removes the
-partial output, so a failed merge leaves nothing behind.
+any output exists; a failure later (a corrupt byte range, a NaN or inf in an input or the output, a full
+disk) removes the partial output, so a failed merge leaves nothing behind.
+
+Vocabulary tensors are the input embedding and output head: a tensor whose first dimension is the base
+config's ``vocab_size`` and whose name is an embedding or head (``embed_tokens``, ``wte``, ``lm_head``,
+``output``, ...), or one matching ``options.vocab_tensors``. Only they may differ in their number of rows
+(``options.vocab``); any other shape difference is a shape mismatch.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import re
@@ -27,7 +33,15 @@ from torch import Tensor
 import polytask
 from polytask.errors import CheckpointError, ConfigError, DataError
 from polytask.merging.checkpoint import Checkpoint, iter_config_files, open_checkpoint
-from polytask.merging.methods import METHODS, MergeInputs, data_free_setup, model_params_for
+from polytask.merging.methods import (
+    METHODS,
+    MergeInputs,
+    check_weights,
+    data_free_setup,
+    model_params_for,
+    passes_of,
+    run_passes,
+)
 from polytask.merging.tensorfile import itemsize
 from polytask.merging.writer import ShardedWriter, parse_size
 
@@ -41,10 +55,15 @@ class MergeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     allow_pickle: bool = Field(False, description="load .bin/.pt inputs with torch.load(weights_only=True)")
-    check_finite: bool = Field(False, description="fail on NaN or inf in any input tensor")
+    check_finite: bool = Field(True, description="fail on NaN or inf in any input tensor or merged tensor, "
+                               "naming the file and tensor (false: merge the values as given)")
     vocab: Literal["error", "shared"] = Field(
-        "error", description="inputs whose tensors differ only in the number of rows (vocabulary): fail, or "
-        "merge only the rows they share (the output keeps the shared rows)")
+        "error", description="inputs whose vocabulary tensors (input embedding, output head) have different "
+        "numbers of rows: fail, or merge only the rows they share (the output keeps the shared rows and its "
+        "config.json the shared vocab_size)")
+    vocab_tensors: list[str] = Field(default_factory=list, description="regexes of tensor names that are "
+                                     "vocabulary tensors (default: embedding and head names whose first "
+                                     "dimension is the base config's vocab_size)")
     seed: int = Field(0, description="seed of random methods (DARE); each tensor's stream is derived from it")
     include: list[str] = Field(default_factory=list, description="regexes of tensor names to merge (default all)")
     exclude: list[str] = Field(default_factory=list, description="regexes of tensor names copied from the base")
@@ -79,6 +98,46 @@ def _match(name: str, patterns: Sequence[str]) -> bool:
     return any(re.search(p, name) for p in patterns)
 
 
+_VOCAB_PARTS = {"embed", "embeds", "embedding", "embeddings", "embed_tokens", "embed_in", "embed_out", "wte",
+                "word_embeddings", "tok_embeddings", "token_embedding", "lm_head", "output", "shared", "decoder",
+                "head"}
+
+
+def config_vocab_size(config_dir: Path | None) -> int | None:
+    """``vocab_size`` of the model's ``config.json`` (or of its ``text_config``), if any."""
+    cfg = _read_config(config_dir)
+    for c in (cfg, cfg.get("text_config"), cfg.get("llm_config")):
+        if isinstance(c, dict) and isinstance(c.get("vocab_size"), int):
+            return int(c["vocab_size"])
+    return None
+
+
+def _read_config(config_dir: Path | None) -> dict[str, Any]:
+    if config_dir is None or not (config_dir / "config.json").is_file():
+        return {}
+    try:
+        cfg = json.loads((config_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def vocabulary_tensors(base: Checkpoint, patterns: Sequence[str] = ()) -> set[str]:
+    """The base's input-embedding and output-head tensors: a tensor of a module named like one
+    (``embed_tokens``, ``wte``, ``lm_head``, ``output``, ...) with the config's ``vocab_size`` rows, or one
+    matching ``patterns``. Their rows are tokens, so checkpoints with extended vocabularies differ only there."""
+    size = config_vocab_size(base.config_dir)
+    out = set()
+    for n in base.names():
+        shape = base.meta(n).shape
+        if not shape:
+            continue
+        module = n.rsplit(".", 2)[-2] if "." in n else n
+        if _match(n, patterns) or (size is not None and shape[0] == size and module in _VOCAB_PARTS):
+            out.add(n)
+    return out
+
+
 def _check_inputs(base: Checkpoint, models: Sequence[Checkpoint], opts: MergeOptions,
                   out_dtype: torch.dtype | None) -> _Plan:
     """Every check that the headers allow, before any tensor is read."""
@@ -97,6 +156,7 @@ def _check_inputs(base: Checkpoint, models: Sequence[Checkpoint], opts: MergeOpt
             if n not in have:
                 raise CheckpointError(f"{m.path}: tensor {n!r} is missing (the base model {base.path} has it)")
     relative_names = [set(m.names()) if m.relative else set() for m in models]
+    vocab = vocabulary_tensors(base, opts.vocab_tensors)
     merged, copied, rows, out = [], [], {}, {}
     input_bytes = 0
     for n in names:
@@ -112,15 +172,15 @@ def _check_inputs(base: Checkpoint, models: Sequence[Checkpoint], opts: MergeOpt
                     raise CheckpointError(f"{t.file}: tensor {n!r} is {t.dtype}, but {b.file} has {b.dtype}; convert "
                                           "the models to one dtype first")
                 if t.shape != b.shape:
-                    if len(t.shape) == len(b.shape) and t.shape[1:] == b.shape[1:] and len(b.shape) >= 1:
-                        if opts.vocab != "shared":
-                            raise CheckpointError(
-                                f"mismatched vocabulary sizes: tensor {n!r} has {t.shape[0]} rows in {t.file} but "
-                                f"{b.shape[0]} in {b.file}; set options.vocab: shared to merge only the shared rows")
-                        rows[n] = min(rows.get(n, b.shape[0]), t.shape[0])
-                    else:
+                    rows_only = len(t.shape) == len(b.shape) >= 1 and t.shape[1:] == b.shape[1:]
+                    if not (rows_only and n in vocab):
                         raise CheckpointError(f"{t.file}: tensor {n!r} has shape {list(t.shape)}, but {b.file} has "
                                               f"{list(b.shape)}")
+                    if opts.vocab != "shared":
+                        raise CheckpointError(
+                            f"mismatched vocabulary sizes: tensor {n!r} has {t.shape[0]} rows in {t.file} but "
+                            f"{b.shape[0]} in {b.file}; set options.vocab: shared to merge only the shared rows")
+                    rows[n] = min(rows.get(n, b.shape[0]), t.shape[0])
             if n in rows:
                 shape = (rows[n], *b.shape[1:])
             if floating:
@@ -289,6 +349,7 @@ def merge_checkpoints(
     try:
         mp = model_params_for(method, p, [s.params for s in specs])
         weights = [float(s.weight) for s in specs]
+        check_weights(method, weights)
         if not entry.extra.get("uses_weights", True) and any(w != 1 for w in weights):
             raise ConfigError(f"method {method!r} computes its own coefficients; remove the models' weight")
         plan = _check_inputs(b, ckpts, opts, OUT_DTYPES.get(out_dtype))
@@ -303,20 +364,15 @@ def merge_checkpoints(
                 bt, ts = bt[:rows], [t[:rows] for t in ts]
             if check:
                 for src, t in zip([b, *ckpts], [bt, *ts], strict=True):
-                    if not bool(torch.isfinite(t).all()):
+                    if not all_finite(t):
                         file = src.meta(name).file if name in src else src.path
-                        raise DataError(f"{file}: tensor {name!r} contains NaN or inf values")
+                        raise DataError(f"{file}: tensor {name!r} contains NaN or inf values (set "
+                                        "options.check_finite: false to merge them as given)")
             return bt.to(compute), [t.to(compute) for t in ts]
 
-        stats: dict[str, Any] = {}
-        passes = 1
-        if "stats" in entry.extra:
-            passes = 2
-            raw = {}
-            for name in plan.merged:
-                bt, ts = load(name)
-                raw[name] = entry.extra["stats"](MergeInputs(name, bt, ts, weights, p, mp, opts.seed))
-            stats = entry.extra["finalize"](raw, p)
+        passes = passes_of(method, p)
+        stats = run_passes(passes, plan.merged, lambda name, st: MergeInputs(name, *load(name), weights, p, mp,
+                                                                             opts.seed, st, consume=True))
         sizes = {n: _nbytes(compute, plan.out[n][1]) * (len(ckpts) + 2) for n in plan.out}
         meta = {"format": "pt", "polytask_merge_method": method}
         written = 0
@@ -338,6 +394,10 @@ def merge_checkpoints(
                     else:
                         out = got[:plan.rows[name]] if name in plan.rows else got
                     out = out.to(plan.out[name][0]).contiguous()
+                    if check and out.is_floating_point() and not all_finite(out):
+                        why = (f"the merge ({method}) or the cast to {out.dtype} overflowed" if name in merged else
+                               f"copied from {b.meta(name).file}")
+                        raise DataError(f"{output}: merged tensor {name!r} contains NaN or inf values ({why})")
                     writes.put(name, out)
                     written += out.numel() * out.element_size()
                     del out, got
@@ -366,18 +426,41 @@ def merge_checkpoints(
     finally:
         for c in (b, *ckpts):
             c.close()
-    return {**summary, "output": str(out_path), "passes": passes, "input_bytes": plan.input_bytes * passes,
+    reads = 1 + len(passes)
+    return {**summary, "output": str(out_path), "passes": reads, "input_bytes": plan.input_bytes * reads,
             "output_bytes": written, "seconds": time.perf_counter() - t0}
 
 
+def all_finite(t: Tensor) -> bool:
+    """Whether ``t`` has no NaN or inf. A finite sum proves it in one fast reduction (NaN and inf propagate
+    through a sum); only a non-finite sum (which an overflow can also give) needs the elementwise check."""
+    if t.numel() == 0:
+        return True
+    try:
+        if math.isfinite(float(t.sum())):
+            return True
+    except RuntimeError:  # dtypes without a sum kernel (float8)
+        pass
+    return bool(torch.isfinite(t).all())
+
+
 def _shared_vocab_config(path: Path, rows: dict[str, int]) -> bytes:
+    """The base's config.json with ``vocab_size`` (top level or in ``text_config``) set to the shared rows."""
     try:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError):
         return path.read_bytes()
-    if isinstance(cfg, dict) and "vocab_size" in cfg and rows:
-        cfg["vocab_size"] = min(rows.values())
+    if isinstance(cfg, dict) and rows:
+        for c in (cfg, cfg.get("text_config"), cfg.get("llm_config")):
+            if isinstance(c, dict) and "vocab_size" in c:
+                c["vocab_size"] = min(rows.values())
     return (json.dumps(cfg, indent=2) + "\n").encode()
+
+
+def _with_stats(inp: MergeInputs, stats: Any) -> MergeInputs:
+    inp.stats = stats
+    inp.consume = True
+    return inp
 
 
 def merge_state_dicts(method: str, base: dict[str, Tensor] | None, models: Sequence[dict[str, Tensor]],
@@ -401,9 +484,7 @@ def merge_state_dicts(method: str, base: dict[str, Tensor] | None, models: Seque
                            [m[name].to(f32, copy=True) for m in models], w, p, mp, seed)
 
     names = [n for n in ref if ref[n].is_floating_point()]
-    stats: dict[str, Any] = {}
-    if "stats" in entry.extra:
-        stats = entry.extra["finalize"]({n: entry.extra["stats"](inputs(n)) for n in names}, p)
+    stats = run_passes(passes_of(method, p), names, lambda n, st: _with_stats(inputs(n), st))
     out = {}
     for name, t in ref.items():
         if name in names:

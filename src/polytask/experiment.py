@@ -314,14 +314,20 @@ def open_run(config: Config | None, resume: str | os.PathLike[str] | None) -> tu
     return run_dir, config, state
 
 
+def run_suite(config: Config, run_dir: Path) -> TaskSuite:
+    """The configured suite, its fitted preprocessing (scalers, class labels) saved beside config.yaml."""
+    suite = build_suite(config.suite.name, config.suite.params, config.seed)
+    atomic_write_json(run_dir / "preprocessing.json", suite.preprocessing())
+    return suite
+
+
 @releases_run_locks
 def run(config: Config | None = None, resume: str | os.PathLike[str] | None = None,
         reporter: Reporter | None = None, report: bool = True) -> tuple[Path, dict[str, Any]]:
     """Run (or resume) an experiment; returns the run directory and its summary."""
     reporter = reporter or Reporter()
     run_dir, config, state = open_run(config, resume)
-    suite = build_suite(config.suite.name, config.suite.params, config.seed)
-    atomic_write_json(run_dir / "preprocessing.json", suite.preprocessing())
+    suite = run_suite(config, run_dir)
     jobs = plan(config, suite)
     results: dict[str, dict[str, Any]] = {}
 

@@ -147,3 +147,23 @@ def test_task_rejects_a_scale_or_classes_that_do_not_fit() -> None:
         Task("t", "regression", 1, scale=Standardizer((0.0, 0.0), (1.0, 1.0)))
     with pytest.raises(DataError, match="'c': 2 class labels for a classification task with 3 outputs"):
         Task("c", "classification", 3, classes=("x", "y"))
+
+
+def test_cli_prints_one_error_line_for_bad_data_and_seeds(csv: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from polytask.cli import app
+
+    rows = _split_of_rows(csv)
+    frame = _frame()
+    frame.loc[rows["val"], "price"] = np.nan
+    frame.to_csv(tmp_path / "noval.csv", index=False)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"suite: {{name: table, params: {{path: {tmp_path / 'noval.csv'}, targets: {TARGETS}}}}}\n"
+                      f"seed: 0\nmethods: [equal]\noutput: {{dir: {tmp_path}}}\n")
+    cases = {("--set", "seed=-1"): "error: seed: ", ("--set", "seed.x=1"): "error: --set seed.x: seed is a value",
+             (): "error: suite 'table': task 'price' has no labelled rows in the val split"}
+    for args, start in cases.items():
+        result = CliRunner().invoke(app, ["run", str(config), "--quiet", *args])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith(start), result.output

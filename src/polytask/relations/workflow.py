@@ -22,12 +22,11 @@ from polytask.config import Config
 from polytask.engine import checkpoint
 from polytask.engine.loop import CHECKPOINT, Job
 from polytask.engine.progress import Reporter
-from polytask.experiment import execute, job_dir_of, open_run, releases_run_locks, single_task_job
+from polytask.experiment import execute, job_dir_of, open_run, releases_run_locks, run_suite, single_task_job
 from polytask.io import atomic_write_bytes
 from polytask.relations.affinity import AffinityMatrix
 from polytask.relations.heatmap import save_heatmap
 from polytask.relations.probes import PROBES, Lookahead, ProbeSet
-from polytask.tasks import build_suite
 from polytask.tasks.task import TaskSuite
 
 
@@ -148,7 +147,7 @@ def relate(config: Config | None = None, resume: str | None = None,
     """Estimate ``config.relate.estimators`` on the configured suite; returns the run directory and matrices."""
     reporter = reporter or Reporter()
     run_dir, config, _ = open_run(config, resume)
-    suite = build_suite(config.suite.name, config.suite.params, config.seed)
+    suite = run_suite(config, run_dir)
     affinities = estimate(config, suite, run_dir, reporter, list(config.relate.estimators))
     _write_relations_report(run_dir)
     return run_dir, affinities
@@ -251,7 +250,7 @@ def group(config: Config | None = None, resume: str | None = None,
 
     reporter = reporter or Reporter()
     run_dir, config, _ = open_run(config, resume)
-    suite = build_suite(config.suite.name, config.suite.params, config.seed)
+    suite = run_suite(config, run_dir)
     aff = estimate(config, suite, run_dir, reporter, [config.group.estimator])[config.group.estimator]
     chosen = choose_groups(config, aff, run_dir)
     comparison = compare_groupings(config, suite, run_dir, reporter, chosen)

@@ -13,6 +13,8 @@ from polytask.relations import (
     GROUPING_SOLVERS,
     TAG_SINGLETON_SCORE,
     AffinityMatrix,
+    Candidate,
+    Candidates,
     FunctionScore,
     Grouping,
     HoaScore,
@@ -325,3 +327,138 @@ def test_registry_builds_solvers_by_name():
     assert GROUPING_SOLVERS.build("beam", {"beam_width": 4}, s, ABCD, 2).groups == g.groups
     with pytest.raises(ConfigError, match="beam_width"):
         GROUPING_SOLVERS.build("beam", {"beam_widht": 4}, s, ABCD, 2)
+
+
+# -- candidate networks with their own costs (Standley et al. 2020's setting) --------------------------------------
+def brute_force_candidates(cands, budget):
+    """Reference: every subset of the candidate list within the budget that covers every task (tests only)."""
+    n, best, arg = len(cands.networks), -np.inf, None
+    for r in range(1, n + 1):
+        for combo in itertools.combinations(range(n), r):
+            if cands.costs[list(combo)].sum() > budget + 1e-9:
+                continue
+            vals = cands.rows[list(combo)].max(0)
+            if np.isfinite(vals).all() and vals.sum() > best:
+                best, arg = float(vals.sum()), combo
+    return best, arg
+
+
+def random_candidates(rng, k, n, costs=(0.5, 1.0, 0.75)):
+    tasks = names(k)
+    nets = []
+    for _ in range(n):
+        size = int(rng.integers(1, k + 1))
+        ts = tuple(sorted(rng.choice(tasks, size=size, replace=False)))
+        nets.append(Candidate(ts, float(rng.choice(costs)), {t: float(rng.uniform(0.1, 2.0)) for t in ts},
+                              f"n{len(nets)}"))
+    nets += [Candidate((t,), 1.0, {t: float(rng.uniform(0.5, 3.0))}, f"s{t}") for t in tasks]  # always coverable
+    return Candidates(nets, tasks, higher_is_better=False)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4), st.integers(2, 9), st.sampled_from([1.0, 1.5, 2.0, 2.25, 3.5]), st.integers(0, 2**32 - 1))
+def test_exact_candidates_equal_brute_force(k, n, budget, seed):
+    rng = np.random.default_rng(seed)
+    cands = random_candidates(rng, k, n)
+    want, _ = brute_force_candidates(cands, budget)
+    if not np.isfinite(want):
+        with pytest.raises((DataError, ConfigError)):
+            select_exact(cands, cands.tasks, budget)
+        return
+    g = select_exact(cands, cands.tasks, budget)
+    assert -g.total == pytest.approx(want, abs=1e-9)  # values are losses: the solver minimises their sum
+    assert g.total_cost <= budget + 1e-9 and g.meta["optimal"] and not g.meta["higher_is_better"]
+    chosen = [next(n for n in cands.networks if n.label == lab) for lab in g.labels]
+    assert [list(n.tasks) for n in chosen] == g.groups and [n.cost for n in chosen] == g.costs
+    for t, v in g.per_task.items():  # each task is served by its best chosen network, in loss units
+        assert v == min(n.values[t] for n in chosen if t in n.tasks)
+    beam = select_beam(cands, cands.tasks, budget)
+    assert beam.total >= g.total - 1e-9 and beam.total_cost <= budget + 1e-9  # losses: never below the optimum
+
+
+def test_half_size_single_task_networks_at_half_cost():
+    """Standley et al.: with budget 1.5, a full network for the pair that helps each other plus a half-size
+    network for the task that wants to be alone beats any two full networks' budget (which is not affordable)."""
+    tasks = ["a", "b", "c"]
+    full = [Candidate(g, 1.0, v) for g, v in [
+        (("a",), {"a": 1.0}), (("b",), {"b": 1.0}), (("c",), {"c": 1.0}),
+        (("a", "b"), {"a": 0.6, "b": 0.6}), (("a", "c"), {"a": 1.5, "c": 1.5}), (("b", "c"), {"b": 1.5, "c": 1.5}),
+        (("a", "b", "c"), {"a": 0.8, "b": 0.8, "c": 1.6})]]
+    half = [Candidate((t,), 0.5, {t: 1.2}, "half-size") for t in tasks]
+    cands = Candidates(full + half, tasks, higher_is_better=False)
+    for solver in (select_exact, select_beam):
+        g = solver(cands, tasks, 1.5)
+        assert g.groups == [["a", "b"], ["c"]] and g.costs == [1.0, 0.5] and g.labels == ["", "half-size"]
+        assert g.per_task == {"a": 0.6, "b": 0.6, "c": 1.2} and g.total == pytest.approx(2.4)
+        assert g.total_cost == 1.5
+    g1 = select_exact(cands, tasks, 1.0)  # one full network only
+    assert g1.groups == [["a", "b", "c"]] and g1.total == pytest.approx(3.2)
+    g2 = select_exact(cands, tasks, 2.0)  # the full single-task network for c is better than the half-size one
+    assert g2.groups == [["a", "b"], ["c"]] and g2.costs == [1.0, 1.0] and g2.total == pytest.approx(2.2)
+    back = Grouping.from_json(json.loads(json.dumps(g.to_json(), allow_nan=False)))
+    assert back == g and back.to_json()["total_cost"] == 1.5
+
+
+def test_equal_estimates_prefer_the_smaller_network():
+    """HOA tie: {A, B, C}'s estimates for A and B equal {A, B}'s (C's pair losses with A and B equal theirs), and C
+    is served by {C, D}: on equal totals the smaller network {A, B} is trained, not {A, B, C}."""
+    pairs = np.array([[2.0, 1.0, 9.0, 9.0],  # [i, j] = L_j({i, j}); diagonal: single-task loss
+                      [1.0, 2.0, 9.0, 9.0],
+                      [1.0, 1.0, 2.0, 0.1],
+                      [9.0, 9.0, 0.1, 2.0]])
+    hoa = HoaScore(AffinityMatrix(pairs, ABCD, "pairwise", higher_is_better=False))
+    assert hoa(0, (0, 1, 2)) == hoa(0, (0, 1)) and hoa(1, (0, 1, 2)) == hoa(1, (0, 1))
+    for solver in (select_exact, select_beam):
+        g = solver(hoa, ABCD, 2)
+        assert g.groups == [["A", "B"], ["C", "D"]], solver
+    cands = Candidates.from_score(hoa, ABCD)
+    for solver in (select_exact, select_beam):
+        assert solver(cands, ABCD, 2).groups == [["A", "B"], ["C", "D"]]
+    # a tie between a cheap and a dear network for the same tasks: the cheap one
+    same = Candidates([Candidate(("A", "B", "C", "D"), 1.0, dict.fromkeys(ABCD, 1.0), "dear"),
+                       Candidate(("A", "B", "C", "D"), 0.5, dict.fromkeys(ABCD, 1.0), "cheap")], ABCD)
+    assert select_exact(same, ABCD, 3).labels == ["cheap"] and select_beam(same, ABCD, 3).labels == ["cheap"]
+
+
+def test_real_valued_budget_with_a_score():
+    s = tag(TWO_PAIRS, tasks=ABCD)
+    assert select_exact(s, ABCD, 2.5).groups == [["A", "B"], ["C", "D"]]
+    assert select_exact(s, ABCD, 1.99).groups == [ABCD]
+    g = select_exact(s, ABCD, 1.0, network_cost=0.5)  # two networks at half a unit each
+    assert g.groups == [["A", "B"], ["C", "D"]] and g.costs == [0.5, 0.5] and g.meta["networks_allowed"] == 2
+    assert select_beam(s, ABCD, 1.0, network_cost=0.5).groups == g.groups
+    with pytest.raises(ConfigError, match="buys no network"):
+        select_exact(s, ABCD, 0.5)
+    with pytest.raises(ConfigError, match="budget must be a number"):
+        select_beam(s, ABCD, float("nan"))
+
+
+def test_candidates_are_validated_with_the_network_named():
+    ok = Candidate(("a",), 1.0, {"a": 1.0})
+    with pytest.raises(DataError, match=r"network a\+zz.*unknown task"):
+        Candidates([ok, Candidate(("a", "zz"), 1.0, {"a": 1.0, "zz": 1.0})], ["a"])
+    with pytest.raises(DataError, match=r"network a \(half\).*cost"):
+        Candidates([Candidate(("a",), 0.0, {"a": 1.0}, "half")], ["a"])
+    with pytest.raises(DataError, match="missing"):
+        Candidates([Candidate(("a", "b"), 1.0, {"a": 1.0})], ["a", "b"])
+    with pytest.raises(DataError, match="non-finite"):
+        Candidates([Candidate(("a",), 1.0, {"a": float("nan")})], ["a"])
+    cands = Candidates([ok], ["a", "b"])
+    with pytest.raises(DataError, match="covers every task"):
+        select_exact(cands, ["a", "b"], 3)
+    with pytest.raises(DataError, match="covers every task"):
+        select_beam(cands, ["a", "b"], 3)
+    with pytest.raises(DataError, match="over tasks"):
+        select_exact(cands, ["b", "a"], 3)
+    more = cands.extended([Candidate(("b",), 1.0, {"b": -2.0})], higher_is_better=True)  # a score, negated
+    assert select_exact(more, ["a", "b"], 2).per_task == {"a": 1.0, "b": 2.0}
+
+
+def test_exact_candidates_at_k12_many_costs():
+    rng = np.random.default_rng(11)
+    tasks = names(12)
+    cands = random_candidates(rng, 12, 300, costs=(0.5, 0.75, 1.0, 1.25))
+    g = select_exact(cands, tasks, 3.0)
+    beam = select_beam(cands, tasks, 3.0)
+    assert g.total_cost <= 3.0 + 1e-9 and beam.total_cost <= 3.0 + 1e-9
+    assert g.total - 1e-9 <= beam.total <= 1.1 * g.total  # losses: within 10 % of the optimum

@@ -2,7 +2,8 @@
 
 Estimators produce an :class:`AffinityMatrix` (``[i, j]`` = effect of task i on task j, with its cost); a group
 score (:class:`TagScore`, :class:`HoaScore`, or any ``score(j, group)``) turns it into per-task values of
-candidate groups; a solver (:func:`select_exact`, :func:`select_beam`) picks at most b groups. Scores, solvers
+candidate groups, or :class:`Candidates` list networks with their own costs and values; a solver
+(:func:`select_exact`, :func:`select_beam`) picks networks within a (real-valued) budget. Scores, solvers
 and transferability metrics are registered by name in ``GROUP_SCORES``, ``GROUPING_SOLVERS`` and
 ``TRANSFERABILITY``.
 """
@@ -20,6 +21,8 @@ from polytask.relations.grouping import (
     GROUP_SCORES,
     GROUPING_SOLVERS,
     TAG_SINGLETON_SCORE,
+    Candidate,
+    Candidates,
     FunctionScore,
     Grouping,
     HoaScore,
@@ -48,6 +51,8 @@ __all__ = [
     "TAG_SINGLETON_SCORE",
     "TRANSFERABILITY",
     "AffinityMatrix",
+    "Candidate",
+    "Candidates",
     "FunctionScore",
     "Grouping",
     "HoaScore",

@@ -1,20 +1,35 @@
-"""Task grouping under a budget: which <= b multi-task networks to train so every task is served well.
+"""Task grouping under a budget: which multi-task networks to train so every task is served well.
 
 The problem (Standley et al. 2020, "Which Tasks Should Be Learned Together in Multi-task Learning?", Sec. 3.3
 network selection; Fifty et al. 2021, "Efficiently Identifying Task Groupings for Multi-Task Learning" (TAG),
-Sec. 3.3): choose at most ``b`` groups (subsets of the tasks, overlap allowed) that together contain every task;
-each task is served by the chosen group that is best FOR IT; maximise the sum over tasks of that best score.
+Sec. 3.3): choose networks whose costs add up to at most the budget and that together contain every task; each
+task is served by the chosen network that is best FOR IT; maximise the sum over tasks of that best value.
 
-Everything runs on a per-task group score ``score(j, G)`` (task index ``j`` in group ``G``, a sorted tuple of task
-indices; higher is better). :class:`TagScore` and :class:`HoaScore` build it from an :class:`AffinityMatrix`;
-any callable works. :func:`select_exact` returns the provable optimum for K <= 16; :func:`select_beam` is the
-heuristic for larger K.
+Two ways to state the candidates:
+
+* a per-task group score ``score(j, G)`` (task index ``j`` in group ``G``, a sorted tuple of task indices; higher
+  is better): every group of up to ``max_group_size`` tasks is a candidate, each network costs the same (1 by
+  default), so a budget b allows floor(b) networks. :class:`TagScore` and :class:`HoaScore` build the score from
+  an :class:`AffinityMatrix`; any callable works.
+* a list of :class:`Candidate` networks in :class:`Candidates` (Standley et al.'s setting): each has a task set,
+  its own cost and its measured or estimated per-task values; a task set may appear several times (a half-size
+  single-task network at cost 0.5 beside a full-size one at cost 1), and the budget is any real number.
+
+:func:`select_exact` returns the provable optimum (K <= 16 for scores, K <= 14 for candidate lists);
+:func:`select_beam` is the heuristic for larger K. Ties are broken explicitly: among networks that give the
+tasks they serve equal values (within rounding), the solvers train the smaller one (lower cost, then fewer
+tasks), and among count-of-networks choices of equal value the exact candidate solver takes the cheaper one.
+Standley et al.'s official search keeps whichever tied selection it meets last; the HOA notebook of TAG keeps
+the first; neither says so.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -210,11 +225,100 @@ def _checked_table(score: TableScore, masks: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Candidate networks with their own costs
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Candidate:
+    """One network that may be trained: the tasks it serves, its cost, and each of its tasks' value in it (a
+    measured or estimated loss when its :class:`Candidates` say lower is better). ``label`` names it in results,
+    e.g. "half-size"."""
+
+    tasks: tuple[str, ...]
+    cost: float
+    values: Mapping[str, float]
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tasks", tuple(str(t) for t in self.tasks))
+        object.__setattr__(self, "values", {str(k): float(v) for k, v in dict(self.values).items()})
+
+    def describe(self) -> str:
+        return f"network {'+'.join(self.tasks) or '(no tasks)'}" + (f" ({self.label})" if self.label else "")
+
+
+@dataclass
+class Candidates:
+    """Candidate networks for the solvers (Standley et al. 2020's setting): any number per task set, each with its
+    own cost and per-task values, all in one unit (``higher_is_better`` says which way)."""
+
+    networks: list[Candidate]
+    tasks: list[str]
+    higher_is_better: bool = False
+
+    def __post_init__(self) -> None:
+        self.networks = list(self.networks)
+        self.tasks = [str(t) for t in self.tasks]
+        if len(set(self.tasks)) != len(self.tasks):
+            raise DataError(f"candidates: task names must be unique, got {self.tasks}")
+        if not self.networks:
+            raise DataError("candidates: the list of candidate networks is empty")
+        idx = {t: i for i, t in enumerate(self.tasks)}
+        k = len(self.tasks)
+        self.rows = np.full((len(self.networks), k), -np.inf)
+        self.masks = np.zeros(len(self.networks), dtype=np.int64)
+        self.costs = np.zeros(len(self.networks))
+        sign = 1.0 if self.higher_is_better else -1.0
+        for r, net in enumerate(self.networks):
+            if not net.tasks or len(set(net.tasks)) != len(net.tasks):
+                raise DataError(f"candidates: {net.describe()} needs one or more distinct tasks")
+            unknown = [t for t in net.tasks if t not in idx]
+            if unknown:
+                raise DataError(f"candidates: {net.describe()} names unknown task(s) {unknown}; known: {self.tasks}")
+            if not (math.isfinite(net.cost) and net.cost > 0):
+                raise DataError(f"candidates: {net.describe()} has cost {net.cost}; costs must be finite and > 0")
+            missing = [t for t in net.tasks if t not in net.values]
+            extra = [t for t in net.values if t not in net.tasks]
+            if missing or extra:
+                raise DataError(f"candidates: {net.describe()} needs one value per task it serves "
+                                f"(missing {missing}, not in the network {extra})")
+            bad = [t for t in net.tasks if not math.isfinite(net.values[t])]
+            if bad:
+                raise DataError(f"candidates: {net.describe()} has a non-finite value for {bad}")
+            for t in net.tasks:
+                self.rows[r, idx[t]] = sign * net.values[t]
+            self.masks[r] = to_mask(idx[t] for t in net.tasks)
+            self.costs[r] = float(net.cost)
+
+    @classmethod
+    def from_score(cls, score: ScoreFn | TableScore, tasks: Sequence[str], cost: float = 1.0,
+                   max_group_size: int | None = None, label: str = "") -> Candidates:
+        """Every group of up to ``max_group_size`` tasks as a network of cost ``cost``, valued by ``score``."""
+        sc = _as_table_score(score, tasks)
+        k = len(sc.tasks)
+        masks = _all_masks(k, min(k, max_group_size or k))
+        table = _checked_table(sc, masks)
+        nets = [Candidate(tuple(sc.tasks[i] for i in from_mask(int(mk))), cost,
+                          {sc.tasks[i]: float(table[r, i]) for i in from_mask(int(mk))}, label)
+                for r, mk in enumerate(masks)]
+        return cls(nets, list(sc.tasks), higher_is_better=True)
+
+    def extended(self, networks: Iterable[Candidate], higher_is_better: bool | None = None) -> Candidates:
+        """These candidates plus ``networks`` (given in the other unit when ``higher_is_better`` differs: their
+        values are negated into this one's)."""
+        flip = higher_is_better is not None and higher_is_better != self.higher_is_better
+        extra = [Candidate(n.tasks, n.cost, {t: -v for t, v in n.values.items()} if flip else n.values, n.label)
+                 for n in networks]
+        return Candidates([*self.networks, *extra], list(self.tasks), self.higher_is_better)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Result
 # --------------------------------------------------------------------------------------------------------------
 @dataclass
 class Grouping:
-    """Chosen groups, which group serves each task (index into ``groups``), and the scores."""
+    """Chosen networks (their task groups, costs and labels), which one serves each task (index into ``groups``),
+    and the values: in score units (higher is better) for a score, in the candidates' own units for
+    :class:`Candidates` (``meta["higher_is_better"]`` says which)."""
 
     groups: list[list[str]]
     assignment: dict[str, int]
@@ -223,10 +327,25 @@ class Grouping:
     solver: str
     nodes: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    costs: list[float] = field(default_factory=list)  # default: 1 per network
+    labels: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.costs = [float(c) for c in self.costs] or [1.0] * len(self.groups)
+        self.labels = [str(x) for x in self.labels] or [""] * len(self.groups)
+        if not len(self.costs) == len(self.labels) == len(self.groups):
+            raise DataError(f"grouping: {len(self.groups)} groups, {len(self.costs)} costs, {len(self.labels)} labels")
+
+    @property
+    def total_cost(self) -> float:
+        return float(sum(self.costs))
 
     def to_json(self) -> dict[str, Any]:
         return {
             "groups": [list(g) for g in self.groups],
+            "costs": list(self.costs),
+            "labels": list(self.labels),
+            "total_cost": self.total_cost,
             "assignment": dict(self.assignment),
             "total": _jsonable(float(self.total)),
             "per_task": _jsonable({k: float(v) for k, v in self.per_task.items()}),
@@ -245,6 +364,8 @@ class Grouping:
             solver=str(data["solver"]),
             nodes=int(data.get("nodes", 0)),
             meta=dict(data.get("meta", {})),
+            costs=[float(c) for c in data.get("costs", [])],
+            labels=[str(x) for x in data.get("labels", [])],
         )
 
 
@@ -259,43 +380,78 @@ def evaluate_groups(score: ScoreFn | TableScore, tasks: Sequence[str], groups: S
 
 
 def _result(
-    sc: TableScore, masks: np.ndarray, solver: str, nodes: int, meta: dict[str, Any], drop_idle: bool = True
+    sc: TableScore, masks: np.ndarray, solver: str, nodes: int, meta: dict[str, Any], drop_idle: bool = True,
+    unit_cost: float = 1.0,
 ) -> Grouping:
-    tasks = list(sc.tasks)
+    """The grouping of score-valued networks ``masks`` (each of cost ``unit_cost``), listed canonically."""
     uniq = sorted({int(m) for m in masks}, key=lambda m: (from_mask(m), m))
     masks = np.array(uniq, dtype=np.int64)
-    t = _checked_table(sc, masks) if len(masks) else np.full((0, len(tasks)), -np.inf)
-    best = t.argmax(0) if len(masks) else np.zeros(len(tasks), dtype=int)
-    vals = t[best, np.arange(len(tasks))] if len(masks) else np.full(len(tasks), -np.inf)
-    uncovered = [tasks[j] for j in range(len(tasks)) if not np.isfinite(vals[j])]
+    rows = _checked_table(sc, masks) if len(masks) else np.full((0, len(sc.tasks)), -np.inf)
+    return _assemble(list(sc.tasks), rows, masks, np.full(len(masks), float(unit_cost)), [""] * len(masks),
+                     solver, nodes, meta, drop_idle)
+
+
+def _assemble(
+    tasks: list[str], rows: np.ndarray, masks: np.ndarray, costs: np.ndarray, labels: list[str], solver: str,
+    nodes: int, meta: dict[str, Any], drop_idle: bool = True, sign: float = 1.0,
+) -> Grouping:
+    """Serve each task by the network best for it (ties within rounding: the cheaper, then the smaller, then the
+    earlier network); drop networks that serve no task when ``drop_idle``. ``sign`` turns the (higher-is-better)
+    rows back into the caller's units for the reported values."""
+    k = len(tasks)
+    fin = np.isfinite(rows)
+    uncovered = [tasks[j] for j in range(k) if not fin[:, j].any()]
     if uncovered:
         raise DataError(f"grouping: tasks {uncovered} are in no chosen group (or have no finite score in one)")
-    if drop_idle:  # a group that is best for no task adds nothing: do not train it
-        used = sorted(set(best.tolist()))
-        masks, best = masks[used], np.searchsorted(used, best)
+    tol = 1e-12 * max(1.0, float(np.abs(rows[fin]).max()) if fin.any() else 1.0)
+    best = np.zeros(k, dtype=np.int64)
+    for j in range(k):
+        col = rows[:, j]
+        ok = np.flatnonzero(col >= col.max() - tol)
+        best[j] = ok[np.lexsort((ok, np.bitwise_count(masks[ok]), costs[ok]))[0]]
+    vals = rows[best, np.arange(k)]
+    keep = np.arange(len(masks))
+    if drop_idle:  # a network that is best for no task adds nothing: do not train it
+        keep = np.array(sorted(set(best.tolist())), dtype=np.int64)
+        best = np.searchsorted(keep, best)
     return Grouping(
-        groups=[[tasks[i] for i in from_mask(int(m))] for m in masks],
-        assignment={tasks[j]: int(best[j]) for j in range(len(tasks))},
-        total=float(vals.sum()),
-        per_task={tasks[j]: float(vals[j]) for j in range(len(tasks))},
+        groups=[[tasks[i] for i in from_mask(int(masks[r]))] for r in keep],
+        assignment={tasks[j]: int(best[j]) for j in range(k)},
+        total=float(sign * vals.sum()),
+        per_task={tasks[j]: float(sign * vals[j]) for j in range(k)},
         solver=solver,
         nodes=int(nodes),
         meta=meta,
+        costs=[float(costs[r]) for r in keep],
+        labels=[labels[r] for r in keep],
     )
 
 
-def _check_budget(k: int, budget: int, max_group_size: int | None) -> int:
+def _check_budget(k: int, budget: float, max_group_size: int | None, unit_cost: float = 1.0) -> tuple[int, int]:
+    """(largest group size, number of networks of cost ``unit_cost`` the budget allows)."""
     if k < 1:
         raise DataError("grouping: needs at least one task")
-    if not isinstance(budget, (int, np.integer)) or budget < 1:
-        raise ConfigError(f"grouping: budget must be an integer >= 1, got {budget!r}")
+    b = _check_real_budget(budget)
+    count = math.floor(b / unit_cost + 1e-9)
+    if count < 1:
+        raise ConfigError(f"grouping: budget {budget!r} buys no network (each costs {unit_cost:g}); "
+                          "the budget must be >= 1 network")
     m = k if max_group_size is None else int(max_group_size)
     if m < 1:
         raise ConfigError(f"grouping: max_group_size must be >= 1, got {max_group_size!r}")
     m = min(m, k)
-    if budget * m < k:
-        raise ConfigError(f"grouping: {budget} group(s) of at most {m} tasks cannot cover {k} tasks")
-    return m
+    if count * m < k:
+        raise ConfigError(f"grouping: {count} group(s) of at most {m} tasks cannot cover {k} tasks")
+    return m, count
+
+
+def _check_real_budget(budget: float) -> float:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, np.integer, np.floating)):
+        raise ConfigError(f"grouping: budget must be a number > 0, got {budget!r}")
+    b = float(budget)
+    if not (math.isfinite(b) and b > 0):
+        raise ConfigError(f"grouping: budget must be a number > 0, got {budget!r}")
+    return b
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -308,7 +464,8 @@ def _all_masks(k: int, m: int) -> np.ndarray:
 
 def dominated(table: np.ndarray, masks: np.ndarray, k: int) -> np.ndarray:
     """Which candidate groups are dominated by a candidate with one more task that is at least as good for
-    every member (dropping them never changes the optimum: swap G for G + {t} in any solution).
+    every member and better for one (dropping them never changes the optimum: swap G for G + {t} in any
+    solution). A group that ties its superset for every member is kept: on equal values the smaller network wins.
 
     ``table`` is indexed by mask (row m = group m; -inf rows are not candidates)."""
     out = np.zeros(len(masks), dtype=bool)
@@ -319,7 +476,8 @@ def dominated(table: np.ndarray, masks: np.ndarray, k: int) -> np.ndarray:
         h = g | (1 << t)
         h_ok = np.isfinite(table[h]).any(1)
         ge = np.where(mem[sel], table[h] >= table[g], True).all(1)
-        out[np.flatnonzero(sel)[h_ok & ge]] = True
+        gt = np.where(mem[sel], table[h] > table[g], False).any(1)
+        out[np.flatnonzero(sel)[h_ok & ge & gt]] = True
     return out
 
 
@@ -333,20 +491,27 @@ def _superset_max(table: np.ndarray, k: int) -> np.ndarray:
 
 
 def served_values(table: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
-    """w[S] = max over candidate groups G containing S of sum_{i in S} table[G, i], for every task set S.
+    """w[S] = max over candidate groups G containing S of sum_{i in S} table[G, i], for every task set S
+    (``table`` indexed by mask)."""
+    return served_values_rows(table[candidates], candidates, k)
 
-    Each candidate contributes the 2^|G| subset sums of its row, built by doubling and scattered with a max
-    (sum over candidates of 2^|G| <= 3^K work: 43M adds at K = 16)."""
+
+def served_values_rows(rows: np.ndarray, masks: np.ndarray, k: int) -> np.ndarray:
+    """w[S] = max over networks r whose task set ``masks[r]`` contains S of sum_{i in S} rows[r, i].
+
+    Each network contributes the 2^|G| subset sums of its row, built by doubling and scattered with a max
+    (sum over networks of 2^|G| <= 3^K work: 43M adds at K = 16)."""
     w = np.full(1 << k, -np.inf)
-    sizes = np.bitwise_count(candidates)
+    masks = np.asarray(masks, dtype=np.int64)
+    sizes = np.bitwise_count(masks)
     for g in range(1, k + 1):
-        groups = candidates[sizes == g]
-        if not len(groups):
+        sel = np.flatnonzero(sizes == g)
+        if not len(sel):
             continue
-        idx = np.nonzero(members(groups, k))[1].reshape(len(groups), g)
-        vals = table[groups[:, None], idx]
+        idx = np.nonzero(members(masks[sel], k))[1].reshape(len(sel), g)
+        vals = rows[sel[:, None], idx]
         chunk = max(1, (1 << 22) >> g)
-        for s in range(0, len(groups), chunk):
+        for s in range(0, len(sel), chunk):
             v, bits = vals[s : s + chunk], np.int64(1) << idx[s : s + chunk].astype(np.int64)
             sums = np.zeros((len(v), 1 << g))
             sub = np.zeros((len(v), 1 << g), dtype=np.int64)
@@ -357,6 +522,51 @@ def served_values(table: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarr
             np.maximum.at(w, sub.reshape(-1), sums.reshape(-1))
     w[0] = -np.inf  # the empty set is no part
     return w
+
+
+def _smallest_attaining(rows: np.ndarray, masks: np.ndarray, costs: np.ndarray, part: int, tol: float) -> int:
+    """Index (into ``rows``) of the network that gives the tasks of ``part`` the largest sum, preferring on ties
+    (within ``tol``) the lower cost, then fewer tasks, then the lower mask, then the earlier row. Every network
+    must contain ``part``."""
+    bits = [i for i in range(rows.shape[1]) if part >> i & 1]
+    sums = rows[:, bits].sum(1)
+    ok = np.flatnonzero(sums >= sums.max() - tol)
+    order = np.lexsort((ok, masks[ok], np.bitwise_count(masks[ok]), costs[ok]))
+    return int(ok[order[0]])
+
+
+@functools.lru_cache(maxsize=4)
+def subset_pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """All (U, A) with A a subset of U, over n bits: 3^n pairs (cached; read-only arrays)."""
+    uu = np.zeros(1, dtype=np.int64)
+    aa = np.zeros(1, dtype=np.int64)
+    for b in range(n):
+        bit = np.int64(1 << b)
+        uu = np.concatenate([uu, uu | bit, uu | bit])
+        aa = np.concatenate([aa, aa, aa | bit])
+    uu.flags.writeable = False
+    aa.flags.writeable = False
+    return uu, aa
+
+
+def maxplus_conv(f: np.ndarray, g: np.ndarray, n: int) -> np.ndarray:
+    """(f * g)(U) = max over A subset of U of f(U minus A) + g(A): the max-plus subset convolution, 3^n work."""
+    uu, aa = subset_pairs(n)
+    out = np.full(1 << n, -np.inf)
+    np.maximum.at(out, uu, f[uu ^ aa] + g[aa])
+    return out
+
+
+def maxplus_split(f: np.ndarray, g: np.ndarray, n: int, u: int, tol: float = 0.0) -> int:
+    """An A attaining (f * g)(u); with ``tol`` > 0, the one with the fewest bits among those within ``tol`` of it
+    (A = 0, "g takes nothing", first)."""
+    uu, aa = subset_pairs(n)
+    cand = aa[uu == u]
+    vals = f[u ^ cand] + g[cand]
+    if tol <= 0.0:
+        return int(cand[int(np.argmax(vals))])
+    ok = np.flatnonzero(vals >= vals.max() - tol)
+    return int(cand[ok[np.lexsort((cand[ok], np.bitwise_count(cand[ok])))[0]]])
 
 
 class _Search:
@@ -387,7 +597,6 @@ class _Search:
         self.best = self.reach[0].copy()
         self.rest = [np.array(order[p:], dtype=np.int64) for p in range(k + 1)]
         self.tail = min(tail, k)
-        self.pairs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.local: dict[int, np.ndarray] = {}
         self.new_chain: dict[tuple[int, int], list[np.ndarray]] = {}
         self.nodes = 0
@@ -396,18 +605,6 @@ class _Search:
         self.tol = 0.0
 
     # -- exact tail ------------------------------------------------------------------------------------------
-    def _pairs(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """All (U, A) with A a subset of U, over n local bits: 3^n pairs."""
-        if n not in self.pairs:
-            uu = np.zeros(1, dtype=np.int64)
-            aa = np.zeros(1, dtype=np.int64)
-            for b in range(n):
-                bit = np.int64(1 << b)
-                uu = np.concatenate([uu, uu | bit, uu | bit])
-                aa = np.concatenate([aa, aa, aa | bit])
-            self.pairs[n] = (uu, aa)
-        return self.pairs[n]
-
     def _local(self, placed: int) -> np.ndarray:
         """Global masks of the 2^n subsets of the n unplaced tasks (local bit j = task order[placed + j])."""
         if placed not in self.local:
@@ -420,17 +617,10 @@ class _Search:
         return self.local[placed]
 
     def _conv(self, f: np.ndarray, g: np.ndarray, n: int) -> np.ndarray:
-        """(f * g)(U) = max over A subset of U of f(U minus A) + g(A)."""
-        uu, aa = self._pairs(n)
-        out = np.full(1 << n, -np.inf)
-        np.maximum.at(out, uu, f[uu ^ aa] + g[aa])
-        return out
+        return maxplus_conv(f, g, n)
 
     def _split(self, f: np.ndarray, g: np.ndarray, n: int, u: int) -> int:
-        """An A attaining (f * g)(u)."""
-        uu, aa = self._pairs(n)
-        cand = aa[uu == u]
-        return int(cand[int(np.argmax(f[u ^ cand] + g[cand]))])
+        return maxplus_split(f, g, n, u)
 
     def _new_parts(self, placed: int, r: int) -> list[np.ndarray]:
         """[N_1, ..., N_r]: N_j(A) = best value of splitting local set A into <= j new parts."""
@@ -521,35 +711,41 @@ class _Search:
             if b > self.best_val + self.tol:
                 self._dfs(cp, val, placed + 1)
 
-    def group_for(self, table: np.ndarray, candidates: np.ndarray, part: int) -> int:
-        """A candidate group achieving w(part)."""
+    def group_for(self, table: np.ndarray, candidates: np.ndarray, part: int, tol: float = 0.0) -> int:
+        """The smallest candidate group achieving w(part) (within ``tol``; then the lowest mask)."""
         sel = candidates[(candidates & part) == part]
-        pb = [i for i in range(self.k) if part >> i & 1]
-        return int(sel[int(np.argmax(table[np.ix_(sel, pb)].sum(1)))])
+        return int(sel[_smallest_attaining(table[sel], sel, np.zeros(len(sel)), part, tol)])
 
 
 def select_exact(
-    score: ScoreFn | TableScore,
+    score: ScoreFn | TableScore | Candidates,
     tasks: Sequence[str],
-    budget: int,
+    budget: float,
     max_group_size: int | None = None,
     warm_start: bool = False,
     dp_tail: int = 10,
+    network_cost: float = 1.0,
 ) -> Grouping:
-    """The provably best <= ``budget`` groups (K <= 16) by branch and bound.
+    """The provably best selection of networks whose costs add up to at most ``budget``.
 
-    Network selection of Standley et al. 2020 (Sec. 3.3) / TAG (Fifty et al. 2021, Sec. 3.3): every group of up
-    to ``max_group_size`` tasks is a candidate; candidates dominated by a one-larger group that is at least as good
-    for all their members are dropped; then :class:`_Search` branches on which served set each task joins, bounds
-    by each unplaced task's best possible score, and solves the last ``dp_tail`` tasks exactly by a subset
-    convolution (0: branch all the way; K <= dp_tail: that alone). ``warm_start`` seeds the incumbent with
-    :func:`select_beam` (rarely worth its time). Optimal up to 1e-13 * K * max |score|, far above
-    rounding. ``nodes`` counts search nodes. Cost: 3^K work up front (under a second at K = 16), then the search.
+    For a score (K <= 16), network selection of Standley et al. 2020 (Sec. 3.3) / TAG (Fifty et al. 2021,
+    Sec. 3.3) by branch and bound: every group of up to ``max_group_size`` tasks is a candidate costing
+    ``network_cost`` (so floor(budget / network_cost) networks); candidates dominated by a one-larger group that
+    is at least as good for all their members, and better for one, are dropped; then :class:`_Search` branches on
+    which served set each task joins, bounds by each unplaced task's best possible score, and solves the last
+    ``dp_tail`` tasks exactly by a subset convolution (0: branch all the way; K <= dp_tail: that alone); each
+    served set is trained by the smallest group that attains its value. ``warm_start`` seeds the incumbent with
+    :func:`select_beam` (rarely worth its time). Optimal up to 1e-13 * K * max |score|, far above rounding.
+    ``nodes`` counts search nodes. Cost: 3^K work up front (under a second at K = 16), then the search.
+
+    For :class:`Candidates` (K <= 14, any real costs and budget), see :func:`_exact_candidates`.
     """
+    if isinstance(score, Candidates):
+        return _exact_candidates(score, tasks, budget, max_group_size)
     t0 = time.perf_counter()
     sc = _as_table_score(score, tasks)
     k = len(sc.tasks)
-    m = _check_budget(k, budget, max_group_size)
+    m, count = _check_budget(k, budget, max_group_size, network_cost)
     if k > EXACT_MAX_TASKS:
         raise ConfigError(f"select_exact handles at most {EXACT_MAX_TASKS} tasks (got {k}); use select_beam")
     masks = _all_masks(k, m)
@@ -560,7 +756,7 @@ def select_exact(
     warm: Grouping | None = None
     if warm_start:
         try:
-            warm = select_beam(sc, tasks, budget, beam_width=8, max_group_size=m)
+            warm = select_beam(sc, tasks, budget, beam_width=8, max_group_size=m, network_cost=network_cost)
         except DataError:
             warm = None
     incumbent = warm.total if warm is not None else -math.inf
@@ -572,17 +768,19 @@ def select_exact(
     cands = masks[~dom]
     if dp_tail < 0:
         raise ConfigError(f"select_exact: dp_tail must be >= 0, got {dp_tail}")
-    search = _Search(table, cands, k, budget, order, tail=dp_tail)
+    search = _Search(table, cands, k, count, order, tail=dp_tail)
     search.run(incumbent - tol, tol)
     if search.best_parts:
-        chosen = np.array([search.group_for(table, cands, p) for p in search.best_parts], dtype=np.int64)
+        chosen = np.array([search.group_for(table, cands, p, tol) for p in search.best_parts], dtype=np.int64)
     elif warm is None:
         raise DataError("select_exact: no selection covers every task with a finite score")
     else:
         idx = {name: i for i, name in enumerate(sc.tasks)}
         chosen = np.array([to_mask(idx[x] for x in g) for g in warm.groups], dtype=np.int64)
     meta = {
-        "budget": int(budget),
+        "budget": float(budget),
+        "network_cost": float(network_cost),
+        "networks_allowed": count,
         "max_group_size": m,
         "optimal": True,
         "candidates": len(masks),
@@ -591,7 +789,152 @@ def select_exact(
         "incumbent_from_beam": float(incumbent) if warm is not None else None,
         "seconds": round(time.perf_counter() - t0, 6),
     }
-    return _result(sc, chosen, "exact", search.nodes, meta)
+    return _result(sc, chosen, "exact", search.nodes, meta, unit_cost=network_cost)
+
+
+
+#: the exact candidate-list solver's limits: tasks, and max-plus convolutions over 3^K pairs
+EXACT_MAX_TASKS_CANDIDATES = 14
+EXACT_MAX_CONVOLUTIONS = 4000
+
+
+def _candidate_set(cands: Candidates, tasks: Sequence[str], max_group_size: int | None) -> tuple[Candidates, int]:
+    if list(tasks) != list(cands.tasks):
+        raise DataError(f"grouping: the candidates are over tasks {cands.tasks}, the solver was given {list(tasks)}")
+    k = len(cands.tasks)
+    m = k if max_group_size is None else int(max_group_size)
+    if m < 1:
+        raise ConfigError(f"grouping: max_group_size must be >= 1, got {max_group_size!r}")
+    return cands, min(m, k)
+
+
+def _exact_candidates(cands: Candidates, tasks: Sequence[str], budget: float,
+                      max_group_size: int | None = None) -> Grouping:
+    """Exact network selection over a candidate list with real costs (Standley et al. 2020, Sec. 3.3: half-size
+    single-task networks at 0.5 beside full-size networks at 1, budgets in steps of 0.5).
+
+    Any optimal selection serves the tasks in parts S_1..S_n, each part by one network, so its value is the sum of
+    w_c(S) = the best sum over S of a network of cost c containing S. Per distinct cost c the max-plus subset
+    convolutions N_c^j = best split of a task set into <= j parts served by cost-c networks are built for
+    j <= budget / c; a search over how many networks of each cost fit the budget combines them, and the full
+    task set's value of the best combination is the optimum (exact; 3^K work per convolution). Ties (within
+    rounding) go to the cheaper selection, then to fewer networks, and each part to its cheapest, then smallest,
+    network. Standley et al.'s own search (taskgrouping, network_selection/main.cpp) keeps a tied selection it
+    meets later; this one says which it keeps.
+    """
+    t0 = time.perf_counter()
+    cands, m = _candidate_set(cands, tasks, max_group_size)
+    k = len(cands.tasks)
+    if k > EXACT_MAX_TASKS_CANDIDATES:
+        raise ConfigError(f"select_exact handles at most {EXACT_MAX_TASKS_CANDIDATES} tasks with a candidate list "
+                          f"(got {k}); use select_beam")
+    b = _check_real_budget(budget)
+    eps = 1e-9 * max(1.0, b)
+    usable = np.flatnonzero((cands.costs <= b + eps) & (np.bitwise_count(cands.masks) <= m))
+    if not len(usable):
+        raise ConfigError(f"grouping: budget {budget!r} buys no candidate network (the cheapest costs "
+                          f"{cands.costs.min():g})")
+    fin = np.isfinite(cands.rows[usable])
+    tol = 1e-13 * k * max(1.0, float(np.abs(cands.rows[usable][fin]).max()))
+    full = (1 << k) - 1
+    classes = sorted({float(c) for c in cands.costs[usable]})
+    chains: dict[float, tuple[np.ndarray, list[np.ndarray]]] = {}
+    convs = 0
+
+    def conv(f: np.ndarray, g: np.ndarray) -> np.ndarray:
+        nonlocal convs
+        convs += 1
+        if convs > EXACT_MAX_CONVOLUTIONS:
+            raise ConfigError(f"select_exact: {len(classes)} distinct network costs need more than "
+                              f"{EXACT_MAX_CONVOLUTIONS} subset convolutions; round the costs or use select_beam")
+        return maxplus_conv(f, g, k)
+
+    for c in classes:
+        sel = usable[cands.costs[usable] == c]
+        one = served_values_rows(cands.rows[sel], cands.masks[sel], k)
+        one[0] = 0.0  # "no network of this cost" is allowed
+        chain = [one]
+        for _ in range(min(math.floor(b / c + eps), k) - 1):
+            chain.append(conv(chain[-1], one))
+        chains[c] = (sel, chain)
+
+    leaves: list[tuple[float, tuple[int, ...]]] = []
+
+    def search(ci: int, acc: np.ndarray | None, left: float, counts: tuple[int, ...]) -> None:
+        if ci == len(classes):
+            if acc is not None:
+                leaves.append((float(acc[full]), counts))
+            return
+        c = classes[ci]
+        top = min(len(chains[c][1]), math.floor(left / c + eps))
+        for n in ([top] if ci == len(classes) - 1 else range(top + 1)):  # the last cost: as many as fit
+            step = chains[c][1][n - 1] if n else None
+            nxt = acc if step is None else step if acc is None else conv(acc, step)
+            search(ci + 1, nxt, left - n * c, (*counts, n))
+
+    search(0, None, b, ())
+    best_val = max((v for v, _ in leaves), default=-math.inf)
+    if best_val == -math.inf:
+        raise DataError(f"select_exact: no selection of candidate networks within budget {budget!r} covers every "
+                        "task")
+    tied = sorted((lf for lf in leaves if lf[0] >= best_val - tol), key=lambda lf: -lf[0])[:32]
+    picks = [_rebuild(cands, classes, chains, counts, k, tol) for _, counts in tied]
+    chosen = min(picks, key=lambda p: (float(cands.costs[p].sum()), len(p),
+                                       int(np.bitwise_count(cands.masks[p]).sum())))
+    meta = {
+        "budget": b,
+        "max_group_size": m,
+        "optimal": True,
+        "candidates": len(usable),
+        "costs": classes,
+        "convolutions": convs,
+        "higher_is_better": cands.higher_is_better,
+        "seconds": round(time.perf_counter() - t0, 6),
+    }
+    return _candidate_result(cands, chosen, "exact", len(leaves), meta)
+
+
+def _rebuild(cands: Candidates, classes: list[float], chains: dict[float, tuple[np.ndarray, list[np.ndarray]]],
+             counts: tuple[int, ...], k: int, tol: float) -> list[int]:
+    """The candidate networks of an optimal selection with ``counts`` networks of each cost, fewest first."""
+    steps = [(chains[c][0], chains[c][1][:n]) for c, n in zip(classes, counts, strict=True) if n]
+    accs = [steps[0][1][-1]]
+    for _, chain in steps[1:]:
+        accs.append(maxplus_conv(accs[-1], chain[-1], k))
+    u = (1 << k) - 1
+    shares = [0] * len(steps)
+    for s in range(len(steps) - 1, 0, -1):
+        shares[s] = maxplus_split(accs[s - 1], steps[s][1][-1], k, u, tol)
+        u ^= shares[s]
+    shares[0] = u
+    chosen: list[int] = []
+    for (sel, chain), share in zip(steps, shares, strict=True):
+        parts, rem = [], share
+        for j in range(len(chain) - 1, 0, -1):  # chain[j] = chain[j-1] * chain[0]: peel one part off at a time
+            a = maxplus_split(chain[j - 1], chain[0], k, rem, tol)
+            if a:
+                parts.append(a)
+            rem ^= a
+        if rem:
+            parts.append(rem)
+        for part in parts:
+            sup = sel[(cands.masks[sel] & part) == part]
+            r = int(sup[_smallest_attaining(cands.rows[sup], cands.masks[sup], cands.costs[sup], part, tol)])
+            if r not in chosen:
+                chosen.append(r)
+    return chosen
+
+
+def _candidate_result(cands: Candidates, chosen: Sequence[int], solver: str, nodes: int,
+                      meta: dict[str, Any]) -> Grouping:
+    """The grouping of candidate networks ``chosen``, listed canonically, values in the candidates' units."""
+    order = sorted(set(int(r) for r in chosen),
+                   key=lambda r: (from_mask(int(cands.masks[r])), cands.costs[r], cands.networks[r].label, r))
+    rows = cands.rows[order]
+    masks = cands.masks[order]
+    g = _assemble(list(cands.tasks), rows, masks, cands.costs[order], [cands.networks[r].label for r in order],
+                  solver, nodes, meta, sign=1.0 if cands.higher_is_better else -1.0)
+    return g
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -629,129 +972,213 @@ def candidate_pool(score: TableScore, m: int, enumerate_up_to: int = 12) -> np.n
 
 
 def select_beam(
-    score: ScoreFn | TableScore,
+    score: ScoreFn | TableScore | Candidates,
     tasks: Sequence[str],
-    budget: int,
+    budget: float,
     beam_width: int = 16,
     max_group_size: int | None = None,
     local_search: bool = True,
+    network_cost: float = 1.0,
 ) -> Grouping:
-    """A good <= ``budget`` grouping for any K (seconds at K = 30+), no optimality proof.
+    """A good selection of networks within ``budget`` for any K (seconds at K = 30+), no optimality proof.
 
-    Candidates from :func:`candidate_pool`; then a beam search adds one group per step, keeping the
-    ``beam_width`` best partial selections (a task not yet covered counts at the 25th percentile of its candidate
-    scores; a selection that can no longer cover everyone is dropped; the set of uncovered tasks is offered as an
-    extra candidate so coverage stays reachable); then local search: swap one group for a pool group, or for
-    itself with one task added or removed, while that helps.
+    For a score, candidates from :func:`candidate_pool`, each costing ``network_cost``; for :class:`Candidates`,
+    the listed networks. A beam search adds one network per step, keeping the ``beam_width`` best partial
+    selections (a task not yet covered counts at the 25th percentile of its candidate values; a selection whose
+    remaining budget cannot cover the uncovered tasks is dropped; for a score, the set of uncovered tasks is offered
+    as an extra candidate so coverage stays reachable); then local search: swap one network for another that fits
+    the budget (for a score, also for itself with one task added or removed), or add one, while that helps. Last,
+    each chosen network is replaced by the cheapest, then smallest, one that gives the tasks it serves the same
+    values (the tie rule of :func:`select_exact`).
     """
     t0 = time.perf_counter()
-    sc = _as_table_score(score, tasks)
-    k = len(sc.tasks)
-    m = _check_budget(k, budget, max_group_size)
     if beam_width < 1:
         raise ConfigError(f"select_beam: beam_width must be >= 1, got {beam_width}")
-    pool = candidate_pool(sc, m)
-    tp = _checked_table(sc, pool)
-    finite = np.isfinite(tp)
-    with np.errstate(all="ignore"):
-        lo = np.nanquantile(np.where(finite, tp, np.nan), 0.25, axis=0) if finite.any() else np.zeros(k)
-    lo = np.where(np.isfinite(lo), lo, 0.0)
-    nodes = 0
-    beam: list[tuple[tuple[int, ...], np.ndarray]] = [((), np.full(k, -np.inf))]
-    complete: list[tuple[float, tuple[int, ...]]] = []
-    extra: dict[int, np.ndarray] = {}
-    for step in range(budget):
-        left = budget - step - 1
-        cand: list[tuple[float, tuple[int, ...], np.ndarray]] = []
-        for chosen, cur in beam:
-            unc = ~np.isfinite(cur)
-            new, masks = np.maximum(cur[None, :], tp), pool
-            umask = to_mask(np.flatnonzero(unc))
-            if unc.any() and unc.sum() <= m:
-                if umask not in extra:
-                    extra[umask] = _checked_table(sc, np.array([umask], dtype=np.int64))[0]
-                new = np.vstack([new, np.maximum(cur, extra[umask])[None, :]])
-                masks = np.append(pool, umask)
-            fin = np.isfinite(new)
-            n_unc = (~fin).sum(1)
-            feasible = n_unc <= left * m
-            key = np.where(fin, new, lo[None, :]).sum(1)
-            key[~feasible] = -np.inf
-            nodes += len(new)
-            top = np.argsort(-key, kind="stable")[: beam_width * 2]
-            for r in top:
-                if key[r] == -np.inf:
-                    break
-                mk = int(masks[r])
-                if mk in chosen:
-                    continue
-                cand.append((float(key[r]), tuple(sorted((*chosen, mk))), new[r]))
-        seen: set[tuple[int, ...]] = set()
-        beam = []
-        for _, chosen, cur in sorted(cand, key=lambda c: -c[0]):
-            if chosen in seen:
-                continue
-            seen.add(chosen)
-            beam.append((chosen, cur))
-            if np.isfinite(cur).all():
-                complete.append((float(cur.sum()), chosen))
-            if len(beam) >= beam_width:
-                break
-        if not beam:
-            break
-    if not complete:
-        raise DataError("select_beam: found no selection that covers every task (check the scores for -inf)")
-    best_val, best = max(complete, key=lambda c: c[0])
-    chosen = list(best)
+    if isinstance(score, Candidates):
+        cands, m = _candidate_set(score, tasks, max_group_size)
+        b = _check_real_budget(budget)
+        keep = np.flatnonzero(np.bitwise_count(cands.masks) <= m)
+        pool = _Pool(cands.rows[keep], cands.masks[keep], cands.costs[keep], None, m)
+    else:
+        sc = _as_table_score(score, tasks)
+        m, count = _check_budget(len(sc.tasks), budget, max_group_size, network_cost)
+        b = count * float(network_cost)
+        masks = candidate_pool(sc, m)
+        pool = _Pool(_checked_table(sc, masks), masks, np.full(len(masks), float(network_cost)), sc, m)
+    chosen, nodes = pool.beam(b, beam_width)
     if local_search:
-        rows = {int(mk): r for r, mk in enumerate(pool)}
-        tab = {mk: (tp[rows[mk]] if mk in rows else extra[mk]) for mk in chosen}
-        chosen, best_val, spent = _polish(sc, chosen, tab, pool, tp, m, best_val)
+        chosen, spent = pool.polish(chosen, b)
         nodes += spent
+    chosen = pool.prefer_smaller(chosen)
     meta = {
-        "budget": int(budget),
+        "budget": float(budget),
         "max_group_size": m,
         "optimal": False,
         "beam_width": int(beam_width),
-        "candidates": len(pool),
+        "candidates": pool.n_listed,
         "seconds": round(time.perf_counter() - t0, 6),
     }
-    return _result(sc, np.array(chosen, dtype=np.int64), "beam", nodes, meta)
+    if isinstance(score, Candidates):
+        meta["higher_is_better"] = cands.higher_is_better
+        return _candidate_result(cands, [int(keep[r]) for r in chosen], "beam", nodes, meta)
+    meta |= {"network_cost": float(network_cost), "networks_allowed": count}
+    return _result(sc, pool.masks[chosen], "beam", nodes, meta, unit_cost=network_cost)
 
 
-def _polish(
-    sc: TableScore, chosen: list[int], tab: dict[int, np.ndarray], pool: np.ndarray, tp: np.ndarray, m: int,
-    value: float,
-) -> tuple[list[int], float, int]:
-    """Local search: replace one chosen group by a pool group or by itself with one task added or removed, while
-    that raises the total (first the best move for each position in turn; at most 100 passes)."""
-    k = len(sc.tasks)
-    bits = np.int64(1) << np.arange(k, dtype=np.int64)
-    chosen = list(chosen)
-    spent = 0
-    for _ in range(100):
-        improved = False
-        for pos in range(len(chosen)):
-            others = [tab[c] for q, c in enumerate(chosen) if q != pos]
-            base = np.max(others, axis=0) if others else np.full(k, -np.inf)
-            flips = chosen[pos] ^ bits
-            flips = flips[(flips != 0) & (np.bitwise_count(flips) <= m)]
-            masks = np.concatenate([pool, flips])
-            rows = np.vstack([tp, _checked_table(sc, flips)]) if len(flips) else tp
-            new = np.maximum(base[None, :], rows)
-            fin = np.isfinite(new).all(1)
-            tot = np.where(fin, np.where(fin[:, None], new, 0.0).sum(1), -np.inf)
-            spent += len(rows)
-            r = int(np.argmax(tot))
-            mk = int(masks[r])
-            if tot[r] > value + 1e-12 * max(1.0, abs(value)) and mk not in chosen:
-                chosen[pos] = mk
-                tab[mk] = rows[r]
-                value = float(tot[r])
-                improved = True
-        if not improved:
-            break
-    return chosen, value, spent
+class _Pool:
+    """The networks the heuristic may pick: rows of values (higher is better, -inf off the network), task masks
+    and costs. With a score (``sc``), networks it makes up on the way (the uncovered tasks, one task flipped) are
+    appended."""
+
+    def __init__(self, rows: np.ndarray, masks: np.ndarray, costs: np.ndarray, sc: TableScore | None, m: int) -> None:
+        self.rows, self.masks, self.costs = np.asarray(rows, dtype=np.float64), np.asarray(masks, np.int64), costs
+        self.sc, self.m = sc, m
+        self.n_listed = len(masks)
+        self.k = self.rows.shape[1]
+        fin = np.isfinite(self.rows)
+        self.tol = 1e-12 * max(1.0, float(np.abs(self.rows[fin]).max()) if fin.any() else 1.0)
+        self.unit = float(costs.min()) if len(costs) else 1.0
+        # the cheapest network holding each task: a lower bound on what covering it still costs
+        self.min_cost = np.array([costs[fin[:, j]].min() if fin[:, j].any() else np.inf for j in range(self.k)])
+        with warnings.catch_warnings():  # a task in no network: an all-NaN column, handled below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            lo = np.nanquantile(np.where(fin, self.rows, np.nan), 0.25, axis=0) if fin.any() else np.zeros(self.k)
+        self.lo = np.where(np.isfinite(lo), lo, 0.0)
+        self.index = {int(mk): r for r, mk in enumerate(self.masks)} if sc is not None else {}
+
+    def add(self, masks: np.ndarray) -> np.ndarray:
+        """Row indices of the score's groups ``masks``, appending those not in the pool yet (scores only)."""
+        assert self.sc is not None
+        new = sorted({int(mk) for mk in masks} - self.index.keys())
+        if new:
+            arr = np.array(new, dtype=np.int64)
+            start = len(self.masks)
+            self.rows = np.vstack([self.rows, _checked_table(self.sc, arr)])
+            self.masks = np.concatenate([self.masks, arr])
+            self.costs = np.concatenate([self.costs, np.full(len(arr), self.unit)])
+            self.index |= {mk: start + i for i, mk in enumerate(new)}
+        return np.array([self.index[int(mk)] for mk in masks], dtype=np.int64)
+
+    def cover_cost(self, uncovered: np.ndarray) -> np.ndarray:
+        """A lower bound on the cost of covering each row's uncovered tasks (n x K boolean)."""
+        n_unc = uncovered.sum(1)
+        worst = np.where(uncovered, self.min_cost[None, :], 0.0).max(1) if uncovered.shape[1] else np.zeros(len(n_unc))
+        return np.maximum(worst, np.ceil(n_unc / self.m) * self.unit)
+
+    def beam(self, budget: float, width: int) -> tuple[list[int], int]:
+        eps = 1e-9 * max(1.0, budget)
+        nodes = 0
+        beam: list[tuple[tuple[int, ...], np.ndarray, float]] = [((), np.full(self.k, -np.inf), 0.0)]
+        complete: list[tuple[float, float, tuple[int, ...]]] = []
+        for _ in range(int(budget / self.unit + eps) + 1):
+            cand: list[tuple[float, tuple[int, ...], np.ndarray, float]] = []
+            for chosen, cur, spent in beam:
+                unc = ~np.isfinite(cur)
+                idx = np.arange(len(self.masks))
+                if self.sc is not None and unc.any() and unc.sum() <= self.m:  # the uncovered set, as one network
+                    idx = np.unique(np.append(idx, self.add(np.array([to_mask(np.flatnonzero(unc))]))))
+                fits = spent + self.costs[idx] <= budget + eps
+                idx = idx[fits]
+                new = np.maximum(cur[None, :], self.rows[idx])
+                fin = np.isfinite(new)
+                left = budget - spent - self.costs[idx]
+                feasible = self.cover_cost(~fin) <= left + eps
+                key = np.where(fin, new, self.lo[None, :]).sum(1)
+                key[~feasible] = -np.inf
+                nodes += len(idx)
+                for r in np.argsort(-key, kind="stable")[: width * 2]:
+                    if key[r] == -np.inf:
+                        break
+                    if int(idx[r]) in chosen:
+                        continue
+                    cand.append((float(key[r]), tuple(sorted((*chosen, int(idx[r])))), new[r],
+                                 spent + float(self.costs[idx[r]])))
+            seen: set[tuple[int, ...]] = set()
+            beam = []
+            for _, chosen, cur, spent in sorted(cand, key=lambda c: (-c[0], c[3])):
+                if chosen in seen:
+                    continue
+                seen.add(chosen)
+                beam.append((chosen, cur, spent))
+                if np.isfinite(cur).all():
+                    complete.append((float(cur.sum()), spent, chosen))
+                if len(beam) >= width:
+                    break
+            if not beam:
+                break
+        if not complete:
+            raise DataError("select_beam: found no selection within the budget that covers every task "
+                            "(check the scores for -inf and the costs)")
+        best = max(complete, key=lambda c: (c[0], -c[1]))
+        return list(best[2]), nodes
+
+    def polish(self, chosen: list[int], budget: float) -> tuple[list[int], int]:
+        """Local search: replace one chosen network by another that fits the budget (with a score, also by itself
+        with one task added or removed), or add one, while that raises the total (at most 100 passes)."""
+        eps = 1e-9 * max(1.0, budget)
+        bits = np.int64(1) << np.arange(self.k, dtype=np.int64)
+        chosen = list(chosen)
+        value = float(self.rows[chosen].max(0).sum())
+        spent = 0
+        for _ in range(100):
+            improved = False
+            for pos in range(len(chosen) + 1):  # pos == len(chosen): add a network
+                others = [c for q, c in enumerate(chosen) if q != pos]
+                base = self.rows[others].max(0) if others else np.full(self.k, -np.inf)
+                room = budget - float(self.costs[others].sum()) if others else budget
+                idx = np.arange(len(self.masks))
+                if self.sc is not None and pos < len(chosen):
+                    flips = self.masks[chosen[pos]] ^ bits
+                    flips = flips[(flips != 0) & (np.bitwise_count(flips) <= self.m)]
+                    if len(flips):
+                        idx = np.unique(np.append(idx, self.add(flips)))
+                idx = idx[self.costs[idx] <= room + eps]
+                if not len(idx):
+                    continue
+                new = np.maximum(base[None, :], self.rows[idx])
+                fin = np.isfinite(new).all(1)
+                tot = np.where(fin, np.where(fin[:, None], new, 0.0).sum(1), -np.inf)
+                spent += len(idx)
+                r = int(np.argmax(tot))
+                if tot[r] > value + 1e-12 * max(1.0, abs(value)) and int(idx[r]) not in chosen:
+                    if pos < len(chosen):
+                        chosen[pos] = int(idx[r])
+                    else:
+                        chosen.append(int(idx[r]))
+                    value = float(tot[r])
+                    improved = True
+            if not improved:
+                break
+        return chosen, spent
+
+    def prefer_smaller(self, chosen: list[int]) -> list[int]:
+        """Each chosen network replaced by the cheapest, then smallest, network that gives the tasks it serves at
+        least the values they have (the solvers' tie rule); networks serving nothing are dropped by the caller."""
+        rows = self.rows[chosen]
+        best = rows.max(0)
+        owner = []  # each task's server: attaining its best, the cheapest, then smallest network
+        for j in range(self.k):
+            ok = np.flatnonzero(rows[:, j] >= best[j] - self.tol)
+            ch = np.asarray(chosen)[ok]
+            owner.append(int(ok[np.lexsort((ok, np.bitwise_count(self.masks[ch]), self.costs[ch]))[0]]))
+        out: list[int] = []
+        for q, r in enumerate(chosen):
+            part = to_mask(j for j in range(self.k) if owner[j] == q)
+            if not part:
+                continue
+            idx = np.flatnonzero((self.masks & part) == part)
+            if self.sc is not None:  # every group between the served set and the network is a candidate
+                free = [i for i in from_mask(int(self.masks[r])) if not part >> i & 1]
+                if len(free) <= 12:
+                    subs = np.array([part | to_mask(c) for n in range(len(free) + 1)
+                                     for c in itertools.combinations(free, n)], dtype=np.int64)
+                    idx = np.unique(np.append(idx, self.add(subs)))
+            bits = list(from_mask(part))
+            ok = idx[(self.rows[idx][:, bits] >= best[bits] - self.tol).all(1)]
+            pick = int(ok[np.lexsort((ok, self.masks[ok], np.bitwise_count(self.masks[ok]), self.costs[ok]))[0]])
+            if pick not in out:
+                out.append(pick)
+        return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -769,6 +1196,7 @@ class TagParams(BaseModel):
 class ExactParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_group_size: int | None = Field(None, ge=1, description="largest group considered (default: all tasks)")
+    network_cost: float = Field(1.0, gt=0, description="cost of each network of a score (candidate lists: their own)")
 
 
 class BeamParams(BaseModel):
@@ -776,6 +1204,7 @@ class BeamParams(BaseModel):
     beam_width: int = Field(16, ge=1, description="partial selections kept per step")
     max_group_size: int | None = Field(None, ge=1, description="largest group considered (default: all tasks)")
     local_search: bool = Field(True, description="polish the answer with one-group swaps")
+    network_cost: float = Field(1.0, gt=0, description="cost of each network of a score (candidate lists: their own)")
 
 
 @GROUP_SCORES.register("tag", params=TagParams, summary="mean affinity onto each task from its group mates",
@@ -790,12 +1219,15 @@ def _hoa(params: NoParams, aff: AffinityMatrix) -> HoaScore:
     return HoaScore(aff)
 
 
-@GROUPING_SOLVERS.register("exact", params=ExactParams, summary="branch and bound, provably optimal, K <= 16",
+@GROUPING_SOLVERS.register("exact", params=ExactParams,
+                           summary="provably optimal: branch and bound for scores (K <= 16), subset convolutions "
+                           "for candidate lists with costs (K <= 14)",
                            paper="Standley et al. 2020; Fifty et al. 2021 (network selection)")
-def _exact(params: ExactParams, score: TableScore, tasks: Sequence[str], budget: int) -> Grouping:
-    return select_exact(score, tasks, budget, params.max_group_size)
+def _exact(params: ExactParams, score: TableScore | Candidates, tasks: Sequence[str], budget: float) -> Grouping:
+    return select_exact(score, tasks, budget, params.max_group_size, network_cost=params.network_cost)
 
 
 @GROUPING_SOLVERS.register("beam", params=BeamParams, summary="greedy candidates + beam selection, any K")
-def _beam(params: BeamParams, score: TableScore, tasks: Sequence[str], budget: int) -> Grouping:
-    return select_beam(score, tasks, budget, params.beam_width, params.max_group_size, params.local_search)
+def _beam(params: BeamParams, score: TableScore | Candidates, tasks: Sequence[str], budget: float) -> Grouping:
+    return select_beam(score, tasks, budget, params.beam_width, params.max_group_size, params.local_search,
+                       params.network_cost)

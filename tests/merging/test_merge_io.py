@@ -317,3 +317,13 @@ def test_data_driven_method_on_checkpoints_is_a_clear_error(make_family, tmp_pat
     with pytest.raises(ConfigError, match=r"'density' cannot be set per model"):
         merge_checkpoints(base_path, [ModelInput(str(paths[0]), params={"density": 0.5})], "task_arithmetic",
                           tmp_path / "out")
+
+
+def test_model_scope_trim_reads_the_inputs_three_times_and_matches_the_in_memory_merge(make_family, tmp_path):
+    base_path, paths, base, models = make_family(3, "sharded")
+    params = {"density": 0.3, "trim_scope": "model"}
+    summary = merge_checkpoints(base_path, [str(p) for p in paths], "ties", tmp_path / "out", params,
+                                options={"fsync": False, "prefetch": 64})
+    assert summary["passes"] == 3  # two statistics passes (top bits, then low bits of the magnitudes), one merge
+    got, want = _read_dir(tmp_path / "out"), _expected("ties", base, models, params)
+    assert all(torch.equal(got[n], want[n]) for n in want)

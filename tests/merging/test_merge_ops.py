@@ -21,8 +21,38 @@ def test_kth_largest_abs_matches_kthvalue(values, data):
     assert ops.kth_largest_abs(t, k) == float(torch.kthvalue(t.abs(), len(values) - k + 1).values)
 
 
+def _reference_keep(t, rank):
+    """The top ``rank`` entries by (magnitude desc, index asc): a stable sort, the rule of trim_ties: first."""
+    order = sorted(range(t.numel()), key=lambda i: (-abs(float(t[i])), i))
+    keep = torch.zeros(t.numel(), dtype=torch.bool)
+    keep[order[:rank]] = True
+    return keep
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(-4, 4), min_size=1, max_size=200), st.data(), st.booleans())
+def test_thresholds_and_exact_k_trim_match_a_stable_sort(values, data, radix):
+    t = torch.tensor(values, dtype=torch.bfloat16).float() * 0.37  # many ties, as bf16 task vectors have
+    n = t.numel()
+    r = data.draw(st.integers(1, n))
+    old = ops.SMALL, ops.CHUNK
+    ops.SMALL, ops.CHUNK = (0, 16) if radix else old  # the histogram path over several chunks, or the sort path
+    try:
+        th = ops.thresholds(t, [r])[r]
+        pruned = ops.magnitude_prune(t, r / n + 1e-9) if r < n else t
+    finally:
+        ops.SMALL, ops.CHUNK = old
+    keys = ops.magnitude_keys(t)
+    assert int((keys > th.key).sum()) == th.greater and int((keys == th.key).sum()) == th.equal
+    assert th.greater < r <= th.greater + th.equal
+    k = max(1, int((r / n + 1e-9) * n))
+    if r < n:
+        assert torch.equal(pruned != 0, _reference_keep(t, k) & (t != 0))
+
+
 def test_kth_largest_abs_over_several_chunks(monkeypatch):
     monkeypatch.setattr(ops, "CHUNK", 1000)
+    monkeypatch.setattr(ops, "SMALL", 100)
     t = torch.randn(10_007)
     for k in (1, 17, 5000, 10_007):
         assert ops.kth_largest_abs(t, k) == float(torch.kthvalue(t.abs(), 10_007 - k + 1).values)
@@ -38,11 +68,44 @@ def test_magnitude_prune_keeps_the_top_density_entries():
     assert ops.magnitude_prune(tau, 0.0).count_nonzero() == 0
 
 
+def test_ties_at_the_threshold_keep_exactly_k_in_index_order_or_all_of_them():
+    # the issue's case in small: bf16 values tie at the k-th magnitude; k = 4 of 10
+    tau = torch.tensor([0.5, -2.0, 0.5, 1.0, -0.5, 0.5, 3.0, -0.5, 0.25, 0.5], dtype=torch.bfloat16)
+    first = ops.magnitude_prune(tau, 0.4)
+    assert first.float().tolist() == [0.5, -2.0, 0, 1.0, 0, 0, 3.0, 0, 0, 0]  # the first tied 0.5 only
+    every = ops.magnitude_prune(tau, 0.4, rule="all")
+    assert int(every.count_nonzero()) == 9  # all six entries tied at 0.5 are kept (the official code's >=)
+
+
 def test_magnitude_band_drops_outliers_and_smallest():
     tau = torch.arange(1.0, 21.0) * torch.tensor([1.0, -1.0]).repeat(10)  # |tau| = 1..20
     out = ops.magnitude_band(tau, density=0.5, gamma=0.1)  # keep 10, drop the 2 largest, so ranks 9..18
     kept = sorted(int(v) for v in out.abs().tolist() if v)
     assert kept == list(range(9, 19))
+    tied = torch.tensor([3.0, 3.0, 3.0, 2.0, 2.0, 2.0, 1.0, 1.0, 1.0, 1.0])
+    band = ops.magnitude_band(tied, density=0.3, gamma=0.2)  # ranks 3..5 of the stable order: 3, 2, 2
+    assert band.tolist() == [0, 0, 3.0, 2.0, 2.0, 0, 0, 0, 0, 0]
+
+
+def test_model_scope_trim_is_the_tensor_trim_of_the_whole_task_vector():
+    g = torch.Generator().manual_seed(0)
+    shapes = {"a": (30, 20), "b": (50,), "c": (7, 3)}
+    base = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    scale = {"a": 0.5, "b": 2.0, "c": 1.0}  # tensors moved by different amounts: the scope matters
+    model = {n: base[n] + torch.randint(-3, 4, s, generator=g).float() * scale[n] for n, s in shapes.items()}
+    for method, params, kind in (("ties", {"density": 0.3}, "magnitude"),
+                                 ("breadcrumbs", {"density": 0.4, "gamma": 0.1}, "band")):
+        for rule in ("first", "all"):
+            merged = merge_state_dicts(method, base, [model], {**params, "trim_scope": "model", "trim_ties": rule})
+            whole = torch.cat([(model[n] - base[n]).reshape(-1) for n in shapes])  # in merge order
+            if kind == "magnitude":
+                want = ops.magnitude_prune(whole, params["density"], rule=rule)
+            else:
+                want = ops.magnitude_band(whole, params["density"], params["gamma"], rule=rule)
+            got = torch.cat([(merged[n] - base[n]).reshape(-1) for n in shapes])
+            assert torch.equal(got != 0, want != 0), (method, rule)
+            tensor_scope = merge_state_dicts(method, base, [model], {**params, "trim_ties": rule})
+            assert any(not torch.equal(tensor_scope[n], merged[n]) for n in shapes)
 
 
 def test_random_drop_is_seeded_and_unbiased():

@@ -237,9 +237,11 @@ def model_trim_passes(method: str) -> Callable[[BaseModel], list[StatsPass]]:
             return []
         steps = _sparsify_steps(method, p)
         trims = [i for i, s in enumerate(steps) if s in ops.TRIM_STEPS]
-        if len(trims) != 1:
-            raise ConfigError(f"params.trim_scope: model needs exactly one magnitude or band step in {method}'s "
-                              f"sparsify (got {steps})")
+        if not trims:
+            return []
+        if len(trims) > 1:
+            raise ConfigError(f"params.trim_scope: model takes one magnitude or band step in {method}'s sparsify "
+                              f"(got {steps})")
         kind = steps[trims[0]]
         rule = getattr(p, "trim_ties", "first")
 

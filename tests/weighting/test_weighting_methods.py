@@ -7,7 +7,14 @@ import torch
 
 from polytask.errors import ConfigError
 from polytask.weighting import StepContext, build_weighting
-from polytask.weighting.coba import absolute_convergence, convergence_slopes, divergence_factor, relative_convergence
+from polytask.weighting.coba import (
+    absolute_convergence,
+    coba_weights,
+    convergence_slopes,
+    divergence_factor,
+    largest_loss_slope,
+    relative_convergence,
+)
 from polytask.weighting.famo import famo_logit_grad, famo_weights
 
 TASKS = ["a", "b"]
@@ -220,6 +227,47 @@ def test_coba_scores_follow_the_paper_formulas():
     assert float(divergence_factor(torch.tensor([-1.0, -1.0], dtype=torch.float64), 5.0)) == 1.0
     df = divergence_factor(torch.tensor([-1.0, 1.0], dtype=torch.float64), 5.0)
     assert math.isclose(float(df), 2 / (1 + math.exp(10)), rel_tol=1e-9)
+
+
+def test_coba_official_form_follows_the_authors_code():
+    """MFTCoder's CoBaStatus.compute_per_task_weight, transcribed by hand for K = 2, tau = 5: alpha_max from the
+    largest loss curve, DF without the cap at 1, softmax(K w), and the 1/(10K) floor."""
+    history = torch.tensor([[1.0, 0.8], [0.5, 0.7], [0.0, 0.6]], dtype=torch.float64)
+    assert math.isclose(float(largest_loss_slope(history)), -0.2, rel_tol=1e-12)  # slope of [1.0, 0.7, 0.6]
+    assert math.isclose(float(convergence_slopes(history).max()), -0.1, rel_tol=1e-12)  # the paper's alpha_max
+
+    # the largest slope fell from 1 to -1: DF = 2 softmax(-5 * 2 * [1, -1] / 2)[1] = 2 / (1 + e^-10) > 1
+    alpha_max = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    df = 2 / (1 + math.exp(-10))
+    assert math.isclose(float(divergence_factor(alpha_max, 5.0, cap=False)), df, rel_tol=1e-12)
+    assert float(divergence_factor(alpha_max, 5.0)) == 1.0
+    # a (slope -1 -> -3) converges faster than b (-1 -> +1): RCS favours b, ACS favours a
+    slopes = torch.tensor([[-1.0, -1.0], [-3.0, 1.0]], dtype=torch.float64)
+    rcs = [1 / (1 + math.exp(2 * (1 - -3) / 4)), 1 / (1 + math.exp(-2 * (1 - -3) / 4))]  # softmax(2 [-3, 1] / 4)
+    acs_logits = [-2 * -3 / 4, -2 * 1 / 2]  # -N alpha_i(t) / sum_j |alpha_i(j)|
+    acs = [1 / (1 + math.exp(acs_logits[1] - acs_logits[0])), 1 / (1 + math.exp(acs_logits[0] - acs_logits[1]))]
+    mixed = [df * r + (1 - df) * a for r, a in zip(rcs, acs, strict=True)]
+    soft = [1 / (1 + math.exp(2 * (mixed[1] - mixed[0]))), 1 / (1 + math.exp(2 * (mixed[0] - mixed[1])))]
+    assert min(soft) < 1 / 20  # the floor applies
+    expected = torch.tensor([0.9 * v + 1 / 20 for v in soft], dtype=torch.float64)
+    torch.testing.assert_close(coba_weights(slopes, alpha_max, 5.0, "official"), expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(coba_weights(slopes, alpha_max, 5.0),
+                               torch.tensor(rcs, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def test_coba_official_form_keeps_every_weight_above_the_floor_and_damps_divergence():
+    out = {}
+    for form in ("paper", "official"):
+        w = build_weighting("coba", {"warmup_steps": 20, "window": 40, "form": form}, TASKS)
+        state, seen = w.init(), []
+        for step in range(300):
+            weights, state = w.update(state, torch.ones(2), ctx(step, val_losses=lambda s=step: _val_losses(s)))
+            seen.append(weights)
+        out[form] = torch.stack(seen)
+    assert float(out["official"].min()) >= 2 * 1 / 20 - 1e-12  # K * 1/(10K)
+    assert float(out["paper"].min()) < 0.1  # the paper's form has no floor
+    assert (out["official"][230:, 1] < 0.5).all()  # the diverging task is still damped
+    torch.testing.assert_close(out["official"].sum(dim=1), torch.full((300,), 2.0), rtol=1e-5, atol=0)
 
 
 def _val_losses(step):

@@ -14,12 +14,19 @@ from polytask.weighting import StepContext, build_weighting
 from polytask.weighting._adam import adam_init, adam_step
 
 TASKS = ["a", "b"]
-# parameters that make every code path run within a few steps (CoBa leaves warm-up at step 2)
+# parameters that make every code path run within a few steps (CoBa leaves warm-up at step 2); a case is a
+# registered name, or name[variant] for another form of the same method, checked by every property here
 PARAMS = {
     "equal": {}, "static": {"weights": {"a": 1.0, "b": 2.0}}, "uw": {}, "imtl_l": {}, "dwa": {}, "gls": {},
     "rlw": {}, "famo": {}, "coba": {"warmup_steps": 2, "window": 4},
+    "coba[official]": {"warmup_steps": 2, "window": 4, "form": "official"},
 }
-NAMES = sorted(PARAMS)
+CASES = sorted(PARAMS)
+NAMES = sorted({case.partition("[")[0] for case in CASES})
+
+
+def build(case):
+    return build_weighting(case.partition("[")[0], PARAMS[case], TASKS)
 
 
 def make_ctx(step, losses, val=None):
@@ -52,9 +59,9 @@ def same_tree(a, b):
     return type(a) is type(b) and a == b
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_state_round_trips_through_a_checkpoint_and_resumes_identically(name, tmp_path):
-    w = build_weighting(name, PARAMS[name], TASKS)
+@pytest.mark.parametrize("case", CASES)
+def test_state_round_trips_through_a_checkpoint_and_resumes_identically(case, tmp_path):
+    w = build(case)
     straight, state = [], w.init()
     for step in range(12):
         weights, state = advance(w, state, step, toy_losses(step))
@@ -72,9 +79,9 @@ def test_state_round_trips_through_a_checkpoint_and_resumes_identically(name, tm
     assert same_tree(state, state2)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_update_does_not_modify_the_state_it_is_given(name):
-    w = build_weighting(name, PARAMS[name], TASKS)
+@pytest.mark.parametrize("case", CASES)
+def test_update_does_not_modify_the_state_it_is_given(case):
+    w = build(case)
     state = w.init()
     for step in range(5):
         before = copy.deepcopy(state)
@@ -83,10 +90,10 @@ def test_update_does_not_modify_the_state_it_is_given(name):
         state = new
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("losses", [[1e-8, 1e-8], [1e8, 1e8], [1e-8, 1e8], [0.0, 1.0], [0.0, 0.0]])
-def test_weights_are_finite_nonnegative_and_in_the_loss_dtype_at_any_scale(name, losses):
-    w = build_weighting(name, PARAMS[name], TASKS)
+def test_weights_are_finite_nonnegative_and_in_the_loss_dtype_at_any_scale(case, losses):
+    w = build(case)
     state = w.init()
     base = torch.tensor(losses, dtype=torch.float32)
     for step in range(40):

@@ -115,3 +115,42 @@ def test_data_free_methods_run_on_task_models_too(task_models):
     ctx = task_models(3)
     merged = merge_encoders("ties", {"density": 0.5}, ctx)
     assert set(merged) == set(ctx.pretrained)
+
+
+def test_regmean_a_feature_one_task_never_activates_is_decided_by_the_others():
+    # the issue's minimal case: feature 0 is dead for task A (a ReLU that never fires), alive for task B
+    xa = torch.tensor([[0.0, 1.0], [0.0, 2.0], [0.0, -1.0]])
+    xb = torch.tensor([[1.0, 0.0], [1.0, 1.0], [2.0, -1.0]])
+    wa, wb = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 4.0]])
+    merged = regmean_weight([wa, wb], [xa.T.double() @ xa.double(), xb.T.double() @ xb.double()], alpha=1.0)
+
+    def objective(w):
+        return float(((xa @ w.T - xa @ wa.T) ** 2).sum() + ((xb @ w.T - xb @ wb.T) ** 2).sum())
+
+    exact = torch.linalg.lstsq(torch.cat([xa, xb]).double(), torch.cat([xa @ wa.T, xb @ wb.T]).double()).solution.T
+    assert merged.tolist()[0] == pytest.approx([2.7447, 2.4681], abs=1e-4)
+    assert torch.allclose(merged.double(), exact, atol=1e-6)
+    assert objective(merged) == pytest.approx(5.6170, abs=1e-4)  # the per-task term gave 5.9954
+
+
+def test_regmean_a_feature_no_task_activates_gets_the_plain_average():
+    xa, xb = torch.tensor([[0.0, 1.0], [0.0, 2.0]]), torch.tensor([[0.0, 3.0], [0.0, -1.0]])
+    wa, wb = torch.tensor([[1.0, 2.0], [5.0, 1.0]]), torch.tensor([[3.0, 4.0], [1.0, 1.0]])
+    merged = regmean_weight([wa, wb], [xa.T @ xa, xb.T @ xb], alpha=1.0)
+    assert merged[:, 0].tolist() == pytest.approx([2.0, 3.0])  # column 0 never matters: the mean of the columns
+    # column 1 is the least-squares fit over both tasks' rows: (5 * [2, 1] + 10 * [4, 1]) / 15
+    assert merged[:, 1].tolist() == pytest.approx([50 / 15, 1.0])
+
+
+def test_regmean_gram_mean_weighs_every_task_the_same(task_models):
+    ctx = task_models(2)
+    few = TaskModels(ctx.encoder, ctx.pretrained, ctx.encoders, ctx.heads, ctx.tasks, ctx.inputs,
+                     [ctx.train_inputs[0][:5], ctx.train_inputs[1]], ctx.train_targets)
+    summed = merge_encoders("regmean", {"alpha": 1.0}, few)
+    mean = merge_encoders("regmean", {"alpha": 1.0, "gram": "mean"}, few)
+    grams = [linear_inputs_gram(ctx.encoder, e, x) for e, x in zip(few.encoders, few.train_inputs, strict=True)]
+    name = "0.weight"
+    want_sum = regmean_weight([e[name] for e in few.encoders], [g["0"] for g in grams], 1.0)
+    want_mean = regmean_weight([e[name] for e in few.encoders], [grams[0]["0"] / 5, grams[1]["0"] / 40], 1.0)
+    assert torch.allclose(summed[name], want_sum, atol=1e-5) and torch.allclose(mean[name], want_mean, atol=1e-5)
+    assert not torch.allclose(summed[name], mean[name], atol=1e-3)

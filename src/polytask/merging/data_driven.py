@@ -172,17 +172,23 @@ class RegMeanParams(_Params):
     n_examples: int = Field(256, ge=1, description="training inputs per task used for the Gram matrices")
     alpha: float = Field(0.9, ge=0, le=1, description="scale of the Gram matrices' off-diagonal entries (1: exact "
                          "regression, smaller: towards plain averaging)")
+    gram: Literal["sum", "mean"] = Field(
+        "sum", description="sum: X^T X, the paper's least squares over all rows (a task with more rows weighs "
+        "more); mean: X^T X / rows, the reference code's running mean (every task weighs the same)")
 
 
-def linear_inputs_gram(encoder: nn.Module, state: StateDict, x: Tensor) -> dict[str, Tensor]:
-    """``X^T X`` of the inputs of every ``nn.Linear`` of the encoder, run with parameters ``state``."""
+def linear_inputs_gram(encoder: nn.Module, state: StateDict, x: Tensor, mean: bool = False) -> dict[str, Tensor]:
+    """``X^T X`` of the inputs of every ``nn.Linear`` of the encoder, run with parameters ``state``; with
+    ``mean`` divided by the rows that layer saw (RegMean's reference code)."""
     grams: dict[str, Tensor] = {}
+    rows: dict[str, int] = {}
     hooks = []
 
     def hook(name: str):
         def fn(_m: nn.Module, args: tuple[Tensor, ...], _out: Tensor) -> None:
             a = args[0].detach().reshape(-1, args[0].shape[-1]).double()
             grams[name] = grams.get(name, 0) + a.T @ a
+            rows[name] = rows.get(name, 0) + a.shape[0]
         return fn
 
     for name, m in encoder.named_modules():
@@ -194,23 +200,38 @@ def linear_inputs_gram(encoder: nn.Module, state: StateDict, x: Tensor) -> dict[
     finally:
         for h in hooks:
             h.remove()
-    return grams
+    return {n: g / max(rows[n], 1) for n, g in grams.items()} if mean else grams
 
 
 def regmean_weight(weights: Sequence[Tensor], grams: Sequence[Tensor], alpha: float) -> Tensor:
     """RegMean's closed form (Jin et al. 2023) for one linear layer ``y = x W^T``:
-    ``W^T = (sum_k G_k)^-1 sum_k G_k W_k^T`` with ``G_k = X_k^T X_k``, off-diagonals scaled by ``alpha``.
-    An input feature no task ever activates (zero diagonal) gets the plain average."""
+    ``W^T = (sum_k G_k)^-1 sum_k G_k W_k^T`` with ``G_k = X_k^T X_k``, off-diagonals scaled by ``alpha``
+    (alpha = 1: the least-squares merge ``argmin_W sum_k ||X_k W^T - X_k W_k^T||^2``).
+
+    An input feature that no task activates (zero on the diagonal of the summed Gram) leaves the objective
+    unchanged whatever its weight; it gets the plain average of the task weights. That is one term on the
+    summed Gram, not one per task: a feature one task never activates (a dead ReLU) is decided by the tasks
+    that do activate it, as the least squares say. A summed Gram that is singular for another reason (fewer
+    rows than features) gets the minimum-norm solution.
+    """
     lhs = torch.zeros_like(grams[0], dtype=torch.float64)
     rhs = torch.zeros((grams[0].shape[0], weights[0].shape[0]), dtype=torch.float64)
+    mean = torch.zeros_like(rhs)
     for w, g in zip(weights, grams, strict=True):
         g = g.double()
-        d = torch.diagonal(g).clone()
-        g = alpha * g + (1 - alpha) * torch.diag(d)
-        g = g + torch.diag((d == 0).double())
+        g = alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g))
         lhs += g
         rhs += g @ w.double().T
-    return torch.linalg.solve(lhs, rhs).T.to(weights[0].dtype).contiguous()
+        mean += w.double().T / len(weights)
+    dead = torch.diagonal(lhs) == 0
+    if bool(dead.any()):
+        lhs[dead, dead] = 1.0
+        rhs[dead] = mean[dead]
+    try:
+        solution = torch.linalg.solve(lhs, rhs)
+    except torch.linalg.LinAlgError:
+        solution = torch.linalg.pinv(lhs, hermitian=True) @ rhs
+    return solution.T.to(weights[0].dtype).contiguous()
 
 
 @METHODS.register("regmean", params=RegMeanParams, summary="closed-form merge of each linear layer from the Gram "
@@ -220,9 +241,14 @@ def regmean_weight(weights: Sequence[Tensor], grams: Sequence[Tensor], alpha: fl
                   identity=lambda k: {})
 def regmean(params: RegMeanParams, ctx: TaskModels, weights: Sequence[float], seed: int = 0) -> StateDict:
     """RegMean (Jin et al. 2023): each linear layer's weight minimises the summed squared difference of its
-    outputs from every task model's on that task's inputs; biases and other parameters are averaged."""
-    grams = [linear_inputs_gram(ctx.encoder, ctx.encoders[k], ctx.train_inputs[k][:params.n_examples])
-             for k in range(len(ctx.tasks))]
+    outputs from every task model's on that task's inputs; biases and other parameters are averaged.
+
+    Differences from the reference code (bloomberg/dataless-model-merging), each an option: the Gram is the
+    sum ``X^T X`` of the paper's objective by default (the code keeps a running mean, ``gram: mean``); the
+    off-diagonal scale ``alpha`` applies to every layer (the code uses it for some model families only,
+    alpha = 1 elsewhere); features no task activates get the plain average (the code would fail to invert)."""
+    grams = [linear_inputs_gram(ctx.encoder, ctx.encoders[k], ctx.train_inputs[k][:params.n_examples],
+                                mean=params.gram == "mean") for k in range(len(ctx.tasks))]
     out = merge_state_dicts("average", None, ctx.encoders)
     for layer in grams[0]:
         name = f"{layer}.weight" if layer else "weight"

@@ -2,18 +2,21 @@
 
 Everything here works on float64 numpy arrays of size K <= ~10: for such sizes numpy is an order of magnitude
 faster than torch (no dispatcher, no autograd bookkeeping). Each solver is iteration-bounded and its
-tolerances are relative: callers pass a trace-normalised Gramian (``normalize``), so "1e-12" means 1e-12 of
-an average squared gradient norm whatever the gradient scale.
+tolerances are relative: callers pass a trace-normalised Gramian (``normalize``), and every optimality test
+compares a task's multiplier with the rounding error of that very task's terms (``kkt_tol``), so a task whose
+gradient is 1e-6 of the largest one is solved as accurately as the largest one (an absolute tolerance would
+stop the solvers short when the task-gradient norms are spread).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
 REL_TOL = 1e-12
-"""Relative tolerance of the KKT / optimality tests on a trace-normalised Gramian."""
+"""Relative tolerance of the KKT / optimality tests (about 5000 float64 roundings)."""
 
 RIDGE = 1e-10
 """Relative ridge added to the diagonal of the Gramian (G_ii -> (1 + RIDGE) G_ii) by the solvers whose weights
@@ -37,6 +40,19 @@ def normalize(g: np.ndarray) -> tuple[np.ndarray, float]:
     return g / scale, scale
 
 
+def kkt_tol(g: np.ndarray, b: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Per-task tolerance of a multiplier (G x + b)_j: ``REL_TOL`` times the size of its terms,
+    |g_j| (sum_i |x_i| |g_i| + 1e-3 max|x| min_{x_i != 0} |g_i|) + |b_j| (batched over the rows of ``b`` and
+    ``x``): relative to what rounding can resolve for task j, not to the largest task. The second term is the
+    rounding of the weights themselves: the face solves (``simplex_face_solve``) keep each weight's relative
+    accuracy and put the constraint's absolute rounding (~1e-15) on the smallest-norm task of the support."""
+    n = np.sqrt(np.maximum(np.diag(g), 0.0))
+    ax = np.abs(x)
+    smallest = np.where(ax > 0, n, np.inf).min(axis=-1, initial=np.inf)
+    weights = ax @ n + 1e-3 * ax.max(axis=-1, initial=0.0) * np.where(np.isfinite(smallest), smallest, 0.0)
+    return REL_TOL * (n * weights[..., None] + np.abs(b))
+
+
 def lin_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Solve ``a x = b``; the minimum-norm least-squares solution when ``a`` is singular (duplicate tasks)."""
     try:
@@ -48,25 +64,44 @@ def lin_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.linalg.lstsq(a, b, rcond=None)[0]
 
 
-def _bordered(hf: np.ndarray) -> np.ndarray:
-    """The KKT matrix [[H, 1], [1^T, 0]] of a face of the simplex."""
+def scaled_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``lin_solve`` of the symmetric system ``a x = b`` after scaling it to a unit diagonal (Jacobi
+    equilibration): with gradient norms spread over many orders the unscaled LU loses the small tasks' entries
+    below the large ones' rounding, the scaled one keeps each entry's relative accuracy."""
+    root = np.sqrt(np.abs(np.diag(a)))
+    d = np.where(root > 0, 1.0 / np.where(root > 0, root, 1.0), 1.0)
+    dd = d[:, None] if b.ndim == 2 else d
+    return dd * lin_solve(a * d[:, None] * d[None, :], dd * b)
+
+
+def simplex_face_solve(hf: np.ndarray, rhs: np.ndarray, total: np.ndarray | float) -> np.ndarray:
+    """Minimiser of 1/2 y^T H y - rhs^T y subject to sum(y) = total (per column of ``rhs`` when 2-D).
+
+    Null-space method: the smallest-norm task p carries the constraint, y_p = total - sum of the others, and
+    the rest solve the reduced system R y_r = (rhs_r - rhs_p) - total (H_rp - H_pp) with
+    R_ij = (g_i - g_p) . (g_j - g_p), equilibrated (``scaled_solve``). Unlike the bordered KKT matrix
+    [[H, 1], [1^T, 0]], whose unit border swamps the Gram entries of tiny gradients, this keeps them exact.
+    Minimum-norm (scaled) when the face is singular (duplicate or dependent tasks)."""
     m = len(hf)
-    kkt = np.zeros((m + 1, m + 1))
-    kkt[:m, :m] = hf
-    kkt[:m, m] = 1.0
-    kkt[m, :m] = 1.0
-    return kkt
+    rhs2 = rhs.reshape(m, -1)
+    tot = np.broadcast_to(np.asarray(total, dtype=float), (rhs2.shape[1],))
+    piv = int(np.argmin(np.diag(hf)))
+    rest = np.array([i for i in range(m) if i != piv], dtype=int)
+    y = np.zeros_like(rhs2, dtype=float)
+    if len(rest):
+        hrp = hf[rest, piv] - hf[piv, piv]
+        red = hf[np.ix_(rest, rest)] - hf[rest, piv][:, None] - hf[piv, rest][None, :] + hf[piv, piv]
+        y[rest] = scaled_solve(red, (rhs2[rest] - rhs2[piv]) - hrp[:, None] * tot[None, :])
+    y[piv] = tot - y[rest].sum(axis=0)
+    return y.reshape(rhs.shape)
 
 
 def _face_solve(h: np.ndarray, rhs: np.ndarray, idx: np.ndarray, simplex: bool, total: float) -> np.ndarray:
     """Minimiser of 1/2 y^T H_ff y - rhs^T y on face ``idx`` (with sum(y) = total on the simplex)."""
     hf = h[np.ix_(idx, idx)]
     if not simplex:
-        return lin_solve(hf, rhs[idx])
-    full = np.zeros(len(idx) + 1)
-    full[:-1] = rhs[idx]
-    full[-1] = total
-    return lin_solve(_bordered(hf), full)[:-1]
+        return scaled_solve(hf, rhs[idx])
+    return simplex_face_solve(hf, rhs[idx], total)
 
 
 def active_set_qp(
@@ -82,8 +117,8 @@ def active_set_qp(
     ``max_iter`` (default 6K + 10) steps.
     """
     k = len(b)
-    tol = REL_TOL * max(1.0, float(np.abs(b).max(initial=0.0)), float(np.abs(np.diag(h)).max(initial=0.0)))
     x = np.zeros(k) if x0 is None else np.maximum(x0, 0.0)
+    x[x <= 1e-15 * x.max(initial=0.0)] = 0.0  # rounding-level weights of a warm start are noise: start without
     if simplex and not x.sum() > 0:
         x[int(np.argmin(0.5 * np.diag(h) + b))] = 1.0
     if simplex:
@@ -93,10 +128,13 @@ def active_set_qp(
     for _ in range(max_iter or 6 * k + 10):
         grad = h @ x + b
         if at_face_optimum:
+            tol = kkt_tol(h, b, x)
             lam = grad - (grad[free].mean() if simplex else 0.0)
+            if simplex and free.any():  # the multiplier nu = mean of the free gradients carries their rounding
+                tol = tol + tol[free].max()
             lam[free] = np.inf
-            j = int(np.argmin(lam))
-            if lam[j] >= -tol:
+            j = int(np.argmin(lam + tol))
+            if lam[j] >= -tol[j]:
                 break
             free[j] = True
         idx = np.flatnonzero(free)
@@ -109,7 +147,10 @@ def active_set_qp(
             r = int(np.argmin(ratios))
             if ratios[r] < 1.0:
                 t, block = float(ratios[r]), int(idx[shrinking][r])
-        x[idx] = np.maximum(xf + t * p, 0.0)
+        moved = xf + t * p
+        gone = moved <= 1e-14 * xf  # cancelled to rounding: on the boundary
+        x[idx] = np.where(gone, 0.0, moved)
+        free[idx[gone]] = False
         if block >= 0:
             x[block], free[block] = 0.0, False
         at_face_optimum = block < 0
@@ -155,9 +196,8 @@ def qp_batch(g: np.ndarray, b: np.ndarray, simplex: bool, active: np.ndarray | N
     warm-started from their last iterate, so the result is exact either way.
     """
     n, k = b.shape
-    tol = REL_TOL * max(1.0, float(np.abs(b).max(initial=0.0)), float(np.abs(np.diag(g)).max(initial=0.0)))
     if active is None:
-        active = np.zeros((n, k), dtype=bool) if simplex else b >= -tol
+        active = np.zeros((n, k), dtype=bool) if simplex else b >= -kkt_tol(g, b, np.zeros((n, k)))
     active, previous = active.copy(), None
     x = np.zeros((n, k))
     rows = np.arange(n)
@@ -171,7 +211,11 @@ def qp_batch(g: np.ndarray, b: np.ndarray, simplex: bool, active: np.ndarray | N
         sol = _batched_solve(*_pdas_systems(g, bb, active, simplex))
         xs = sol[:, :k]
         mu = xs @ g + bb - (sol[:, k:] if simplex else 0.0)
-        new = np.where(active, mu >= -tol, xs < -tol)
+        tol = kkt_tol(g, bb, xs)
+        if simplex:  # nu is solved from the free rows and carries their rounding
+            tol = tol + np.where(active, 0.0, tol).max(axis=1, keepdims=True)
+        xtol = REL_TOL * np.maximum(1.0, np.abs(xs).max(axis=1, keepdims=True))
+        new = np.where(active, mu >= -tol, xs < -xtol)
         x[rows] = np.where(active, 0.0, np.maximum(xs, 0.0))
         left = (new != active).any(axis=1)
         if previous is not None:
@@ -183,11 +227,29 @@ def qp_batch(g: np.ndarray, b: np.ndarray, simplex: bool, active: np.ndarray | N
         rows, previous, active = rows[left], active[left], new[left]
     else:
         stuck.extend(rows)
-    for i in stuck:
-        x[i] = active_set_qp(g, b[i], simplex, x0=x[i])
+    x[x <= 1e-13 * np.abs(x).max(axis=1, keepdims=True)] = 0.0  # the unscaled LU's absolute rounding
     if simplex:
         x = x / x.sum(axis=1, keepdims=True)
+    stuck = sorted(set(stuck) | set(np.flatnonzero(~kkt_holds(g, b, x, simplex))))
+    for i in stuck:
+        x[i] = active_set_qp(g, b[i], simplex, x0=x[i])
     return x
+
+
+def kkt_holds(g: np.ndarray, b: np.ndarray, x: np.ndarray, simplex: bool) -> np.ndarray:
+    """Row-wise test of the KKT conditions of min 1/2 x^T G x + b^T x s.t. x >= 0 (and sum(x) = 1): the
+    gradient is equal (to nu on the simplex, 0 otherwise) on the support and not below it off the support, each
+    task to its own rounding tolerance (``kkt_tol``). The batched solves use an unscaled LU, which is checked
+    here rather than trusted."""
+    free = x > 0
+    grad = x @ g + b
+    tol = kkt_tol(g, b, x)
+    if simplex:
+        count = np.maximum(free.sum(axis=1, keepdims=True), 1)
+        grad = grad - (np.where(free, grad, 0.0).sum(axis=1, keepdims=True) / count)
+        tol = tol + np.where(free, tol, 0.0).max(axis=1, keepdims=True)
+    ok = np.where(free, np.abs(grad) <= tol, grad >= -tol)
+    return ok.all(axis=1) & (x >= 0).all(axis=1)
 
 
 def min_norm_simplex(g: np.ndarray) -> np.ndarray:
@@ -207,56 +269,115 @@ def dual_cone_weights(g: np.ndarray, u: np.ndarray) -> np.ndarray:
 
 def _affine_path(g: np.ndarray, a: np.ndarray, r: float, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """On support ``idx`` the simplex minimiser of (s/r) a^T w + 1/2 w^T G w is p + s m; return (p, m)."""
-    m = len(idx)
-    kkt = _bordered(g[np.ix_(idx, idx)])
-    rhs = np.zeros((m + 1, 2))
-    rhs[m, 0] = 1.0
-    rhs[:m, 1] = -a[idx] / r
-    sol = lin_solve(kkt, rhs)
+    rhs = np.zeros((len(idx), 2))
+    rhs[:, 1] = -a[idx] / r
+    sol = simplex_face_solve(g[np.ix_(idx, idx)], rhs, np.array([1.0, 0.0]))
     p, mm = np.zeros(len(a)), np.zeros(len(a))
-    p[idx], mm[idx] = sol[:m, 0], sol[:m, 1]
+    p[idx], mm[idx] = sol[:, 0], sol[:, 1]
     return p, mm
 
 
-def cagrad_dual(g: np.ndarray, r: float, max_iter: int = 40) -> tuple[np.ndarray, np.ndarray]:
-    """The CAGrad dual optimum w and weights u with J^T u = g_w / ||g_w|| (Liu et al. 2021, Eq. 4).
+def cagrad_kkt(g: np.ndarray, r: float, w: np.ndarray, u: np.ndarray) -> tuple[float, float]:
+    """The KKT residual of the CAGrad dual at simplex weights w and update weights u, with its rounding
+    tolerance: ``(gap, tol)``.
+
+    With d = g0 + r J^T u (|J^T u| <= 1, so d lies in the ball), task i improves by (a + r G u)_i, a = G 1/K;
+    the residual is the duality gap a . w + r |g_w| - min_i (a + r G u)_i >= 0 between the dual value at w
+    and the worst-task improvement of d. It is zero exactly when both are optimal (then d solves
+    max_d min_i g_i . d s.t. |d - g0| <= r), and inf when w is off the simplex or d outside the ball. ``tol``
+    is per task, relative to what rounding can resolve for the tasks that decide the gap however spread the
+    gradient norms are: 1e-10 (100 ``REL_TOL``: weights solved near a cancellation carry cond x eps) of
+    |g_i| (mean_j |g_j| + r sum_j |u_j| |g_j|), as in ``kkt_tol``, plus the rounding of |g_w| = sqrt(w^T G w)
+    (whose relative error grows as |g_w| -> 0).
+    """
+    n = np.sqrt(np.maximum(np.diag(g), 0.0))
+    gu = g @ u
+    improvement = g.mean(axis=1) + r * gu
+    worst = int(np.argmin(improvement))
+    weights = float(np.abs(u) @ n) + 1e-3 * float(np.abs(u).max()) * float(n[u != 0].min(initial=0.0))
+    size = 100.0 * REL_TOL * n * (float(n.mean()) + r * weights)
+    q = max(float(w @ g @ w), 0.0)
+    norm_rounding = r * (math.sqrt(q + 1e-14 * float(w @ n) ** 2) - math.sqrt(q))
+    if (w < 0).any() or float(u @ gu) - 1.0 > REL_TOL * max(1.0, float(np.abs(u) @ n) ** 2):
+        return math.inf, 0.0
+    gap = float(g.mean(axis=1) @ w) + r * math.sqrt(q) - float(improvement[worst])
+    return gap, float(w @ size + size[worst]) + norm_rounding
+
+
+def cagrad_dual(g: np.ndarray, r: float, max_iter: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    """The CAGrad dual optimum w and the update weights u, d = g0 + r J^T u (Liu et al. 2021, Eq. 4).
 
     The dual is min_{w in simplex} a^T w + r ||g_w|| with a = G 1/K. Writing ||g_w|| = min_{s>0} (q/(2s) + s/2)
     (q = w^T G w) makes it jointly convex in (w, s); for fixed s the minimiser w(s) solves a simplex QP and
-    the optimal s satisfies s^2 = q(w(s)). On a fixed support w(s) = p + s m is affine, so that equation is a
-    quadratic in s: we solve it exactly, re-solve the QP at the new s, and stop when the support repeats
-    (bisection on the monotone 1 - q/s^2 keeps the iteration bracketed). If the root is s -> 0 (zero lies in
-    the convex hull and the dual optimum has g_w = 0), g_w / ||g_w|| is the limit direction J^T m / ||J^T m||.
+    the optimal s satisfies s^2 = q(w(s)) (the s-derivative 1 - q/s^2 is monotone, so the iteration keeps a
+    bracket). On a fixed support w(s) = p + s m is affine, so that equation is a quadratic in s: we solve it
+    exactly, re-solve the QP at the new root (bisection when the root leaves the bracket), and stop once the
+    KKT residual (duality gap, ``cagrad_kkt``) is below its rounding tolerance: the result is a verified
+    optimum, and J^T u = g_w / ||g_w||. If the dual optimum has g_w = 0 (zero lies in the convex hull and the
+    ball reaches the dual cone {d : J d >= 0}), every d in ball and cone is optimal and u gives the one closest
+    to g0, the projection of g0 onto the cone (||J^T u|| <= 1), verified the same way. Should the certificate not
+    be reached in ``max_iter`` QP solves, the iterate with the smallest residual is returned with a
+    ``RuntimeWarning`` that gives the residual.
     """
     k = len(g)
     a = g.mean(axis=1)
+    n = np.sqrt(np.maximum(np.diag(g), 0.0))
     lo, hi = 0.0, math.inf
-    s = math.sqrt(max(float(a.mean()), REL_TOL))
-    w, support, root_support = None, None, None
+    s = math.sqrt(max(float(a.mean()), REL_TOL * float(n.mean()) ** 2))
+    best: tuple[float, float, np.ndarray, np.ndarray] | None = None
+
+    def certified(w: np.ndarray, u: np.ndarray) -> bool:
+        nonlocal best
+        gap, tol = cagrad_kkt(g, r, w, u)
+        if best is None or gap - tol < best[0] - best[1]:
+            best = (gap, tol, w, u)
+        return gap <= tol
+
+    projection: list[np.ndarray] = []
+
+    def onto_cone() -> np.ndarray:
+        """u for the projection J^T v of g0 onto the dual cone {d : J d >= 0}, v = argmin_{v >= 1/K} v^T G v."""
+        if not projection:
+            u0 = np.full(k, 1.0 / k)
+            projection.append(qp_batch(g, (u0 @ g)[None], simplex=False)[0] / r)
+        return projection[0]
+
+    support = None
     for _ in range(max_iter):
         w = qp_batch(g, (s / r) * a[None], simplex=True, active=None if support is None else ~support[None])[0]
         support = w > 0
         q = float(w @ g @ w)
         psi = 1.0 - q / (s * s)
-        if abs(psi) <= 1e-10 or (root_support is not None and (support == root_support).all()):
-            break  # s^2 = q(w(s)), or s is the exact root of this very support's path
+        if q > REL_TOL * float(w @ n) ** 2:
+            if certified(w, w / math.sqrt(q)):
+                break
+        elif psi > 0 and certified(w, onto_cone()):  # g_w = 0: see the branch below
+            break
         lo, hi = (s, hi) if psi < 0 else (lo, s)
         p, m = _affine_path(g, a, r, np.flatnonzero(support))
         big_a, big_b, big_c = float(p @ g @ p), float(p @ g @ m), float(m @ g @ m)
-        if big_a <= REL_TOL and big_c <= 1.0 and psi > 0:
-            return p, (m / math.sqrt(big_c) if big_c > REL_TOL else np.zeros(k))
-        roots = _positive_roots(1.0 - big_c, -2.0 * big_b, -big_a)
-        inside = [x for x in roots if lo <= x <= hi]
-        root_support = support if inside else None
-        if inside:
-            s_new = min(inside, key=lambda x: abs(x - s))
+        # g_p = 0 with p on the simplex: if the ball meets the dual cone {d : J d >= 0}, every d in it is
+        # optimal (worst-task improvement 0); take the one closest to g0, the projection of g0 onto the cone
+        zero_in_hull = big_a <= REL_TOL * float(np.abs(p) @ n) ** 2 and big_c <= 1.0 and (p >= 0).all()
+        if zero_in_hull and psi > 0 and certified(p, onto_cone()):
+            break
+        roots = [x for x in _positive_roots(1.0 - big_c, -2.0 * big_b, -big_a) if lo < x < hi]
+        if roots:
+            s_new = min(roots, key=lambda x: abs(x - s))
         else:
             s_new = 2.0 * s if math.isinf(hi) else (0.5 * (lo + hi) if lo == 0.0 else math.sqrt(lo * hi))
         if abs(s_new - s) <= 1e-15 * s:
-            break
+            s_new = 0.5 * (lo + hi) if lo > 0.0 and not math.isinf(hi) else s_new
+            if abs(s_new - s) <= 1e-15 * s:
+                break
         s = s_new
-    q = float(w @ g @ w)
-    return w, (w / math.sqrt(q) if q > REL_TOL * REL_TOL else np.zeros(k))
+    if best is None:  # g_w = 0 on every iterate and no limit direction: the dual optimum has g_w = 0
+        return w, np.zeros(k)
+    gap, tol, w, u = best
+    if gap > tol:
+        warnings.warn(f"CAGrad dual: KKT residual {gap:.3g} above its tolerance {tol:.3g} after {max_iter} "
+                      "iterations; using the best iterate", RuntimeWarning, stacklevel=2)
+    return w, u
 
 
 def _positive_roots(qa: float, qb: float, qc: float) -> list[float]:

@@ -30,7 +30,15 @@ def cagrad_weights(g: np.ndarray, c: float, rescale: int = 1) -> np.ndarray:
     """Liu, Liu, Jin, Stone, Liu 2021, Conflict-Averse Gradient Descent for Multi-task Learning (Alg. 1):
     d = g0 + (c |g0| / |g_w|) g_w, where g0 = J^T 1/K and w minimises g_w . g0 + c |g0| |g_w| over the
     simplex (the dual of max_d min_i g_i . d s.t. |d - g0| <= c |g0|); then d / (1 + c^2) for rescale 1,
-    d / (1 + c) for rescale 2. Returned as weights on the raw gradients (mean convention)."""
+    d / (1 + c) for rescale 2. Returned as weights on the raw gradients (mean convention).
+
+    The dual is solved exactly and verified by its duality gap (``cagrad_dual``, ``cagrad_kkt``) at any spread
+    of the task-gradient norms (the official code's scipy SLSQP, and an absolute tolerance, stop short when the
+    norms span orders of magnitude). Deliberate difference: when the dual optimum has g_w = 0 (0 is in the
+    convex hull and the ball reaches the cone {d : J d >= 0}), the formula above is undefined and every d in
+    ball and cone is optimal (worst-task improvement 0); we return the one closest to g0, the projection of g0
+    onto that cone. There the official code's g_w / |g_w| is a direction of rounding noise and torchjd returns
+    a zero update (|g_w| < norm_eps)."""
     k = len(g)
     gn, scale = normalize(g)
     w = np.full(k, 1.0 / k)

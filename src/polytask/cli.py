@@ -134,11 +134,17 @@ def group(config: ConfigArg = None, set_: SetOpt = [], resume: ResumeOpt = None,
           quiet: QuietOpt = False) -> None:
     """Choose task groups under a budget (group.*) and prove them by training against the alternatives."""
     run_dir, summary = _flow("polytask.relations.workflow:group", config, set_, resume, quiet)
+    from polytask.report.relations import networks_text
+
     g = summary["grouping"]
-    typer.echo(f"chosen groups ({summary['estimator']}, budget {summary['budget']}): {g['groups']}")
-    typer.echo(f"{'strategy':14s} {'models':>6s} {'total val loss (mean ± std over seeds)':>40s}")
+    typer.echo(f"chosen groups ({summary['estimator']}, budget {summary['budget']:g}): {g['groups']}")
+    if any(c != 1.0 for c in g.get("costs", [])) or any(g.get("labels", [])):
+        typer.echo(f"chosen networks (total cost {g['total_cost']:g}): "
+                   f"{networks_text(g['groups'], g['costs'], g['labels'])}")
+    typer.echo(f"{'strategy':14s} {'models':>6s} {'cost':>6s} {'total val loss (mean ± std over seeds)':>40s}")
     for name, st in summary["strategies"].items():
-        typer.echo(f"{name:14s} {st['models']:6d} {st['total_val_loss_mean']:28.4f} ± {st['total_val_loss_std']:.4f}")
+        typer.echo(f"{name:14s} {st['models']:6d} {st.get('total_cost', st['models']):6g} "
+                   f"{st['total_val_loss_mean']:28.4f} ± {st['total_val_loss_std']:.4f}")
     typer.echo(f"run directory: {run_dir}")
 
 

@@ -106,11 +106,45 @@ class RelateConfig(_Strict):
         "reference code: the last iteration's terms, no (D - rank) log alpha term)")
 
 
+class NetworkConfig(_Strict):
+    """A candidate network with its own cost (Standley et al. 2020: e.g. a half-size network at cost 0.5)."""
+
+    tasks: list[str] = Field(min_length=1, description="the tasks it serves")
+    cost: float = Field(gt=0, description="its share of the budget (a full-size network of the affinity costs "
+                        "group.network_cost)")
+    losses: dict[str, float] | None = Field(
+        None, description="measured validation loss per task; none: polytask group trains it and measures them "
+        "(pairwise estimator), or values it by the affinity's score (other estimators)")
+    model: dict[str, Any] = Field(default_factory=dict, description="overrides of the model section for this "
+                                  "network, e.g. {backbone_params: {hidden: [32, 8]}} for a half-size one")
+    label: str = Field("", description="its name in results (default: custom-<i>)")
+
+
+class SingleTaskNetworks(_Strict):
+    """One extra single-task network per task (Standley et al. 2020's half-size networks at cost 0.5)."""
+
+    cost: float = Field(0.5, gt=0)
+    model: dict[str, Any] = Field(default_factory=dict, description="overrides of the model section, e.g. "
+                                  "{backbone_params: {hidden: [32, 8]}}")
+    label: str = Field("half-size")
+
+
 class GroupConfig(_Strict):
-    budget: int = Field(2, ge=1, description="number of models (groups) allowed")
+    budget: float = Field(2, gt=0, description="total cost of the networks: each network of the affinity costs "
+                          "network_cost, listed networks their own")
+    network_cost: float = Field(1.0, gt=0, description="cost of each network built from the affinity estimate")
+    networks: list[NetworkConfig] = Field(default_factory=list, description="extra candidate networks with "
+                                          "their own costs and measured or estimated losses")
+    single_task_networks: SingleTaskNetworks | None = Field(
+        None, description="add one candidate single-task network per task (e.g. half-size at cost 0.5)")
     estimator: Estimator = Field("lookahead", description="the affinity that chooses the groups")
-    solver: Literal["auto", "exact", "beam"] = Field("auto", description="auto: exact up to 16 tasks, else beam")
+    solver: Literal["auto", "exact", "beam"] = Field(
+        "auto", description="auto: exact up to 16 tasks (14 with listed networks), else beam")
     max_group_size: int | None = Field(None, ge=1)
+    stg_form: Literal["soft", "hard"] = Field(
+        "soft", description="datamap estimator (STG-MTL): soft = the paper's form, one model per cluster on all "
+        "tasks with losses weighted by membership, served by the membership-weighted ensemble; hard = one model "
+        "per cluster on its member tasks only")
     seeds: list[Seed] = Field([0, 1, 2], min_length=1, description="training seeds of the comparison")
     random_groupings: int = Field(3, ge=0, description="random groupings (same budget) per seed")
 

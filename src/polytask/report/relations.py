@@ -40,6 +40,17 @@ def _agreement(affs: list[Any]) -> str:
             f"<table><thead><tr><th>estimator</th><th>Spearman ρ</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
+def networks_text(groups: list[list[str]], costs: list[float] | None, labels: list[str] | None) -> str:
+    """'a+b | c (half-size, 0.5)': each network's tasks, with its label and cost where they are not the default."""
+    out = []
+    for i, grp in enumerate(groups):
+        cost = costs[i] if costs else 1.0
+        label = labels[i] if labels else ""
+        extra = ", ".join(x for x in (label, f"cost {cost:g}" if cost != 1.0 else "") if x)
+        out.append("+".join(grp) + (f" ({extra})" if extra else ""))
+    return " | ".join(out)
+
+
 def _grouping(run_dir: Path) -> str:
     path = Path(run_dir) / "groups.json"
     if not path.exists():
@@ -48,8 +59,12 @@ def _grouping(run_dir: Path) -> str:
     chosen = g["grouping"]
     rows = []
     for name, st in g["strategies"].items():
-        groups = " | ".join("+".join(x) for x in st["groups"])
-        rows.append(f"<tr><td>{escape(name)}</td><td class='num'>{st['models']}</td><td>{escape(groups)}</td>"
+        groups = networks_text(st["groups"], st.get("costs"), st.get("labels"))
+        if st.get("form") == "stg-soft":
+            groups = f"{st['models']} models on all tasks, losses weighted by membership; served by their ensemble"
+        cost = st.get("total_cost", st["models"])
+        rows.append(f"<tr><td>{escape(name)}</td><td class='num'>{st['models']}</td><td class='num'>{cost:g}</td>"
+                    f"<td>{escape(groups)}</td>"
                     f"<td class='num'>{st['total_val_loss_mean']:.4f} ± {st['total_val_loss_std']:.4f}</td></tr>")
     tasks = g["tasks"]
     first = next(iter(g["strategies"].values()))["seeds"][0]["tasks"]
@@ -60,16 +75,20 @@ def _grouping(run_dir: Path) -> str:
                         for t in tasks)
         metric_rows.append(f"<tr><td>{escape(name)}</td>{cells}</tr>")
     planted = g.get("planted_groups")
+    budget = g["budget"]
     return (
-        f"<h3>Grouping (budget {g['budget']}, from {escape(g['estimator'])} affinity)</h3>"
-        f"<p>chosen: <b>{escape(' | '.join('+'.join(x) for x in chosen['groups']))}</b> "
-        f"({escape(chosen['solver'])}, score {chosen['total']:.4g})"
+        f"<h3>Grouping (budget {budget:g}, from {escape(g['estimator'])} affinity)</h3>"
+        f"<p>chosen: <b>{escape(networks_text(chosen['groups'], chosen.get('costs'), chosen.get('labels')))}</b> "
+        f"({escape(chosen['solver'])}, score {chosen['total']:.4g}, "
+        f"cost {chosen.get('total_cost', len(chosen['groups'])):g}"
+        + (f", STG-MTL {escape(g['stg_form'])} form" if g.get("stg_form") else "") + ")"
         + (f"; planted: {escape(' | '.join('+'.join(x) for x in planted))}" if planted else "") + "</p>"
-        "<table><thead><tr><th>strategy</th><th>models</th><th>groups</th>"
+        "<table><thead><tr><th>strategy</th><th>models</th><th>cost</th><th>networks</th>"
         "<th>total validation loss ↓ (mean ± std over seeds)</th></tr></thead>"
         f"<tbody>{''.join(rows)}</tbody></table>"
-        "<p class='note'>Every task is scored by the model of the group that serves it. Independent uses one "
-        "model per task (over budget); random groupings split the tasks into as many groups as the budget.</p>"
+        "<p class='note'>Every task is scored by the model that serves it. Independent uses one model per task "
+        "(over budget); random groupings split the tasks into as many groups as the budget buys networks of the "
+        "affinity's cost.</p>"
         "<h3>Per-task test metric (mean over seeds)</h3>"
         f"<table><thead><tr><th>strategy</th>{''.join(f'<th>{escape(t)} ({keys[t]})</th>' for t in tasks)}"
         "</tr></thead>"

@@ -154,3 +154,52 @@ def test_regmean_gram_mean_weighs_every_task_the_same(task_models):
     want_mean = regmean_weight([e[name] for e in few.encoders], [grams[0]["0"] / 5, grams[1]["0"] / 40], 1.0)
     assert torch.allclose(summed[name], want_sum, atol=1e-5) and torch.allclose(mean[name], want_mean, atol=1e-5)
     assert not torch.allclose(summed[name], mean[name], atol=1e-3)
+
+
+def test_fisher_expected_is_the_exact_expectation_over_classes():
+    torch.manual_seed(0)
+    enc, head = nn.Sequential(nn.Linear(3, 4), nn.Tanh()), nn.Linear(4, 3)
+    x = torch.randn(5, 3)
+    got = diagonal_fisher(enc, head, enc.state_dict(), x, expected=True, batch_size=2)
+    want = {n: torch.zeros_like(p) for n, p in enc.named_parameters()}
+    for i in range(5):
+        logp = torch.log_softmax(head(enc(x[i:i + 1])), -1)[0]
+        for c in range(3):
+            grads = torch.autograd.grad(logp[c], list(enc.parameters()), retain_graph=True)
+            for (n, _), g in zip(enc.named_parameters(), grads, strict=True):
+                want[n] += logp[c].exp().detach() * g ** 2 / 5
+    for n in want:
+        assert torch.allclose(got[n], want[n], atol=1e-6), n
+
+
+def test_fisher_defaults_to_the_exact_expectation(task_models):
+    ctx = task_models(2)
+    default = merge_encoders("fisher", {"n_examples": 16}, ctx)
+    expected = merge_encoders("fisher", {"n_examples": 16, "labels": "expected"}, ctx)
+    sampled = merge_encoders("fisher", {"n_examples": 16, "labels": "sample"}, ctx)
+    assert all(torch.equal(default[n], expected[n]) for n in default)
+    assert any(not torch.allclose(default[n], sampled[n]) for n in default)
+
+
+def test_adamerging_clamps_in_the_forward_pass_only_by_default(task_models):
+    from polytask.merging.data_driven import AdaMergingParams, _learn, combine, entropy
+
+    ctx = task_models(2)
+    names = [n for n, t in ctx.pretrained.items() if t.is_floating_point()]
+    taus = [{n: e[n] - ctx.pretrained[n] for n in names} for e in ctx.encoders]
+
+    def loss(k, merged, x, rows):
+        from torch.func import functional_call
+
+        return entropy(ctx.heads[k](functional_call(ctx.encoder, merged, (x,)))).mean()
+
+    runs = {}
+    for mode in ("forward", "project"):
+        p = AdaMergingParams(steps=40, lr=0.5, granularity="task", clamp=mode)
+        runs[mode] = _learn(ctx, p, 0.9, p.clamp, 0, loss)
+    state, _, coef = runs["forward"]
+    assert AdaMergingParams().clamp == "forward"
+    assert ((coef < 0) | (coef > 1)).any()  # the raw coefficient left [0, 1] (the official code's behaviour) ...
+    want = combine(ctx.pretrained, taus, coef.clamp(0, 1), names)  # ... and the model uses it clamped
+    assert all(torch.allclose(state[n], want[n], atol=1e-6) for n in names)
+    assert ((runs["project"][2] >= 0) & (runs["project"][2] <= 1)).all()  # projected: always inside

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
@@ -91,17 +91,22 @@ def _logits(ctx: TaskModels, k: int, state: StateDict, x: Tensor) -> Tensor:
 
 class FisherParams(_Params):
     n_examples: int = Field(256, ge=1, description="training inputs per task used to estimate the Fisher")
-    labels: Literal["sample", "true"] = Field(
-        "sample", description="sample: y drawn from the model's predictive distribution (the Fisher of the "
-        "paper); true: the dataset labels (the 'empirical Fisher')")
+    labels: Literal["expected", "sample", "true"] = Field(
+        "expected", description="expected: the exact expectation over the classes of the model's predictive "
+        "distribution (the paper's Fisher, as its official code computes it: one gradient per class); sample: "
+        "one y drawn from it per input (a one-sample estimate, one gradient per input); true: the dataset "
+        "labels (the 'empirical Fisher')")
     epsilon: float = Field(1e-8, ge=0, description="added to every Fisher value (a parameter no task informs is "
                            "then averaged)")
 
 
 def diagonal_fisher(encoder: nn.Module, head: nn.Module, state: StateDict, x: Tensor, y: Tensor | None = None,
-                    *, generator: torch.Generator | None = None, batch_size: int = 64) -> StateDict:
-    """Diagonal Fisher of the encoder parameters, ``mean_i (d log p(y_i|x_i) / d theta)^2`` (Matena & Raffel
-    2022), with per-example gradients; ``y`` None samples y_i from the model's predictive distribution."""
+                    *, expected: bool = False, generator: torch.Generator | None = None,
+                    batch_size: int = 64) -> StateDict:
+    """Diagonal Fisher of the encoder parameters, ``mean_i E_{y ~ p(.|x_i)} (d log p(y|x_i) / d theta)^2``
+    (Matena & Raffel 2022), with per-example gradients. ``expected``: the expectation exactly, summing the
+    C classes weighted by their probabilities (the official code); otherwise ``y`` None draws one y_i per
+    input from the model's predictive distribution, and given labels ``y`` give the empirical Fisher."""
     params = {n: state[n].detach() for n in _float_names(state)}
     buffers = {n: t for n, t in state.items() if n not in params}
 
@@ -113,15 +118,20 @@ def diagonal_fisher(encoder: nn.Module, head: nn.Module, state: StateDict, x: Te
     total = {n: torch.zeros_like(t) for n, t in params.items()}
     for s in range(0, len(x), batch_size):
         xb = x[s:s + batch_size]
-        if y is None:
+        if y is not None:
+            labels = [(y[s:s + batch_size].long(), None)]
+        else:
             with torch.no_grad():
                 probs = F.softmax(head(functional_call(encoder, state, (xb,))), -1)
-            yb = torch.multinomial(probs, 1, generator=generator)[:, 0]
-        else:
-            yb = y[s:s + batch_size].long()
-        g = per_example(params, xb, yb)
-        for n in total:
-            total[n] += g[n].pow(2).sum(0)
+            if expected:
+                labels = [(torch.full((len(xb),), c), probs[:, c]) for c in range(probs.shape[1])]
+            else:
+                labels = [(torch.multinomial(probs, 1, generator=generator)[:, 0], None)]
+        for yb, weight in labels:
+            g = per_example(params, xb, yb)
+            for n in total:
+                sq = g[n].pow(2)
+                total[n] += (sq if weight is None else sq * weight.reshape(-1, *[1] * (sq.dim() - 1))).sum(0)
     return {n: t / len(x) for n, t in total.items()}
 
 
@@ -149,7 +159,9 @@ def fisher_average(states: Sequence[StateDict], fishers: Sequence[StateDict], we
                   weight_sum="positive", identity=lambda k: {})
 def fisher(params: FisherParams, ctx: TaskModels, weights: Sequence[float], seed: int = 0) -> StateDict:
     """Fisher merging (Matena & Raffel 2022): each encoder parameter is the average of the task models'
-    values weighted by their diagonal Fisher on that task's inputs (times the model weight)."""
+    values weighted by their diagonal Fisher on that task's inputs (times the model weight). The Fisher is
+    the exact expectation over classes by default, as in the official code (mmatena/model_merging); the
+    one-sample estimate (``labels: sample``) costs one gradient per input instead of one per class."""
     _classification(ctx, "fisher")
     fishers = []
     for k, task in enumerate(ctx.tasks):
@@ -161,6 +173,7 @@ def fisher(params: FisherParams, ctx: TaskModels, weights: Sequence[float], seed
                 raise ConfigError("fisher: labels 'true' needs the tasks' training targets")
             y = y[:params.n_examples]
         fishers.append(diagonal_fisher(ctx.encoder, ctx.heads[k], ctx.encoders[k], x, y,
+                                       expected=params.labels == "expected",
                                        generator=_task_generator(seed, task.name)))
     return fisher_average(ctx.encoders, fishers, weights, params.epsilon)
 
@@ -268,14 +281,28 @@ class _CoefParams(_Params):
     n_examples: int = Field(256, ge=1, description="unlabelled inputs per task")
 
 
+Clamp = Literal["forward", "project", "none"]
+_CLAMP = ("coefficients in [0, 1]: forward (the merged model uses clamp(c, 0, 1), the learned c is free: the "
+          "official AdaMerging code; a coefficient outside gets no gradient), project (c itself is clamped after "
+          "each step: projected gradient descent) or none")
+
+
+def _clamp_mode(v: Any) -> Any:
+    return {True: "project", False: "none"}.get(v, v) if isinstance(v, bool) else v  # the old boolean form
+
+
 class AdaMergingParams(_CoefParams):
     init: float = Field(0.3, description="initial coefficient (the paper's 0.3)")
-    clamp: bool = Field(True, description="keep coefficients in [0, 1] after each step, as in the paper")
+    clamp: Clamp = Field("forward", description=_CLAMP)
+
+    _bool_clamp = field_validator("clamp", mode="before")(_clamp_mode)
 
 
 class DivMergeParams(_CoefParams):
     init: float | None = Field(None, description="initial coefficient (default 1/K: the task-vector mean)")
-    clamp: bool = Field(False, description="keep coefficients in [0, 1] after each step")
+    clamp: Clamp = Field("none", description=_CLAMP)
+
+    _bool_clamp = field_validator("clamp", mode="before")(_clamp_mode)
 
 
 def entropy(logits: Tensor) -> Tensor:
@@ -304,8 +331,10 @@ def combine(pretrained: StateDict, taus: Sequence[StateDict], coef: Tensor, name
     return out
 
 
-def _learn(ctx: TaskModels, params: _CoefParams, init: float, clamp: bool, seed: int,
-           loss_fn: Any) -> tuple[StateDict, list[float]]:
+def _learn(ctx: TaskModels, params: _CoefParams, init: float, clamp: str, seed: int,
+           loss_fn: Any) -> tuple[StateDict, list[float], Tensor]:
+    """Learn merge coefficients by Adam on ``loss_fn``; returns the merged state, the loss per step and the
+    learned coefficients (as the optimiser holds them: unclamped with ``clamp: forward``)."""
     names = _float_names(ctx.pretrained)
     taus = [{n: e[n] - ctx.pretrained[n] for n in names} for e in ctx.encoders]
     k = len(taus)
@@ -318,28 +347,33 @@ def _learn(ctx: TaskModels, params: _CoefParams, init: float, clamp: bool, seed:
     for _ in range(params.steps):
         rows = [torch.randint(len(x), (min(params.batch_size, len(x)),), generator=g)
                 for x, g in zip(inputs, gens, strict=True)]
-        merged = combine(ctx.pretrained, taus, coef, names)
+        merged = combine(ctx.pretrained, taus, coef.clamp(0, 1) if clamp == "forward" else coef, names)
         loss = sum(loss_fn(k, merged, inputs[k][r], r) for k, r in enumerate(rows))
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if clamp:
+        if clamp == "project":
             with torch.no_grad():
                 coef.clamp_(0, 1)
         history.append(float(loss.detach()))
     with torch.no_grad():
-        merged = combine(ctx.pretrained, taus, coef.detach(), names)
-    return {n: t.detach().clone() for n, t in merged.items()}, history
+        final = coef.detach().clamp(0, 1) if clamp in ("forward", "project") else coef.detach()
+        merged = combine(ctx.pretrained, taus, final, names)
+    return {n: t.detach().clone() for n, t in merged.items()}, history, coef.detach()
 
 
 @METHODS.register("adamerging", params=AdaMergingParams, summary="task- or layer-wise coefficients learned by "
                   "minimising prediction entropy on unlabelled test inputs",
                   paper="Yang et al. 2024, AdaMerging: Adaptive Model Merging for Multi-Task Learning",
                   kind="data", per_model=(), order_invariant=True, uses_weights=False, needs_base=True,
-                  identity=lambda k: {"steps": 0, "init": 1.0 / k, "clamp": False})
+                  identity=lambda k: {"steps": 0, "init": 1.0 / k, "clamp": "none"})
 def adamerging(params: AdaMergingParams, ctx: TaskModels, weights: Sequence[float], seed: int = 0) -> StateDict:
     """AdaMerging (Yang et al. 2024): ``theta_0 + sum_k lambda_k(^l) tau_k(^l)`` with coefficients learned by
-    Adam on the summed mean entropy of each task head's predictions on that task's unlabelled inputs."""
+    Adam on the summed mean entropy of each task head's predictions on that task's unlabelled inputs.
+
+    As in the official code (EnnengYang/AdaMerging), the coefficients are clamped to [0, 1] in the forward
+    pass only (``clamp: forward``): the parameter Adam updates stays unclamped, and one that leaves [0, 1]
+    gets no gradient from the clamp. ``clamp: project`` clamps the parameter after each step instead."""
     _classification(ctx, "adamerging")
 
     def loss(k: int, merged: StateDict, x: Tensor, rows: Tensor) -> Tensor:

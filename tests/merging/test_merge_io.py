@@ -1,18 +1,23 @@
 """Checkpoints in and out: layouts, sharding, atomicity, bad input, pickle, PEFT LoRA."""
 
+import errno
 import json
 import math
 import os
 import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from polytask.errors import CheckpointError, ConfigError, DataError
+from polytask.errors import CheckpointError, ConfigError, DataError, StorageError
 from polytask.merging import ModelInput, merge_checkpoints, merge_state_dicts, open_checkpoint
-from polytask.merging.writer import ShardedWriter, parse_size
+from polytask.merging.writer import ShardedWriter, parse_size, remove_stale_partials
 
 
 def _read_dir(path):
@@ -327,3 +332,68 @@ def test_model_scope_trim_reads_the_inputs_three_times_and_matches_the_in_memory
     assert summary["passes"] == 3  # two statistics passes (top bits, then low bits of the magnitudes), one merge
     got, want = _read_dir(tmp_path / "out"), _expected("ties", base, models, params)
     assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+_HOLD_A_PARTIAL = """
+import sys, torch
+from polytask.merging.writer import ShardedWriter
+w = ShardedWriter(sys.argv[1], [("a", torch.float32, (1000,)), ("b", torch.float32, (10,))], 10**9)
+w.write("a", torch.ones(1000))
+print(w.tmp, flush=True)
+sys.stdin.read()
+"""
+
+
+def _writer_process(out):
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_A_PARTIAL, str(out)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    partial = Path(proc.stdout.readline().strip())  # the writer has its partial directory, locked
+    assert partial.is_dir() and (partial / "model.safetensors").stat().st_size > 4000
+    return proc, partial
+
+
+def test_a_killed_merge_leaves_a_partial_that_the_next_one_removes(make_family, tmp_path):
+    base_path, paths, *_ = make_family(1)
+    out = tmp_path / "out"
+    live, live_partial = _writer_process(out)
+    killed, partial = _writer_process(out)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert partial.is_dir()  # SIGKILL: nothing could clean up
+    try:
+        logs = []
+        merge_checkpoints(base_path, [str(paths[0])], "task_arithmetic", out, log=logs.append)
+        assert not partial.exists() and any(str(partial) in line for line in logs)
+        assert live_partial.is_dir()  # a live writer's partial is never touched
+    finally:
+        live.kill()
+        live.wait()
+    assert remove_stale_partials(out) == [live_partial] and not live_partial.exists()
+
+
+def test_a_full_disk_names_the_file_and_leaves_nothing(make_family, tmp_path, monkeypatch):
+    base_path, paths, *_ = make_family(2, "hf")
+    from polytask.merging import writer as writer_module
+
+    def full(*_args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:  # space is reserved up front: a full disk fails before any merging
+        m.setattr(writer_module.os, "posix_fallocate", full)
+        with pytest.raises(StorageError, match=r"cannot write .*out/model\.safetensors: No space left on device "
+                                               r"\[errno 28\].*run the merge again") as e:
+            merge_checkpoints(base_path, [str(p) for p in paths], "ties", tmp_path / "out")
+        assert e.value.errno == errno.ENOSPC
+    assert _no_output(tmp_path)
+    calls = []
+
+    def fills_up(fd, data, offset):  # a file system without reservations fills up during the merge
+        calls.append(offset)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return os.pwrite(fd, data, offset)
+
+    monkeypatch.setattr(writer_module, "write_all", lambda fd, data, offset: fills_up(fd, data, offset))
+    with pytest.raises(StorageError, match=r"cannot write .*out/model-0000\d-of-00002\.safetensors: No space"):
+        merge_checkpoints(base_path, [str(p) for p in paths], "ties", tmp_path / "out", shard_size=400)
+    assert _no_output(tmp_path)

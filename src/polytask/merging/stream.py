@@ -378,6 +378,8 @@ def merge_checkpoints(
         written = 0
         with ShardedWriter(output, [(n, *plan.out[n]) for n in plan.out], parse_size(shard_size), meta,
                            overwrite=overwrite, fsync=opts.fsync) as writer:
+            if log is not None and writer.removed_stale:
+                log(f"removed what killed merges left beside the output: {', '.join(map(str, writer.removed_stale))}")
             merged = set(plan.merged)
             jobs = [(sizes[n], (lambda n=n: load(n)) if n in merged else (lambda n=n: b.load(n))) for n in plan.out]
             budget = parse_size(opts.prefetch)

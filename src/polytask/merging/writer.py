@@ -4,20 +4,31 @@ The shapes and dtypes of every output tensor are known before merging starts, so
 written first and every tensor is then written straight to its final offset: memory never holds a
 shard, only the tensor being written. If anything fails, the temporary directory is removed and the
 output path is left as it was.
+
+The temporary directory is ``.<output>.partial-<pid>`` beside the output, locked (``flock``) while its
+writer lives. Disk space for every shard is reserved when the writer starts, so a full disk is found before
+any merging work, and a write that fails anyway raises :class:`~polytask.errors.StorageError` naming the
+file. A partial directory left by a killed process (its lock free, or its pid gone) is removed by the next
+writer of the same output.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from polytask.errors import CheckpointError, ConfigError
+from polytask.errors import CheckpointError, ConfigError, RunLockedError, StorageError
+from polytask.io import DirLock, pid_alive
 from polytask.merging.tensorfile import build_header, itemsize, tensor_bytes, write_all
 
 Entry = tuple[str, torch.dtype, tuple[int, ...]]
@@ -36,6 +47,59 @@ def parse_size(value: int | str) -> int:
     if unit not in _UNITS or not num:
         raise ConfigError(f"size {value!r}: expected a number of bytes or e.g. 2GB, 500MiB")
     return int(float(num) * _UNITS[unit])
+
+
+LOCK = ".polytask-writer.lock"
+
+
+def storage_error(path: Path, e: OSError) -> StorageError:
+    """A failed write as an error naming the file (the partial output is removed by the caller)."""
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    hint = "; free space there and run the merge again" if full else ""
+    err = StorageError(f"cannot write {path}: {e.strerror or e} [errno {e.errno}]; nothing was left behind{hint}")
+    err.errno, err.filename = e.errno, str(path)
+    return err
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Remove what killed writers of ``out`` left beside it: ``.<name>.partial-<pid>`` directories whose lock
+    is free (or, without a lock file, whose pid is gone), and ``.<name>.old-<pid>`` copies of a replaced
+    output (moved back to ``out`` if the kill came before the new output was in place). Returns them."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(partial|old)-(\d+)$")
+    found = []
+    for p in sorted(out.parent.glob(f".{out.name}.*-*")) if out.parent.is_dir() else []:
+        m = pattern.match(p.name)
+        if not m or int(m.group(2)) == os.getpid() or not _dead(p, int(m.group(2))):
+            continue
+        if m.group(1) == "old" and not out.exists():
+            os.replace(p, out)
+        elif p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        found.append(p)
+    return found
+
+
+def _dead(path: Path, pid: int) -> bool:
+    if (path / LOCK).is_file():
+        try:
+            DirLock(path, LOCK).acquire().release()
+        except RunLockedError:
+            return False
+        except OSError:
+            return not pid_alive(pid)
+        return True
+    return not pid_alive(pid)
+
+
+def _guard(path: Path, fn: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except OSError as e:
+        if isinstance(e, StorageError):
+            raise
+        raise storage_error(path, e) from e
 
 
 def plan_shards(entries: list[Entry], shard_bytes: int) -> list[list[Entry]]:
@@ -69,26 +133,30 @@ class ShardedWriter:
         self.fsync = fsync
         self.prefix = prefix
         self.tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
+        self.removed_stale = remove_stale_partials(self.out)
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True)
+        _guard(self.out.parent, self.tmp.mkdir, 0o777, True)
+        self.lock: DirLock | None = None
+        self.fds: list[int] = []
         shards = plan_shards(entries, shard_bytes)
         n = len(shards)
         self.files = [f"{prefix}.safetensors"] if n == 1 else \
             [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.where: dict[str, tuple[int, int, int]] = {}
         self.spec: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-        self.fds: list[int] = []
         self.total = 0
         self.written: set[str] = set()
         try:
+            self.lock = _guard(self.tmp / LOCK, DirLock(self.tmp, LOCK).acquire)
             for i, (fname, shard) in enumerate(zip(self.files, shards, strict=True)):
                 head, offsets = build_header(shard, metadata)
-                fd = os.open(self.tmp / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                target = self.out / fname
+                fd = _guard(target, os.open, self.tmp / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 self.fds.append(fd)
                 end = max((e for _, e in offsets.values()), default=len(head))
-                os.ftruncate(fd, end)
-                write_all(fd, memoryview(head), 0)
+                _guard(target, _reserve, fd, end)
+                _guard(target, write_all, fd, memoryview(head), 0)
                 for name, dtype, shape in shard:
                     self.where[name] = (i, *offsets[name])
                     self.spec[name] = (dtype, tuple(shape))
@@ -103,14 +171,14 @@ class ShardedWriter:
             raise CheckpointError(f"internal: output tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, "
                                   f"planned {dtype} {list(shape)}")
         i, start, _ = self.where[name]
-        write_all(self.fds[i], tensor_bytes(tensor), start)
+        _guard(self.out / self.files[i], write_all, self.fds[i], tensor_bytes(tensor), start)
         self.written.add(name)
 
     def add_file(self, name: str, data: bytes) -> None:
-        (self.tmp / name).write_bytes(data)
+        _guard(self.out / name, (self.tmp / name).write_bytes, data)
 
     def copy_file(self, src: Path) -> None:
-        shutil.copy2(src, self.tmp / src.name)
+        _guard(self.out / src.name, shutil.copy2, src, self.tmp / src.name)
 
     def commit(self) -> Path:
         """Write the shard index, flush, and rename the finished directory to ``out``."""
@@ -120,13 +188,15 @@ class ShardedWriter:
         if len(self.files) > 1:
             index = {"metadata": {"total_size": self.total},
                      "weight_map": {n: self.files[w[0]] for n, w in self.where.items()}}
-            (self.tmp / f"{self.prefix}.safetensors.index.json").write_text(
-                json.dumps(index, indent=2) + "\n")
-        for fd in self.fds:
-            if self.fsync:
-                os.fsync(fd)
-            os.close(fd)
-        self.fds = []
+            self.add_file(f"{self.prefix}.safetensors.index.json", (json.dumps(index, indent=2) + "\n").encode())
+        while self.fds:
+            fd = self.fds.pop()
+            try:
+                if self.fsync:
+                    _guard(self.out / self.files[len(self.fds)], os.fsync, fd)
+            finally:
+                os.close(fd)
+        self._unlock()
         old = None
         if self.out.exists():
             old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
@@ -142,10 +212,19 @@ class ShardedWriter:
                 os.close(fd)
         return self.out
 
+    def _unlock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            (self.tmp / LOCK).unlink(missing_ok=True)
+            self.lock = None
+
     def abort(self) -> None:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self) -> ShardedWriter:
@@ -154,3 +233,14 @@ class ShardedWriter:
     def __exit__(self, exc_type: object, *rest: object) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Give the file its final size, with its disk blocks allocated now where the file system can (so a full
+    disk fails here, before merging), else as a sparse file."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        os.ftruncate(fd, size)

@@ -60,3 +60,83 @@ def test_bad_files(tmp_path):
     truncated.write_bytes(good.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match=r"trunc\.safetensors"):
         checkpoint.load(truncated)
+
+
+def test_failed_write_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """A full disk while a checkpoint is written: a StorageError (an OSError too) naming the file, and the
+    half-written temporary is gone (it would hold the space a resume needs)."""
+    import errno
+    import os
+
+    from polytask.errors import StorageError
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    target = tmp_path / "jobs" / "a" / "last.safetensors"
+    with pytest.raises(StorageError, match=r"cannot write .*jobs/a/last\.safetensors: No space left") as e:
+        checkpoint.save(target, {"x": torch.ones(10)})
+    assert isinstance(e.value, OSError) and e.value.errno == errno.ENOSPC
+    assert list(tmp_path.rglob("*")) == [tmp_path / "jobs", tmp_path / "jobs" / "a"]
+
+
+def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from polytask.io import remove_stale_temporaries
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "jobs" / "a").mkdir(parents=True)
+    stale = tmp_path / "jobs" / "a" / f".last.safetensors.tmp-{dead.pid}"
+    mine = tmp_path / f".summary.json.tmp-{os.getpid()}"
+    keep = tmp_path / "jobs" / "a" / "last.safetensors"
+    for p in (stale, mine, keep):
+        p.write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path) == [stale]
+    assert not stale.exists() and mine.exists() and keep.exists()
+
+
+def test_safetensors_bytes_do_not_depend_on_insertion_order():
+    """The same tensors and metadata always give the same bytes (safetensors orders the header by a
+    randomly seeded hash map), so checksums can compare runs."""
+    import itertools
+
+    tensors = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3, dtype=torch.float64),
+               "i": torch.arange(4, dtype=torch.int8)}
+    meta = {"job": "equal", "epoch": "3", "tasks": "a,b", "z": "1"}
+    outs = {checkpoint.tensors_to_bytes(dict(t), dict(m))
+            for t, m in zip(itertools.permutations(tensors.items()),
+                            itertools.cycle(itertools.permutations(meta.items())), strict=False)}
+    outs |= {checkpoint.tensors_to_bytes(tensors, dict(m)) for m in itertools.permutations(meta.items())}
+    assert len(outs) == 1
+    from safetensors.torch import load
+
+    loaded = load(outs.pop())
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    tree = {"model": tensors, "meta": meta}
+    assert len({checkpoint.dumps(tree) for _ in range(5)}) == 1
+
+
+def test_directory_lock_names_the_holder_and_takes_over_dead_ones(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from polytask.errors import RunLockedError
+    from polytask.io import DirLock
+
+    held = DirLock(tmp_path).acquire()
+    with pytest.raises(RunLockedError, match=rf"in use by process {os.getpid()} \(lock file .*run\.lock\)"):
+        DirLock(tmp_path).acquire()
+    held.release()
+    DirLock(tmp_path).acquire().release()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "run.lock").write_text(f"{dead.pid}\n")  # left by a killed process
+    lock = DirLock(tmp_path).acquire()
+    assert (tmp_path / "run.lock").read_text().strip() == str(os.getpid())
+    lock.release()

@@ -103,3 +103,32 @@ def test_init_from_loads_matching_tensors(tmp_path):
     save_file({"other": torch.zeros(2)}, tmp_path / "bad.safetensors")
     with pytest.raises(CheckpointError, match=r"bad\.safetensors has no tensor matching"):
         load_matching(dst, str(tmp_path / "bad.safetensors"))
+
+
+def _diverging_suite():
+    """A regression target around 1e30: its squared error overflows float32 on the first step."""
+    gen = torch.Generator().manual_seed(0)
+
+    def src(n):
+        x = torch.randn(n, 4, generator=gen)
+        return TaskData(x, {"a": (x[:, 0] > 0).float(), "huge": 1e30 * (1 + x[:, 1])})
+
+    splits = {s: (src(n),) for s, n in [("train", 64), ("val", 32), ("test", 32)]}
+    return TaskSuite("huge", (Task("a", "classification", 2), Task("huge", "regression", 1)), splits)
+
+
+@pytest.mark.parametrize("case", ["huge_target", "sgd_lr_10"])
+def test_divergence_is_one_error_naming_job_task_and_epoch(tmp_path, case):
+    """A diverging job ends in a DivergenceError naming where it happened, not in a TypeError about a
+    missing best model (every validation score was NaN, so no epoch was ever best)."""
+    from polytask.errors import DivergenceError
+
+    if case == "huge_target":
+        suite, cfg, task = _diverging_suite(), small_config(), "huge"
+    else:
+        suite = build_suite("synthetic", {"d": 6, "groups": [2], "unrelated": 0, "conflicting_pairs": 0,
+                                          "n_train": 200, "n_val": 100, "n_test": 100}, seed=0)
+        cfg, task = small_config(optimizer={"name": "sgd", "lr": 10.0}), "g0_t0"
+    job = Job("equal", tuple(suite.task_names), MethodConfig(name="equal"), "joint")
+    with pytest.raises(DivergenceError, match=rf"^job 'equal' diverged: task '{task}'.* at epoch 1, step \d+ "):
+        train_job(job, suite, cfg, tmp_path)

@@ -3,6 +3,7 @@ bit for bit with a run that was never interrupted."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,24 @@ methods: [equal, uw, famo, {name: coba, params: {warmup_steps: 5, window: 4}}, g
 
 def polytask(*args, env=None, timeout=300):
     return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def file_bytes(run_dir: Path):
+    """Every safetensors file of the run's jobs, as bytes (identical runs write identical files)."""
+    return {f.relative_to(run_dir).as_posix(): f.read_bytes() for f in sorted(run_dir.glob("jobs/*/*.safetensors"))}
+
+
+def temporaries(run_dir: Path):
+    return sorted(p.name for p in run_dir.rglob(".*.tmp-*"))
+
+
+def wait_for(predicate, proc, timeout=300):
+    """Poll until ``predicate()`` holds (the run has demonstrably reached a point), never a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, "the run ended before it was killed"
+        assert time.monotonic() < deadline, "the run did not get there in time"
+        time.sleep(0.02)
 
 
 def weights(run_dir: Path):
@@ -52,21 +71,25 @@ def reference(tmp_path_factory):
     return out / "ref"
 
 
-def kill_and_resume(tmp_path, kill_at=None, after_s=None):
+def kill_and_resume(tmp_path, kill_at=None):
+    """Kill a run at ``kill_at`` (a fault point), or, without one, from outside once it has written its
+    first checkpoint; then resume it to the end."""
     cfg = tmp_path / "c.yaml"
     cfg.write_text(tiny_config_yaml(tmp_path, "run", EXTRA))
     env = dict(os.environ)
+    run_dir = tmp_path / "run"
     if kill_at:
         env["POLYTASK_KILL_AT"] = kill_at
         first = polytask("run", str(cfg), "--quiet", env=env)
         assert first.returncode == -signal.SIGKILL, (first.returncode, first.stderr)
+        assert not (run_dir / "summary.json").exists()
     else:
         proc = subprocess.Popen([*CLI, "run", str(cfg), "--quiet"], env=env)
-        time.sleep(after_s)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    run_dir = tmp_path / "run"
-    assert not (run_dir / "summary.json").exists() or after_s
+        try:
+            wait_for(lambda: any(run_dir.glob("jobs/*/last.safetensors")), proc)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
     env.pop("POLYTASK_KILL_AT", None)
     again = polytask("run", "--resume", str(run_dir), "--quiet", env=env)
     assert again.returncode == 0, again.stderr
@@ -87,10 +110,60 @@ def test_sigkill_and_resume_is_bit_identical(reference, tmp_path, kill_at):
     for k in ref_w:
         assert (ref_w[k] == got_w[k]).all(), k
     assert comparable(run_dir) == comparable(reference)
+    # byte for byte (checksums can compare runs), and the killed writer's temporary is gone
+    assert file_bytes(run_dir) == file_bytes(reference)
+    assert temporaries(run_dir) == []
 
 
 def test_external_sigkill_at_a_random_moment(reference, tmp_path):
-    run_dir = kill_and_resume(tmp_path, after_s=4.0)
+    run_dir = kill_and_resume(tmp_path)
     assert comparable(run_dir) == comparable(reference)
-    ref_w, got_w = weights(reference), weights(run_dir)
-    assert all((ref_w[k] == got_w[k]).all() for k in ref_w)
+    assert file_bytes(run_dir) == file_bytes(reference)
+
+
+def test_killed_before_data_loads_is_resumable_and_restartable(tmp_path):
+    """The run directory and its config exist from the start: a run killed before it read any data can be
+    resumed, and, as it never trained, a plain run with a changed config starts in it."""
+    from polytask.engine.progress import Reporter
+    from polytask.experiment import close_run, open_run, run
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(tiny_config_yaml(tmp_path, "run", "methods: [equal]"))
+    first = polytask("run", str(cfg), "--quiet", env=dict(os.environ, POLYTASK_KILL_AT="start:1"))
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    run_dir = tmp_path / "run"
+    resumed_dir, resumed, _ = open_run(None, run_dir)
+    close_run(resumed_dir)
+    assert resumed.train.epochs == 3 and resumed.methods[0].name == "equal"
+    from polytask.config import load_config
+
+    changed = load_config(cfg, ["train.epochs=1"])
+    _, summary = run(changed, reporter=Reporter(quiet=True), report=False)
+    assert "epochs: 1" in (run_dir / "config.yaml").read_text()
+    assert {r["best_epoch"] for r in summary["results"].values() if r["kind"] == "joint"} == {1}
+
+
+def test_full_disk_names_the_file_and_resume_completes(reference, tmp_path):
+    """A write refused by the kernel (here: a file-size limit, EFBIG, as a full disk gives ENOSPC) ends in
+    one line naming the file, leaves no temporaries, and the resumed run finishes identical to the reference."""
+    import resource
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(tiny_config_yaml(tmp_path, "run", "baselines: {cache: false}\nmethods: [equal]"))
+
+    def small_files():  # CPython ignores SIGXFSZ, so an oversized write fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))
+
+    first = subprocess.run([*CLI, "run", str(cfg), "--quiet"], capture_output=True, text=True, timeout=300,
+                           preexec_fn=small_files)
+    run_dir = tmp_path / "run"
+    assert first.returncode == 2, first.stderr
+    assert re.fullmatch(rf"error: cannot write {re.escape(str(run_dir))}/jobs/stl__g0_t0/last\.safetensors: "
+                        r"File too large \[errno 27\]; free space there and resume\n", first.stderr), first.stderr
+    assert temporaries(run_dir) == []
+    from polytask.engine.progress import Reporter
+    from polytask.experiment import run
+
+    run(resume=run_dir, reporter=Reporter(quiet=True), report=False)
+    got, ref = file_bytes(run_dir), file_bytes(reference)
+    assert len(got) == 8 and all(ref[k] == v for k, v in got.items())  # 4 jobs (best, last) as in the reference

@@ -116,7 +116,8 @@ class DirLock:
 
     ``fcntl.flock`` on ``<dir>/<name>``: the kernel drops it when the holder exits or is killed, so a lock
     of a dead process is never stale and is simply taken over. The file holds the holder's pid, for the
-    message another process gets. Without fcntl (Windows) the pid alone decides: a dead pid is taken over.
+    message another process gets. Without flock (Windows, some network file systems) the pid alone decides:
+    a live holder refuses, a dead one is taken over.
     """
 
     def __init__(self, directory: str | os.PathLike[str], name: str = "run.lock") -> None:
@@ -131,12 +132,17 @@ class DirLock:
         """Take the lock or raise RunLockedError naming the holder's pid."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
+            locked = False
             if fcntl is not None:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    locked = True
                 except BlockingIOError:
                     raise self._busy(self._holder(fd)) from None
-            else:
+                except OSError as e:  # a file system without flock (some network mounts): the pid decides
+                    if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                        raise
+            if not locked:
                 holder = self._holder(fd)
                 if holder not in (None, os.getpid()) and pid_alive(holder):
                     raise self._busy(holder)

@@ -140,3 +140,21 @@ def test_directory_lock_names_the_holder_and_takes_over_dead_ones(tmp_path):
     lock = DirLock(tmp_path).acquire()
     assert (tmp_path / "run.lock").read_text().strip() == str(os.getpid())
     lock.release()
+
+
+def test_directory_lock_without_flock_decides_by_pid(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from polytask import io
+    from polytask.errors import RunLockedError
+
+    monkeypatch.setattr(io, "fcntl", None)
+    (tmp_path / "run.lock").write_text(f"{os.getppid()}\n")  # a live process
+    with pytest.raises(RunLockedError, match=rf"in use by process {os.getppid()} "):
+        io.DirLock(tmp_path).acquire()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "run.lock").write_text(f"{dead.pid}\n")
+    io.DirLock(tmp_path).acquire().release()

@@ -164,7 +164,10 @@ def report(run_dirs: Annotated[list[Path], typer.Argument(help="one or more run 
 @app.command()
 def merge(
     config: Annotated[Optional[Path], typer.Argument(
-        help="merge YAML: base, models, method, output; or an experiment with 'suite:'")] = None,
+        help="merge YAML: base, models, method, output; or an experiment with 'suite:'; or a mergekit config "
+             "(merge_method, base_model, models, parameters, dtype)")] = None,
+    output: Annotated[Optional[Path], typer.Argument(
+        help="output directory (sets output.path; needed for a mergekit config, as with mergekit-yaml)")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="override a key, e.g. --set params.density=0.3")] = [],  # noqa: B006
     list_methods: Annotated[bool, typer.Option("--list", help="list the merge methods and their parameters")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress output")] = False,
@@ -184,7 +187,7 @@ def merge(
     try:
         if config is None:
             raise PolytaskError("give a merge config (see `polytask merge --list` for the methods)")
-        cfg = load_merge_config(config, set_)
+        cfg = load_merge_config(config, set_, output)
         reporter = Reporter(quiet=quiet)
         out, summary = run_merge_config(cfg, log=reporter.log, reporter=reporter)
     except (PolytaskError, OSError) as e:

@@ -77,6 +77,9 @@ def run_merge_config(cfg: MergeConfig | ExperimentConfig, log: Any = None, repor
     if isinstance(cfg, ExperimentConfig):
         return run_merge_experiment(cfg, reporter)
     base = cfg.base
+    if log is not None:
+        for note in cfg._notes:
+            log(f"note: {note}")
     summary = merge_checkpoints(
         base.path if base is not None else cfg.models[0].path,
         [ModelInput(m.path, m.weight, m.params, m.job) for m in cfg.models], cfg.method, cfg.output.path,

@@ -24,11 +24,12 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from polytask.config import ModelConfig, SuiteConfig, TrainConfig, names_as_methods, read_yaml
 from polytask.errors import ConfigError
-from polytask.merging.methods import METHODS, model_params_for
+from polytask.merging.mergekit import from_mergekit, is_mergekit, mergekit_notes
+from polytask.merging.methods import METHODS, canonical_method, model_params_for, passes_of
 from polytask.merging.stream import MergeOptions
 from polytask.registry import validate_model
 
@@ -62,7 +63,7 @@ def _as_entry(v: Any) -> Any:
 class MergeConfig(_Strict):
     """A data-free merge of checkpoints on disk."""
 
-    method: str
+    method: str = Field(description="merge method (polytask's name, or mergekit's: linear, dare_linear)")
     params: dict[str, Any] = Field(default_factory=dict)
     base: ModelEntry | None = Field(None, description="the shared pretrained model (required by task-vector "
                                     "methods; average uses the first model's layout without one)")
@@ -70,10 +71,17 @@ class MergeConfig(_Strict):
     output: OutputSpec
     options: MergeOptions = Field(default_factory=MergeOptions)
 
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
     @field_validator("base", mode="before")
     @classmethod
     def _path_as_entry(cls, v: Any) -> Any:
         return _as_entry(v) if v is not None else v
+
+    @field_validator("output", mode="before")
+    @classmethod
+    def _path_as_output(cls, v: Any) -> Any:
+        return {"path": str(v)} if isinstance(v, (str, os.PathLike)) else v
 
     @field_validator("models", mode="before")
     @classmethod
@@ -141,12 +149,14 @@ class ExperimentConfig(_Strict):
 def check_config(cfg: MergeConfig | ExperimentConfig) -> MergeConfig | ExperimentConfig:
     """Validate what depends on the method registry: method names, their parameters, per-model keys."""
     if isinstance(cfg, MergeConfig):
+        cfg.method = canonical_method(cfg.method)
         entry = METHODS.get(cfg.method)
         if entry.extra.get("kind") != "data-free":
             raise ConfigError(f"method: {cfg.method!r} is data-driven; it runs in an experiment config (with "
                               "'suite:'), not on checkpoints")
         p = METHODS.params_for(cfg.method, cfg.params, "params")
         model_params_for(cfg.method, p, [m.params for m in cfg.models])
+        passes_of(cfg.method, p)
         if entry.extra.get("needs_base") and cfg.base is None:
             raise ConfigError(f"base: method {cfg.method!r} needs the base (pretrained) model")
         return cfg
@@ -155,6 +165,7 @@ def check_config(cfg: MergeConfig | ExperimentConfig) -> MergeConfig | Experimen
     if dup:
         raise ConfigError(f"methods: label {sorted(dup)[0]!r} is used twice; give each a distinct 'label'")
     for i, m in enumerate(cfg.methods):
+        m.name = canonical_method(m.name, f"methods.{i}.name")
         METHODS.params_for(m.name, m.params, f"methods.{i}.params")
         for key, values in m.grid.items():
             if not values:
@@ -164,18 +175,34 @@ def check_config(cfg: MergeConfig | ExperimentConfig) -> MergeConfig | Experimen
     return cfg
 
 
-def load_merge_config(path: str | os.PathLike[str], overrides: list[str] | None = None
-                      ) -> MergeConfig | ExperimentConfig:
+def load_merge_config(path: str | os.PathLike[str], overrides: list[str] | None = None,
+                      output: str | os.PathLike[str] | None = None) -> MergeConfig | ExperimentConfig:
     """Read a merge YAML (checkpoint merge, or experiment if it has ``suite``), apply ``--set`` overrides,
-    validate everything; relative paths are taken relative to the config file."""
+    validate everything; relative paths are taken relative to the config file. A config in mergekit's layout
+    (``merge_method``, ``base_model``, ``models``, ``parameters``, ``dtype``) is read as the same merge (see
+    :mod:`polytask.merging.mergekit`); ``output`` (the command line's OUTPUT) sets ``output.path``."""
     p = Path(path)
     data = read_yaml(p, overrides)
     if "suite" in data:
+        if output is not None:
+            raise ConfigError("OUTPUT: an experiment config names its run directory in output.dir/output.name")
         exp = validate_model(ExperimentConfig, data)
         assert isinstance(exp, ExperimentConfig)
         return check_config(exp)
+    notes = []
+    if is_mergekit(data):
+        notes = mergekit_notes(data)
+        data = from_mergekit(data, p.parent)
+        out = data.get("output")
+        if output is None and not (isinstance(out, str) or (isinstance(out, dict) and "path" in out)):
+            raise ConfigError("a mergekit-style config has no output: give it on the command line, "
+                              "polytask merge CONFIG OUTPUT (as mergekit-yaml CONFIG OUTPUT)")
+    if output is not None:
+        out = data.get("output")
+        data["output"] = {**(out if isinstance(out, dict) else {}), "path": str(Path(output).absolute())}
     cfg = validate_model(MergeConfig, data)
     assert isinstance(cfg, MergeConfig)
+    cfg._notes = notes
     root = p.parent
     for entry in [cfg.base, *cfg.models]:
         if entry is not None and not Path(entry.path).is_absolute():

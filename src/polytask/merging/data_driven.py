@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from polytask.errors import ConfigError
-from polytask.merging.methods import METHODS, _Params, check_weights
+from polytask.merging.methods import METHODS, _Params, canonical_method, check_weights
 from polytask.merging.stream import merge_state_dicts
 from polytask.tasks.task import Task
 
@@ -407,6 +407,7 @@ def divmerge(params: DivMergeParams, ctx: TaskModels, weights: Sequence[float], 
 def merge_encoders(method: str, params: dict[str, Any] | Any, ctx: TaskModels, weights: Sequence[float] | None = None,
                    seed: int = 0) -> StateDict:
     """Merge the task encoders of ``ctx`` with any registered method (data-free ones ignore the data)."""
+    method = canonical_method(method)
     entry = METHODS.get(method)
     p = METHODS.params_for(method, params, "params")
     w = [1.0] * len(ctx.encoders) if weights is None else [float(x) for x in weights]

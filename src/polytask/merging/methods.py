@@ -18,7 +18,9 @@ copies of one model returns it: the property suite checks this for every method)
 
 from __future__ import annotations
 
+import difflib
 import math
+import re
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -468,6 +470,36 @@ def lwptv(inp: MergeInputs) -> Tensor:
     return entry.build(sub)
 
 
+# other names of the same methods: mergekit's, where it names one of ours differently
+ALIASES = {"linear": "average", "dare_linear": "dare"}
+_NOT_ALIASES = {"breadcrumbs_ties": "generalized with params {sparsify: [band], consensus: true}",
+                "model_soup": "average", "model_soups": "average", "task_vectors": "task_arithmetic",
+                "ties_merging": "ties", "dare_merging": "dare", "fisher_merging": "fisher"}
+
+
+def canonical_method(name: str, where: str = "method") -> str:
+    """The registered name of merge method ``name`` (or of mergekit's name for it, see ``ALIASES``). An unknown
+    name is an error suggesting the method meant: spelling variants (``TIES-merging``, ``ties_merging``) are
+    matched on their words before the closest spelling is tried."""
+    if name in METHODS:
+        return name
+    if name in ALIASES:
+        return ALIASES[name]
+    key = re.sub(r"[-\s.]+", "_", str(name).strip().lower())
+    words = [w for w in key.split("_") if w not in ("merging", "merge", "method", "")]
+    hint = None
+    for cand in (key, "_".join(words), *words):
+        if cand in METHODS or cand in ALIASES or cand in _NOT_ALIASES:
+            hint = _NOT_ALIASES.get(cand, ALIASES.get(cand, cand))
+            break
+    if hint is None:
+        close = difflib.get_close_matches(key, [*METHODS.names(), *ALIASES, *_NOT_ALIASES], n=1, cutoff=0.6)
+        hint = (_NOT_ALIASES.get(close[0], ALIASES.get(close[0], close[0]))) if close else None
+    did = f" (did you mean {hint!r}?)" if hint and " " not in hint else (f" (mergekit's {key} is {hint})" if hint
+                                                                           else "")
+    raise ConfigError(f"{where}: unknown merge method {name!r}{did}; known: {', '.join(METHODS.names())}")
+
+
 def model_params_for(method: str, params: BaseModel, overrides: Sequence[dict[str, Any]]) -> list[BaseModel]:
     """Each model's effective parameters: the shared ``params`` with that model's overrides of per-model keys."""
     entry = METHODS.get(method)
@@ -493,6 +525,7 @@ def data_free_setup(method: str, params: dict[str, Any] | BaseModel | None, weig
                     model_params: Sequence[dict[str, Any]] | None, n: int
                     ) -> tuple[Any, BaseModel, list[BaseModel], list[float]]:
     """A data-free method's entry, validated parameters, per-model parameters and weights for n models."""
+    method = canonical_method(method)
     entry = METHODS.get(method)
     if entry.extra.get("kind") != "data-free":
         raise ConfigError(f"method {method!r} is data-driven: it needs models and data (see merge_experiment)")
@@ -530,6 +563,7 @@ def merge_tensors(method: str, base: Tensor | None, tensors: Sequence[Tensor], p
 
     A two-pass method gets its statistics from this tensor alone (as if the model had one tensor).
     """
+    method = canonical_method(method)
     entry, p, mp, w = data_free_setup(method, params, weights, model_params, len(tensors))
     inp = MergeInputs(name, base, list(tensors), w, p, mp, seed)
     passes = passes_of(method, p)

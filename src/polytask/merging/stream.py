@@ -36,6 +36,7 @@ from polytask.merging.checkpoint import Checkpoint, iter_config_files, open_chec
 from polytask.merging.methods import (
     METHODS,
     MergeInputs,
+    canonical_method,
     check_weights,
     data_free_setup,
     model_params_for,
@@ -336,6 +337,7 @@ def merge_checkpoints(
     """
     t0 = time.perf_counter()
     opts = options if isinstance(options, MergeOptions) else MergeOptions.model_validate(options or {})
+    method = canonical_method(method)
     entry = METHODS.get(method)
     if entry.extra.get("kind") != "data-free":
         raise ConfigError(f"method {method!r} is data-driven: it needs models polytask can run and their data; "
@@ -470,6 +472,7 @@ def merge_state_dicts(method: str, base: dict[str, Tensor] | None, models: Seque
                       model_params: Sequence[dict[str, Any]] | None = None, seed: int = 0) -> dict[str, Tensor]:
     """Merge in-memory state dicts with a data-free method (every floating tensor; others from the base).
     Inputs are not modified."""
+    method = canonical_method(method)
     entry, p, mp, w = data_free_setup(method, params, weights, model_params, len(models))
     ref = base if base is not None else models[0]
     for i, m in enumerate(models):

@@ -2,7 +2,8 @@
 
 ``POLYTASK_KILL_AT="step:37"`` makes the process SIGKILL itself right after optimiser step 37 (counted
 over the whole run, across jobs); ``"write:last.safetensors:3"`` kills it on the 3rd write of that file,
-after the temporary file is complete and before it is renamed into place. Unset, these are no-ops.
+after the temporary file is complete and before it is renamed into place; ``"start:1"`` kills it right after
+the run directory and its config are written, before any data is read. Unset, these are no-ops.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """One property suite run over every registered aggregator (torchjd style): finite directions of the right shape
-on random, zero, rank-deficient and duplicate-row Jacobians at gradient scales 1e-10 .. 1e10; the properties
-each method declares in the registry (non-conflicting, permutation invariant, linear under scaling); what K = 1
-gives; clear errors on NaN/inf; exact resume from a checkpointed state."""
+on random, zero, rank-deficient (K = rank + 1 and K >= rank + 2), duplicate-row, norm-spread (rows scaled by
+logspace(-3, 3, K)) and nearly dependent Jacobians at gradient scales 1e-10 .. 1e10; the properties each method
+declares in the registry (non-conflicting, permutation invariant, linear under scaling, no zero update while a
+common descent direction exists); what K = 1 gives; clear errors on NaN/inf; exact resume from a checkpointed
+state."""
 
 import math
 
@@ -20,7 +22,9 @@ from polytask.weighting.base import StepContext
 ENTRIES = {e.name: e for e in load_all() if e.extra.get("kind") == "aggregator"}
 NAMES = sorted(ENTRIES)
 SCALES = [1e-10, 1e-3, 1.0, 1e3, 1e10]
-KINDS = ["random", "mixed_norms", "zero", "rank_deficient", "duplicate_rows", "opposite"]
+KINDS = ["random", "mixed_norms", "zero", "rank_deficient", "low_rank", "duplicate_rows", "opposite", "norm_spread",
+         "near_dependent"]
+PROPS = ("non_conflicting", "permutation_invariant", "scale_equivariant", "zero_only_if_zero_in_hull")
 
 
 def declared(prop):
@@ -55,16 +59,23 @@ def run(name, jac, seed=0):
 def jacobian(kind, seed, k=None, p=None):
     """A float64 K x P Jacobian of the given kind with entries of order 1."""
     rng = np.random.default_rng(seed)
-    k = k or int(rng.integers(1, 7))
+    k = k or int(rng.integers(3 if kind in ("low_rank", "near_dependent") else 1, 7))
     p = p or int(rng.integers(1, 21))
     j = rng.standard_normal((k, p))
     if kind == "mixed_norms":
         j *= 10.0 ** rng.uniform(-3, 3, size=(k, 1))
     elif kind == "zero":
         j[:] = 0.0
-    elif kind == "rank_deficient":
+    elif kind == "rank_deficient":  # K = rank + 1 when P >= K
         r = max(1, min(k, p) - 1)
         j = rng.standard_normal((k, r)) @ rng.standard_normal((r, p))
+    elif kind == "low_rank":  # K >= rank + 2 (where IMTL-G's equations only allow d = 0)
+        r = int(rng.integers(1, k - 1))
+        j = rng.standard_normal((k, r)) @ rng.standard_normal((r, p))
+    elif kind == "norm_spread":  # rows normalised, then scaled by logspace(-3, 3, K) in random order
+        j = j / np.linalg.norm(j, axis=1, keepdims=True) * np.logspace(-3, 3, k)[rng.permutation(k), None]
+    elif kind == "near_dependent":  # rank 2 plus 1e-4 relative noise
+        j = rng.standard_normal((k, 2)) @ rng.standard_normal((2, p)) + 1e-4 * rng.standard_normal((k, p))
     elif kind == "duplicate_rows":
         j[k // 2:] = j[0]
     elif kind == "opposite":
@@ -85,7 +96,7 @@ def test_every_aggregator_declares_its_properties():
     assert NAMES, "no aggregator registered"
     assert set(K1_FACTOR) == set(NAMES), "every aggregator needs its K = 1 behaviour stated above"
     for name, e in ENTRIES.items():
-        for prop in ("non_conflicting", "permutation_invariant", "scale_equivariant"):
+        for prop in PROPS:
             assert isinstance(e.extra.get(prop), bool), (name, prop)
         assert e.paper and e.summary and issubclass(e.params, BaseModel)
         assert e.params.model_config.get("extra") == "forbid", name
@@ -134,9 +145,38 @@ def test_non_conflicting_for_independent_gradients(name):
         assert (conflicts(jac, run(name, jac, seed)) >= 0).all(), (name, seed)
 
 
+def common_descent(kind, seed, scale=1.0):
+    """A Jacobian of the given kind whose rows are sign-flipped so that J c > 0 for a random c: a common descent
+    direction exists, so 0 is not in the convex hull of the rows."""
+    jac = jacobian(kind, seed).numpy()
+    c = np.random.default_rng(seed + 1).standard_normal(jac.shape[1])
+    dots = jac @ c
+    jac = jac * np.where(dots < 0, -1.0, 1.0)[:, None]
+    return torch.from_numpy(jac * scale), bool((np.abs(dots) > 1e-9 * np.linalg.norm(jac, axis=1)).all())
+
+
+@pytest.mark.parametrize("name", declared("zero_only_if_zero_in_hull"))
+def test_no_zero_update_while_a_common_descent_direction_exists(name):
+    # a zero update is legitimate only when no direction improves every task (0 in the convex hull: MGDA's
+    # min-norm point, the dual cone {0}, ...); where J c > 0 for some c every declared method must move. Before
+    # the fix IMTL-G returned |d| = 2e-15 on rank-deficient K >= rank + 2 inputs, and the float32 training
+    # path gave ConFIG all-zero weights on nearly dependent gradients
+    degree = SCALE_DEGREE.get(name, 1.0)  # |d| scales as |g|^degree (Nash-MTL's |d| = sqrt(K) at any scale)
+    for kind in [k for k in KINDS if k not in ("zero", "opposite")]:
+        for seed in range(8):
+            for scale in (1e-6, 1.0, 1e6):
+                jac, ok = common_descent(kind, seed, scale)
+                if not ok:
+                    continue
+                for j in (jac, jac.float()):
+                    d = run(name, j, seed).double()
+                    size = j.double().norm(dim=1).max() ** degree
+                    assert d.norm() > 1e-9 * size, (name, kind, seed, scale, j.dtype)
+
+
 @pytest.mark.parametrize("name", declared("permutation_invariant"))
 def test_permutation_invariance(name):
-    for kind in ["random", "mixed_norms", "duplicate_rows", "opposite"]:
+    for kind in ["random", "mixed_norms", "duplicate_rows", "opposite", "low_rank", "norm_spread", "near_dependent"]:
         for seed in range(6):
             jac = jacobian(kind, seed, p=10)
             perm = torch.from_numpy(np.random.default_rng(seed).permutation(jac.shape[0]))
@@ -160,11 +200,12 @@ def test_scaling(name):
     degree = 1.0 if ENTRIES[name].extra["scale_equivariant"] else SCALE_DEGREE.get(name)
     if degree is None:
         pytest.skip(f"{name} declares no power law under scaling")
-    for kind in ["random", "mixed_norms", "rank_deficient", "duplicate_rows"]:
+    for kind in ["random", "mixed_norms", "rank_deficient", "low_rank", "duplicate_rows", "norm_spread",
+                 "near_dependent"]:
         for seed in range(3):
             jac = jacobian(kind, seed)
             d = run(name, jac, seed)
-            size = max(d.norm().item(), jac.abs().max().item())  # IMTL-G's d is ~0 (rounding) when rank-deficient
+            size = max(d.norm().item(), jac.abs().max().item())
             for a in SCALES:
                 da = run(name, jac * a, seed)
                 torch.testing.assert_close(da, d * a**degree, rtol=1e-6, atol=1e-9 * a**degree * size)

@@ -1,14 +1,25 @@
-"""The step function: aggregator paths agree with plain autograd on cases with known answers."""
+"""The step function: aggregator paths agree with plain autograd on cases with known answers, and every
+registered aggregator, run through the training step on nearly dependent float32 gradients, gives the direction
+computed from the exact (float64) Gramian."""
+
+from dataclasses import replace
 
 import pytest
 import torch
+from torch import nn
 
+from polytask.aggregators import build_aggregator
 from polytask.aggregators.base import Aggregator, stateless
+from polytask.config import MethodConfig
 from polytask.engine.loop import task_losses
-from polytask.engine.step import Method, train_step
+from polytask.engine.step import Method, build_method, train_step
+from polytask.jacobian import gramian
+from polytask.methods import load_all
 from polytask.models import build_model
 from polytask.tasks import Task, TaskData
 from polytask.weighting import StepContext
+
+AGGREGATORS = sorted(e.name for e in load_all() if e.extra.get("kind") == "aggregator")
 
 TASKS = [Task("a", "classification", 3), Task("b", "regression", 1), Task("c", "classification", 2)]
 
@@ -113,3 +124,75 @@ def test_stateful_aggregator_state_is_threaded():
     for _ in range(3):
         _, w, state = train_step(model, m, state, src, rows, TASKS, opt, StepContext(0, 0), task_losses)
     assert state == {"calls": 3} and w.tolist() == [1.0, 1.0, 1.0]
+
+
+class GivenGradients(nn.Module):
+    """A model whose per-task gradients are the rows of a given J: in params mode the losses are L_k = J_k . theta
+    (``linear_losses``); in representation mode the representation is z = theta and task k predicts z . J_k
+    with a squared error against -1/2, so at theta = 0 dL_k/dz = J_k."""
+
+    def __init__(self, j: torch.Tensor, representation: bool):
+        super().__init__()
+        self.j = j
+        self.theta = nn.Parameter(torch.zeros(j.shape[1], dtype=j.dtype))
+        if representation:
+            self.encode = lambda x: self.theta[None].expand(len(x), -1)
+            self.decode = lambda z, names: {n: z @ self.j[int(n[1:])] for n in names}
+
+    def shared_parameters(self):
+        return iter([self.theta])
+
+    def task_parameters(self, name):
+        return iter([])
+
+
+def linear_losses(model, sources, rows, tasks):
+    return model.j @ model.theta
+
+
+def nearly_dependent(seed=0, k=5, p=1000):
+    """The issue's case: rank 2 plus 1e-4 noise, in float32 (as a float32 model's backward gives it)."""
+    g = torch.Generator().manual_seed(seed)
+    j = torch.randn(k, 2, generator=g) @ torch.randn(2, p, generator=g) + 1e-4 * torch.randn(k, p, generator=g)
+    return j.float()
+
+
+@pytest.mark.parametrize("mode", ["params", "representation"])
+def test_engine_direction_on_nearly_dependent_float32_gradients_is_the_float64_one(mode):
+    # before: the step multiplied float32 blocks in float32, which rounds away the small eigenvalues of G that
+    # decide these methods: cosines 0.61 (IMTL-G), 0.80 (MGDA), 0.87 (Nash-MTL), 0.98 (UPGrad) to the exact
+    # direction, and ConFIG an all-zero update
+    j = nearly_dependent()
+    k = j.shape[0]
+    tasks = [Task(f"t{i}", "regression", 1) for i in range(k)]
+    names = [t.name for t in tasks]
+    src = [TaskData(torch.zeros(1, 1), {n: torch.full((1,), -0.5) for n in names})]
+    losses = torch.zeros(k) if mode == "params" else torch.full((k,), 0.25)
+    j64 = j.double()
+    for name in AGGREGATORS:
+        model = GivenGradients(j, mode == "representation")
+        method = build_method(MethodConfig(name=name, grad_mode=mode), names)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        ctx = StepContext(0, 0, generator=torch.Generator().manual_seed(0))
+        train_step(model, method, method.init(), src, [torch.arange(1)], tasks, opt, ctx, linear_losses)
+        d = model.theta.grad.double()
+        # the reference: the same method on the exact Gramian of the same float32 gradients, combined in float64
+        agg = build_aggregator(name, None, names)
+        ref_ctx = replace(ctx, losses=losses, generator=torch.Generator().manual_seed(0), grad_dtype=j.dtype)
+        if agg.input == "gramian":
+            ref = agg.update(agg.init(), j64 @ j64.T, ref_ctx)[0] @ j64
+        else:
+            ref = agg.update(agg.init(), j64, ref_ctx)[0]
+        assert ref.norm() > 0, name
+        cos = float(d @ ref / (d.norm() * ref.norm()))
+        assert cos > 1 - 1e-6, (name, mode, cos)
+        assert abs(float(d.norm() / ref.norm()) - 1) < 1e-4, (name, mode)
+
+
+def test_gramian_is_float64_whatever_the_blocks_dtype():
+    j = nearly_dependent()
+    blocks = [j[:, :300], j[:, 300:].reshape(5, 7, 100)]
+    j64 = j.double()
+    g = gramian(blocks)
+    assert g.dtype == torch.float64
+    torch.testing.assert_close(g, j64 @ j64.T, rtol=1e-13, atol=0)

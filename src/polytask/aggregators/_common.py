@@ -7,6 +7,7 @@ The math of each method lives in its own module; nothing here knows about any me
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -29,13 +30,17 @@ def aggregator(
     non_conflicting: bool,
     permutation_invariant: bool,
     scale_equivariant: bool,
+    zero_only_if_zero_in_hull: bool,
     **extra: Any,
 ) -> Callable[[AggregatorBuilder], AggregatorBuilder]:
     """Register an aggregator whose ``update`` first checks its input (shape, NaN/inf) and names itself.
 
     Declared properties (tested by the shared property suite): ``non_conflicting`` (J d >= 0 for every input,
     as the paper guarantees), ``permutation_invariant`` (reordering the tasks leaves d unchanged),
-    ``scale_equivariant`` (d(aJ) = a d(J) for a > 0). Optional extras: ``non_conflicting_if_independent``
+    ``scale_equivariant`` (d(aJ) = a d(J) for a > 0), ``zero_only_if_zero_in_hull`` (d = 0 only when 0 is a
+    convex combination of the task gradients, i.e. no common descent direction exists: a method that may stop
+    when a common descent direction exists, on any input including rank-deficient ones, declares False).
+    Optional extras: ``non_conflicting_if_independent``
     (J d >= 0 whenever the gradients are linearly independent), ``needs_losses`` (reads ``ctx.losses``),
     ``stochastic`` (draws from ``ctx.generator``), ``weights_heads`` (see ``base.register``).
     """
@@ -52,6 +57,7 @@ def aggregator(
             non_conflicting=non_conflicting,
             permutation_invariant=permutation_invariant,
             scale_equivariant=scale_equivariant,
+            zero_only_if_zero_in_hull=zero_only_if_zero_in_hull,
             **extra,
         )(build)
         return build
@@ -110,9 +116,10 @@ def aggregate(
 ) -> tuple[Tensor, State]:
     """Aggregate the K x P Jacobian into one direction of length P; returns ``(direction, state)``.
 
-    Gramian methods get G = J J^T computed in float64 and return weights w; the direction is J^T w in J's
-    dtype. Jacobian methods return the direction directly. ``state`` defaults to a fresh ``init()`` and
-    ``ctx`` to step 0 without losses or generator.
+    Gramian methods get G = J J^T computed in float64 (``ctx.grad_dtype`` set to J's dtype, as the training
+    step does) and return weights w; the direction is J^T w in J's dtype. Jacobian methods return the
+    direction directly. ``state`` defaults to a fresh ``init()`` and ``ctx`` to step 0 without losses or
+    generator.
     """
     label = name_or_aggregator if isinstance(name_or_aggregator, str) else "aggregator"
     if jacobian.dim() != 2:
@@ -130,5 +137,5 @@ def aggregate(
     if agg.input == "jacobian":
         return agg.update(state, jacobian, ctx)
     j64 = jacobian.detach().to(torch.float64)
-    w, state = agg.update(state, j64 @ j64.T, ctx)
+    w, state = agg.update(state, j64 @ j64.T, replace(ctx, grad_dtype=jacobian.dtype))
     return w.to(device=jacobian.device, dtype=jacobian.dtype) @ jacobian, state

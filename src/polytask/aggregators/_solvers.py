@@ -20,14 +20,20 @@ REL_TOL = 1e-12
 
 RIDGE = 1e-10
 """Relative ridge added to the diagonal of the Gramian (G_ii -> (1 + RIDGE) G_ii) by the solvers whose weights
-are unbounded (dual-cone projections, Nash-MTL / FairGrad): every face problem of non-zero tasks becomes
-strictly convex, so duplicate or linearly dependent tasks get small weights instead of huge cancelling ones,
-at a cost of ~1e-10 relative in each task's KKT condition. Simplex-bounded problems (MGDA, CAGrad) need none."""
+are unbounded (Nash-MTL / FairGrad; the dual-cone projections use ``CONE_RIDGE``): every face problem of non-zero
+tasks becomes strictly convex, so duplicate or linearly dependent tasks get small weights instead of huge
+cancelling ones (and Nash-MTL a solution where no positive one exists), at a cost of ~1e-10 relative in each
+task's KKT condition. Simplex-bounded problems (MGDA, CAGrad) need none."""
 
 
-def ridged(g: np.ndarray) -> np.ndarray:
-    """``g`` with its diagonal multiplied by ``1 + RIDGE``."""
-    return g + RIDGE * np.diag(np.diag(g))
+CONE_RIDGE = 1e-12
+"""The ridge of the dual-cone projections: its KKT cost, a conflict of ~1e-12 |g_i|^2 v_i, stays below what the
+non-conflicting guarantee is checked to (the scaled face solves keep these systems accurate at this ridge)."""
+
+
+def ridged(g: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
+    """``g`` with its diagonal multiplied by ``1 + ridge``."""
+    return g + ridge * np.diag(np.diag(g))
 
 
 def normalize(g: np.ndarray) -> tuple[np.ndarray, float]:
@@ -38,6 +44,30 @@ def normalize(g: np.ndarray) -> tuple[np.ndarray, float]:
     if not scale > 0.0:
         return np.zeros_like(g), 0.0
     return g / scale, scale
+
+
+COSINE_RCOND = 1e-12
+"""Eigenvalues of a cosine matrix below this fraction of its largest are treated as zero: above the rounding of
+a float64 Gramian (~1e-14) and of float32 gradients' own ~1e-7 errors (squared), below any real dependence."""
+
+
+def equal_cosine(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(c, norms)`` with c = C^+ 1 on the non-zero tasks (0 on zero-gradient tasks), C = N G N the cosine
+    matrix, N = diag(1/|g_i|): y = sum_i c_i u_i (u_i = g_i / |g_i|) is the minimum-norm least-squares
+    solution of u_i . y = 1 for all i, the direction with equal cosine to every task (IMTL-G, ConFIG) when it
+    exists. C has unit diagonal, so its pseudo-inverse (``COSINE_RCOND``) is as accurate for a task with a
+    tiny gradient as for a large one. c = 0 exactly when sum_i u_i = 0 (then 0 is in the convex hull), up to
+    the directions the cutoff drops."""
+    norms = np.sqrt(np.maximum(np.diag(g), 0.0))
+    c = np.zeros(len(g))
+    live = np.flatnonzero(norms > 0)
+    if len(live):
+        n = norms[live]
+        cos = g[np.ix_(live, live)] / np.outer(n, n)
+        lam, vec = np.linalg.eigh(0.5 * (cos + cos.T))
+        keep = lam > COSINE_RCOND * lam.max()
+        c[live] = vec[:, keep] @ ((vec[:, keep].T @ np.ones(len(live))) / lam[keep])
+    return c, norms
 
 
 def kkt_tol(g: np.ndarray, b: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -263,7 +293,7 @@ def dual_cone_weights(g: np.ndarray, u: np.ndarray) -> np.ndarray:
     Quinton & Rey (2024), Prop. 1: the projection is J^T v with v = argmin_{v >= u} v^T G v, i.e. v = u + l
     where l solves the non-negative QP min_{l >= 0} 1/2 l^T G l + (G u)^T l.
     """
-    h = ridged(g)
+    h = ridged(g, CONE_RIDGE)
     return u + qp_batch(h, u @ h, simplex=False)
 
 

@@ -55,6 +55,7 @@ class NashMTLParams(BaseModel):
 @aggregator("nashmtl", params=NashMTLParams, summary="Nash bargaining solution: G alpha = 1/alpha",
             paper="Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik, Fetaya 2022, Multi-Task Learning as a "
             "Bargaining Game (Nash-MTL)",
+            zero_only_if_zero_in_hull=True,
             non_conflicting=False, non_conflicting_if_independent=True, permutation_invariant=True,
             scale_equivariant=False, weights_heads=True)
 def nashmtl(params: NashMTLParams, task_names: Sequence[str]) -> Aggregator:
@@ -89,6 +90,7 @@ class FairGradParams(BaseModel):
 
 @aggregator("fairgrad", params=FairGradParams, summary="alpha-fair allocation: G w = w^(-1/alpha)",
             paper="Ban & Ji 2024, Fair Resource Allocation in Multi-Task Learning (FairGrad)",
+            zero_only_if_zero_in_hull=True,
             non_conflicting=False, non_conflicting_if_independent=True, permutation_invariant=True,
             scale_equivariant=False)
 def fairgrad(params: FairGradParams, task_names: Sequence[str]) -> Aggregator:

@@ -9,7 +9,8 @@ Jacobian itself and return the P-vector direction.
 An aggregator is an explicit-state ``(init, update)`` pair (optax style):
 ``update(state, M, ctx) -> (out, state)`` where ``M`` is the float64 Gramian (``input == "gramian"``, out = K
 weights) or the Jacobian (``input == "jacobian"``, out = direction of length P). Stateless methods keep
-``{}``. ``ctx.losses`` holds the step's K task losses for the methods that need them.
+``{}``. ``ctx.losses`` holds the step's K task losses for the methods that need them, ``ctx.grad_dtype`` the
+dtype of the gradients the Gramian was built from (for rank tolerances in the gradients' precision).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ def sum_weights(g: Tensor) -> Tensor:
 
 @aggregator("mean", summary="average of the task gradients (gradient of the mean loss)",
             paper="joint-training baseline (Caruana 1997, Multitask Learning)",
+            zero_only_if_zero_in_hull=True,
             non_conflicting=False, permutation_invariant=True, scale_equivariant=True)
 def mean(params: BaseModel, task_names: Sequence[str]) -> Aggregator:
     return stateless(mean_weights)
@@ -32,6 +33,7 @@ def mean(params: BaseModel, task_names: Sequence[str]) -> Aggregator:
 
 @aggregator("sum", summary="sum of the task gradients (gradient of the summed loss)",
             paper="joint-training baseline (Caruana 1997, Multitask Learning)",
+            zero_only_if_zero_in_hull=True,
             non_conflicting=False, permutation_invariant=True, scale_equivariant=True)
 def sum_(params: BaseModel, task_names: Sequence[str]) -> Aggregator:
     return stateless(sum_weights)

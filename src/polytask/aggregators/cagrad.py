@@ -51,6 +51,7 @@ def cagrad_weights(g: np.ndarray, c: float, rescale: int = 1) -> np.ndarray:
 @aggregator("cagrad", params=CAGradParams,
             summary="best worst-task improvement within a ball of radius c|g0| around the mean gradient g0",
             paper="Liu, Liu, Jin, Stone, Liu 2021, Conflict-Averse Gradient Descent for Multi-task Learning",
+            zero_only_if_zero_in_hull=True,
             non_conflicting=False, permutation_invariant=True, scale_equivariant=True)
 def cagrad(params: CAGradParams, task_names: Sequence[str]) -> Aggregator:
     factor = len(task_names) if params.reduction == "sum" else 1.0

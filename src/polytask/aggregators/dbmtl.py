@@ -37,6 +37,7 @@ def dbmtl_ema(buffer: Tensor, grads: Tensor, step: int, beta: float, beta_sigma:
 
 @aggregator("dbmtl", params=DBMTLParams, summary="EMA of log-loss gradients, each scaled to the largest norm",
             paper="Lin, Ye, Xu, Shi, Zhang, Kwok 2023, Dual-Balancing Multi-Task Learning (DB-MTL)",
+            zero_only_if_zero_in_hull=False,
             non_conflicting=False, permutation_invariant=True, scale_equivariant=True, needs_losses=True)
 def dbmtl(params: DBMTLParams, task_names: Sequence[str]) -> Aggregator:
     def init() -> State:

@@ -35,6 +35,7 @@ def dualproj_weights(g: np.ndarray) -> np.ndarray:
 
 @aggregator("upgrad", summary="average of the task gradients each projected onto the dual cone of all gradients",
             paper="Quinton & Rey 2024, Jacobian Descent for Multi-Objective Optimization (UPGrad, torchjd)",
+            zero_only_if_zero_in_hull=True,
             non_conflicting=True, permutation_invariant=True, scale_equivariant=True)
 def upgrad(params: BaseModel, task_names: Sequence[str]) -> Aggregator:
     return numpy_stateless(upgrad_weights)
@@ -42,6 +43,7 @@ def upgrad(params: BaseModel, task_names: Sequence[str]) -> Aggregator:
 
 @aggregator("dualproj", summary="the mean gradient projected onto the dual cone of the task gradients",
             paper="Quinton & Rey 2024, Jacobian Descent for Multi-Objective Optimization (DualProj, torchjd)",
+            zero_only_if_zero_in_hull=True,
             non_conflicting=True, permutation_invariant=True, scale_equivariant=True)
 def dualproj(params: BaseModel, task_names: Sequence[str]) -> Aggregator:
     return numpy_stateless(dualproj_weights)

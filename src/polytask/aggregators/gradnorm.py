@@ -39,6 +39,7 @@ def gradnorm_step(weights: np.ndarray, norms: np.ndarray, losses: np.ndarray, in
             "each task's relative training rate",
             paper="Chen, Badrinarayanan, Lee, Rabinovich 2018, GradNorm: Gradient Normalization for Adaptive "
             "Loss Balancing in Deep Multitask Networks",
+            zero_only_if_zero_in_hull=True,
             non_conflicting=False, permutation_invariant=True, scale_equivariant=False, weights_heads=True,
             needs_losses=True)
 def gradnorm(params: GradNormParams, task_names: Sequence[str]) -> Aggregator:

@@ -57,6 +57,7 @@ def _normalizers(kind: str, g: np.ndarray, ctx: StepContext) -> np.ndarray | Non
 
 @aggregator("mgda", params=MGDAParams, summary="min-norm point of the convex hull of the task gradients",
             paper="Désidéri 2012 (MGDA); Sener & Koltun 2018, Multi-Task Learning as Multi-Objective Optimization",
+            zero_only_if_zero_in_hull=True,
             non_conflicting=True, permutation_invariant=True, scale_equivariant=True, weights_heads=True)
 def mgda(params: MGDAParams, task_names: Sequence[str]) -> Aggregator:
     def init() -> State:

@@ -58,6 +58,7 @@ def pcgrad_weights(g: np.ndarray, orders: list[list[int]]) -> np.ndarray:
 
 @aggregator("pcgrad", params=PCGradParams, summary="project each gradient off the gradients it conflicts with",
             paper="Yu, Kumar, Gupta, Levine, Hausman, Finn 2020, Gradient Surgery for Multi-Task Learning (PCGrad)",
+            zero_only_if_zero_in_hull=False,
             non_conflicting=False, permutation_invariant=False, scale_equivariant=True, stochastic=True)
 def pcgrad(params: PCGradParams, task_names: Sequence[str]) -> Aggregator:
     k = len(task_names)
@@ -115,6 +116,7 @@ def gradvac_weights(g: np.ndarray, targets: np.ndarray, beta: float,
             summary="raise each pair's gradient cosine similarity to an EMA target (generalises PCGrad)",
             paper="Wang, Tsvetkov, Firat, Cao 2021, Gradient Vaccine: Investigating and Improving Multi-task "
             "Optimization in Massively Multilingual Models",
+            zero_only_if_zero_in_hull=False,
             non_conflicting=False, permutation_invariant=False, scale_equivariant=True, stochastic=True)
 def gradvac(params: GradVacParams, task_names: Sequence[str]) -> Aggregator:
     k = len(task_names)

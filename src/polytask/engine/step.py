@@ -10,7 +10,7 @@ own task's gradient, scaled by the task weight only where the method says so (``
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -70,8 +70,8 @@ def _aggregate(method: Method, state: State, blocks: Sequence[Tensor], ctx: Step
                ) -> tuple[list[Tensor], Tensor | None, State]:
     """Aggregate per-task gradient blocks (each K x ...) into one direction per block."""
     agg = method.impl
-    if agg.input == "gramian":
-        weights, state = agg.update(state, gramian(blocks), ctx)
+    if agg.input == "gramian":  # float64 Gramian of the blocks; the update J^T w in the gradients' dtype
+        weights, state = agg.update(state, gramian(blocks), replace(ctx, grad_dtype=blocks[0].dtype))
         return combine(weights, blocks), weights, state
     direction, state = agg.update(state, flat(blocks), ctx)
     return split(direction, blocks), None, state
@@ -229,7 +229,7 @@ def train_step(model: MultiTaskModel, method: Method, state: State, sources: Seq
 
 
 def _with_losses(ctx: StepContext, losses: Tensor) -> StepContext:
-    return StepContext(ctx.step, ctx.epoch, losses.detach(), ctx.val_losses, ctx.steps_per_epoch, ctx.generator)
+    return replace(ctx, losses=losses.detach())
 
 
 def masked_loss(task: Task, pred: Tensor, y: Tensor) -> Tensor:

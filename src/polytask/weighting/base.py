@@ -27,7 +27,9 @@ class StepContext:
     ``losses``: the K task losses of the step (detached). ``val_losses``: a callable returning the K task
     losses on a validation batch (for methods that watch validation, like CoBa); None when unavailable.
     ``generator``: a torch.Generator seeded from (run seed, step), for methods that draw random numbers
-    (RLW, DARE-like dropping), so no RNG state needs to be threaded through.
+    (RLW, DARE-like dropping), so no RNG state needs to be threaded through. ``grad_dtype``: the dtype of the
+    per-task gradients behind an aggregator's (always float64) Gramian, for methods whose rank tolerance
+    follows the gradients' precision (Aligned-MTL); None means float64.
     """
 
     step: int
@@ -36,6 +38,7 @@ class StepContext:
     val_losses: Callable[[], Tensor] | None = None
     steps_per_epoch: int = 1
     generator: torch.Generator | None = None
+    grad_dtype: torch.dtype | None = None
 
 
 class Weighting(NamedTuple):

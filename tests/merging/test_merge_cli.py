@@ -110,7 +110,7 @@ output: {{dir: {tmp_path}, name: exp}}
         assert set(r_["tasks"]) == {"even", "ge5", "mod3"}
         assert all(0 <= v["accuracy"] <= 1 for v in r_["tasks"].values())
     html = (run / "report.html").read_text()
-    assert "<table>" in html and "adamerging" in html and "http" not in html
+    assert "<table" in html and "adamerging" in html and "http" not in html
     assert "mean norm." in r.stdout and "fisher" in r.stdout
     for job in ("pretrain", "finetune__even", "finetune__ge5", "finetune__mod3"):
         assert (run / "jobs" / job / "best.safetensors").is_file()

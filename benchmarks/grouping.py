@@ -5,6 +5,10 @@
   by subset convolution) and with branching only (``dp_tail=0``), candidates dropped as dominated, and
   ``select_beam``'s total against the optimum.
 * ``select_beam`` at K = 30 and 60 (budget 3 and 5).
+* candidate networks with their own costs (Standley et al. 2020's setting): HOA estimates for every task set at
+  cost 1 plus a half-size single-task network per task at cost 0.5, budgets 1 to 3 in steps of 0.5, K in
+  {5, 8, 10, 12}: ``select_exact`` (subset convolutions per cost) seconds, ``select_beam`` seconds and its total
+  loss against the optimum, and how many half-size networks the optimum uses.
 * ``cluster_tasks`` (STG-MTL: k-means + fuzzy memberships) on 100 and 500 tasks with synthetic data-map features,
   with the adjusted Rand index against the planted clusters.
 * facility location (BenTo), k = 20 of K = 200 and K = 2000: lazy against plain (vectorised) greedy, same picks.
@@ -24,6 +28,9 @@ from sklearn.metrics import adjusted_rand_score
 
 from polytask.relations import (
     AffinityMatrix,
+    Candidate,
+    Candidates,
+    HoaScore,
     TagScore,
     cluster_tasks,
     facility_location,
@@ -72,6 +79,32 @@ def bench_beam(ks: list[int], budgets: list[int]) -> list[dict]:
     return rows
 
 
+def standley_instance(k: int, seed: int) -> Candidates:
+    """HOA candidates from random pair losses at cost 1, and half-size single-task networks at cost 0.5 whose loss
+    is the single-task loss times U(1.0, 1.3)."""
+    rng = np.random.default_rng(seed)
+    tasks = [f"t{i}" for i in range(k)]
+    pairs = rng.uniform(0.5, 1.5, size=(k, k))
+    full = Candidates.from_score(HoaScore(AffinityMatrix(pairs, tasks, "pairwise", higher_is_better=False)), tasks)
+    half = [Candidate((t,), 0.5, {t: float(-pairs[i, i] * rng.uniform(1.0, 1.3))}, "half-size")
+            for i, t in enumerate(tasks)]
+    return full.extended(half)  # HOA candidates are in score units (negated losses): so are these
+
+
+def bench_candidates(ks: list[int], budgets: list[float]) -> list[dict]:
+    rows = []
+    for k in ks:
+        cands = standley_instance(k, seed=k)
+        for b in budgets:
+            ex, sec = timed(lambda cands=cands, b=b: select_exact(cands, cands.tasks, b))
+            bm, sec_beam = timed(lambda cands=cands, b=b: select_beam(cands, cands.tasks, b))
+            rows.append({"K": k, "budget": b, "candidates": len(cands.networks), "seconds": sec,
+                         "convolutions": ex.meta["convolutions"], "total_loss": round(-ex.total, 6),
+                         "cost": ex.total_cost, "half_size_chosen": ex.labels.count("half-size"),
+                         "beam_seconds": sec_beam, "beam_total_loss_over_optimum": round(bm.total / ex.total, 6)})
+    return rows
+
+
 def data_maps(n_tasks: int, n_clusters: int, seed: int, n_samples: int = 200, n_epochs: int = 5):
     """Per task: per-sample mean confidence and variability over epochs; tasks of a cluster share hard samples."""
     rng = np.random.default_rng(seed)
@@ -116,6 +149,7 @@ def main() -> None:
         "timing": "wall seconds of one call (perf_counter), no warm-up",
         "exact": bench_exact(ks, [2, 3, 4]),
         "beam": bench_beam([30] if args.quick else [30, 60], [3, 5]),
+        "candidates_with_costs": bench_candidates([5, 8] if args.quick else [5, 8, 10, 12], [1.0, 1.5, 2.0, 2.5, 3.0]),
         "clustering": bench_clustering([100] if args.quick else [100, 500]),
         "facility_location": [bench_facility(20, 200), bench_facility(20, 2000)],
     }

@@ -36,6 +36,13 @@ def test_relate_writes_every_estimator_with_cost(tmp_path):
         assert "<svg" in (run / f"affinity_{est}.svg").read_text()
         assert f"{est} affinity" in r.stdout
     assert AffinityMatrix.load(run / "affinity_lookahead.json").cost["probe_calls"] == 4 * 2 // 2
+    # each estimator carries its own cost: its own work plus the shared gradients it read, not all probes' sum
+    cost = {est: AffinityMatrix.load(run / f"affinity_{est}.json").cost for est in ("lookahead", "grad_cosine",
+                                                                                   "datamap")}
+    for c in cost.values():
+        assert c["probe_time_s"] == c["own_time_s"] + c["gradient_time_s"] == c["wall_time_s"]
+    assert cost["datamap"]["gradient_time_s"] == 0.0 and cost["lookahead"]["gradient_time_s"] > 0.0
+    assert cost["lookahead"]["gradient_time_s"] == cost["grad_cosine"]["gradient_time_s"]  # one shared pass
     assert AffinityMatrix.load(run / "affinity_pairwise.json").cost["training_runs"] == 3 + 3
     html = (run / "report.html").read_text()
     assert "Task relations" in html and "Spearman" in html

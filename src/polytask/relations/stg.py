@@ -6,6 +6,12 @@ The paper's form: one model per cluster c, trained on ALL tasks with task t's lo
 u_tc; task t is then served by the membership-weighted ensemble of the cluster models' predictions,
 sum_c u_tc * p_c(t) (class probabilities for classification, values for regression). :func:`cluster_weights`
 gives the per-model loss weights, :class:`MembershipEnsemble` the serving model.
+
+``polytask group`` trains this form by default (``group.stg_form: soft``) because it is the method the paper
+proposes and evaluates; with the default fuzziness m = 1.07 the memberships are nearly one-hot, so each cluster
+model mostly trains its own tasks, with small weights on the rest. ``stg_form: hard`` (one model per cluster on
+its member tasks only, each task served by one model) is the option when inference may run only one model per
+task, and it compares with TAG/HOA groupings network for network.
 """
 
 from __future__ import annotations

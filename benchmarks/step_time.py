@@ -1,19 +1,32 @@
-"""Time per training step of every method, as a ratio to the plain summed-loss step in the same run.
+"""Time per training step of every method, as a ratio to the plain summed-loss step, measured interleaved.
 
-Hard parameter sharing: MLP 784-512-512, K linear heads (10 classes), batch 256, SGD, one thread.
-Prints one JSON object. Usage: python benchmarks/step_time.py [--ks 2 5 10] [--methods a b] [--steps 20]
-Where torchjd is installed, its ``mtl_backward`` with the same aggregator is timed in the same run.
+Hard parameter sharing: MLP 784-512-512, K linear heads (10 classes), batch 256, SGD, one thread. Every variant
+(the plain step, each method in each gradient mode, torchjd where installed) gets its own model and state, is
+warmed up, and then all variants are timed in rounds within this one process: each round runs every variant for
+``--steps-per-round`` steps, in an order rotated from round to round (A, B, C, then B, C, A, ...). A variant's
+ratio is taken per round against the plain step of the same round, so a load change on a shared machine hits
+both sides of a ratio; the JSON reports the median ratio and its spread (quartiles, min, max) over the rounds.
+
+``--f32-gramian`` adds, for every Gramian aggregator, the same step with the Jacobian's Gramian multiplied in
+the gradients' dtype (float32, the old training path): the cost of the float64 Gramian is the ratio of the two.
+
+Prints one JSON object. Usage: python benchmarks/step_time.py [--ks 2 5 10] [--methods a b] [--rounds 15]
+[--steps-per-round 2] [--f32-gramian]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+import polytask.engine.step as step_module
 from polytask.config import MethodConfig
 from polytask.engine.loop import task_losses
 from polytask.engine.step import build_method, train_step
@@ -28,8 +41,8 @@ TORCHJD = {"mean": "Mean", "sum": "Sum", "mgda": "MGDA", "pcgrad": "PCGrad", "ca
            "imtl_g": "IMTLG", "nashmtl": "NashMTL", "aligned_mtl": "AlignedMTL", "upgrad": "UPGrad",
            "dualproj": "DualProj", "graddrop": "GradDrop", "config": "ConFIG"}
 
-
 DEVICE = torch.device("cpu")
+Step = Callable[[], None]
 
 
 def problem(k: int, batch: int = 256):
@@ -45,43 +58,67 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(fn, steps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync()
-    t = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    _sync()
-    return (time.perf_counter() - t) / steps
-
-
-def polytask_step(k: int, method_cfg: MethodConfig | None, steps: int) -> float:
-    tasks, src, rows = problem(k)
+def fresh_model(tasks: Sequence[Task]):
     torch.manual_seed(0)
     model = build_model(tasks, (784,), "mlp", {"hidden": [512, 512]}).to(DEVICE)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    if method_cfg is None:  # the plain step: one backward of the summed loss
-        def fn():
-            opt.zero_grad(set_to_none=True)
-            task_losses(model, src, rows, tasks).sum().backward()
-            opt.step()
-        return time_steps(fn, steps)
-    method = build_method(method_cfg, [t.name for t in tasks])
+    return model, torch.optim.SGD(model.parameters(), lr=1e-3)
+
+
+def gramian_in_block_dtype(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The old training path: each block's Gramian multiplied in the block's dtype, summed in float64."""
+    k = blocks[0].shape[0]
+    out = torch.zeros(k, k, dtype=torch.float64, device=blocks[0].device)
+    for b in blocks:
+        m = b.reshape(k, -1)
+        out += (m @ m.T).double()
+    return out
+
+
+@contextlib.contextmanager
+def engine_gramian(fn: Callable | None) -> Iterator[None]:
+    """Run the training step with ``fn`` as its Gramian (None: the engine's own)."""
+    if fn is None:
+        yield
+        return
+    saved = step_module.gramian
+    step_module.gramian = fn
+    try:
+        yield
+    finally:
+        step_module.gramian = saved
+
+
+def plain_step(k: int) -> Step:
+    """The plain step: one backward of the summed loss."""
+    tasks, src, rows = problem(k)
+    model, opt = fresh_model(tasks)
+
+    def fn() -> None:
+        opt.zero_grad(set_to_none=True)
+        task_losses(model, src, rows, tasks).sum().backward()
+        opt.step()
+    return fn
+
+
+def polytask_step(k: int, cfg: MethodConfig, gram: Callable | None = None) -> Step:
+    tasks, src, rows = problem(k)
+    model, opt = fresh_model(tasks)
+    method = build_method(cfg, [t.name for t in tasks])
     state = {"s": method.init(), "i": 0}
 
     def val_losses():  # CoBa watches validation losses; the benchmark reuses the training batch
         with torch.no_grad():
             return task_losses(model, src, rows, tasks)
 
-    def fn():
+    def fn() -> None:
         ctx = StepContext(state["i"], 0, None, val_losses, 100, torch.Generator().manual_seed(state["i"]))
-        _, _, state["s"] = train_step(model, method, state["s"], src, rows, tasks, opt, ctx, task_losses)
+        with engine_gramian(gram):
+            _, _, state["s"] = train_step(model, method, state["s"], src, rows, tasks, opt, ctx, task_losses)
         state["i"] += 1
-    return time_steps(fn, steps)
+    return fn
 
 
-def torchjd_step(k: int, name: str, steps: int) -> float | None:
+def torchjd_step(k: int, name: str) -> Step | None:
     """torchjd's own MTL step (>= 0.18: autojac.mtl_backward, then jac_to_grad with the aggregator)."""
     try:
         from torchjd import aggregation
@@ -92,9 +129,7 @@ def torchjd_step(k: int, name: str, steps: int) -> float | None:
     if cls is None:
         return None
     tasks, src, _rows = problem(k)
-    torch.manual_seed(0)
-    model = build_model(tasks, (784,), "mlp", {"hidden": [512, 512]}).to(DEVICE)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    model, opt = fresh_model(tasks)
     try:
         aggregator = cls(**TORCHJD_ARGS.get(name, lambda k: {})(k))
     except Exception as e:  # e.g. an optional solver torchjd needs is not installed
@@ -102,7 +137,7 @@ def torchjd_step(k: int, name: str, steps: int) -> float | None:
         return None
     shared = list(model.shared_parameters())
 
-    def fn():
+    def fn() -> None:
         opt.zero_grad(set_to_none=True)
         z = model.encode(src[0].x)
         outs = model.decode(z)
@@ -111,18 +146,61 @@ def torchjd_step(k: int, name: str, steps: int) -> float | None:
                      tasks_params=[list(model.task_parameters(t.name)) for t in tasks])
         jac_to_grad(shared, aggregator)
         opt.step()
-    try:
-        return time_steps(fn, steps)
-    except Exception as e:  # an aggregator torchjd cannot run here
-        print(f"torchjd {name} K={k}: {type(e).__name__}: {e}", file=sys.stderr)
-        return None
+    return fn
+
+
+def burst(fn: Step, steps: int) -> float:
+    """Seconds per step over ``steps`` consecutive steps."""
+    _sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _sync()
+    return (time.perf_counter() - t) / steps
+
+
+def quantile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    return s[lo] + (s[min(lo + 1, len(s) - 1)] - s[lo]) * (pos - lo)
+
+
+def summary(xs: list[float], digits: int = 3) -> dict:
+    return {"median": round(statistics.median(xs), digits), "q25": round(quantile(xs, 0.25), digits),
+            "q75": round(quantile(xs, 0.75), digits), "min": round(min(xs), digits), "max": round(max(xs), digits)}
+
+
+def interleaved(variants: dict[str, Step], rounds: int, steps: int, warmup: int
+                ) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Per-round seconds per step of every variant, the order rotated each round, and the errors of the
+    variants that failed in warm-up (dropped from the rounds)."""
+    errors: dict[str, str] = {}
+    for name, fn in list(variants.items()):
+        try:
+            for _ in range(warmup):
+                fn()
+        except Exception as e:  # report, don't hide
+            errors[name] = f"error: {type(e).__name__}: {e}"
+            del variants[name]
+    names = list(variants)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(burst(variants[name], steps))
+    return times, errors
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ks", type=int, nargs="+", default=[2, 5, 10])
     ap.add_argument("--methods", nargs="+", default=None)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds (each variant once per round)")
+    ap.add_argument("--steps-per-round", type=int, default=2, help="consecutive steps timed per variant and round")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--f32-gramian", action="store_true",
+                    help="also time each Gramian aggregator with a float32 Gramian (the old path), for its cost")
     ap.add_argument("--device", default="cpu", help="cpu (the targets) or cuda")
     args = ap.parse_args()
     global DEVICE
@@ -130,31 +208,42 @@ def main() -> None:
     torch.set_num_threads(1)
     registry = load_all()
     names = args.methods or registry.names()
-    out: dict = {"setup": "MLP 784-512-512, K linear heads, batch 256, SGD, 1 thread; ratio = method / plain step",
+    out: dict = {"setup": "MLP 784-512-512, K linear heads, batch 256, SGD, 1 thread; ratio = method / plain step, "
+                          f"paired per round; {args.rounds} interleaved rounds of {args.steps_per_round} steps per "
+                          "variant, order rotated each round; median and spread (quartiles, min, max) over rounds",
                  "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
-                 "torch": torch.__version__, "results": {}}
+                 "torch": torch.__version__, "gramian": "float64", "results": {}}
     for k in args.ks:
-        plain = polytask_step(k, None, args.steps)
-        row: dict = {"plain_ms": round(plain * 1e3, 3)}
+        variants: dict[str, Step] = {"plain": plain_step(k)}
         for name in names:
-            kind = registry.get(name).extra.get("kind")
+            entry = registry.get(name)
+            kind = entry.extra.get("kind")
             modes = ["params", "representation"] if kind == "aggregator" else ["params"]
             for mode in modes:
                 key = name if kind != "aggregator" else f"{name}/{mode}"
                 try:
                     cfg = MethodConfig(name=name, grad_mode=mode, params=PARAMS.get(name, lambda k: {})(k))
-                    t = polytask_step(k, cfg, args.steps)
-                    row[key] = round(t / plain, 3)
+                    variants[key] = polytask_step(k, cfg)
+                    if args.f32_gramian and kind == "aggregator" and takes_gramian(cfg, k):
+                        variants[f"{key}+f32_gramian"] = polytask_step(k, cfg, gramian_in_block_dtype)
                 except Exception as e:  # report, don't hide
-                    row[key] = f"error: {type(e).__name__}: {e}"
+                    variants[key] = _failing(e)
             if kind == "aggregator":
-                tj = torchjd_step(k, name, args.steps)
+                tj = torchjd_step(k, name)
                 if tj is not None:
-                    row[f"{name}/torchjd"] = round(tj / plain, 3)
+                    variants[f"{name}/torchjd"] = tj
+        times, errors = interleaved(variants, args.rounds, args.steps_per_round, args.warmup)
+        if "plain" in errors:
+            raise SystemExit(f"the plain step failed: {errors['plain']}")
+        plain = times.pop("plain")
+        row: dict = {"plain_ms": summary([t * 1e3 for t in plain])}
+        row |= {key: summary([t / p for t, p in zip(ts, plain, strict=True)]) for key, ts in times.items()}
+        row |= errors
         out["results"][f"K={k}"] = row
-    top = out["results"].get("K=10", {})
-    ratios = {key: v for key, v in top.items() if isinstance(v, float) and key != "plain_ms"}
-    out["targets_at_K10"] = {
+    top = out["results"].get(f"K={max(args.ks)}", {})
+    ratios = {key: v["median"] for key, v in top.items() if isinstance(v, dict) and key != "plain_ms"}
+    out["targets_at_largest_K"] = {
+        "K": max(args.ks),
         "representation_le_1.3_missed": {key: v for key, v in ratios.items()
                                          if key.endswith("/representation") and v > 1.3},
         "params_le_5_missed": {key: v for key, v in ratios.items() if key.endswith("/params") and v > 5},
@@ -163,6 +252,18 @@ def main() -> None:
                                 and v >= ratios[key.replace("/params", "/torchjd")]},
     }
     print(json.dumps(out, indent=1))
+
+
+def takes_gramian(cfg: MethodConfig, k: int) -> bool:
+    """Whether the aggregator reads the Gramian (rather than the Jacobian itself)."""
+    return build_method(cfg, [f"t{i}" for i in range(k)]).impl.input == "gramian"
+
+
+def _failing(e: Exception) -> Step:
+    """A variant that could not be built: raises its error when run, so it is reported with the others."""
+    def fn() -> None:
+        raise e
+    return fn
 
 
 if __name__ == "__main__":

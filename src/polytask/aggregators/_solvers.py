@@ -70,16 +70,18 @@ def equal_cosine(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return c, norms
 
 
-def kkt_tol(g: np.ndarray, b: np.ndarray, x: np.ndarray) -> np.ndarray:
+def kkt_tol(g: np.ndarray, b: np.ndarray, x: np.ndarray, n: np.ndarray | None = None) -> np.ndarray:
     """Per-task tolerance of a multiplier (G x + b)_j: ``REL_TOL`` times the size of its terms,
     |g_j| (sum_i |x_i| |g_i| + 1e-3 max|x| min_{x_i != 0} |g_i|) + |b_j| (batched over the rows of ``b`` and
     ``x``): relative to what rounding can resolve for task j, not to the largest task. The second term is the
     rounding of the weights themselves: the face solves (``simplex_face_solve``) keep each weight's relative
-    accuracy and put the constraint's absolute rounding (~1e-15) on the smallest-norm task of the support."""
-    n = np.sqrt(np.maximum(np.diag(g), 0.0))
+    accuracy and put the constraint's absolute rounding (~1e-15) on the smallest-norm task of the support.
+    ``n``: the gradient norms sqrt(diag(G)), when the caller has them."""
+    n = np.sqrt(np.maximum(np.diag(g), 0.0)) if n is None else n
     ax = np.abs(x)
-    smallest = np.where(ax > 0, n, np.inf).min(axis=-1, initial=np.inf)
-    weights = ax @ n + 1e-3 * ax.max(axis=-1, initial=0.0) * np.where(np.isfinite(smallest), smallest, 0.0)
+    smallest = np.where(ax > 0, n, np.inf).min(axis=-1)
+    smallest = np.where(smallest < np.inf, smallest, 0.0)
+    weights = ax @ n + 1e-3 * ax.max(axis=-1) * smallest
     return REL_TOL * (n * weights[..., None] + np.abs(b))
 
 
@@ -99,7 +101,7 @@ def scaled_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     equilibration): with gradient norms spread over many orders the unscaled LU loses the small tasks' entries
     below the large ones' rounding, the scaled one keeps each entry's relative accuracy."""
     root = np.sqrt(np.abs(np.diag(a)))
-    d = np.where(root > 0, 1.0 / np.where(root > 0, root, 1.0), 1.0)
+    d = 1.0 / np.where(root > 0, root, 1.0)
     dd = d[:, None] if b.ndim == 2 else d
     return dd * lin_solve(a * d[:, None] * d[None, :], dd * b)
 
@@ -116,12 +118,12 @@ def simplex_face_solve(hf: np.ndarray, rhs: np.ndarray, total: np.ndarray | floa
     rhs2 = rhs.reshape(m, -1)
     tot = np.broadcast_to(np.asarray(total, dtype=float), (rhs2.shape[1],))
     piv = int(np.argmin(np.diag(hf)))
-    rest = np.array([i for i in range(m) if i != piv], dtype=int)
-    y = np.zeros_like(rhs2, dtype=float)
-    if len(rest):
-        hrp = hf[rest, piv] - hf[piv, piv]
-        red = hf[np.ix_(rest, rest)] - hf[rest, piv][:, None] - hf[piv, rest][None, :] + hf[piv, piv]
-        y[rest] = scaled_solve(red, (rhs2[rest] - rhs2[piv]) - hrp[:, None] * tot[None, :])
+    rest = np.delete(np.arange(m), piv)
+    y = np.zeros((m, rhs2.shape[1]))
+    if m > 1:
+        col = hf[rest, piv]
+        red = hf[rest][:, rest] - col[:, None] - col[None, :] + hf[piv, piv]
+        y[rest] = scaled_solve(red, (rhs2[rest] - rhs2[piv]) - (col - hf[piv, piv])[:, None] * tot[None, :])
     y[piv] = tot - y[rest].sum(axis=0)
     return y.reshape(rhs.shape)
 
@@ -159,7 +161,7 @@ def active_set_qp(
         grad = h @ x + b
         if at_face_optimum:
             tol = kkt_tol(h, b, x)
-            lam = grad - (grad[free].mean() if simplex else 0.0)
+            lam = grad - (float(grad[free].sum()) / int(free.sum()) if simplex else 0.0)
             if simplex and free.any():  # the multiplier nu = mean of the free gradients carries their rounding
                 tol = tol + tol[free].max()
             lam[free] = np.inf
@@ -226,8 +228,9 @@ def qp_batch(g: np.ndarray, b: np.ndarray, simplex: bool, active: np.ndarray | N
     warm-started from their last iterate, so the result is exact either way.
     """
     n, k = b.shape
+    norms = np.sqrt(np.maximum(np.diag(g), 0.0))
     if active is None:
-        active = np.zeros((n, k), dtype=bool) if simplex else b >= -kkt_tol(g, b, np.zeros((n, k)))
+        active = np.zeros((n, k), dtype=bool) if simplex else b >= -kkt_tol(g, b, np.zeros((n, k)), norms)
     active, previous = active.copy(), None
     x = np.zeros((n, k))
     rows = np.arange(n)
@@ -241,7 +244,7 @@ def qp_batch(g: np.ndarray, b: np.ndarray, simplex: bool, active: np.ndarray | N
         sol = _batched_solve(*_pdas_systems(g, bb, active, simplex))
         xs = sol[:, :k]
         mu = xs @ g + bb - (sol[:, k:] if simplex else 0.0)
-        tol = kkt_tol(g, bb, xs)
+        tol = kkt_tol(g, bb, xs, norms)
         if simplex:  # nu is solved from the free rows and carries their rounding
             tol = tol + np.where(active, 0.0, tol).max(axis=1, keepdims=True)
         xtol = REL_TOL * np.maximum(1.0, np.abs(xs).max(axis=1, keepdims=True))
@@ -260,24 +263,25 @@ def qp_batch(g: np.ndarray, b: np.ndarray, simplex: bool, active: np.ndarray | N
     x[x <= 1e-13 * np.abs(x).max(axis=1, keepdims=True)] = 0.0  # the unscaled LU's absolute rounding
     if simplex:
         x = x / x.sum(axis=1, keepdims=True)
-    stuck = sorted(set(stuck) | set(np.flatnonzero(~kkt_holds(g, b, x, simplex))))
+    stuck = sorted(set(stuck) | set(np.flatnonzero(~kkt_holds(g, b, x, simplex, norms))))
     for i in stuck:
         x[i] = active_set_qp(g, b[i], simplex, x0=x[i])
     return x
 
 
-def kkt_holds(g: np.ndarray, b: np.ndarray, x: np.ndarray, simplex: bool) -> np.ndarray:
+def kkt_holds(g: np.ndarray, b: np.ndarray, x: np.ndarray, simplex: bool, n: np.ndarray | None = None
+              ) -> np.ndarray:
     """Row-wise test of the KKT conditions of min 1/2 x^T G x + b^T x s.t. x >= 0 (and sum(x) = 1): the
     gradient is equal (to nu on the simplex, 0 otherwise) on the support and not below it off the support, each
     task to its own rounding tolerance (``kkt_tol``). The batched solves use an unscaled LU, which is checked
     here rather than trusted."""
     free = x > 0
     grad = x @ g + b
-    tol = kkt_tol(g, b, x)
+    tol = kkt_tol(g, b, x, n)
     if simplex:
         count = np.maximum(free.sum(axis=1, keepdims=True), 1)
-        grad = grad - (np.where(free, grad, 0.0).sum(axis=1, keepdims=True) / count)
-        tol = tol + np.where(free, tol, 0.0).max(axis=1, keepdims=True)
+        grad -= (grad * free).sum(axis=1, keepdims=True) / count
+        tol += (tol * free).max(axis=1, keepdims=True)
     ok = np.where(free, np.abs(grad) <= tol, grad >= -tol)
     return ok.all(axis=1) & (x >= 0).all(axis=1)
 
@@ -320,17 +324,22 @@ def cagrad_kkt(g: np.ndarray, r: float, w: np.ndarray, u: np.ndarray) -> tuple[f
     |g_i| (mean_j |g_j| + r sum_j |u_j| |g_j|), as in ``kkt_tol``, plus the rounding of |g_w| = sqrt(w^T G w)
     (whose relative error grows as |g_w| -> 0).
     """
+    k = len(g)
     n = np.sqrt(np.maximum(np.diag(g), 0.0))
+    a = g.sum(axis=1) / k
     gu = g @ u
-    improvement = g.mean(axis=1) + r * gu
+    improvement = a + r * gu
     worst = int(np.argmin(improvement))
-    weights = float(np.abs(u) @ n) + 1e-3 * float(np.abs(u).max()) * float(n[u != 0].min(initial=0.0))
-    size = 100.0 * REL_TOL * n * (float(n.mean()) + r * weights)
-    q = max(float(w @ g @ w), 0.0)
-    norm_rounding = r * (math.sqrt(q + 1e-14 * float(w @ n) ** 2) - math.sqrt(q))
-    if (w < 0).any() or float(u @ gu) - 1.0 > REL_TOL * max(1.0, float(np.abs(u) @ n) ** 2):
+    au = np.abs(u)
+    un = float(au @ n)
+    if (w < 0).any() or float(u @ gu) - 1.0 > REL_TOL * max(1.0, un * un):
         return math.inf, 0.0
-    gap = float(g.mean(axis=1) @ w) + r * math.sqrt(q) - float(improvement[worst])
+    weights = un + 1e-3 * float(au.max()) * float(n[u != 0].min(initial=0.0))
+    size = (100.0 * REL_TOL * (float(n.sum()) / k + r * weights)) * n
+    q = max(float(w @ g @ w), 0.0)
+    wn = float(w @ n)
+    norm_rounding = r * (math.sqrt(q + 1e-14 * wn * wn) - math.sqrt(q))
+    gap = float(a @ w) + r * math.sqrt(q) - float(improvement[worst])
     return gap, float(w @ size + size[worst]) + norm_rounding
 
 
@@ -350,10 +359,10 @@ def cagrad_dual(g: np.ndarray, r: float, max_iter: int = 60) -> tuple[np.ndarray
     ``RuntimeWarning`` that gives the residual.
     """
     k = len(g)
-    a = g.mean(axis=1)
+    a = g.sum(axis=1) / k
     n = np.sqrt(np.maximum(np.diag(g), 0.0))
     lo, hi = 0.0, math.inf
-    s = math.sqrt(max(float(a.mean()), REL_TOL * float(n.mean()) ** 2))
+    s = math.sqrt(max(float(a.sum()) / k, REL_TOL * (float(n.sum()) / k) ** 2))
     best: tuple[float, float, np.ndarray, np.ndarray] | None = None
 
     def certified(w: np.ndarray, u: np.ndarray) -> bool:

@@ -462,3 +462,19 @@ def test_exact_candidates_at_k12_many_costs():
     beam = select_beam(cands, tasks, 3.0)
     assert g.total_cost <= 3.0 + 1e-9 and beam.total_cost <= 3.0 + 1e-9
     assert g.total - 1e-9 <= beam.total <= 1.1 * g.total  # losses: within 10 % of the optimum
+
+
+@pytest.mark.parametrize("budget", [1.5, 2.5])
+def test_beam_covers_when_cheap_partial_selections_cannot_be_completed(budget):
+    """Standley's setting at K = 10: after one full network only a half-size one fits, so most partial selections
+    that pass the cost lower bound cannot be completed; the beam still returns a covering selection near the
+    optimum."""
+    rng = np.random.default_rng(10)
+    tasks = names(10)
+    pairs = rng.uniform(0.5, 1.5, size=(10, 10))
+    full = Candidates.from_score(HoaScore(AffinityMatrix(pairs, tasks, "pairwise", higher_is_better=False)), tasks)
+    cands = full.extended([Candidate((t,), 0.5, {t: float(-pairs[i, i] * rng.uniform(1.0, 1.3))}, "half-size")
+                           for i, t in enumerate(tasks)])
+    ex, bm = select_exact(cands, tasks, budget), select_beam(cands, tasks, budget)
+    assert bm.total_cost <= budget and bm.total <= ex.total + 1e-9
+    assert bm.total >= ex.total * 1.02  # score units (negated losses): within 2 % of the optimum

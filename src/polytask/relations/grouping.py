@@ -986,7 +986,8 @@ def select_beam(
     the listed networks. A beam search adds one network per step, keeping the ``beam_width`` best partial
     selections (a task not yet covered counts at the 25th percentile of its candidate values; a selection whose
     remaining budget cannot cover the uncovered tasks is dropped; for a score, the set of uncovered tasks is offered
-    as an extra candidate so coverage stays reachable); then local search: swap one network for another that fits
+    as an extra candidate so coverage stays reachable; every kept selection is also completed by a greedy set
+    cover, a complete candidate when it fits the budget); then local search: swap one network for another that fits
     the budget (for a score, also for itself with one task added or removed), or add one, while that helps. Last,
     each chosen network is replaced by the cheapest, then smallest, one that gives the tasks it serves the same
     values (the tie rule of :func:`select_exact`).
@@ -1070,6 +1071,9 @@ class _Pool:
         nodes = 0
         beam: list[tuple[tuple[int, ...], np.ndarray, float]] = [((), np.full(self.k, -np.inf), 0.0)]
         complete: list[tuple[float, float, tuple[int, ...]]] = []
+        first = self.cover_greedily((), beam[0][1], 0.0, budget)
+        if first is not None:
+            complete.append(first)
         for _ in range(int(budget / self.unit + eps) + 1):
             cand: list[tuple[float, tuple[int, ...], np.ndarray, float]] = []
             for chosen, cur, spent in beam:
@@ -1100,8 +1104,9 @@ class _Pool:
                     continue
                 seen.add(chosen)
                 beam.append((chosen, cur, spent))
-                if np.isfinite(cur).all():
-                    complete.append((float(cur.sum()), spent, chosen))
+                done = self.cover_greedily(chosen, cur, spent, budget)
+                if done is not None:
+                    complete.append(done)
                 if len(beam) >= width:
                     break
             if not beam:
@@ -1111,6 +1116,30 @@ class _Pool:
                             "(check the scores for -inf and the costs)")
         best = max(complete, key=lambda c: (c[0], -c[1]))
         return list(best[2]), nodes
+
+    def cover_greedily(self, chosen: tuple[int, ...], cur: np.ndarray, spent: float,
+                       budget: float) -> tuple[float, float, tuple[int, ...]] | None:
+        """The selection completed by the greedy set cover (most newly covered tasks per unit cost, then the
+        larger gain in value) within the budget: (value, cost, networks), or None when it does not cover all.
+        Keeps a covering selection in reach when the cost lower bound admits partial ones that cannot be
+        completed."""
+        eps = 1e-9 * max(1.0, budget)
+        chosen, cur = list(chosen), cur.copy()
+        while not np.isfinite(cur).all():
+            fits = np.flatnonzero(spent + self.costs <= budget + eps)
+            if not len(fits):
+                return None
+            unc = ~np.isfinite(cur)
+            new = np.isfinite(self.rows[fits]) & unc[None, :]
+            gain = new.sum(1) / self.costs[fits]
+            if gain.max() <= 0:
+                return None
+            value = np.where(new, self.rows[fits], 0.0).sum(1)
+            r = int(fits[np.lexsort((-value, -gain))[0]])
+            chosen.append(r)
+            cur = np.maximum(cur, self.rows[r])
+            spent += float(self.costs[r])
+        return float(cur.sum()), spent, tuple(sorted(chosen))
 
     def polish(self, chosen: list[int], budget: float) -> tuple[list[int], int]:
         """Local search: replace one chosen network by another that fits the budget (with a score, also by itself

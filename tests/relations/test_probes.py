@@ -240,4 +240,22 @@ def test_each_probe_is_timed_on_its_own(monkeypatch):
     again = ProbeSet([fast, slow, dm])
     again.start(len(suite.tasks))
     again.load(ps.tree())
+    again.load_clock(ps.clock_tree())
     assert again.cost("slow") == ps.cost("slow")
+
+
+def test_probed_runs_write_identical_checkpoints_and_resume_their_clocks(tmp_path):
+    """Probe wall times live in timing.json, not in the checkpoint: two identical probed runs write the same bytes,
+    and a resumed run keeps the time measured before it stopped."""
+    import json
+
+    suite = build_suite("synthetic", {**SUITE, "n_train": 128}, seed=3)
+    job = Job("equal", tuple(suite.task_names), MethodConfig(name="equal"), "joint")
+    for name in ("a", "b"):
+        train_job(job, suite, small(1), tmp_path / name, probes=ProbeSet([Lookahead(every=1), GradCosine(every=1)]))
+    assert (tmp_path / "a" / "last.safetensors").read_bytes() == (tmp_path / "b" / "last.safetensors").read_bytes()
+    clocks = json.loads((tmp_path / "a" / "timing.json").read_text())["probes"]
+    assert clocks["seconds"] > 0 and clocks["timing"]["lookahead"]["own_s"] > 0
+    resumed = ProbeSet([Lookahead(every=1), GradCosine(every=1)])
+    train_job(job, suite, small(1), tmp_path / "a", probes=resumed)
+    assert resumed.seconds >= clocks["seconds"] and resumed.cost("lookahead")["own_time_s"] > 0

@@ -255,12 +255,13 @@ def train_job(
             sched.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"])
         state = {k: saved[k] for k in state if k != "elapsed"}
-        timing = job_dir / TIMING
-        state["elapsed"] = json.loads(timing.read_text())["elapsed"] if timing.exists() else saved.get("elapsed", 0.0)
+    timing = json.loads((job_dir / TIMING).read_text()) if ckpt_path.exists() and (job_dir / TIMING).exists() else {}
+    state["elapsed"] = timing.get("elapsed", 0.0)
     if probes is not None:
         probes.start(len(tasks))
         if state["probes"] is not None:
             probes.load(state["probes"])
+            probes.load_clock(timing.get("probes", {}))
 
     def save_checkpoint() -> None:
         if probes is not None:
@@ -270,7 +271,8 @@ def train_job(
             "scheduler": sched.state_dict() if sched is not None else None,
             "rng": rng_state(), **{k: v for k, v in state.items() if k != "elapsed"},
         })
-        atomic_write_json(job_dir / TIMING, {"elapsed": state["elapsed"] + time.perf_counter() - t0})
+        atomic_write_json(job_dir / TIMING, {"elapsed": state["elapsed"] + time.perf_counter() - t0,
+                                             **({"probes": probes.clock_tree()} if probes is not None else {})})
 
     sizes = [len(s) for s in train]
 

@@ -343,8 +343,17 @@ class ProbeSet:
         self.seconds += self.clock() - t0
 
     def tree(self) -> State:
-        return {"states": self.states, "seconds": self.seconds, "calls": self.calls, "timing": self.timing}
+        """What the checkpoint holds: states and call counts (wall times are kept apart, in ``clock_tree``, so
+        that identical runs write identical checkpoints)."""
+        return {"states": self.states, "calls": self.calls}
 
     def load(self, tree: State) -> None:
-        self.states, self.seconds, self.calls = tree["states"], tree["seconds"], tree["calls"]
+        self.states, self.calls = tree["states"], tree["calls"]
+
+    def clock_tree(self) -> dict[str, Any]:
+        """The measured times so far (JSON), resumed with ``load_clock``."""
+        return {"seconds": self.seconds, "timing": self.timing}
+
+    def load_clock(self, tree: dict[str, Any]) -> None:
+        self.seconds = tree.get("seconds", 0.0)
         self.timing = {**self.timing, **tree.get("timing", {})}

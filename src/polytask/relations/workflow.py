@@ -9,6 +9,7 @@ transferability scores read the single-task models' frozen features.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 import time
@@ -24,7 +25,7 @@ from safetensors.torch import save as st_save
 
 from polytask.config import Config
 from polytask.engine import checkpoint
-from polytask.engine.loop import CHECKPOINT, Job
+from polytask.engine.loop import CHECKPOINT, TIMING, Job
 from polytask.engine.progress import Reporter
 from polytask.errors import ConfigError
 from polytask.experiment import execute, job_dir_of, open_run, releases_run_locks, run_suite, single_task_job
@@ -64,7 +65,10 @@ def _probe_affinities(config: Config, suite: TaskSuite, run_dir: Path, reporter:
     result = execute(job, suite, config, run_dir, reporter, probes=probes)
     if not probes.calls or not any(probes.calls.values()):  # finished earlier: states are in its last checkpoint
         probes.start(len(suite.tasks))
-        probes.load(checkpoint.load(job_dir_of(run_dir, job) / CHECKPOINT)["probes"])
+        job_dir = job_dir_of(run_dir, job)
+        probes.load(checkpoint.load(job_dir / CHECKPOINT)["probes"])
+        if (job_dir / TIMING).exists():
+            probes.load_clock(json.loads((job_dir / TIMING).read_text()).get("probes", {}))
     k = len(suite.tasks)
     train_time = result["wall_time_s"] - result.get("probe_time_s", probes.seconds)
     out = {}

@@ -224,8 +224,9 @@ def qp_batch(g: np.ndarray, b: np.ndarray, simplex: bool, active: np.ndarray | N
     A batched primal-dual active-set method (Hintermueller, Ito & Kunisch 2002) updates every problem's active
     set with one batched K x K solve per sweep; once a problem's active set stops changing it satisfies the KKT
     conditions (free x >= 0 and active multipliers >= 0, to ``REL_TOL``). Problems whose active set cycles or
-    is still moving after a few sweeps are finished by the primal active-set method (``active_set_qp``),
-    warm-started from their last iterate, so the result is exact either way.
+    is still moving after a few sweeps, and every result that fails the full KKT test (``kkt_holds``: the
+    batched LU is unscaled and loses tiny tasks when the norms are spread), are finished by the primal
+    active-set method (``active_set_qp``, equilibrated face solves), warm-started from their last iterate.
     """
     n, k = b.shape
     norms = np.sqrt(np.maximum(np.diag(g), 0.0))

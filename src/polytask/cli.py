@@ -81,7 +81,11 @@ def run(config: ConfigArg = None, set_: SetOpt = [], resume: ResumeOpt = None,  
 
     run_dir, summary = _flow("polytask.experiment:run", config, set_, resume, quiet)
     typer.echo(format_results(summary, width=max(80, shutil.get_terminal_size((120, 24)).columns)))
-    typer.echo(f"run directory: {run_dir}  (summary.json, report.html)")
+    if "verdict" in summary:
+        typer.echo(f"\nverdict: {summary['verdict']['text']}")
+        typer.echo(f"report: {run_dir / 'report.html'}")
+    else:
+        typer.echo(f"run directory: {run_dir}  (summary.json, report.html)")
 
 
 @app.command()

@@ -1,7 +1,8 @@
 """Typed experiment configuration, validated before any work starts.
 
 An unknown key is an error naming the key and the closest valid one; a bad value names the key and the
-reason. ``Config()`` with no arguments is the built-in default experiment.
+reason. ``load_config()`` with no path is the built-in default experiment (``default_experiment.yaml``);
+``Config()`` holds the defaults of every key.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from polytask.registry import validate_model
 # a seed is what numpy's legacy seeding accepts (0 .. 2**32 - 1); derived job and step seeds stay in torch's range
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
-# the default experiment's representative set: weightings and aggregators from each family
+DEFAULT_EXPERIMENT = Path(__file__).with_name("default_experiment.yaml")
+
+# the default method comparison's representative set: weightings and aggregators from each family
 DEFAULT_METHODS = ("equal", "uw", "pcgrad", "cagrad", "nashmtl", "aligned_mtl", "famo", "upgrad")
 
 
@@ -155,6 +158,10 @@ class OutputConfig(_Strict):
 
 
 class Config(_Strict):
+    flow: Literal["compare", "advise"] = Field(
+        "compare", description="compare: single-task baselines and every method on all tasks; advise: estimate "
+        "affinity, choose groups (group.*), train them against all-in-one, independent and random groupings and "
+        "with every method, and say which plan to train")
     seed: Seed = 0
     suite: SuiteConfig = Field(default_factory=SuiteConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -249,12 +256,7 @@ def read_yaml(path: str | os.PathLike[str], overrides: list[str] | None = None) 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or the default experiment), apply ``--set`` overrides, validate everything."""
-    if path is not None:
-        data = read_yaml(path, overrides)
-    else:
-        data = Config().model_dump()
-        for assignment in overrides or []:
-            apply_override(data, assignment)
+    data = read_yaml(DEFAULT_EXPERIMENT if path is None else path, overrides)
     config = validate_model(Config, data)
     assert isinstance(config, Config)
     return check(config)

@@ -179,6 +179,12 @@ def summarize(config: Config, suite: TaskSuite, results: dict[str, dict[str, Any
         for m in methods.values():
             m["delta_m"], m["delta_m_per_task"] = delta_m(m["tasks"], methods[reference]["tasks"], directions)
     ranks = mean_rank({k: v["tasks"] for k, v in methods.items()}, directions) if len(methods) > 1 else {}
+    return {**summary_header(config, suite, run_id, started, wall_time),
+            "reference": reference, "results": methods, "mean_rank": ranks}
+
+
+def summary_header(config: Config, suite: TaskSuite, run_id: str, started: str, wall_time: float) -> dict[str, Any]:
+    """What every summary.json starts with: versions, run id, the suite and its tasks' metrics, seed, times."""
     return {
         "polytask_version": polytask.__version__, "run_id": run_id,
         "suite": {"name": suite.name, "params": config.suite.params,
@@ -186,7 +192,6 @@ def summarize(config: Config, suite: TaskSuite, results: dict[str, dict[str, Any
                              "metrics": [{"name": m.name, "higher_is_better": m.higher_is_better}
                                          for m in t.metrics]} for t in suite.tasks]},
         "seed": config.seed, "versions": versions(), "started": started, "wall_time_s": wall_time,
-        "reference": reference, "results": methods, "mean_rank": ranks,
     }
 
 
@@ -298,7 +303,7 @@ def open_run(config: Config | None, resume: str | os.PathLike[str] | None) -> tu
             config = load_config(run_dir / "config.yaml")
             state = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
         else:
-            config = check(config or Config())
+            config = check(config) if config is not None else load_config()
             run_dir = _new_run_dir(config)
             atomic_write_text(run_dir / "config.yaml", dump_config(config))
             state = {}
@@ -328,6 +333,10 @@ def run(config: Config | None = None, resume: str | os.PathLike[str] | None = No
     reporter = reporter or Reporter()
     run_dir, config, state = open_run(config, resume)
     suite = run_suite(config, run_dir)
+    if config.flow == "advise":
+        from polytask.flows.advise import advise
+
+        return advise(run_dir, config, state, suite, reporter, report)
     jobs = plan(config, suite)
     results: dict[str, dict[str, Any]] = {}
 

@@ -49,6 +49,8 @@ table.results td.best { background: var(--best); font-weight: 600; }
 figure { margin: 0; padding: 8px; border: 1px solid var(--line); border-radius: 6px; }
 figure svg { display: block; max-width: 100%; height: auto; }
 footer { margin-top: 40px; color: var(--muted); font-size: 12px; }
+.verdict { font-size: 17px; line-height: 1.5; margin: 4px 0 18px; padding: 14px 18px; max-width: 110ch;
+           background: var(--best); border-left: 4px solid #1a7f37; border-radius: 4px; }
 """
 
 
@@ -276,6 +278,7 @@ def _section(run_dir: Path, summary: Mapping[str, Any]) -> str:
         f"<section class='run' id='{escape(run_id)}'>"
         f"<h1>{escape(run_id)}</h1>"
         f"<p class='subtitle'>polytask run report · {escape(Path(run_dir).name)}</p>"
+        f"{_verdict(summary)}"
         f"{_meta(summary, task_metrics(summary))}"
         f"<h2>Results</h2>{_tables(grids)}{how}"
         f"<h2>Training curves</h2>"
@@ -283,6 +286,20 @@ def _section(run_dir: Path, summary: Mapping[str, Any]) -> str:
         + (_charts(summary, records) if records else "")
         + "</section>"
     )
+
+
+def _verdict(summary: Mapping[str, Any]) -> str:
+    """The advice of a grouping study (``flow: advise``), first thing on the page, with how it was reached."""
+    v = summary.get("verdict")
+    if not isinstance(v, Mapping):
+        return ""
+    aff = summary.get("affinity") or {}
+    cost = number((aff.get("cost") or {}).get("wall_time_s"))
+    how = (f"Affinity from <b>{escape(str(aff.get('estimator', '?')))}</b>"
+           + (f" ({cost:.2g} s)" if cost is not None else "")
+           + f"; the plan with the lowest total validation loss of {len(v.get('total_val_loss', {}))} trained plans "
+           "(table below: test metrics, Δm% against independent models).")
+    return f"<p class='verdict'><b>Verdict.</b> {escape(str(v.get('text', '')))}</p><p class='note'>{how}</p>"
 
 
 def _summary_or_relations(run_dir: Path) -> dict[str, Any]:

@@ -1,21 +1,21 @@
-"""Speed and memory of streaming merges on a ~110M-parameter transformer, as JSON.
+"""Speed and memory of streaming merges against the read-once floor, interleaved, as JSON.
 
-Builds a Llama-layout base (12 layers, hidden 768, MLP 2048, vocabulary 16000: 110M parameters, float32) and
-8 perturbed variants as HF directories, then for N in {2, 4, 8} and each method (task arithmetic, TIES):
+Builds a Llama-layout base and N perturbed variants as HF directories (default: 12 layers, hidden 768, MLP 2048,
+vocabulary 32000 = 134M parameters, bfloat16), then measures, round after round, every variant in turn (the
+order rotates each round, so a slow spell of a shared machine hits every variant alike):
 
-- the read-once floor: every input byte read once from disk with a cold page cache (caches dropped with
-  /proc/sys/vm/drop_caches; where that is not allowed, input bytes / the O_DIRECT read speed of the device),
-  and the same read with a warm cache;
-- polytask's merge in a fresh subprocess, cold and warm cache: wall time after imports, and peak resident
+- the read-once floor: every input byte read once with a cold page cache (caches dropped with
+  /proc/sys/vm/drop_caches; where that is not allowed, input bytes / the O_DIRECT read speed of the device);
+- polytask's merge of each method in a fresh subprocess, cold cache: wall time after imports, and peak resident
   memory (ru_maxrss of that child, from wait4);
-- mergekit's ``mergekit-yaml`` on the same job in the same run (when installed): wall time (whole process, and
-  less its measured import time) and peak resident memory.
+- optionally mergekit's ``mergekit-yaml`` on the same job (``--mergekit PATH``): wall time less its import time.
 
-Memory target: peak RSS <= largest tensor x (N + 2) + fixed overhead, where the fixed overhead is the RSS of a
-process that only imports polytask and torch plus the prefetch budget. The lean mode (``prefetch: 0``: no
-read-ahead, no write-behind) is measured too: its peak above the import RSS, in units of the largest tensor.
+Each ratio (merge time / floor time) is taken within one round and reported as the median with its min and max
+over rounds; times likewise. Memory target: peak RSS <= largest tensor x (N + 2) + the RSS of a process that only
+imports polytask and torch + 2 x the prefetch budget (read-ahead, and idle buffers kept for reuse).
 
-    python benchmarks/merge_speed.py [--dir /tmp/merge-speed] [--n 2 4 8] [--no-mergekit] [--keep]
+    python benchmarks/merge_speed.py [--dir /tmp/merge-speed] [--n 8] [--rounds 3] [--methods ties dare_ties]
+                                     [--dtype bfloat16] [--mergekit /tmp/mkvenv/bin/mergekit-yaml] [--keep]
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ import json
 import mmap
 import os
 import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +36,11 @@ T_START = time.perf_counter()
 
 CHILD = "child"
 BUF = 16 * 2**20
+PARAMS = {"ties": {"density": 0.2}, "dare_ties": {"drop_rate": 0.9, "density": 1.0}, "dare": {"drop_rate": 0.9},
+          "breadcrumbs": {"density": 0.8, "gamma": 0.01}, "task_arithmetic": {}, "average": {}}
+MERGEKIT = {"ties": ("ties", {"density": 0.2}), "dare_ties": ("dare_ties", {"density": 0.1}),
+            "dare": ("dare_linear", {"density": 0.1}), "breadcrumbs": ("breadcrumbs", {"density": 0.8, "gamma": 0.01}),
+            "task_arithmetic": ("task_arithmetic", {}), "average": ("linear", {})}
 
 
 def drop_caches() -> bool:
@@ -86,8 +93,6 @@ def direct_read_speed(path: Path) -> float | None:
 
 def rss_of(cmd: list[str]) -> tuple[int, str, str, float, int]:
     """Run ``cmd`` and return (rc, stdout, stderr, wall s, peak RSS bytes) using wait4 on that one child."""
-    import tempfile
-
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t = time.perf_counter()
         p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
@@ -108,7 +113,6 @@ def child(argv: list[str]) -> None:
     ap.add_argument("--out")
     ap.add_argument("--prefetch", default="512MiB")
     ap.add_argument("--import-only", action="store_true")
-    ap.add_argument("--no-fsync", action="store_true")
     a = ap.parse_args(argv)
     from polytask.merging import merge_checkpoints
 
@@ -116,17 +120,15 @@ def child(argv: list[str]) -> None:
     if a.import_only:
         print(json.dumps({"import_s": t_imported - T_START}))
         return
-    params = {"density": 0.2} if a.method == "ties" else {}
-    s = merge_checkpoints(a.base, a.models, a.method, a.out, params, options={"prefetch": a.prefetch,
-                                                                                "fsync": not a.no_fsync})
-    t_done = time.perf_counter()
-    print(json.dumps({"import_s": t_imported - T_START, "merge_s": t_done - t_imported,
+    s = merge_checkpoints(a.base, a.models, a.method, a.out, PARAMS[a.method],
+                          options={"prefetch": a.prefetch}, copy_files=False)
+    print(json.dumps({"import_s": t_imported - T_START, "merge_s": time.perf_counter() - t_imported,
                       "input_bytes": s["input_bytes"], "output_bytes": s["output_bytes"]}))
 
 
-def mergekit_exe() -> str | None:
-    here = Path(sys.executable).parent / "mergekit-yaml"
-    return str(here) if here.exists() else shutil.which("mergekit-yaml")
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, min and max (the rounds' spread)."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else {}
 
 
 def main() -> None:
@@ -135,137 +137,140 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default="/tmp/merge-speed")
-    ap.add_argument("--n", type=int, nargs="*", default=[2, 4, 8])
-    ap.add_argument("--methods", nargs="*", default=["task_arithmetic", "ties"])
-    ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--n", type=int, nargs="*", default=[8])
+    ap.add_argument("--methods", nargs="*", default=["task_arithmetic", "ties", "dare_ties"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--intermediate", type=int, default=2048)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of every variant (medians and spread over them)")
+    ap.add_argument("--mergekit", default=None, help="path of mergekit-yaml to time on the same jobs")
     ap.add_argument("--prefetch", default="512MiB")
     ap.add_argument("--keep", action="store_true", help="keep the built models for another run")
-    ap.add_argument("--repeats", type=int, default=2, help="runs per polytask measurement (the minimum is kept; "
-                    "shared machines are noisy)")
     args = ap.parse_args()
 
     import torch
 
+    from polytask.merging import open_checkpoint
     from polytask.merging.synthetic import make_model_family
     from polytask.merging.writer import parse_size
 
     root = Path(args.dir)
-    layers, hidden, inter, vocab = 12, 768, 2048, 16000
+    dtype = getattr(torch, args.dtype)
     n_max = max(args.n)
+    want = {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate, "vocab": args.vocab,
+            "n": n_max, "dtype": args.dtype}
     stamp = root / "family.json"
-    want = {"layers": layers, "hidden": hidden, "intermediate": inter, "vocab": vocab, "n": n_max}
     t = time.perf_counter()
     if not (stamp.exists() and json.loads(stamp.read_text()) == want):
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
-        make_model_family(root / "models", n_max, layers=layers, hidden=hidden, intermediate=inter, vocab=vocab,
-                          dtype=torch.float32)
+        make_model_family(root / "models", n_max, layers=args.layers, hidden=args.hidden,
+                          intermediate=args.intermediate, vocab=args.vocab, dtype=dtype)
         stamp.write_text(json.dumps(want))
     build_s = time.perf_counter() - t
     base = root / "models" / "base"
     variants = [root / "models" / f"ft{k}" for k in range(n_max)]
-    from polytask.merging import open_checkpoint
-
     with open_checkpoint(base) as c:
         sizes = {n: c.info(n).nbytes for n in c.names()}
-    params = sum(s // 4 for s in sizes.values())
-    largest = max(sizes.values())
+        params = sum(c.info(n).numel for n in c.names())
+    largest_compute = max(sizes.values()) * 4 // torch.empty((), dtype=dtype).element_size()
 
     can_drop = drop_caches()
     speed = None if can_drop else direct_read_speed(weight_files([base])[0])
-    rc, out, err, _, import_rss = rss_of([sys.executable, __file__, CHILD, "--import-only"])
+    rc, out, _, _, import_rss = rss_of([sys.executable, __file__, CHILD, "--import-only"])
     import_s = json.loads(out)["import_s"] if rc == 0 else None
-    exe = None if args.no_mergekit else mergekit_exe()
     mk_import_s = None
-    if exe:
-        rc, out, err, _, _ = rss_of([sys.executable, "-c", "import time; t=time.perf_counter(); "
-                                     "import mergekit.scripts.run_yaml; print(time.perf_counter()-t)"])
+    if args.mergekit:
+        py = Path(args.mergekit).parent / "python"
+        rc, out, _, _, _ = rss_of([str(py), "-c", "import time; t=time.perf_counter(); "
+                                   "import mergekit.scripts.run_yaml; print(time.perf_counter()-t)"])
         mk_import_s = float(out) if rc == 0 else None
 
     rows = []
     for n in args.n:
         dirs = [base, *variants[:n]]
         files = weight_files(dirs)
-        if can_drop:
-            drop_caches()
-            nbytes, cold = read_all(files)
-            floor_kind = "cold page cache (drop_caches)"
-        else:
-            nbytes = sum(f.stat().st_size for f in files)
-            cold = nbytes / speed if speed else float("nan")
-            floor_kind = "input bytes / O_DIRECT read speed"
-        _, warm = read_all(files)
-        for method in args.methods:
-            row: dict[str, object] = {"n": n, "method": method, "input_bytes": nbytes, "read_floor_cold_s": cold,
-                                      "read_floor_kind": floor_kind, "read_warm_s": warm}
-            for cache, fsync, repeats in (("cold", True, args.repeats), ("cold_nofsync", False, 1),
-                                          ("warm", True, args.repeats), ("lean_warm", True, 1)):
-                times, procs, rsss = [], [], []
-                for _ in range(repeats):
-                    out_dir = root / f"out-{method}-{n}-{cache}"
-                    shutil.rmtree(out_dir, ignore_errors=True)
-                    if cache.startswith("cold"):
-                        drop_caches()
+        nbytes = sum(f.stat().st_size for f in files)
+        labels = ["floor"] + [f"polytask:{m}" for m in args.methods] + \
+            ([f"mergekit:{m}" for m in args.methods if m in MERGEKIT] if args.mergekit else [])
+        times: dict[str, list[float]] = {k: [] for k in labels}
+        rss: dict[str, list[int]] = {k: [] for k in labels}
+        ratios: dict[str, list[float]] = {k: [] for k in labels[1:]}
+        errors: dict[str, str] = {}
+        for r in range(args.rounds):
+            order = labels[r % len(labels):] + labels[:r % len(labels)]
+            got: dict[str, float] = {}
+            for label in order:
+                if can_drop:
+                    drop_caches()
+                if label == "floor":
+                    if can_drop:
+                        got[label] = read_all(files)[1]
                     else:
-                        os.sync()
-                        read_all(files)
+                        got[label] = nbytes / speed if speed else float("nan")
+                    continue
+                tool, method = label.split(":")
+                out_dir = root / f"out-{tool}-{method}-{n}"
+                shutil.rmtree(out_dir, ignore_errors=True)
+                if tool == "polytask":
                     cmd = [sys.executable, __file__, CHILD, "--base", str(base), "--models", *map(str, variants[:n]),
-                           "--method", method, "--out", str(out_dir),
-                           "--prefetch", "0" if cache.startswith("lean") else args.prefetch]
-                    rc, out, err, wall, rss = rss_of(cmd + ([] if fsync else ["--no-fsync"]))
-                    shutil.rmtree(out_dir, ignore_errors=True)
-                    if rc != 0:
-                        row[f"polytask_{cache}_error"] = err[-1500:]
-                        break
-                    times.append(json.loads(out)["merge_s"])
-                    procs.append(wall)
-                    rsss.append(rss)
-                if times:
-                    row[f"polytask_{cache}_s"] = min(times)
-                    row[f"polytask_{cache}_all_s"] = times
-                    row[f"polytask_{cache}_process_s"] = min(procs)
-                    row[f"polytask_{cache}_peak_rss"] = max(rsss)
-            row["ratio_to_cold_floor"] = row.get("polytask_cold_s", float("nan")) / cold
-            row["ratio_to_cold_floor_nofsync"] = row.get("polytask_cold_nofsync_s", float("nan")) / cold
-            row["ratio_warm_to_warm_read"] = row.get("polytask_warm_s", float("nan")) / warm
-            bound = largest * (n + 2) + import_rss + parse_size(args.prefetch)
-            peak = row.get("polytask_cold_peak_rss", 0)
-            row["memory_bound_bytes"] = bound
-            row["peak_over_bound"] = peak / bound
-            row["peak_minus_import_in_largest_tensors"] = (peak - import_rss) / largest
-            lean = row.get("polytask_lean_warm_peak_rss", 0)
-            row["lean_peak_minus_import_in_largest_tensors"] = (lean - import_rss) / largest
-            if exe:
-                mk_dir = root / f"mk-{method}-{n}"
-                shutil.rmtree(mk_dir, ignore_errors=True)
-                cfg = {"merge_method": method, "base_model": str(base), "dtype": "float32",
-                       "models": [{"model": str(v), "parameters": {"weight": 1.0, **({"density": 0.2}
-                                                                   if method == "ties" else {})}}
-                                  for v in variants[:n]]}
-                cfg_path = root / f"mk-{method}-{n}.yml"
-                cfg_path.write_text(json.dumps(cfg))
-                drop_caches()
-                rc, out, err, wall, rss = rss_of([exe, str(cfg_path), str(mk_dir), "--no-copy-tokenizer", "--quiet",
-                                                  "--no-write-model-card", "--out-shard-size", "5B"])
-                if rc != 0:
-                    row["mergekit_error"] = err[-1500:]
+                           "--method", method, "--out", str(out_dir), "--prefetch", args.prefetch]
+                    rc, out, err, _, peak = rss_of(cmd)
+                    seconds = json.loads(out)["merge_s"] if rc == 0 else None
                 else:
-                    row["mergekit_process_s"] = wall
-                    row["mergekit_s_less_import"] = wall - (mk_import_s or 0.0)
-                    row["mergekit_peak_rss"] = rss
-                    ours = row.get("polytask_cold_s", float("nan"))
-                    row["speedup_vs_mergekit"] = row["mergekit_s_less_import"] / ours
-                    row["rss_ratio_vs_mergekit"] = row.get("polytask_cold_peak_rss", 0) / rss
-                shutil.rmtree(mk_dir, ignore_errors=True)
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+                    mk_method, mk_params = MERGEKIT[method]
+                    cfg = {"merge_method": mk_method, "dtype": args.dtype,
+                           "models": [{"model": str(v), "parameters": {"weight": 1.0, **mk_params}}
+                                      for v in variants[:n]]}
+                    if mk_method != "linear":
+                        cfg["base_model"] = str(base)
+                    cfg_path = root / f"mk-{method}-{n}.yml"
+                    cfg_path.write_text(json.dumps(cfg))
+                    rc, out, err, wall, peak = rss_of([args.mergekit, str(cfg_path), str(out_dir),
+                                                       "--no-copy-tokenizer", "--quiet", "--no-write-model-card",
+                                                       "--out-shard-size", "5B"])
+                    seconds = wall - (mk_import_s or 0.0) if rc == 0 else None
+                shutil.rmtree(out_dir, ignore_errors=True)
+                if seconds is None:
+                    errors[label] = err[-1500:]
+                    continue
+                got[label] = seconds
+                rss[label].append(peak)
+            for label, seconds in got.items():
+                times[label].append(seconds)
+                if label != "floor" and "floor" in got:
+                    ratios[label].append(seconds / got["floor"])
+            print(json.dumps({"n": n, "round": r, "seconds": got}), file=sys.stderr, flush=True)
+        row: dict[str, object] = {"n": n, "input_bytes": nbytes, "rounds": args.rounds,
+                                  "floor_kind": "cold page cache (drop_caches)" if can_drop else
+                                  "input bytes / O_DIRECT read speed", "floor_s": spread(times["floor"])}
+        bound = largest_compute * (n + 2) + import_rss + 2 * parse_size(args.prefetch)
+        for label in labels[1:]:
+            entry: dict[str, object] = {"seconds": spread(times[label]),
+                                        "ratio_to_cold_floor": spread(ratios[label])}
+            if rss[label]:
+                entry["peak_rss_bytes"] = max(rss[label])
+                if label.startswith("polytask"):
+                    entry["memory_bound_bytes"] = bound
+                    entry["peak_over_bound"] = max(rss[label]) / bound
+            if label in errors:
+                entry["error"] = errors[label]
+            row[label] = entry
+        for method in args.methods:
+            mk, pt = times.get(f"mergekit:{method}"), times.get(f"polytask:{method}")
+            if mk and pt:
+                row[f"speedup_vs_mergekit:{method}"] = statistics.median(mk) / statistics.median(pt)
+        rows.append(row)
     result = {
-        "benchmark": "merge_speed", "model": {"layout": "llama", "layers": layers, "hidden": hidden,
-                                              "intermediate": inter, "vocab": vocab, "parameters": params,
-                                              "dtype": "float32", "largest_tensor_bytes": largest},
+        "benchmark": "merge_speed",
+        "model": {"layout": "llama", **{k: want[k] for k in ("layers", "hidden", "intermediate", "vocab")},
+                  "parameters": params, "dtype": args.dtype, "largest_tensor_bytes": max(sizes.values())},
         "cpus": os.cpu_count(), "drop_caches": can_drop, "odirect_bytes_per_s": speed,
         "polytask_import_s": import_s, "polytask_import_rss": import_rss, "mergekit_import_s": mk_import_s,
-        "prefetch": args.prefetch, "build_s": build_s, "rows": rows,
+        "prefetch": args.prefetch, "params": {m: PARAMS[m] for m in args.methods}, "build_s": build_s,
+        "interleaved": True, "rows": rows,
     }
     print(json.dumps(result, indent=2))
     if not args.keep:

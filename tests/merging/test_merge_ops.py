@@ -35,13 +35,21 @@ def test_thresholds_and_exact_k_trim_match_a_stable_sort(values, data, radix):
     t = torch.tensor(values, dtype=torch.bfloat16).float() * 0.37  # many ties, as bf16 task vectors have
     n = t.numel()
     r = data.draw(st.integers(1, n))
-    old = ops.SMALL, ops.CHUNK
-    ops.SMALL, ops.CHUNK = (0, 16) if radix else old  # the histogram path over several chunks, or the sort path
+    old = ops.CHUNK
+    ops.CHUNK = 16 if radix else old  # several chunks, or one
     try:
-        th = ops.thresholds(t, [r])[r]
+        if radix:  # the model-scope path: two histogram passes
+            sel = ops.RadixSelect()
+            sel.count_high(t)
+            sel.locate([r])
+            sel.count_low(t)
+            th = sel.thresholds()[r]
+            assert th == ops.thresholds(t, [r])[r]
+        else:
+            th = ops.thresholds(t, [r])[r]
         pruned = ops.magnitude_prune(t, r / n + 1e-9) if r < n else t
     finally:
-        ops.SMALL, ops.CHUNK = old
+        ops.CHUNK = old
     keys = ops.magnitude_keys(t)
     assert int((keys > th.key).sum()) == th.greater and int((keys == th.key).sum()) == th.equal
     assert th.greater < r <= th.greater + th.equal
@@ -52,7 +60,6 @@ def test_thresholds_and_exact_k_trim_match_a_stable_sort(values, data, radix):
 
 def test_kth_largest_abs_over_several_chunks(monkeypatch):
     monkeypatch.setattr(ops, "CHUNK", 1000)
-    monkeypatch.setattr(ops, "SMALL", 100)
     t = torch.randn(10_007)
     for k in (1, 17, 5000, 10_007):
         assert ops.kth_largest_abs(t, k) == float(torch.kthvalue(t.abs(), 10_007 - k + 1).values)
@@ -110,8 +117,8 @@ def test_model_scope_trim_is_the_tensor_trim_of_the_whole_task_vector():
 
 def test_random_drop_is_seeded_and_unbiased():
     tau = torch.ones(200_000)
-    a = ops.random_drop(tau, 0.75, torch.Generator().manual_seed(1))
-    b = ops.random_drop(tau, 0.75, torch.Generator().manual_seed(1))
+    a = ops.random_drop(tau, 0.75, ops.drop_stream(1))
+    b = ops.random_drop(tau, 0.75, ops.drop_stream(1))
     assert torch.equal(a, b)
     assert set(a.unique().tolist()) == {0.0, 4.0}
     assert a.mean().item() == pytest.approx(1.0, abs=0.02)
@@ -192,3 +199,19 @@ def test_large_tensors_are_merged_chunk_by_chunk_identically(monkeypatch):
     monkeypatch.setattr(ops, "CHUNK", 256)
     assert torch.equal(merge_tensors("ties", base, models, {"density": 0.3}), whole)
     assert math.isfinite(float(whole.sum()))
+
+
+@pytest.mark.parametrize("method,params", [("ties", {"density": 0.3}), ("dare_ties", {"drop_rate": 0.5}),
+                                           ("breadcrumbs", {"density": 0.5, "gamma": 0.1}),
+                                           ("ties", {"density": 0.3, "trim_scope": "model"})])
+def test_sparsifying_models_in_parallel_threads_changes_nothing(monkeypatch, method, params):
+    g = torch.Generator().manual_seed(0)
+    base = {"a": torch.randn(3000, generator=g), "b": torch.randn(500, generator=g)}
+    models = [{n: t + torch.randint(-3, 4, t.shape, generator=g).float() * 0.1 for n, t in base.items()}
+              for _ in range(4)]
+    monkeypatch.setattr(ops, "PARALLEL_MIN", 1000)
+    monkeypatch.setattr(ops, "WORKERS", 1)
+    serial = merge_state_dicts(method, base, models, params, seed=3)
+    monkeypatch.setattr(ops, "WORKERS", 3)
+    parallel = merge_state_dicts(method, base, models, params, seed=3)
+    assert all(torch.equal(serial[n], parallel[n]) for n in base)

@@ -43,10 +43,23 @@ gamma           breadcrumbs: fraction of largest dropped     same
 normalize       TIES/dare_ties: disjoint mean (default on)   dare_ties defaults to off (sum of agreeing entries)
 ==============  ===========================================  =================================================
 
-Other differences from mergekit: TIES' trim keeps every entry tied with the k-th largest magnitude (mergekit
-keeps exactly k, breaking ties arbitrarily; identical on float32 data without ties); DARE's random masks use
-our own per-tensor seeded streams (mergekit's use the global torch RNG), so DARE agrees with mergekit only at
-drop_rate 0; ``average`` excludes the base unless it is listed as a model.
+Trims (TIES, breadcrumbs, the magnitude step of dare_ties and generalized) keep exactly k entries:
+``trim_ties: first`` (default) keeps, of the entries tied with the k-th magnitude, the first in index order
+(mergekit also keeps exactly k, but breaks ties by an unstable sort: on bf16 task vectors, where ties are
+common, a few tied positions differ); ``trim_ties: all`` keeps every tied entry, as the official TIES code.
+``trim_scope: tensor`` (default, as mergekit) ranks each task-vector tensor on its own in one read;
+``trim_scope: model`` ranks the whole task vector, as the TIES paper and FusionBench, at the cost of two more
+reads of the inputs (exact thresholds from histograms of the magnitudes' bits; memory stays one tensor per
+input).
+
+Other differences from mergekit: DARE's random masks use our own per-tensor seeded streams (16 random bits per
+entry, so the keep probability is 1-p rounded to a multiple of 2^-16; survivors are rescaled by its inverse,
+mergekit rescales to the L1 norm), so DARE agrees with mergekit only at drop_rate 0; ``average`` excludes the
+base unless it is listed as a model. mergekit's configuration files run unchanged (``polytask merge CONFIG
+OUTPUT``; see :mod:`polytask.merging.mergekit`), and its method names ``linear``/``dare_linear`` are accepted.
+
+By default every input tensor and every merged tensor is checked for NaN and inf (``options.check_finite``);
+weights that sum to zero are refused by the methods that divide by their sum (``average``, ``fisher``).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -53,7 +54,9 @@ class Checkpoint:
     def meta(self, name: str) -> TensorMeta:
         raise NotImplementedError
 
-    def load(self, name: str, base: Tensor | None = None) -> Tensor:
+    def load(self, name: str, base: Tensor | None = None, *, pool: Any = None) -> Tensor:
+        """Tensor ``name`` (``base``: the base model's, for checkpoints relative to it; ``pool``: a
+        :class:`~polytask.merging.stream.BufferPool` whose buffers a read may fill)."""
         raise NotImplementedError
 
     @property
@@ -110,7 +113,7 @@ class SafetensorsCheckpoint(Checkpoint):
         i = self.info(name)
         return TensorMeta(name, i.dtype, i.shape, i.path)
 
-    def load(self, name: str, base: Tensor | None = None) -> Tensor:
+    def load(self, name: str, base: Tensor | None = None, *, pool: Any = None) -> Tensor:
         info = self.info(name)
         fd = self._fds.get(info.path)
         if fd is None:
@@ -118,7 +121,7 @@ class SafetensorsCheckpoint(Checkpoint):
                 fd = self._fds[info.path] = os.open(info.path, os.O_RDONLY)
             except OSError as e:
                 raise CheckpointError(f"cannot open {info.path}: {e}") from None
-        return read_tensor(fd, info)
+        return read_tensor(fd, info, pool.get(info.nbytes) if pool is not None else None)
 
     @property
     def config_dir(self) -> Path | None:
@@ -166,7 +169,7 @@ class PickleCheckpoint(Checkpoint):
         t = self._tensors[name]
         return TensorMeta(name, t.dtype, tuple(t.shape), self._file[name])
 
-    def load(self, name: str, base: Tensor | None = None) -> Tensor:
+    def load(self, name: str, base: Tensor | None = None, *, pool: Any = None) -> Tensor:
         self.meta(name)
         return self._tensors[name].clone()
 
@@ -260,9 +263,9 @@ class LoraCheckpoint(Checkpoint):
         d = (b @ a).mul_(m.scale)
         return d.T.contiguous() if m.fan_in_fan_out else d
 
-    def load(self, name: str, base: Tensor | None = None) -> Tensor:
+    def load(self, name: str, base: Tensor | None = None, *, pool: Any = None) -> Tensor:
         if name in self.replaced:
-            return self.weights.load(self.replaced[name])
+            return self.weights.load(self.replaced[name], pool=pool)
         if base is None:
             raise CheckpointError(f"{self.path}: a LoRA adapter needs the base tensor to give {name!r}")
         d = self.delta(name)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
@@ -81,14 +81,18 @@ def per_name_pass(stat: Callable[[MergeInputs], Any], finalize: Callable[[dict[s
     return passes
 
 
-def run_passes(passes: Sequence[StatsPass], names: Sequence[str], inputs: Callable[[str, Any], MergeInputs]
-               ) -> dict[str, Any]:
-    """Run the statistics passes over ``names``; ``inputs(name, stats)`` reads one tensor name."""
+def run_passes(passes: Sequence[StatsPass], names: Sequence[str], inputs: Callable[[str, Any], MergeInputs],
+               done: Callable[[MergeInputs], None] | None = None) -> dict[str, Any]:
+    """Run the statistics passes over ``names``; ``inputs(name, stats)`` reads one tensor name, ``done(inp)``
+    is told when a pass is finished with it."""
     prev: dict[str, Any] = {}
     for ps in passes:
         acc = ps.init()
         for name in names:
-            ps.update(acc, inputs(name, prev.get(name)))
+            inp = inputs(name, prev.get(name))
+            ps.update(acc, inp)
+            if done is not None:
+                done(inp)
         prev = ps.finalize(acc)
     return prev
 
@@ -180,13 +184,13 @@ class LwPTVParams(_Params):
     base_params: dict[str, Any] = Field(default_factory=dict, description="parameters of base_method")
 
 
-def dare_generator(seed: int, name: str, k: int) -> torch.Generator:
+def dare_generator(seed: int, name: str, k: int) -> np.random.BitGenerator:
     """The random stream of model ``k``'s drop mask for tensor ``name``: a pure function of (seed, name, k),
     so a merge is reproducible and independent of the order tensors are processed in."""
-    return torch.Generator().manual_seed(zlib.crc32(f"{seed}\0{name}\0{k}".encode()) + (seed << 32))
+    return ops.drop_stream(seed, zlib.crc32(name.encode()), k)
 
 
-def _generators(inp: MergeInputs, sparsify: Sequence[str]) -> list[torch.Generator] | None:
+def _generators(inp: MergeInputs, sparsify: Sequence[str]) -> list[np.random.BitGenerator] | None:
     return [dare_generator(inp.seed, inp.name, k) for k in range(len(inp.tensors))] if "random" in sparsify else None
 
 
@@ -313,7 +317,11 @@ def task_arithmetic(inp: MergeInputs) -> Tensor:
 def ties(inp: MergeInputs) -> Tensor:
     """TIES-Merging (Yadav et al. 2023): trim (keep the top ``density`` magnitudes of each task-vector
     tensor), elect the sign of the summed trimmed vectors per entry, average the agreeing entries
-    (disjoint mean), scale by ``lambda``."""
+    (disjoint mean), scale by ``lambda``.
+
+    Differences from the official code, each an option: the trim ranks each tensor on its own (mergekit's
+    choice; the paper ranks the whole task vector: ``trim_scope: model``), and keeps exactly k entries, ties
+    at the threshold broken by index (the official ``>= kthvalue`` keeps every tie: ``trim_ties: all``)."""
     p: TiesParams = inp.params  # type: ignore[assignment]
     return _gta(inp, "ties", sparsify=("magnitude",), consensus=True, normalize=p.normalize, lam=p.lam)
 
@@ -339,7 +347,8 @@ def dare(inp: MergeInputs) -> Tensor:
                   identity=lambda k: {"drop_rate": 0.0, "density": 1.0, "lambda": 1.0})
 def dare_ties(inp: MergeInputs) -> Tensor:
     """DARE as a preprocessing step of TIES (Yu et al. 2024, sec. 4): drop and rescale each task vector,
-    trim to ``density`` (1: no trim), elect signs, disjoint mean, scale by ``lambda``."""
+    trim to ``density`` (1: no trim; ``trim_scope``/``trim_ties`` as in TIES), elect signs, disjoint mean,
+    scale by ``lambda``."""
     p: DareTiesParams = inp.params  # type: ignore[assignment]
     return _gta(inp, "dare_ties", sparsify=("random", "magnitude"), consensus=True, normalize=p.normalize,
                 lam=p.lam, rescale=p.rescale)
@@ -353,7 +362,9 @@ def dare_ties(inp: MergeInputs) -> Tensor:
                   identity=lambda k: {"density": 1.0, "gamma": 0.0, "lambda": 1.0 / k})
 def breadcrumbs(inp: MergeInputs) -> Tensor:
     """Model Breadcrumbs (Davari & Belilovsky 2024): per task-vector tensor drop the ``gamma`` fraction of
-    largest magnitudes and the smallest ones so that ``density`` remain, then ``base + lambda * sum``."""
+    largest magnitudes and the smallest ones so that ``density`` remain, then ``base + lambda * sum``.
+    Exactly that many entries survive (ties by index; ``trim_ties: all`` keeps ties on both edges); the paper
+    masks per layer, as the default ``trim_scope: tensor`` does (``model``: over the whole task vector)."""
     p: BreadcrumbsParams = inp.params  # type: ignore[assignment]
     return _gta(inp, "breadcrumbs", sparsify=("band",), consensus=False, normalize=False, lam=p.lam)
 

@@ -10,22 +10,63 @@ shape of mergekit's "generalized task arithmetic"); the named methods in
 
 Every function here is pure unless called with ``inplace=True``/``consume=True``, which lets the
 streaming merge reuse the buffers it has just read instead of allocating copies. Elementwise work runs
-over fixed-size chunks so temporaries stay small whatever the tensor size.
+over fixed-size chunks so temporaries stay small whatever the tensor size, and the larger temporaries live
+in per-thread workspaces that are reused (a fresh large allocation costs a page fault per 4 KiB, which on
+a VM is more than the arithmetic done on it).
+
+Trims keep an exact number of entries. A trim threshold of one tensor is an exact order statistic of the
+magnitudes (``numpy.partition`` on their float32 bit patterns, in place in a workspace); over a whole
+model (``trim_scope: model``) it comes from two histogram passes over every tensor (:class:`RadixSelect`).
+Entries tied with the threshold are kept in index order until exactly k are kept (``first``, the default),
+or all of them (``all``, the official TIES code's ``>= kthvalue``).
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 CHUNK = 1 << 20  # elements per chunk of elementwise work
+_local = threading.local()
+
+
+WORKERS = min(4, os.cpu_count() or 1)  # threads that sparsify the models' task vectors of one tensor at once
+PARALLEL_MIN = 1 << 16  # smaller tensors are sparsified in the calling thread
+_executor: ThreadPoolExecutor | None = None
 
 
 def _chunks(n: int) -> range:
     return range(0, n, CHUNK)
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The threads that sparsify task vectors in parallel (numpy's partition runs on one core; torch's
+    elementwise kernels release the GIL, so the models of one tensor proceed side by side)."""
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(WORKERS, thread_name_prefix="polytask-sparsify")
+    return _executor
+
+
+def workspace(n: int, dtype: torch.dtype, slot: str = "") -> Tensor:
+    """A 1-D buffer of ``n`` entries reused by this thread's later calls (grown when needed)."""
+    cache: dict[tuple[str, torch.dtype], Tensor] = _local.__dict__.setdefault("ws", {})
+    t = cache.get((slot, dtype))
+    if t is None or t.numel() < n:
+        t = cache[(slot, dtype)] = torch.empty(n, dtype=dtype)
+    return t[:n]
+
+
+def release_workspaces() -> None:
+    """Free this thread's workspaces (the streaming merge calls it when it is done)."""
+    _local.__dict__.pop("ws", None)
 
 
 def own(t: Tensor, consume: bool) -> Tensor:
@@ -34,7 +75,6 @@ def own(t: Tensor, consume: bool) -> Tensor:
 
 
 MAX_KEY = 0x7FFFFFFF  # the magnitude key of a NaN with every payload bit set; keys are never larger
-SMALL = 1 << 15  # tensors up to this many entries are selected by sorting their keys (no histogram passes)
 TIE_RULES = ("first", "all")
 
 
@@ -105,24 +145,33 @@ class RadixSelect:
 
 
 def thresholds(t: Tensor, ranks: Sequence[int]) -> dict[int, Threshold]:
-    """The threshold of each rank (1 = the largest magnitude) of one tensor, exactly."""
+    """The threshold of each rank (1 = the largest magnitude) of one tensor, exactly: its magnitude keys are
+    written to a workspace and partitioned in place (introselect, O(n)), the largest rank first so that each
+    further rank partitions only the entries above the previous one."""
     flat = t.reshape(-1)
     n = flat.numel()
-    if n <= SMALL:
-        asc = magnitude_keys(flat).sort().values
-        out = {}
-        for r in ranks:
-            if not 1 <= r <= n:
-                raise ValueError(f"rank {r} is outside 1..{n}")
-            key = asc[n - r]
-            left, right = int(torch.searchsorted(asc, key)), int(torch.searchsorted(asc, key, right=True))
-            out[r] = Threshold(int(key), n - right, right - left)
-        return out
-    sel = RadixSelect()
-    sel.count_high(flat)
-    sel.locate(ranks)
-    sel.count_low(flat)
-    return sel.thresholds()
+    for r in ranks:
+        if not 1 <= r <= n:
+            raise ValueError(f"rank {r} is outside 1..{n}")
+    keys = workspace(n, torch.int32, "select")
+    for s in _chunks(n):
+        magnitude_keys(flat[s:s + CHUNK], out=keys[s:s + CHUNK])
+    arr = keys.numpy()
+    out = {}
+    lo = 0
+    for r in sorted(set(ranks), reverse=True):
+        i = n - r
+        arr[lo:].partition(i - lo)
+        key = int(arr[i])
+        above = _count_equal(arr[i + 1:], key)
+        below = _count_equal(arr[:i], key) if i and int(arr[:i].max()) == key else 0
+        out[r] = Threshold(key, r - 1 - above, 1 + above + below)
+        lo = i + 1
+    return out
+
+
+def _count_equal(a: np.ndarray, value: int) -> int:
+    return sum(int(np.count_nonzero(a[s:s + CHUNK] == value)) for s in range(0, len(a), CHUNK))
 
 
 def kth_largest_abs(t: Tensor, k: int) -> float:
@@ -148,21 +197,63 @@ class Cut:
         rank-th is kept too."""
         return cls(th.key, th.equal if rule == "all" else rank - th.greater, th.equal)
 
-    def mask(self, keys: Tensor) -> Tensor:
-        """Which entries (of the next chunk, in order) are in the top."""
+    def bits(self, keys: Tensor, out: Tensor) -> Tensor:
+        """Which entries of the next chunk (in order) are in the top, as int32 bit masks in ``out``: -1 (every
+        bit set) for an entry in the top, 0 otherwise (bool masks take slow paths in torch's CPU kernels)."""
         if self.ties >= self.equal:
-            return keys >= self.key
-        m = keys > self.key
+            return _at_least(keys, self.key, out)
         left = self.ties - self.used
         if left <= 0:
-            return m
-        eq = keys == self.key
-        c = int(eq.sum())
-        if c > left:
-            eq &= eq.cumsum(0, dtype=torch.int32) <= left
-            c = left
-        self.used += c
-        return m.logical_or_(eq)
+            return _at_least(keys, self.key + 1, out)
+        equal = keys.numpy() == self.key
+        c = int(np.count_nonzero(equal))
+        if c <= left:
+            self.used += c
+            return _at_least(keys, self.key, out)
+        cut = int(np.flatnonzero(equal)[left - 1]) + 1  # the tied entries before it are kept, none after
+        self.used += left
+        _at_least(keys[:cut], self.key, out[:cut])
+        _at_least(keys[cut:], self.key + 1, out[cut:])
+        return out
+
+    def shrink(self, c: Tensor, keys_ws: Tensor) -> None:
+        """Zero the entries of the next float32 chunk ``c`` that are not in the top, in place: one
+        ``hardshrink`` (keeps ``|x| > lambda``) with lambda just below the threshold, or at it once the ties
+        are used up; the keys are computed only to count ties before the cut."""
+        if self.ties >= self.equal:
+            _shrink(c, self.key)
+            return
+        left = self.ties - self.used
+        if left <= 0:
+            _shrink(c, self.key + 1)
+            return
+        equal = magnitude_keys(c, out=keys_ws[:len(c)]).numpy() == self.key
+        n_equal = int(np.count_nonzero(equal))
+        if n_equal <= left:
+            self.used += n_equal
+            _shrink(c, self.key)
+            return
+        cut = int(np.flatnonzero(equal)[left - 1]) + 1
+        self.used += left
+        _shrink(c[:cut], self.key)
+        _shrink(c[cut:], self.key + 1)
+
+
+def _shrink(c: Tensor, key: int) -> None:
+    """Keep the entries of float32 ``c`` whose magnitude key is at least ``key``, zero the others."""
+    if key > MAX_KEY:
+        c.zero_()
+    elif key > 0:  # |x| >= the float with bits key  <=>  |x| > the float just below it
+        below = float(torch.tensor([key - 1], dtype=torch.int32).view(torch.float32))
+        torch.hardshrink(c, below, out=c)
+
+
+def _at_least(keys: Tensor, key: int, out: Tensor) -> Tensor:
+    """-1 where ``keys >= key``, else 0, as int32: the sign bit of ``key - 1 - keys`` spread by an arithmetic
+    shift (keys and key lie in [0, 2^31], so the difference cannot overflow)."""
+    if key > MAX_KEY:
+        return out.zero_()
+    return torch.sub(key - 1, keys, out=out).bitwise_right_shift_(31)
 
 
 @dataclass
@@ -229,14 +320,30 @@ def apply_trim(tau: Tensor, trim: Trim | None) -> Tensor:
     if trim.keep is None:
         return tau.zero_()
     flat = tau.view(-1)
+    n = min(CHUNK, flat.numel())
+    keys_ws = workspace(n, torch.int32, "trim")
+    if trim.drop is None and tau.dtype == torch.float32:
+        for s in _chunks(flat.numel()):
+            trim.keep.shrink(flat[s:s + CHUNK], keys_ws)
+        return tau
+    keep_ws, drop_ws = workspace(n, torch.int32, "keep"), workspace(n, torch.int32, "drop")
     for s in _chunks(flat.numel()):
         c = flat[s:s + CHUNK]
-        keys = magnitude_keys(c)
-        m = trim.keep.mask(keys)
+        m = len(c)
+        keys = magnitude_keys(c, out=keys_ws[:m])
+        keep = trim.keep.bits(keys, keep_ws[:m])
         if trim.drop is not None:
-            m.logical_and_(trim.drop.mask(keys).logical_not_())
-        c.masked_fill_(m.logical_not_(), 0)
+            keep.bitwise_and_(trim.drop.bits(keys, drop_ws[:m]).bitwise_not_())
+        _and_mask(c, keep)
     return tau
+
+
+def _and_mask(c: Tensor, bits: Tensor) -> None:
+    """Zero the entries of ``c`` whose int32 mask ``bits`` is 0 (keep those at -1), in place."""
+    if c.dtype == torch.float32:
+        c.view(torch.int32).bitwise_and_(bits)
+    else:
+        c.mul_(bits.to(c.dtype).neg_())
 
 
 def magnitude_prune(tau: Tensor, density: float, *, rule: str = "first", inplace: bool = False) -> Tensor:
@@ -258,19 +365,36 @@ def magnitude_band(tau: Tensor, density: float, gamma: float, *, rule: str = "fi
     return apply_trim(out, tensor_trim(out, "band", density, gamma, rule))
 
 
-def random_drop(tau: Tensor, drop_rate: float, generator: torch.Generator, *, rescale: bool = True,
+def drop_stream(*entropy: int) -> np.random.PCG64:
+    """A random stream for DARE's masks, a pure function of the integers given (e.g. seed, tensor, model)."""
+    return np.random.PCG64(np.random.SeedSequence([int(e) % (1 << 64) for e in entropy]))
+
+
+def random_drop(tau: Tensor, drop_rate: float, generator: np.random.BitGenerator, *, rescale: bool = True,
                 inplace: bool = False) -> Tensor:
     """DARE (Yu et al. 2024, "Language Models are Super Mario"): drop each entry with probability ``p``
-    and rescale the survivors by 1/(1-p), so the task vector is unchanged in expectation."""
+    and rescale the survivors by 1/(1-p), so the task vector is unchanged in expectation.
+
+    Each entry's draw is 16 random bits of ``generator`` (four per 64-bit output, about 10x faster than one
+    float draw per entry): the keep probability is 1-p rounded to a multiple of 2^-16, and survivors are
+    rescaled by the inverse of that rounded probability, so the expectation is still exact."""
     out = own(tau, inplace)
     if drop_rate <= 0 or out.numel() == 0:
         return out
-    if drop_rate >= 1:
+    keep = round((1 - drop_rate) * 65536)
+    if keep <= 0:
         return out.zero_()
-    keep = torch.empty(out.shape, dtype=torch.uint8).bernoulli_(1 - drop_rate, generator=generator)
-    out.mul_(keep)
+    if keep >= 65536:
+        return out
+    flat = out.view(-1)
+    mask = workspace(min(CHUNK, flat.numel()), torch.int32, "dare")
+    for s in _chunks(flat.numel()):
+        c = flat[s:s + CHUNK]
+        draws = torch.from_numpy(generator.random_raw((len(c) + 3) // 4).view(np.uint16)[:len(c)])
+        m = mask[:len(c)].copy_(draws)  # uniform 16-bit u, kept where u < keep: the sign of u - keep
+        _and_mask(c, m.sub_(keep).bitwise_right_shift_(31))
     if rescale:
-        out.div_(1 - drop_rate)
+        out.mul_(65536 / keep)
     return out
 
 
@@ -304,15 +428,15 @@ def _combine_chunk(base: Tensor, taus: list[Tensor], weights: Sequence[float], c
     mixed.zero_()
     divisor.zero_()
     x = total
-    for t, w in zip(taus, weights, strict=True):
-        torch.mul(t, sgn, out=x)
-        if w == 1:
-            divisor += x > 0
-        else:
-            divisor.add_(x > 0, alpha=w)
-        mixed += x.clamp_(min=0)
-    divisor += divisor == 0
+    for t, w in zip(taus, weights, strict=True):  # sign() of the clamped x is 1 where t agrees, else 0
+        torch.mul(t, sgn, out=x).clamp_(min=0)
+        mixed += x
+        divisor.add_(torch.sign(x, out=x), alpha=w)
     if normalize:
+        if min(weights) > 0:  # a zero divisor has a zero sum over it; any positive stand-in gives 0 there
+            divisor.clamp_(min=min(weights))
+        else:
+            divisor += divisor == 0
         mixed /= divisor
     mixed *= sgn
     if lam != 1:
@@ -324,7 +448,7 @@ TRIM_STEPS = ("magnitude", "band")
 
 
 def task_vector(base: Tensor, t: Tensor, steps: Sequence[str], *, density: float = 1.0, drop_rate: float = 0.0,
-                gamma: float = 0.0, generator: torch.Generator | None = None, rescale: bool = True,
+                gamma: float = 0.0, generator: np.random.BitGenerator | None = None, rescale: bool = True,
                 tie_rule: str = "first", trim: Trim | None = None, consume: bool = False) -> Tensor:
     """``sparsify(t - base)`` for one model, the sparsification ``steps`` applied in order: ``none``,
     ``random`` (DARE: ``drop_rate``, ``generator``), ``magnitude`` (TIES trim: ``density``) or ``band``
@@ -351,7 +475,7 @@ def generalized_task_arithmetic(
     density: Sequence[float] | None = None,
     drop_rate: Sequence[float] | None = None,
     gamma: Sequence[float] | None = None,
-    generators: Sequence[torch.Generator] | None = None,
+    generators: Sequence[np.random.BitGenerator] | None = None,
     consensus: bool = False,
     normalize: bool = False,
     lam: float = 1.0,
@@ -373,15 +497,18 @@ def generalized_task_arithmetic(
     if k == 0:
         return own(base, consume)
     steps = [sparsify] if isinstance(sparsify, str) else list(sparsify)
-    taus = []
-    for i, t in enumerate(tensors):
-        tau = task_vector(base, t, steps, density=density[i] if density else 1.0,
+
+    def one(i: int) -> Tensor:
+        tau = task_vector(base, tensors[i], steps, density=density[i] if density else 1.0,
                           drop_rate=drop_rate[i] if drop_rate else 0.0, gamma=gamma[i] if gamma else 0.0,
                           generator=generators[i] if generators else None, rescale=rescale, tie_rule=tie_rule,
                           trim=trims[i] if trims else None, consume=consume)
         if weights[i] != 1:
             tau *= weights[i]
-        taus.append(tau.reshape(-1))
+        return tau.reshape(-1)
+
+    parallel = any(s != "none" for s in steps) and base.numel() >= PARALLEL_MIN
+    taus = list(_pool().map(one, range(k))) if parallel and WORKERS > 1 else [one(i) for i in range(k)]
     out = own(base, consume)
     flat = out.view(-1)
     work = torch.empty((4, min(CHUNK, flat.numel())), dtype=flat.dtype) if consensus else None

@@ -32,6 +32,7 @@ from torch import Tensor
 
 import polytask
 from polytask.errors import CheckpointError, ConfigError, DataError
+from polytask.merging import ops
 from polytask.merging.checkpoint import Checkpoint, iter_config_files, open_checkpoint
 from polytask.merging.methods import (
     METHODS,
@@ -259,12 +260,70 @@ class _Prefetcher:
         self.thread.join()
 
 
-class _WriteBehind:
-    """Writes merged tensors on a background thread while the next ones are merged (at most one waits)."""
+class BufferPool:
+    """Byte buffers of finished tensors handed to later tensors of the same size (a transformer repeats its
+    shapes layer after layer), so the merge rarely allocates: a fresh large allocation is new pages, and their
+    page faults cost more than the arithmetic done on them. Idle buffers are held up to ``max_bytes`` (the
+    least recently returned size is dropped first); 0 disables the pool."""
 
-    def __init__(self, writer: ShardedWriter) -> None:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.free: dict[int, list[Tensor]] = {}
+        self.held = 0
+        self.lock = threading.Lock()
+
+    def get(self, nbytes: int) -> Tensor:
+        """A uint8 buffer of ``nbytes`` (contents undefined)."""
+        with self.lock:
+            stack = self.free.get(nbytes)
+            if stack:
+                self.held -= nbytes
+                buf = stack.pop()
+                if not stack:
+                    del self.free[nbytes]
+                return buf
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """An uninitialised tensor of ``shape`` and ``dtype`` backed by a pooled buffer."""
+        return self.get(_nbytes(dtype, shape)).view(dtype).view(shape)
+
+    def put(self, *tensors: Tensor) -> None:
+        """Hand tensors back once nothing reads them any more (views of a larger buffer are not pooled)."""
+        for t in tensors:
+            nbytes = t.numel() * t.element_size()
+            if (self.max_bytes <= 0 or nbytes == 0 or nbytes > self.max_bytes or not t.is_contiguous()
+                    or t.storage_offset() != 0 or t.untyped_storage().nbytes() != nbytes):
+                continue
+            with self.lock:
+                while self.held + nbytes > self.max_bytes and self.free:
+                    oldest = next(iter(self.free))
+                    self.held -= oldest
+                    self.free[oldest].pop()
+                    if not self.free[oldest]:
+                        del self.free[oldest]
+                self.free.setdefault(nbytes, []).append(t.reshape(-1).view(torch.uint8))
+                self.free[nbytes] = self.free.pop(nbytes)  # most recently returned last
+                self.held += nbytes
+
+    def clear(self) -> None:
+        with self.lock:
+            self.free.clear()
+            self.held = 0
+
+
+def _shares(a: Tensor, b: Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+class _WriteBehind:
+    """Writes merged tensors on a background thread while the next ones are merged (at most one waits);
+    the tensors ``release`` names go back to the pool once written."""
+
+    def __init__(self, writer: ShardedWriter, pool: BufferPool) -> None:
         self.writer = writer
-        self.queue: queue.Queue[tuple[str, Tensor] | None] = queue.Queue(maxsize=1)
+        self.pool = pool
+        self.queue: queue.Queue[tuple[str, Tensor, tuple[Tensor, ...]] | None] = queue.Queue(maxsize=1)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True, name="polytask-merge-writer")
         self.thread.start()
@@ -273,14 +332,15 @@ class _WriteBehind:
         while (item := self.queue.get()) is not None:
             if self.error is None:
                 try:
-                    self.writer.write(*item)
+                    self.writer.write(item[0], item[1])
+                    self.pool.put(*item[2])
                 except BaseException as e:  # raised in the merging thread
                     self.error = e
 
-    def put(self, name: str, tensor: Tensor) -> None:
+    def put(self, name: str, tensor: Tensor, release: tuple[Tensor, ...] = ()) -> None:
         if self.error is not None:
             raise self.error
-        self.queue.put((name, tensor))
+        self.queue.put((name, tensor, release))
 
     def close(self) -> None:
         """Wait for every queued write; raise the first write error."""
@@ -294,11 +354,13 @@ class _WriteBehind:
 class _WriteNow:
     """Writes each merged tensor before the next is read (``prefetch: 0``, the lean mode)."""
 
-    def __init__(self, writer: ShardedWriter) -> None:
+    def __init__(self, writer: ShardedWriter, pool: BufferPool) -> None:
         self.writer = writer
+        self.pool = pool
 
-    def put(self, name: str, tensor: Tensor) -> None:
+    def put(self, name: str, tensor: Tensor, release: tuple[Tensor, ...] = ()) -> None:
         self.writer.write(name, tensor)
+        self.pool.put(*release)
 
     def close(self) -> None:
         """Nothing is pending."""
@@ -357,10 +419,19 @@ def merge_checkpoints(
         plan = _check_inputs(b, ckpts, opts, OUT_DTYPES.get(out_dtype))
         compute = OUT_DTYPES[opts.compute_dtype]
         check = opts.check_finite
+        budget = parse_size(opts.prefetch)
+        pool = BufferPool(budget)
+
+        def convert(t: Tensor) -> Tensor:
+            if t.dtype == compute:
+                return t if t.is_contiguous() else t.contiguous()
+            out = pool.take(tuple(t.shape), compute).copy_(t)
+            pool.put(t)
+            return out
 
         def load(name: str) -> tuple[Tensor, list[Tensor]]:
-            bt = b.load(name)
-            ts = [m.load(name, base=bt) for m in ckpts]
+            bt = b.load(name, pool=pool)
+            ts = [m.load(name, base=bt, pool=pool) for m in ckpts]
             rows = plan.rows.get(name)
             if rows is not None:
                 bt, ts = bt[:rows], [t[:rows] for t in ts]
@@ -370,11 +441,15 @@ def merge_checkpoints(
                         file = src.meta(name).file if name in src else src.path
                         raise DataError(f"{file}: tensor {name!r} contains NaN or inf values (set "
                                         "options.check_finite: false to merge them as given)")
-            return bt.to(compute), [t.to(compute) for t in ts]
+            return convert(bt), [convert(t) for t in ts]
+
+        def stats_inputs(name: str, st: Any) -> MergeInputs:
+            inp = MergeInputs(name, *load(name), weights, p, mp, opts.seed, st, consume=True)
+            return inp
 
         passes = passes_of(method, p)
-        stats = run_passes(passes, plan.merged, lambda name, st: MergeInputs(name, *load(name), weights, p, mp,
-                                                                             opts.seed, st, consume=True))
+        stats = run_passes(passes, plan.merged, stats_inputs,
+                           done=lambda inp: pool.put(inp.base, *inp.tensors))  # type: ignore[arg-type]
         sizes = {n: _nbytes(compute, plan.out[n][1]) * (len(ckpts) + 2) for n in plan.out}
         meta = {"format": "pt", "polytask_merge_method": method}
         written = 0
@@ -383,34 +458,43 @@ def merge_checkpoints(
             if log is not None and writer.removed_stale:
                 log(f"removed what killed merges left beside the output: {', '.join(map(str, writer.removed_stale))}")
             merged = set(plan.merged)
-            jobs = [(sizes[n], (lambda n=n: load(n)) if n in merged else (lambda n=n: b.load(n))) for n in plan.out]
-            budget = parse_size(opts.prefetch)
+            jobs = [(sizes[n], (lambda n=n: load(n)) if n in merged else (lambda n=n: b.load(n, pool=pool)))
+                    for n in plan.out]
             pf = _Prefetcher(jobs, budget)
-            writes = _WriteBehind(writer) if budget > 0 else _WriteNow(writer)
+            writes = _WriteBehind(writer, pool) if budget > 0 else _WriteNow(writer, pool)
             try:
                 for i, name in enumerate(plan.out):
                     got = pf.get(i)
                     if name in merged:
                         bt, ts = got
+                        held = [bt, *ts]
                         out = entry.build(MergeInputs(name, bt, ts, weights, p, mp, opts.seed, stats.get(name),
                                                       consume=True))
                         del bt, ts
                     else:
+                        held = [got]
                         out = got[:plan.rows[name]] if name in plan.rows else got
-                    out = out.to(plan.out[name][0]).contiguous()
-                    if check and out.is_floating_point() and not all_finite(out):
-                        why = (f"the merge ({method}) or the cast to {out.dtype} overflowed" if name in merged else
-                               f"copied from {b.meta(name).file}")
+                    dtype, shape = plan.out[name]
+                    final = out.contiguous() if out.dtype == dtype else pool.take(shape, dtype).copy_(out)
+                    if check and final.is_floating_point() and not all_finite(final):
+                        why = (f"the merge ({method}) or the cast to {final.dtype} overflowed" if name in merged
+                               else f"copied from {b.meta(name).file}")
                         raise DataError(f"{output}: merged tensor {name!r} contains NaN or inf values ({why})")
-                    writes.put(name, out)
-                    written += out.numel() * out.element_size()
-                    del out, got
+                    if not any(_shares(out, h) for h in held):
+                        held.append(out)
+                    after = tuple(h for h in held if _shares(h, final))
+                    pool.put(*(h for h in held if not _shares(h, final)))
+                    writes.put(name, final, after if after else (final,))
+                    written += final.numel() * final.element_size()
+                    del out, got, final, held
                     pf.release(jobs[i][0])
                     if log is not None and (i + 1) % max(1, len(plan.out) // 10) == 0:
                         log(f"merged {i + 1}/{len(plan.out)} tensors")
             finally:
                 pf.close()
                 writes.close()
+                pool.clear()
+                ops.release_workspaces()
             if copy_files and b.config_dir is not None:
                 for f in iter_config_files(b.config_dir):
                     if f.name == "config.json" and plan.rows:

@@ -109,9 +109,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return {i.name: i for i in order}, {str(k): str(v) for k, v in meta.items()}
 
 
-def read_tensor(fd: int, info: TensorInfo) -> Tensor:
-    """Read one tensor's bytes from the open file ``fd`` into a new tensor (no memory map)."""
-    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+def read_tensor(fd: int, info: TensorInfo, buf: Tensor | None = None) -> Tensor:
+    """Read one tensor's bytes from the open file ``fd`` into ``buf`` (a uint8 buffer of its size) or a new
+    tensor (no memory map)."""
+    buf = torch.empty(info.nbytes, dtype=torch.uint8) if buf is None else buf
     if info.nbytes:
         view = memoryview(buf.numpy())
         done = 0

@@ -144,6 +144,10 @@ class GroupConfig(_Strict):
     solver: Literal["auto", "exact", "beam"] = Field(
         "auto", description="auto: exact up to 16 tasks (14 with listed networks), else beam")
     max_group_size: int | None = Field(None, ge=1)
+    singleton_score: float = Field(
+        -1e6, allow_inf_nan=False, description="TAG score of a task alone (no mates to receive affinity from): TAG's official -1e6 "
+        "keeps every task in a group unless the budget forces otherwise; 0 reads 'alone: no transfer', so a task "
+        "stays alone when every group would give it negative affinity")
     stg_form: Literal["soft", "hard"] = Field(
         "soft", description="datamap estimator (STG-MTL): soft = the paper's form, one model per cluster on all "
         "tasks with losses weighted by membership, served by the membership-weighted ensemble; hard = one model "

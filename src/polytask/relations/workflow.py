@@ -269,7 +269,7 @@ def choose_groups(config: Config, aff: AffinityMatrix, run_dir: Path, suite: Tas
         feats = torch.where(torch.isnan(feats), torch.nanmean(feats, dim=0, keepdim=True), feats)
         return cluster_tasks(feats.numpy(), aff.tasks, n_models, seed=config.seed)
     pairwise = aff.estimator == "pairwise"
-    score = HoaScore(pair_losses(aff)) if pairwise else TagScore(aff)
+    score = HoaScore(pair_losses(aff)) if pairwise else TagScore(aff, gc.singleton_score)
     listed = listed_networks(config, suite) if suite is not None else []
     if not listed:
         exact = gc.solver == "exact" or (gc.solver == "auto" and len(aff.tasks) <= 16)

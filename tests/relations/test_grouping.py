@@ -478,3 +478,18 @@ def test_beam_covers_when_cheap_partial_selections_cannot_be_completed(budget):
     ex, bm = select_exact(cands, tasks, budget), select_beam(cands, tasks, budget)
     assert bm.total_cost <= budget and bm.total <= ex.total + 1e-9
     assert bm.total >= ex.total * 1.02  # score units (negated losses): within 2 % of the optimum
+
+
+def test_group_singleton_score_lets_a_task_that_only_loses_stay_alone(tmp_path):
+    """TAG's official -1e6 puts every task in a group while the budget allows fewer networks than tasks;
+    group.singleton_score: 0 keeps alone a task whose every mate gives it negative affinity."""
+    from polytask.config import Config
+    from polytask.relations import AffinityMatrix
+    from polytask.relations.workflow import choose_groups
+
+    z = np.array([[0, 0.5, 0.4, -0.3], [0.5, 0, 0.4, -0.2], [0.4, 0.5, 0, -0.4], [-0.5, -0.6, -0.4, 0]])
+    aff = AffinityMatrix(z, ["a", "b", "c", "d"], "grad_cosine")
+    official = choose_groups(Config.model_validate({"group": {"budget": 2}}), aff, tmp_path)
+    zero = choose_groups(Config.model_validate({"group": {"budget": 2, "singleton_score": 0}}), aff, tmp_path)
+    assert all(len(g) > 1 for g in official.groups)
+    assert sorted(map(sorted, zero.groups)) == [["a", "b", "c"], ["d"]]

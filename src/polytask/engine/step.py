@@ -18,7 +18,7 @@ from torch import Tensor
 
 from polytask.config import MethodConfig
 from polytask.errors import ConfigError
-from polytask.jacobian import batched_grads, combine, flat, gramian, split
+from polytask.jacobian import batched_grads, combine, feature_jacobians, flat, gramian, split, through
 from polytask.methods import load_all
 from polytask.models import MultiTaskModel
 from polytask.tasks.task import Task, TaskData
@@ -61,9 +61,17 @@ def build_method(cfg: MethodConfig, task_names: Sequence[str]) -> Method:
     return method
 
 
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of a step's random draws (RLW, PCGrad, GradDrop), a pure function of (seed, step) so a resumed
+    run, or the same run driven by :class:`polytask.JointStep`, draws the same numbers."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
 def _set_grads(params: Sequence[torch.nn.Parameter], grads: Sequence[Tensor]) -> None:
+    """Add ``grads`` into ``.grad`` (as ``loss.backward()`` does; the engine zeroes the gradients first)."""
     for p, g in zip(params, grads, strict=True):
-        p.grad = g.detach().reshape(p.shape).to(p.dtype)
+        g = g.detach().reshape(p.shape).to(p.dtype)
+        p.grad = g if p.grad is None else p.grad + g
 
 
 def _aggregate(method: Method, state: State, blocks: Sequence[Tensor], ctx: StepContext
@@ -94,14 +102,41 @@ class TaskGrads:
     owner: list[int]
 
 
+def feature_task_grads(losses: Sequence[Tensor], zs: Sequence[Tensor], features: Sequence[Tensor],
+                       reads: Sequence[Sequence[int]], heads: Sequence[Sequence[torch.nn.Parameter]],
+                       into: Sequence[int] | None = None) -> TaskGrads:
+    """Per-task gradients from given features: ``features[j]`` is read by the tasks whose ``reads`` name j and
+    lands in the block of ``zs[into[j]]`` (the tensor the aggregated direction is pushed into); ``heads[k]`` are
+    task k's own parameters. Shared by the engine's forward and :class:`polytask.JointStep`."""
+    blocks, head_grads = feature_jacobians(losses, features, reads, heads, into)
+    owner = [k for k, h in enumerate(heads) for _ in h]
+    return TaskGrads(torch.stack(list(losses)), list(zs), blocks, [p for h in heads for p in h],
+                     [g for hg in head_grads for g in hg], owner)
+
+
+def loss_task_grads(losses: Tensor, shared: Sequence[torch.nn.Parameter],
+                    heads: Sequence[Sequence[torch.nn.Parameter]], chunk: int) -> tuple[TaskGrads, list[Tensor]]:
+    """Per-task gradients of the K-vector ``losses`` straight from the losses (no features): the shared blocks
+    (K x P, one per parameter) and every head's own row, from one batched vector-Jacobian product."""
+    flat_heads = [p for h in heads for p in h]
+    owner = [k for k, h in enumerate(heads) for _ in h]
+    grads = batched_grads(losses, list(shared) + flat_heads, chunk)
+    head_grads = [g[k] for g, k in zip(grads[len(shared):], owner, strict=True)]
+    return TaskGrads(losses, [], [], flat_heads, head_grads, owner), list(grads[:len(shared)])
+
+
+def _model_heads(model: MultiTaskModel, tasks: Sequence[Task]) -> list[list[torch.nn.Parameter]]:
+    return [list(model.task_parameters(t.name)) for t in tasks]
+
+
 def representation_grads(model: Any, sources: Sequence[TaskData], rows: Sequence[Tensor],
                          tasks: Sequence[Task]) -> TaskGrads:
     """All per-task representation gradients and every head's own gradient from ONE backward pass.
 
     Each head reads its own leaf copy of the representation, so the backward of Σ_k L_k leaves
     ∂L_k/∂z in copy k: no K separate passes and no vmap."""
-    zs, copies, losses = [], {}, {}
-    for src, r in zip(sources, rows, strict=True):
+    zs, copies, losses, into = [], {}, {}, {}
+    for s, (src, r) in enumerate(zip(sources, rows, strict=True)):
         z = model.encode(src.x[r])
         zs.append(z)
         for t in tasks:
@@ -109,21 +144,10 @@ def representation_grads(model: Any, sources: Sequence[TaskData], rows: Sequence
                 copies[t.name] = z.detach().requires_grad_()
                 pred = model.decode(copies[t.name], [t.name])[t.name]
                 losses[t.name] = masked_loss(t, pred, src.y[t.name][r])
-    loss_vec = torch.stack([losses[t.name] for t in tasks])
-    heads, owner = [], []
-    for k, t in enumerate(tasks):
-        group = list(model.task_parameters(t.name))
-        heads += group
-        owner += [k] * len(group)
+                into[t.name] = s
     names = [t.name for t in tasks]
-    grads = torch.autograd.grad(loss_vec.sum(), [copies[n] for n in names] + heads, allow_unused=True,
-                                materialize_grads=True)
-    z_blocks = []
-    for z in zs:
-        rows_k = [g if copies[n].data_ptr() == z.data_ptr() else torch.zeros_like(z)
-                  for n, g in zip(names, grads[:len(names)], strict=True)]
-        z_blocks.append(torch.stack(rows_k))
-    return TaskGrads(loss_vec, zs, z_blocks, heads, list(grads[len(names):]), owner)
+    return feature_task_grads([losses[n] for n in names], zs, [copies[n] for n in names],
+                              [[k] for k in range(len(names))], _model_heads(model, tasks), [into[n] for n in names])
 
 
 def parameter_grads(model: MultiTaskModel, sources: Sequence[TaskData], rows: Sequence[Tensor],
@@ -135,26 +159,12 @@ def parameter_grads(model: MultiTaskModel, sources: Sequence[TaskData], rows: Se
     shared = list(model.shared_parameters())
     if hasattr(model, "encode") and hasattr(model, "decode"):
         tg = representation_grads(model, sources, rows, tasks)
-        k = len(tasks)
-        step = chunk if chunk > 0 else k
-        parts = [torch.autograd.grad(tg.zs, shared, grad_outputs=[b[i:i + step] for b in tg.z_blocks],
-                                     is_grads_batched=True, retain_graph=i + step < k, allow_unused=True,
-                                     materialize_grads=True) for i in range(0, k, step)]
-        blocks = list(parts[0]) if len(parts) == 1 else [torch.cat(col) for col in zip(*parts, strict=True)]
-        return tg, blocks
-    losses = loss_fn(model, sources, rows, tasks)
-    heads, owner = [], []
-    for k, t in enumerate(tasks):
-        group = list(model.task_parameters(t.name))
-        heads += group
-        owner += [k] * len(group)
-    grads = batched_grads(losses, shared + heads, chunk)
-    head_grads = [g[k] for g, k in zip(grads[len(shared):], owner, strict=True)]
-    return TaskGrads(losses, [], [], heads, head_grads, owner), list(grads[:len(shared)])
+        return tg, through(tg.zs, shared, tg.z_blocks, chunk)
+    return loss_task_grads(loss_fn(model, sources, rows, tasks), shared, _model_heads(model, tasks), chunk)
 
 
-def _fmtl(model: MultiTaskModel, loss_fn: Callable[[], Tensor], shared: Sequence[torch.nn.Parameter],
-          blocks: Sequence[Tensor], tg: TaskGrads, rho: float) -> tuple[list[Tensor], list[Tensor]]:
+def _fmtl(loss_fn: Callable[[], Tensor], shared: Sequence[torch.nn.Parameter], blocks: Sequence[Tensor],
+          tg: TaskGrads, rho: float) -> tuple[list[Tensor], list[Tensor]]:
     """F-MTL (Phan et al. 2022, task-based flat regions): per-task SAM. For each task k, move the shared
     parameters and task k's head by ρ g_k/||g_k|| and take task k's gradient there. Returns the shared
     "flat" gradients h_k = g_k^SAM - g_k (aggregated separately, as in the paper) and the heads' SAM
@@ -181,40 +191,38 @@ def _fmtl(model: MultiTaskModel, loss_fn: Callable[[], Tensor], shared: Sequence
     return flat_blocks, head_grads
 
 
-def train_step(model: MultiTaskModel, method: Method, state: State, sources: Sequence[TaskData],
-               rows: Sequence[Tensor], tasks: Sequence[Task], opt: torch.optim.Optimizer, ctx: StepContext,
-               loss_fn: LossFn) -> tuple[Tensor, Tensor | None, State]:
-    """Run one step; returns (K losses, K weights or None for per-coordinate methods, new state)."""
-    opt.zero_grad(set_to_none=True)
-    if method.kind == "weighting":
-        losses = loss_fn(model, sources, rows, tasks)
-        weights, state = method.impl.update(state, losses.detach(), _with_losses(ctx, losses))
-        (weights * losses).sum().backward()
-        opt.step()
-        if method.impl.after_step is not None:
-            with torch.no_grad():
-                new = loss_fn(model, sources, rows, tasks)
-            state = method.impl.after_step(state, new, ctx)
-        return losses.detach(), weights.detach(), state
+def weighted_backward(method: Method, state: State, losses: Tensor, ctx: StepContext) -> tuple[Tensor, State]:
+    """A loss weighting's step: K weights from the detached losses, then one backward of Σ w_k L_k (gradients
+    added into ``.grad``). Returns (weights, new state)."""
+    weights, state = method.impl.update(state, losses.detach(), _with_losses(ctx, losses))
+    (weights * losses).sum().backward()
+    return weights, state
 
+
+def aggregated_backward(method: Method, state: State, tg: TaskGrads, blocks: Sequence[Tensor] | None,
+                        shared: Sequence[torch.nn.Parameter], ctx: StepContext,
+                        closure: Callable[[], Tensor] | None = None,
+                        below: Sequence[torch.nn.Parameter] | None = None) -> tuple[Tensor | None, State]:
+    """A gradient aggregator's step from per-task gradients: the aggregated direction into the shared part, each
+    head's own gradient (scaled by its task weight where the method says so) into the heads; gradients are added
+    into ``.grad``. ``representation`` mode aggregates ``tg.z_blocks`` and pushes the direction back from
+    ``tg.zs`` (into ``below`` only, when given); ``params`` mode aggregates ``blocks`` (K x parameter shape, one
+    per ``shared`` parameter). F-MTL (``sam_rho``) recomputes the K losses with ``closure``. Returns (K weights
+    or None for per-coordinate methods, new state)."""
+    ctx = _with_losses(ctx, tg.losses)
+    head_grads = tg.head_grads
     if method.mode == "representation":
-        if not hasattr(model, "encode"):
-            raise ConfigError(f"grad_mode representation needs an architecture with one shared representation; "
-                              f"{type(model).__name__} has none (use grad_mode: params)")
-        tg = representation_grads(model, sources, rows, tasks)
-        ctx = _with_losses(ctx, tg.losses)
         directions, weights, state = _aggregate(method, state, tg.z_blocks, ctx)
-        torch.autograd.backward(tg.zs, directions)
-        head_grads = tg.head_grads
+        torch.autograd.backward(tg.zs, directions, inputs=list(below) if below else None)
     else:
-        shared = list(model.shared_parameters())
-        tg, blocks = parameter_grads(model, sources, rows, tasks, loss_fn, method.chunk)
-        ctx = _with_losses(ctx, tg.losses)
-        head_grads = tg.head_grads
+        if blocks is None:
+            raise ValueError("params mode needs the per-task blocks of the shared parameters")
         if method.sam_rho:
+            if closure is None:
+                raise ConfigError(f"method {method.name!r} with sam_rho (F-MTL) recomputes the task losses at "
+                                  "perturbed parameters: pass closure= (a function returning the K losses)")
             directions, weights, main = _aggregate(method, state["main"], blocks, ctx)
-            flat_blocks, head_grads = _fmtl(model, lambda: loss_fn(model, sources, rows, tasks), shared, blocks,
-                                            tg, method.sam_rho)
+            flat_blocks, head_grads = _fmtl(closure, shared, blocks, tg, method.sam_rho)
             flat_dirs, _, flat_state = _aggregate(method, state["flat"], flat_blocks, ctx)
             directions = [d + f for d, f in zip(directions, flat_dirs, strict=True)]
             state = {"main": main, "flat": flat_state}
@@ -224,8 +232,47 @@ def train_step(model: MultiTaskModel, method: Method, state: State, sources: Seq
     if method.weights_heads and weights is not None:
         head_grads = [g * float(weights[k]) for g, k in zip(head_grads, tg.owner, strict=True)]
     _set_grads(tg.heads, head_grads)
+    return weights, state
+
+
+def train_step(model: MultiTaskModel, method: Method, state: State, sources: Sequence[TaskData],
+               rows: Sequence[Tensor], tasks: Sequence[Task], opt: torch.optim.Optimizer, ctx: StepContext,
+               loss_fn: LossFn, extra: Callable[[], Tensor | None] | None = None
+               ) -> tuple[Tensor, Tensor | None, State]:
+    """Run one step; returns (K losses, K weights or None for per-coordinate methods, new state).
+
+    ``extra()`` (hooks' loss terms): its gradient is added to the gradients the method set, before the update."""
+    opt.zero_grad(set_to_none=True)
+    if method.kind == "weighting":
+        losses = loss_fn(model, sources, rows, tasks)
+        weights, state = weighted_backward(method, state, losses, ctx)
+        _backward_extra(extra)
+        opt.step()
+        if method.impl.after_step is not None:
+            with torch.no_grad():
+                new = loss_fn(model, sources, rows, tasks)
+            state = method.impl.after_step(state, new, ctx)
+        return losses.detach(), weights.detach(), state
+
+    shared = list(model.shared_parameters())
+    if method.mode == "representation":
+        if not hasattr(model, "encode"):
+            raise ConfigError(f"grad_mode representation needs an architecture with one shared representation; "
+                              f"{type(model).__name__} has none (use grad_mode: params)")
+        tg, blocks = representation_grads(model, sources, rows, tasks), None
+    else:
+        tg, blocks = parameter_grads(model, sources, rows, tasks, loss_fn, method.chunk)
+    weights, state = aggregated_backward(method, state, tg, blocks, shared, ctx,
+                                         lambda: loss_fn(model, sources, rows, tasks))
+    _backward_extra(extra)
     opt.step()
     return tg.losses.detach(), None if weights is None else weights.detach().float(), state
+
+
+def _backward_extra(extra: Callable[[], Tensor | None] | None) -> None:
+    term = extra() if extra is not None else None
+    if term is not None:
+        term.backward()
 
 
 def _with_losses(ctx: StepContext, losses: Tensor) -> StepContext:

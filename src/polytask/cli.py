@@ -166,6 +166,27 @@ def report(run_dirs: Annotated[list[Path], typer.Argument(help="one or more run 
 
 
 @app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    input_: Annotated[Path, typer.Option("--input", help="new rows: a CSV, TSV or Parquet file with exactly the "
+                                                         "run's feature columns")],
+    out: Annotated[Path, typer.Option(help="predictions file (.csv, .tsv, .parquet), written atomically")],
+    job: Annotated[Optional[str], typer.Option(help="the job to predict with (default: the best joint job by "
+                                                    "the run's summary)")] = None,
+    proba: Annotated[bool, typer.Option(help="add each class's probability as <task>:proba:<label>")] = False,
+) -> None:
+    """Predict new rows with a trained job: labels and values in the units of the training data."""
+    try:
+        from polytask.predict import predict_file
+
+        path, predictor, n = predict_file(run_dir, job, input_, out, proba)
+    except (PolytaskError, OSError) as e:
+        _fail(e)
+    chosen = "" if job is not None else " (best joint job of summary.json)"
+    typer.echo(f"{n} rows predicted by job {predictor.job.id!r}{chosen}: {path}")
+
+
+@app.command()
 def merge(
     config: Annotated[Optional[Path], typer.Argument(
         help="merge YAML: base, models, method, output; or an experiment with 'suite:'; or a mergekit config "

@@ -93,6 +93,11 @@ class Standardizer:
     def to_json(self) -> dict[str, list[float]]:
         return {"mean": list(self.mean), "std": list(self.std)}
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Standardizer:
+        """The standardizer that ``to_json`` wrote (a run's ``preprocessing.json``)."""
+        return cls(tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"]))
+
 
 @dataclass(frozen=True)
 class HeadSpec:
@@ -159,7 +164,17 @@ class Task:
         target standardisation (None: raw units)."""
         return {"kind": self.kind, "target": self.target, "n_outputs": self.n_outputs,
                 "classes": list(self.classes) or None,
-                "standardize": None if self.scale is None else self.scale.to_json()}
+                "standardize": None if self.scale is None else self.scale.to_json(),
+                "head": list(self.head.hidden)}
+
+    @classmethod
+    def from_preprocessing(cls, name: str, data: dict[str, Any]) -> Task:
+        """The task ``preprocessing()`` described (kind, outputs, head, class labels, target scaling), to rebuild
+        a trained model and read its outputs; the metrics are the kind's defaults (they are not saved)."""
+        scale = data.get("standardize")
+        return cls(name, data["kind"], int(data["n_outputs"]), head=HeadSpec(tuple(data.get("head") or ())),
+                   target=data.get("target") or name, classes=tuple(data.get("classes") or ()),
+                   scale=None if scale is None else Standardizer.from_json(scale))
 
     @staticmethod
     def mask(target: Tensor) -> Tensor:
@@ -287,6 +302,7 @@ class TaskSuite:
         on new raw rows and read in the original units."""
         return {
             "suite": self.name,
+            "input_shape": list(self.input_shape),
             "features": self.info.get("features"),
             "input_standardize": None if self.input_scale is None else self.input_scale.to_json(),
             "tasks": {t.name: t.preprocessing() for t in self.tasks},

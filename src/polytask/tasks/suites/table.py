@@ -134,6 +134,32 @@ def _features(frame: pd.DataFrame, names: Sequence[str], path: Path) -> np.ndarr
     return np.stack(columns, axis=1)
 
 
+def encode_features(frame: pd.DataFrame, features: Sequence[str], scale: Standardizer | None,
+                    path: Path | str, targets: Sequence[str] = ()) -> torch.Tensor:
+    """New rows as a model trained on this suite reads them: the training feature columns (in any order in
+    ``frame``), numeric and complete, standardised with the training split's statistics, as float32.
+
+    ``frame`` must hold exactly those columns: missing or extra ones are one DataError naming them and
+    ``path`` (extra columns that are the run's ``targets`` say so), so a model never reads a column by
+    accident."""
+    columns = [str(c) for c in frame.columns]
+    missing = [c for c in features if c not in columns]
+    extra = [c for c in columns if c not in features]
+    if missing or extra:
+        def names(cs: Sequence[str]) -> str:
+            return ", ".join(map(repr, cs[:20])) + (f", ... ({len(cs)} in all)" if len(cs) > 20 else "")
+
+        problems = [f"missing feature column(s) {names(missing)}"] if missing else []
+        if extra:
+            known = [c for c in extra if c in targets]
+            problems.append(f"extra column(s) {names(extra)}"
+                            + (f" ({names(known)}: target column(s) of the run; drop them)" if known else ""))
+        raise DataError(f"table {path}: {'; '.join(problems)}; the model reads exactly the feature columns "
+                        f"{names(list(features))}")
+    x = torch.from_numpy(_features(frame, features, Path(path)))
+    return (x if scale is None else scale.encode(x)).float()
+
+
 def _infer_kind(column: pd.Series, max_classes: int) -> Kind:
     """Non-numeric or boolean -> classification; integer-valued with at most ``max_classes``
     distinct values -> classification; otherwise regression."""

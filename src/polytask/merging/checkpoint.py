@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,7 @@ class SafetensorsCheckpoint(Checkpoint):
                                           f"and {f.name}")
                 self._infos[name] = info
         self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
 
     def names(self) -> list[str]:
         return list(self._infos)
@@ -115,12 +117,13 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def load(self, name: str, base: Tensor | None = None, *, pool: Any = None) -> Tensor:
         info = self.info(name)
-        fd = self._fds.get(info.path)
-        if fd is None:
-            try:
-                fd = self._fds[info.path] = os.open(info.path, os.O_RDONLY)
-            except OSError as e:
-                raise CheckpointError(f"cannot open {info.path}: {e}") from None
+        with self._lock:  # readers on several threads share one descriptor per file (reads are positional)
+            fd = self._fds.get(info.path)
+            if fd is None:
+                try:
+                    fd = self._fds[info.path] = os.open(info.path, os.O_RDONLY)
+                except OSError as e:
+                    raise CheckpointError(f"cannot open {info.path}: {e}") from None
         return read_tensor(fd, info, pool.get(info.nbytes) if pool is not None else None)
 
     @property

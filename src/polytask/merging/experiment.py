@@ -30,9 +30,11 @@ from safetensors.torch import load_file
 
 import polytask
 from polytask.config import Config, MethodConfig
-from polytask.engine.loop import Job, evaluate, seed_everything, train_job
+from polytask.engine.loop import evaluate
 from polytask.engine.progress import Reporter
+from polytask.engine.state import seed_everything
 from polytask.errors import ConfigError
+from polytask.flows.jobs import Job, train_configured
 from polytask.io import atomic_write_json, atomic_write_text
 from polytask.merging.config import ExperimentConfig
 from polytask.merging.data_driven import TaskModels, merge_encoders
@@ -91,7 +93,7 @@ def _train(job: Job, suite: TaskSuite, config: Config, job_dir: Path, reporter: 
     if done.exists():
         return json.loads(done.read_text())
     job_dir.mkdir(parents=True, exist_ok=True)
-    result = train_job(job, suite, config, job_dir, reporter)
+    result = train_configured(job, suite, config, job_dir, reporter)
     atomic_write_json(done, result)
     return result
 

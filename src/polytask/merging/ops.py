@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 CHUNK = 1 << 20  # elements per chunk of elementwise work
-_local = threading.local()
+_caches: dict[int, dict[tuple[str, torch.dtype], Tensor]] = {}
 
 
 WORKERS = min(4, os.cpu_count() or 1)  # threads that sparsify the models' task vectors of one tensor at once
@@ -57,7 +57,7 @@ def _pool() -> ThreadPoolExecutor:
 
 def workspace(n: int, dtype: torch.dtype, slot: str = "") -> Tensor:
     """A 1-D buffer of ``n`` entries reused by this thread's later calls (grown when needed)."""
-    cache: dict[tuple[str, torch.dtype], Tensor] = _local.__dict__.setdefault("ws", {})
+    cache = _caches.setdefault(threading.get_ident(), {})
     t = cache.get((slot, dtype))
     if t is None or t.numel() < n:
         t = cache[(slot, dtype)] = torch.empty(n, dtype=dtype)
@@ -65,8 +65,9 @@ def workspace(n: int, dtype: torch.dtype, slot: str = "") -> Tensor:
 
 
 def release_workspaces() -> None:
-    """Free this thread's workspaces (the streaming merge calls it when it is done)."""
-    _local.__dict__.pop("ws", None)
+    """Drop every thread's workspaces (the streaming merge calls it when it is done; a call still running
+    keeps the buffers it holds)."""
+    _caches.clear()
 
 
 def own(t: Tensor, consume: bool) -> Tensor:
@@ -75,7 +76,6 @@ def own(t: Tensor, consume: bool) -> Tensor:
 
 
 MAX_KEY = 0x7FFFFFFF  # the magnitude key of a NaN with every payload bit set; keys are never larger
-TIE_RULES = ("first", "all")
 
 
 def magnitude_keys(x: Tensor, out: Tensor | None = None) -> Tensor:
@@ -431,7 +431,8 @@ def _combine_chunk(base: Tensor, taus: list[Tensor], weights: Sequence[float], c
     for t, w in zip(taus, weights, strict=True):  # sign() of the clamped x is 1 where t agrees, else 0
         torch.mul(t, sgn, out=x).clamp_(min=0)
         mixed += x
-        divisor.add_(torch.sign(x, out=x), alpha=w)
+        if normalize:
+            divisor.add_(torch.sign(x, out=x), alpha=w)
     if normalize:
         if min(weights) > 0:  # a zero divisor has a zero sum over it; any positive stand-in gives 0 there
             divisor.clamp_(min=min(weights))

@@ -209,25 +209,33 @@ def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
 
 
 class _Prefetcher:
-    """Runs ``jobs`` in order on a background thread, ahead of the consumer while the bytes held (read and
-    not yet released) stay within ``budget``; one job always runs, however large."""
+    """Runs ``jobs`` in order on ``workers`` background threads, ahead of the consumer while the bytes held
+    (read and not yet released) stay within ``budget``; one job always runs, however large. Two workers let
+    one wait for the disk while the other converts what it has read."""
 
-    def __init__(self, jobs: list[tuple[int, Callable[[], Any]]], budget: int) -> None:
+    def __init__(self, jobs: list[tuple[int, Callable[[], Any]]], budget: int, workers: int = 1) -> None:
         self.jobs, self.budget = jobs, budget
         self.cond = threading.Condition()
         self.results: dict[int, Any] = {}
         self.held = 0
+        self.next = 0
         self.stop = False
-        self.thread = threading.Thread(target=self._run, daemon=True, name="polytask-merge-reader")
-        self.thread.start()
+        self.threads = [threading.Thread(target=self._run, daemon=True, name=f"polytask-merge-reader-{k}")
+                        for k in range(max(1, workers))]
+        for t in self.threads:
+            t.start()
 
     def _run(self) -> None:
-        for i, (size, fn) in enumerate(self.jobs):
+        while True:
             with self.cond:
-                while not self.stop and self.held > 0 and self.held + size > self.budget:
+                while (not self.stop and self.next < len(self.jobs) and self.held > 0
+                       and self.held + self.jobs[self.next][0] > self.budget):
                     self.cond.wait()
-                if self.stop:
+                if self.stop or self.next >= len(self.jobs):
                     return
+                i = self.next
+                size, fn = self.jobs[i]
+                self.next += 1
                 self.held += size
             try:
                 result: Any = fn()
@@ -235,9 +243,9 @@ class _Prefetcher:
                 result = e
             with self.cond:
                 self.results[i] = result
+                if isinstance(result, BaseException):
+                    self.stop = True
                 self.cond.notify_all()
-            if isinstance(result, BaseException):
-                return
 
     def get(self, i: int) -> Any:
         with self.cond:
@@ -257,7 +265,8 @@ class _Prefetcher:
         with self.cond:
             self.stop = True
             self.cond.notify_all()
-        self.thread.join()
+        for t in self.threads:
+            t.join()
 
 
 class BufferPool:
@@ -460,7 +469,7 @@ def merge_checkpoints(
             merged = set(plan.merged)
             jobs = [(sizes[n], (lambda n=n: load(n)) if n in merged else (lambda n=n: b.load(n, pool=pool)))
                     for n in plan.out]
-            pf = _Prefetcher(jobs, budget)
+            pf = _Prefetcher(jobs, budget, workers=2 if budget > 0 else 1)
             writes = _WriteBehind(writer, pool) if budget > 0 else _WriteNow(writer, pool)
             try:
                 for i, name in enumerate(plan.out):
@@ -575,12 +584,15 @@ def merge_state_dicts(method: str, base: dict[str, Tensor] | None, models: Seque
     names = [n for n in ref if ref[n].is_floating_point()]
     stats = run_passes(passes_of(method, p), names, lambda n, st: _with_stats(inputs(n), st))
     out = {}
-    for name, t in ref.items():
-        if name in names:
-            inp = inputs(name)
-            inp.stats = stats.get(name)
-            inp.consume = True
-            out[name] = entry.build(inp).to(t.dtype)
-        else:
-            out[name] = t.clone()
+    try:
+        for name, t in ref.items():
+            if name in names:
+                inp = inputs(name)
+                inp.stats = stats.get(name)
+                inp.consume = True
+                out[name] = entry.build(inp).to(t.dtype)
+            else:
+                out[name] = t.clone()
+    finally:
+        ops.release_workspaces()
     return out

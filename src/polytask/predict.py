@@ -6,7 +6,8 @@ and reads ``preprocessing.json`` (the fitted feature and target standardisation 
 labels in class-index order, ``TaskSuite.preprocessing``). ``Predictor.predict`` applies that preprocessing to
 new rows and returns one column per task: the label of a classification task (and, if asked, its class
 probabilities as ``<task>:proba:<label>``), the value of a regression task in the target's original units.
-``polytask predict`` is this over files (CSV, TSV or Parquet in and out, written atomically).
+``polytask predict`` is this over files (CSV, TSV or Parquet in and out, written atomically); it checks the run,
+the job and the file names before it imports torch, so a typo is answered at once.
 """
 
 from __future__ import annotations
@@ -20,19 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-from safetensors.torch import load_file
-from torch import Tensor
-
 from polytask.errors import CheckpointError, DataError
 from polytask.io import atomic_write_bytes
-from polytask.tasks.task import Standardizer, Task
 
 if TYPE_CHECKING:
     import pandas as pd
+    import torch
+    from torch import Tensor
 
     from polytask.models import MultiTaskModel
+    from polytask.tasks.task import Standardizer, Task
 
 PREPROCESSING = "preprocessing.json"
 BEST = "best.safetensors"  # the engine's name for a job's best-validation weights
@@ -117,9 +115,11 @@ class Predictor:
     def inputs(self, data: pd.DataFrame | Tensor | str | os.PathLike[str]) -> Tensor:
         """The model's input tensor for ``data``: a table (a DataFrame, or a CSV/TSV/Parquet file) with exactly
         the run's feature columns, or a tensor of raw inputs; standardised as in training."""
+        import torch
+
         from polytask.tasks.suites.table import encode_features, read_table
 
-        if isinstance(data, Tensor):
+        if isinstance(data, torch.Tensor):
             x = data.double()
             return (x if self.input_scale is None else self.input_scale.encode(x)).float()
         if self.features is None:
@@ -132,16 +132,18 @@ class Predictor:
             path, frame = "<DataFrame>", data
         return encode_features(frame, self.features, self.input_scale, path, self.targets)
 
-    @torch.no_grad()
     def outputs(self, x: Tensor) -> dict[str, Tensor]:
         """The network's per-task outputs for model inputs ``x`` (already standardised), in batches, on the CPU."""
+        import torch
+
         self.model.eval()
         device = next(self.model.parameters()).device
         names = [t.name for t in self.tasks]
         parts: dict[str, list[Tensor]] = {t.name: [torch.empty(0, t.n_outputs)] for t in self.tasks}
-        for i in range(0, len(x), self.batch_size):
-            for n, o in self.model(x[i:i + self.batch_size].to(device), names).items():
-                parts[n].append(o.float().cpu().reshape(len(o), -1))
+        with torch.no_grad():
+            for i in range(0, len(x), self.batch_size):
+                for n, o in self.model(x[i:i + self.batch_size].to(device), names).items():
+                    parts[n].append(o.float().cpu().reshape(len(o), -1))
         return {n: torch.cat(p) for n, p in parts.items()}
 
     def predict(self, data: pd.DataFrame | Tensor | str | os.PathLike[str], proba: bool = False) -> pd.DataFrame:
@@ -149,7 +151,9 @@ class Predictor:
         keeps its index): a classification task's label (its class index when the run knew no labels) and,
         with ``proba``, one ``<task>:proba:<label>`` column per class; a regression task's value in the
         target's original units (``<task>:<i>`` per dimension when it has several)."""
+        import numpy as np
         import pandas as pd
+        import torch
 
         outs = self.outputs(self.inputs(data))
         columns: dict[str, Any] = {}
@@ -171,22 +175,31 @@ class Predictor:
         return pd.DataFrame(columns, index=index)
 
 
+def check_run(run_dir: str | os.PathLike[str]) -> Path:
+    """``run_dir`` if it holds a run's ``config.yaml`` and ``preprocessing.json``, else a CheckpointError naming it."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
+    if not (run_dir / PREPROCESSING).is_file():
+        raise CheckpointError(f"run {run_dir} has no {PREPROCESSING} (its data never loaded, or polytask was older "
+                              "than saved preprocessing): train it again to predict with it")
+    return run_dir
+
+
 def load(run_dir: str | os.PathLike[str], job: str | None = None, device: str | torch.device = "cpu") -> Predictor:
     """The trained ``job`` of ``run_dir`` (None: the best joint job of its summary) as a :class:`Predictor`.
 
     The network is rebuilt from the run's ``config.yaml`` and ``preprocessing.json`` and given the job's
     best-validation weights (``jobs/<job>/best.safetensors``); every tensor must match, or a CheckpointError
     names the file."""
+    from safetensors.torch import load_file
+
     from polytask.config import load_config
     from polytask.models import build_model
+    from polytask.tasks.task import Standardizer, Task
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
+    run_dir = check_run(run_dir)
     pre_path = run_dir / PREPROCESSING
-    if not pre_path.is_file():
-        raise CheckpointError(f"run {run_dir} has no {PREPROCESSING} (its data never loaded, or polytask was older "
-                              "than saved preprocessing): train it again to predict with it")
     found = resolve_job(run_dir, job)
     config = load_config(run_dir / "config.yaml")
     pre = json.loads(pre_path.read_text())
@@ -251,8 +264,12 @@ def write_table(frame: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
 def predict_file(run_dir: str | os.PathLike[str], job: str | None, input: str | os.PathLike[str],
                  out: str | os.PathLike[str], proba: bool = False) -> tuple[Path, Predictor, int]:
     """Predict the rows of the table ``input`` with ``job`` of ``run_dir`` and write them to ``out``; returns
-    (the written file, the predictor, the number of rows)."""
+    (the written file, the predictor, the number of rows). The run, the job and both file names are checked
+    before torch is imported."""
     check_output_path(out)
+    if not Path(input).is_file():
+        raise DataError(f"table {input} does not exist")
+    resolve_job(check_run(run_dir), job)
     predictor = load(run_dir, job)
     frame = predictor.predict(input, proba=proba)
     return write_table(frame, out), predictor, len(frame)

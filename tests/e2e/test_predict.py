@@ -155,3 +155,18 @@ def test_the_job_must_be_named_when_the_summary_ranks_none(run_dir: Path, tmp_pa
     (copy / "jobs" / "equal" / "best.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match=r"cannot read .*equal/best\.safetensors"):
         polytask.load(copy, "equal")
+
+
+def test_a_wrong_run_job_or_file_name_is_answered_before_torch_is_imported(run_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "new.csv").write_text("f0,f1,f2,f3\n0,0,0,0\n")
+    cases = {(str(tmp_path / "nowhere"), "new.csv", "o.csv"): f"{tmp_path / 'nowhere'} is not a run directory",
+             (str(run_dir), "new.csv", "o.json"): "unknown file type 'o.json'",
+             (str(run_dir), "absent.csv", "o.csv"): f"table {tmp_path / 'absent.csv'} does not exist"}
+    for (run, new, out), message in cases.items():
+        r = subprocess.run([sys.executable, "-X", "importtime", *CLI[1:], "predict", run, "--input",
+                            str(tmp_path / new), "--out", str(tmp_path / out)], capture_output=True, text=True,
+                           timeout=300)
+        errors = [line for line in r.stderr.splitlines() if "import time:" not in line]
+        assert r.returncode == 2 and len(errors) == 1 and message in errors[0], r.stderr[-2000:]
+        assert not any(line.rsplit("|", 1)[-1].strip().split(".")[0] == "torch"
+                       for line in r.stderr.splitlines() if "import time:" in line)

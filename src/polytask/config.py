@@ -145,9 +145,9 @@ class GroupConfig(_Strict):
         "auto", description="auto: exact up to 16 tasks (14 with listed networks), else beam")
     max_group_size: int | None = Field(None, ge=1)
     singleton_score: float = Field(
-        -1e6, allow_inf_nan=False, description="TAG score of a task alone (no mates to receive affinity from): TAG's official -1e6 "
-        "keeps every task in a group unless the budget forces otherwise; 0 reads 'alone: no transfer', so a task "
-        "stays alone when every group would give it negative affinity")
+        -1e6, allow_inf_nan=False, description="TAG score of a task alone (no mates to receive affinity from): "
+        "TAG's official -1e6 keeps every task in a group unless the budget forces otherwise; 0 reads 'alone: "
+        "no transfer', so a task stays alone when every group would give it negative affinity")
     stg_form: Literal["soft", "hard"] = Field(
         "soft", description="datamap estimator (STG-MTL): soft = the paper's form, one model per cluster on all "
         "tasks with losses weighted by membership, served by the membership-weighted ensemble; hard = one model "
@@ -189,7 +189,17 @@ def names_as_methods(v: Any) -> Any:
 
 
 def check(config: Config) -> Config:
-    """Validate the names and parameters that depend on registries (suites, models, methods)."""
+    """Validate the names (first, without torch) and parameters that depend on registries (suites, models,
+    methods)."""
+    from polytask.names import check_name
+
+    check_name("suite", config.suite.name, "suite.name")
+    check_name("backbone", config.model.backbone, "model.backbone")
+    check_name("architecture", config.model.architecture, "model.architecture")
+    for i, m in enumerate(config.methods):
+        check_name("method", m.name, f"methods.{i}.name")
+    check_name("method", config.relate.method.name, "relate.method.name")
+
     from polytask.methods import load_all
     from polytask.models import ARCHITECTURES, BACKBONES
     from polytask.tasks import SUITES

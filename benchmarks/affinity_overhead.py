@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from polytask.config import Config, MethodConfig
-from polytask.engine.loop import Job, train_job
+from polytask.flows.jobs import Job, train_configured
 from polytask.relations.probes import GradCosine, Lookahead, ProbeSet
 from polytask.tasks import build_suite
 
@@ -44,12 +44,12 @@ def main() -> None:
     names = list(times)
 
     def run(name: str) -> float:
-        probes = None
+        hooks = []
         if name != "plain":
-            probes = ProbeSet([Lookahead(args.every)] + ([GradCosine(args.every)] if "cosine" in name else []))
+            hooks = [ProbeSet([Lookahead(args.every)] + ([GradCosine(args.every)] if "cosine" in name else []))]
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
-            train_job(job, suite, config, Path(d), probes=probes)
+            train_configured(job, suite, config, Path(d), hooks=hooks)
             return time.perf_counter() - t0
 
     for _ in range(args.warmup):  # imports and first-call costs, not timed

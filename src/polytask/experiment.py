@@ -28,7 +28,7 @@ import re
 import shutil
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -38,10 +38,12 @@ import torch
 import polytask
 from polytask.config import Config, MethodConfig, check, dump_config, load_config
 from polytask.engine import faults
-from polytask.engine.loop import CHECKPOINT, Job, train_job
+from polytask.engine.hooks import Hook, Run
 from polytask.engine.progress import Reporter
+from polytask.engine.spec import CHECKPOINT
 from polytask.errors import CheckpointError, ConfigError
 from polytask.evaluation import delta_m, mean_rank
+from polytask.flows.jobs import Job, train_configured
 from polytask.io import (
     DirLock,
     atomic_write_bytes,
@@ -196,10 +198,11 @@ def summary_header(config: Config, suite: TaskSuite, run_id: str, started: str, 
 
 
 def execute(job: Job, suite: TaskSuite, config: Config, run_dir: Path, reporter: Reporter,
-            on_epoch: Any = None, probes: Any = None, split_seed: int | None = None) -> dict[str, Any]:
+            hooks: Sequence[Hook] = (), split_seed: int | None = None) -> dict[str, Any]:
     """A job's result: read if finished, copied from the single-task cache if there, else trained
-    (resuming its checkpoint if one exists); single-task results go into the cache. ``split_seed`` is the
-    seed ``suite`` was built with when it is not ``config.seed`` (a comparison over training seeds)."""
+    (resuming its checkpoint if one exists), with ``hooks`` riding on it; single-task results go into the cache.
+    ``split_seed`` is the seed ``suite`` was built with when it is not ``config.seed`` (a comparison over
+    training seeds)."""
     job_dir = job_dir_of(run_dir, job)
     done = job_dir / "result.json"
     cached = None
@@ -211,11 +214,24 @@ def execute(job: Job, suite: TaskSuite, config: Config, run_dir: Path, reporter:
     if done.exists():
         return json.loads(done.read_text())
     job_dir.mkdir(parents=True, exist_ok=True)
-    result = train_job(job, suite, config, job_dir, reporter, on_epoch=on_epoch, probes=probes)
+    result = train_configured(job, suite, config, job_dir, reporter, hooks)
     atomic_write_json(done, result)
     if cached is not None:
         _copy_result(job_dir, cached)
     return result
+
+
+class EpochCallback(Hook):
+    """A hook that calls ``fn(history)`` after every epoch with the job's records so far (e.g. to rewrite
+    ``metrics.jsonl``); it keeps no state."""
+
+    name = "epoch_callback"
+
+    def __init__(self, fn: Callable[[list[dict[str, Any]]], None]) -> None:
+        self.fn = fn
+
+    def on_epoch(self, run: Run, epoch: int) -> None:
+        self.fn(run.state.history)
 
 
 def _copy_result(src: Path, dst: Path) -> None:
@@ -345,7 +361,7 @@ def run(config: Config | None = None, resume: str | os.PathLike[str] | None = No
         atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(rec) + "\n" for rec in lines))
 
     for job in jobs:
-        results[job.id] = execute(job, suite, config, run_dir, reporter, on_epoch=write_metrics)
+        results[job.id] = execute(job, suite, config, run_dir, reporter, hooks=[EpochCallback(write_metrics)])
     write_metrics()
 
     wall = sum(r["wall_time_s"] for r in results.values())

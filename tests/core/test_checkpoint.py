@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from polytask.engine import checkpoint
-from polytask.engine.loop import rng_state, set_rng_state
+from polytask.engine.state import rng_state, set_rng_state
 from polytask.errors import CheckpointError
 
 leaves = st.one_of(st.none(), st.booleans(), st.integers(-2**62, 2**62), st.floats(allow_nan=False),

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from polytask.config import Config, MethodConfig
 from polytask.engine.data import epoch_batches
-from polytask.engine.loop import Job, evaluate, task_losses, train_job
+from polytask.engine.loop import evaluate, task_losses
+from polytask.flows.jobs import Job, train_configured
 from polytask.models import build_model
 from polytask.tasks import Task, TaskData, TaskSuite, build_suite
 
@@ -26,7 +27,7 @@ def test_masked_task_trains_and_evaluates_on_labelled_rows_only(tmp_path):
     y = suite.splits["train"][0].y["g0_t1"]
     assert 0.25 < torch.isnan(y).float().mean() < 0.35
     job = Job("equal", tuple(suite.task_names), MethodConfig(name="equal"), "joint")
-    result = train_job(job, suite, small_config(), tmp_path)
+    result = train_configured(job, suite, small_config(), tmp_path)
     assert all(math.isfinite(r["loss"]) for r in result["history"])
     # evaluation uses exactly the labelled rows: recompute by hand on them
     model = build_model(suite.tasks, suite.input_shape, "mlp", {"hidden": [16]})
@@ -67,7 +68,7 @@ def test_multi_input_suite_trains(tmp_path):
     suite = multi_input_suite()
     assert suite.multi_input
     job = Job("equal", ("a", "b"), MethodConfig(name="equal"), "joint")
-    result = train_job(job, suite, small_config(epochs=3, optimizer={"lr": 0.02}), tmp_path)
+    result = train_configured(job, suite, small_config(epochs=3, optimizer={"lr": 0.02}), tmp_path)
     assert result["test"]["a"]["accuracy"] > 0.8 and result["test"]["b"]["accuracy"] > 0.7
     assert result["steps"] == 3 * math.ceil(300 / 32)
 
@@ -131,4 +132,4 @@ def test_divergence_is_one_error_naming_job_task_and_epoch(tmp_path, case):
         cfg, task = small_config(optimizer={"name": "sgd", "lr": 10.0}), "g0_t0"
     job = Job("equal", tuple(suite.task_names), MethodConfig(name="equal"), "joint")
     with pytest.raises(DivergenceError, match=rf"^job 'equal' diverged: task '{task}'.* at epoch 1, step \d+ "):
-        train_job(job, suite, cfg, tmp_path)
+        train_configured(job, suite, cfg, tmp_path)

@@ -144,7 +144,7 @@ def test_cache_key_changes_with_every_input_of_the_result(tmp_path, monkeypatch)
     version each change the single-task cache key; nothing else does."""
     import polytask
     from polytask import experiment
-    from polytask.engine.loop import Job
+    from polytask.flows.jobs import Job
     from polytask.tasks import build_suite
 
     write_table(tmp_path / "data.csv")
@@ -191,7 +191,7 @@ def test_cache_misses_when_the_csv_or_the_split_changes(tmp_path):
     """Overwriting the CSV with random labels, or drawing the split with another seed (``polytask group``
     trains its seeds on the run's split), trains the baseline again instead of reusing the cached one."""
     from polytask import experiment
-    from polytask.engine.loop import Job
+    from polytask.flows.jobs import Job
     from polytask.engine.progress import Reporter
     from polytask.tasks import build_suite
 

@@ -103,6 +103,6 @@ def test_stg_soft_form_trains_membership_weighted_models_and_serves_their_ensemb
 
 def _job(tasks, cluster):
     from polytask.config import MethodConfig
-    from polytask.engine.loop import Job
+    from polytask.flows.jobs import Job
 
     return Job(f"s0/stg-soft/cluster-{cluster}", tuple(tasks), MethodConfig(name="static"), "joint")

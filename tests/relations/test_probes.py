@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from polytask.config import Config, MethodConfig
-from polytask.engine.loop import Job, train_job
+from polytask.flows.jobs import Job, train_configured
 from polytask.relations.probes import DataMap, GradCosine, Lookahead, ProbeSet, virtual_update
 from polytask.tasks import build_suite
 
@@ -52,7 +52,7 @@ def test_lookahead_and_cosine_see_planted_structure(tmp_path):
     suite = build_suite("synthetic", SUITE, seed=1)
     job = Job("equal", tuple(suite.task_names), MethodConfig(name="equal"), "joint")
     probes = ProbeSet([Lookahead(every=2), GradCosine(every=2)])
-    train_job(job, suite, small(), tmp_path, probes=probes)
+    train_configured(job, suite, small(), tmp_path, hooks=[probes])
     names = suite.task_names  # g0_t0, g0_t1, c0_a, c0_b
     z = Lookahead().result(probes.states["lookahead"])
     cos = GradCosine().result(probes.states["grad_cosine"])
@@ -69,9 +69,9 @@ def test_probes_do_not_change_the_run_and_resume_exactly(tmp_path):
     job = Job("equal", tuple(suite.task_names), MethodConfig(name="equal"), "joint")
     cfg = Config.model_validate({**small(3).model_dump(), "train": {**small(3).train.model_dump(),
                                                                     "checkpoint_every": 3}})
-    plain = train_job(job, suite, cfg, tmp_path / "plain")
+    plain = train_configured(job, suite, cfg, tmp_path / "plain")
     probed = ProbeSet([Lookahead(every=2), DataMap()])
-    with_probes = train_job(job, suite, cfg, tmp_path / "probed", probes=probed)
+    with_probes = train_configured(job, suite, cfg, tmp_path / "probed", hooks=[probed])
     assert plain["test"] == with_probes["test"]
 
     # resume from the mid-run checkpoint: same affinity and data map as the straight run
@@ -80,12 +80,12 @@ def test_probes_do_not_change_the_run_and_resume_exactly(tmp_path):
     from polytask.engine import checkpoint
 
     ckpt = checkpoint.load(tmp_path / "probed" / "last.safetensors")
-    assert ckpt["probes"] is not None
+    assert ckpt["hooks"]["probes"] is not None
     (tmp_path / "again").mkdir()
     shutil.copy(tmp_path / "probed" / "last.safetensors", tmp_path / "again" / "last.safetensors")
     again = ProbeSet([Lookahead(every=2), DataMap()])
     # the final checkpoint holds the finished run: resuming it only re-evaluates the test set
-    train_job(job, suite, cfg, tmp_path / "again", probes=again)
+    train_configured(job, suite, cfg, tmp_path / "again", hooks=[again])
     torch.testing.assert_close(Lookahead().result(again.states["lookahead"]),
                                Lookahead().result(probed.states["lookahead"]), rtol=0, atol=0)
     dm = DataMap().result(probed.states["datamap"])
@@ -151,7 +151,7 @@ def test_lookahead_default_ignores_optimiser_state_and_option_keeps_it(tmp_path)
                                                                                   "momentum": 0.9}}})
     probes = ProbeSet([Lookahead(every=1), Lookahead(every=1, update="optimizer")])
     probes.probes[1].name = "lookahead_optimizer"
-    train_job(job, suite, cfg, tmp_path, probes=probes)
+    train_configured(job, suite, cfg, tmp_path, hooks=[probes])
     paper = Lookahead().result(probes.states["lookahead"])
     rule = Lookahead().result(probes.states["lookahead_optimizer"])
     assert probes.calls["lookahead"] == 2 and not torch.allclose(paper, rule)
@@ -232,15 +232,15 @@ def test_each_probe_is_timed_on_its_own(monkeypatch):
     ps = ProbeSet([fast, slow, dm], clock=clock)
     ps.start(len(suite.tasks))
     for step in range(3):
-        ps.on_step(step, model, opt, suite.splits["train"], [torch.arange(16)], suite.tasks)
+        ps.probe(step, model, opt, suite.splits["train"], [torch.arange(16)], suite.tasks)
     assert ps.cost("fast") == {"own_time_s": 3.0, "gradient_time_s": 6.0, "probe_time_s": 9.0}
     assert ps.cost("slow") == {"own_time_s": 15.0, "gradient_time_s": 6.0, "probe_time_s": 21.0}
     assert ps.cost("datamap")["probe_time_s"] == 0.0
     assert ps.seconds == 3 * (2.0 + 1.0 + 5.0)  # the run's total probing time counts the gradients once
     again = ProbeSet([fast, slow, dm])
     again.start(len(suite.tasks))
-    again.load(ps.tree())
-    again.load_clock(ps.clock_tree())
+    again.load_state_dict(ps.state_dict())
+    again.load_timing(ps.timing())
     assert again.cost("slow") == ps.cost("slow")
 
 
@@ -252,10 +252,11 @@ def test_probed_runs_write_identical_checkpoints_and_resume_their_clocks(tmp_pat
     suite = build_suite("synthetic", {**SUITE, "n_train": 128}, seed=3)
     job = Job("equal", tuple(suite.task_names), MethodConfig(name="equal"), "joint")
     for name in ("a", "b"):
-        train_job(job, suite, small(1), tmp_path / name, probes=ProbeSet([Lookahead(every=1), GradCosine(every=1)]))
+        train_configured(job, suite, small(1), tmp_path / name,
+                         hooks=[ProbeSet([Lookahead(every=1), GradCosine(every=1)])])
     assert (tmp_path / "a" / "last.safetensors").read_bytes() == (tmp_path / "b" / "last.safetensors").read_bytes()
-    clocks = json.loads((tmp_path / "a" / "timing.json").read_text())["probes"]
+    clocks = json.loads((tmp_path / "a" / "timing.json").read_text())["hooks"]["probes"]
     assert clocks["seconds"] > 0 and clocks["timing"]["lookahead"]["own_s"] > 0
     resumed = ProbeSet([Lookahead(every=1), GradCosine(every=1)])
-    train_job(job, suite, small(1), tmp_path / "a", probes=resumed)
+    train_configured(job, suite, small(1), tmp_path / "a", hooks=[resumed])
     assert resumed.seconds >= clocks["seconds"] and resumed.cost("lookahead")["own_time_s"] > 0

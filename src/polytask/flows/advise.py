@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 
 from polytask.config import Config
-from polytask.engine.loop import Job
 from polytask.engine.progress import Reporter
 from polytask.errors import ConfigError
 from polytask.evaluation import delta_m, mean_rank
 from polytask.evaluation.verdict import Plan, verdict
 from polytask.experiment import execute, summary_header
+from polytask.flows.jobs import Job
 from polytask.io import atomic_write_json
 from polytask.relations.workflow import choose_groups, compare_groupings, estimate, listed_networks
 from polytask.tasks.task import TaskSuite

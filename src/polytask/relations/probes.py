@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from polytask.engine.hooks import Hook, Run, StepView
 from polytask.errors import ConfigError, DataError
 from polytask.models import MultiTaskModel
 from polytask.tasks.task import Task, TaskData
@@ -275,29 +276,32 @@ PROBES: dict[str, type[Probe]] = {"grad_cosine": GradCosine, "lookahead": Lookah
 
 
 @dataclass
-class ProbeSet:
-    """The probes riding on one training job, their states and the time each took.
+class ProbeSet(Hook):
+    """The probes riding on one training job (a hook named ``probes``), their states and the time each took.
 
-    ``seconds`` is the time of all probes together (what the run spent probing). Per probe, ``timing`` keeps its
+    ``seconds`` is the time of all probes together (what the run spent probing). Per probe, ``timings`` keeps its
     own time and, apart, the time of the per-task gradients it read: probes due at the same step share one
-    gradient computation, and each is charged all of it, which is what it would cost run alone."""
+    gradient computation, and each is charged all of it, which is what it would cost run alone. The states are
+    checkpointed with the job; the times go beside the checkpoint (``timing``), so identical runs write identical
+    checkpoints."""
 
     probes: list[Probe]
     states: dict[str, State] = field(default_factory=dict)
     seconds: float = 0.0
     calls: dict[str, int] = field(default_factory=dict)
-    timing: dict[str, dict[str, float]] = field(default_factory=dict)
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
     clock: Callable[[], float] = time.perf_counter
+    name = "probes"
 
     def start(self, k: int) -> None:
         for p in self.probes:
             self.states.setdefault(p.name, p.init(k))
             self.calls.setdefault(p.name, 0)
-            self.timing.setdefault(p.name, {"own_s": 0.0, "gradients_s": 0.0})
+            self.timings.setdefault(p.name, {"own_s": 0.0, "gradients_s": 0.0})
 
     def cost(self, name: str) -> dict[str, float]:
         """Seconds of probe ``name``: its own work, the gradients it read, and their sum (its cost alone)."""
-        t = self.timing.get(name, {"own_s": 0.0, "gradients_s": 0.0})
+        t = self.timings.get(name, {"own_s": 0.0, "gradients_s": 0.0})
         return {"own_time_s": t["own_s"], "gradient_time_s": t["gradients_s"],
                 "probe_time_s": t["own_s"] + t["gradients_s"]}
 
@@ -308,7 +312,7 @@ class ProbeSet:
         t0 = self.clock()
         self.states[p.name] = call()
         spent = self.clock() - t0
-        t = self.timing[p.name]
+        t = self.timings[p.name]
         if batch is not None:
             spent -= batch.grad_seconds - grad_before  # computed inside this call: booked as gradients
             if batch.used_grads:
@@ -316,8 +320,18 @@ class ProbeSet:
         t["own_s"] += spent
         self.calls[p.name] += 1
 
-    def on_step(self, step: int, model: MultiTaskModel, opt: torch.optim.Optimizer, sources: Sequence[TaskData],
-                rows: Sequence[Tensor], tasks: Sequence[Task]) -> None:
+    def init(self, run: Run) -> None:
+        self.start(len(run.tasks))
+
+    def on_step(self, run: Run, step: StepView) -> None:
+        self.probe(step.global_step, run.model, run.optimizer, step.batch.sources, step.batch.rows, run.tasks)
+
+    def on_epoch(self, run: Run, epoch: int) -> None:
+        self.probe_epoch(run.model, run.data.split("train"), run.tasks)
+
+    def probe(self, step: int, model: MultiTaskModel, opt: torch.optim.Optimizer, sources: Sequence[TaskData],
+              rows: Sequence[Tensor], tasks: Sequence[Task]) -> None:
+        """Run the probes due at global step ``step`` on its batch (before the optimiser step)."""
         due = [p for p in self.probes if p.every and step % p.every == 0]
         if not due:
             return
@@ -330,7 +344,8 @@ class ProbeSet:
         model.train(was_training)
         self.seconds += self.clock() - t0
 
-    def on_epoch(self, model: MultiTaskModel, train: Sequence[TaskData], tasks: Sequence[Task]) -> None:
+    def probe_epoch(self, model: MultiTaskModel, train: Sequence[TaskData], tasks: Sequence[Task]) -> None:
+        """Run the probes that look at epoch ends (data maps) on the training data."""
         due = [p for p in self.probes if p.on_epoch]
         if not due:
             return
@@ -342,18 +357,17 @@ class ProbeSet:
         model.train(was_training)
         self.seconds += self.clock() - t0
 
-    def tree(self) -> State:
-        """What the checkpoint holds: states and call counts (wall times are kept apart, in ``clock_tree``, so
-        that identical runs write identical checkpoints)."""
+    def state_dict(self) -> State:
+        """What the checkpoint holds: states and call counts (wall times are kept apart, in ``timing``)."""
         return {"states": self.states, "calls": self.calls}
 
-    def load(self, tree: State) -> None:
-        self.states, self.calls = tree["states"], tree["calls"]
+    def load_state_dict(self, state: State) -> None:
+        self.states, self.calls = state["states"], state["calls"]
 
-    def clock_tree(self) -> dict[str, Any]:
-        """The measured times so far (JSON), resumed with ``load_clock``."""
-        return {"seconds": self.seconds, "timing": self.timing}
+    def timing(self) -> dict[str, Any]:
+        """The measured times so far (JSON), resumed with ``load_timing``."""
+        return {"seconds": self.seconds, "timing": self.timings}
 
-    def load_clock(self, tree: dict[str, Any]) -> None:
-        self.seconds = tree.get("seconds", 0.0)
-        self.timing = {**self.timing, **tree.get("timing", {})}
+    def load_timing(self, timing: dict[str, Any]) -> None:
+        self.seconds = timing.get("seconds", 0.0)
+        self.timings = {**self.timings, **timing.get("timing", {})}

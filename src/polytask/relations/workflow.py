@@ -25,10 +25,11 @@ from safetensors.torch import save as st_save
 
 from polytask.config import Config
 from polytask.engine import checkpoint
-from polytask.engine.loop import CHECKPOINT, TIMING, Job
 from polytask.engine.progress import Reporter
+from polytask.engine.spec import CHECKPOINT, TIMING
 from polytask.errors import ConfigError
 from polytask.experiment import execute, job_dir_of, open_run, releases_run_locks, run_suite, single_task_job
+from polytask.flows.jobs import Job
 from polytask.io import atomic_write_bytes
 from polytask.registry import suggest
 from polytask.relations.affinity import AffinityMatrix
@@ -62,15 +63,15 @@ def _probe_affinities(config: Config, suite: TaskSuite, run_dir: Path, reporter:
     cost (the shared joint run is reported once, as ``joint_run_time_s``)."""
     probes = ProbeSet([make_probe(n, config) for n in names])
     job = Job("relate", tuple(suite.task_names), config.relate.method, "joint")
-    result = execute(job, suite, config, run_dir, reporter, probes=probes)
+    result = execute(job, suite, config, run_dir, reporter, hooks=[probes])
     if not probes.calls or not any(probes.calls.values()):  # finished earlier: states are in its last checkpoint
         probes.start(len(suite.tasks))
         job_dir = job_dir_of(run_dir, job)
-        probes.load(checkpoint.load(job_dir / CHECKPOINT)["probes"])
+        probes.load_state_dict(checkpoint.load(job_dir / CHECKPOINT)["hooks"][probes.name])
         if (job_dir / TIMING).exists():
-            probes.load_clock(json.loads((job_dir / TIMING).read_text()).get("probes", {}))
+            probes.load_timing(json.loads((job_dir / TIMING).read_text()).get("hooks", {}).get(probes.name, {}))
     k = len(suite.tasks)
-    train_time = result["wall_time_s"] - result.get("probe_time_s", probes.seconds)
+    train_time = result["wall_time_s"] - probes.seconds
     out = {}
     for p in probes.probes:
         own = probes.cost(p.name)

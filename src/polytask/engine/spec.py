@@ -1,0 +1,69 @@
+"""What the engine trains: a typed spec of resolved objects, never an experiment config or a name to look up.
+
+The flows resolve a config into a :class:`TrainSpec` (``polytask.flows.jobs.spec_from_config``); a Python user
+builds one directly: any model that returns one output per task, an optimiser factory (``engine.optim`` or
+any callable), a built method (``engine.step.build_method``), a batch source, hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from polytask.engine.data import BatchSource
+from polytask.engine.hooks import Hook
+from polytask.engine.optim import OptimizerFactory, SchedulerFactory
+from polytask.engine.step import Method
+from polytask.tasks.task import Task
+
+CHECKPOINT = "last.safetensors"
+BEST = "best.safetensors"
+TIMING = "timing.json"  # wall time so far; kept out of the checkpoint so that identical runs write identical bytes
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """Where a job keeps its state (``dir``: ``last.safetensors``, ``best.safetensors``, ``timing.json``) and how
+    often: after every epoch, and also every ``every`` steps (0: epochs only)."""
+
+    dir: Path
+    every: int = 0
+
+    @property
+    def last(self) -> Path:
+        return Path(self.dir) / CHECKPOINT
+
+    @property
+    def best(self) -> Path:
+        return Path(self.dir) / BEST
+
+    @property
+    def timing(self) -> Path:
+        return Path(self.dir) / TIMING
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """One job for the engine.
+
+    ``model`` is a module, or a function that builds one: it is called after the job's seed is set, so the
+    initial weights are a function of ``seed``. ``optimizer`` is called with the parameters once the model is
+    on ``device``; ``scheduler`` (optional) with the optimiser and ``epochs``, and stepped after each epoch.
+    """
+
+    name: str
+    tasks: Sequence[Task]
+    model: torch.nn.Module | Callable[[], torch.nn.Module]
+    optimizer: OptimizerFactory
+    method: Method
+    data: BatchSource
+    epochs: int
+    checkpoint: CheckpointPolicy
+    seed: int = 0
+    device: torch.device | str = "cpu"
+    scheduler: SchedulerFactory | None = None
+    hooks: Sequence[Hook] = field(default_factory=tuple)
+    eval_batch_size: int = 1024

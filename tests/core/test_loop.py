@@ -133,3 +133,28 @@ def test_divergence_is_one_error_naming_job_task_and_epoch(tmp_path, case):
     job = Job("equal", tuple(suite.task_names), MethodConfig(name="equal"), "joint")
     with pytest.raises(DivergenceError, match=rf"^job 'equal' diverged: task '{task}'.* at epoch 1, step \d+ "):
         train_configured(job, suite, cfg, tmp_path)
+
+
+def test_optimisers_and_schedulers_come_from_their_registries():
+    """The config's names are exactly the registered ones; a typo names the key and suggests the name meant."""
+    from typing import get_args
+
+    from polytask.config import OptimizerConfig, SchedulerConfig
+    from polytask.engine.optim import OPTIMIZERS, SCHEDULERS, optimizer, scheduler
+    from polytask.errors import ConfigError
+
+    assert set(get_args(OptimizerConfig.model_fields["name"].annotation)) == set(OPTIMIZERS.names())
+    assert set(get_args(SchedulerConfig.model_fields["name"].annotation)) == set(SCHEDULERS.names())
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    opt = optimizer("sgd", {"lr": 0.5, "momentum": 0.0})(params)
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["lr"] == 0.5
+    sched = scheduler("step", {"step_size": 2, "gamma": 0.5})(opt, 10)
+    for _ in range(2):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 0.25
+    assert scheduler("none") is None
+    with pytest.raises(ConfigError, match=r"unknown optimizer 'adamm' \(did you mean 'adam'\?\)"):
+        optimizer("adamm")
+    with pytest.raises(ConfigError, match=r"unknown key 'train.optimizer.momentum'"):
+        optimizer("adam", {"momentum": 0.9}, where="train.optimizer")

@@ -96,7 +96,9 @@ class LoopState:
     best: Best = field(default_factory=Best)
     history: list[dict[str, Any]] = field(default_factory=list)
     hooks: Sequence[Hook] = ()
-    carried: dict[str, Any] = field(default_factory=dict)  # saved states of hooks not riding on this resumption
+    # saved states of hooks not riding on this resumption, written back unchanged (a hook riding on it that has no
+    # saved state starts from its ``init``)
+    carried: dict[str, Any] = field(default_factory=dict)
 
     def tree(self) -> dict[str, Any]:
         """The checkpoint: state dicts, RNG states and the loop's fields (hooks with no state are left out)."""

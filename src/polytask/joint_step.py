@@ -209,7 +209,7 @@ class JointStep:
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
                 raise ConfigError(f"JointStep {what}: the loss of task {t!r} must be a scalar tensor, got {shape}")
-        return [loss.reshape(()) for loss in items]
+        return [loss if loss.dim() == 0 else loss.reshape(()) for loss in items]
 
     def _val(self, val_losses: Losses | Callable[[], Losses] | None) -> Callable[[], Tensor] | None:
         if val_losses is None:

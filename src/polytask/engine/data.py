@@ -1,22 +1,24 @@
 """Batch order as a pure function of (seed, epoch, step): resuming needs only the data position.
 
 A batch source gives the loop its steps (:class:`Batch`: the sources and the rows of each) and the splits it
-evaluates on; :class:`TensorBatches` is the in-memory one.
+evaluates on; :class:`TensorBatches` is the in-memory one, :class:`DatasetBatches` reads torch ``Dataset``s and
+``DataLoader``s (map-style or iterable).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, default_collate
 
 from polytask.errors import DataError
-from polytask.tasks.task import TaskData
+from polytask.tasks.task import Task, TaskData
 
 
 def permutation(n: int, *key: int) -> Tensor:
@@ -104,3 +106,182 @@ class TensorBatches:
 
     def split(self, name: str) -> Sequence[TaskData]:
         return self.splits[name]
+
+
+# ---------------------------------------------------------------- torch Datasets and DataLoaders
+
+
+def _label(value: Any, task: Task) -> Tensor:
+    """One row's target of ``task`` as a float tensor, NaN where it is missing (None or NaN)."""
+    shape = () if task.kind == "classification" or task.n_outputs == 1 else (task.n_outputs,)
+    if value is None:
+        return torch.full(shape, float("nan"))
+    return torch.as_tensor(value, dtype=torch.float32).reshape(shape)
+
+
+class _Stream:
+    """One Dataset (map-style or iterable) with the tasks it labels and how its rows are collated."""
+
+    def __init__(self, data: Any, tasks: Sequence[Task], only: str | None, where: str) -> None:
+        loader = data if isinstance(data, DataLoader) else None
+        self.dataset = data.dataset if loader is not None else data
+        self.collate = loader.collate_fn if loader is not None else default_collate
+        self.loader_batch = loader.batch_size if loader is not None else None
+        self.tasks, self.only, self.where = list(tasks), only, where
+        self.iterable = isinstance(self.dataset, IterableDataset)
+        if not self.iterable and not hasattr(self.dataset, "__len__"):
+            raise DataError(f"{where}: a map-style Dataset needs __len__ ({type(self.dataset).__name__} has none)")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def row(self, item: Any) -> tuple[Any, dict[str, Tensor]]:
+        """``(x, {task: y})`` (or ``(x, y)`` for a source of one task), every task's label filled (NaN: missing)."""
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise DataError(f"{self.where}: an item must be (x, {{task: y}}) or (x, y), got {type(item).__name__}")
+        x, y = item
+        if self.only is not None:  # a source of one task: (x, y), or (x, {task: y}) read for that task only
+            y = {self.only: y.get(self.only) if isinstance(y, Mapping) else y}
+        if not isinstance(y, Mapping):
+            raise DataError(f"{self.where}: the targets of a multi-task source must be a dict task -> label, "
+                            f"got {type(y).__name__} (one source per task takes (x, y))")
+        unknown = sorted(set(y) - {t.name for t in self.tasks})
+        if unknown:
+            raise DataError(f"{self.where}: label(s) for unknown task(s) {unknown}; tasks are "
+                            f"{[t.name for t in self.tasks]}")
+        try:
+            return x, {t.name: _label(y.get(t.name), t) for t in self.tasks if self.only in (None, t.name)}
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise DataError(f"{self.where}: a label is not a number or {'{task: label}'} ({e})") from None
+
+    def batch(self, items: Sequence[Any]) -> TaskData:
+        x, y = self.collate([self.row(i) for i in items])
+        if not isinstance(x, Tensor):
+            raise DataError(f"{self.where}: inputs must collate to one tensor, got {type(x).__name__}")
+        return TaskData(x, {k: v.float() for k, v in y.items()})
+
+    def rows(self, indices: Tensor) -> TaskData:
+        return self.batch([self.dataset[int(i)] for i in indices])
+
+    def all(self, batch_size: int) -> TaskData:
+        """The whole source as one TaskData (evaluation splits), read in batches."""
+        if self.iterable:
+            items = list(iter(self.dataset))
+            parts = [self.batch(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+        else:
+            parts = [self.rows(torch.arange(i, min(i + batch_size, len(self))))
+                     for i in range(0, len(self), batch_size)]
+        if not parts:
+            raise DataError(f"{self.where}: the source is empty")
+        return TaskData(torch.cat([p.x for p in parts]), {k: torch.cat([p.y[k] for p in parts]) for k in parts[0].y})
+
+
+class _Lazy(Sequence):
+    """The batches of one epoch, fetched only when the loop asks for them."""
+
+    def __init__(self, n: int, fetch: Callable[[int], Batch]) -> None:
+        self.n, self.fetch = n, fetch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, step: int | slice) -> Any:  # type: ignore[override]
+        if isinstance(step, slice):  # consecutive batches (gradient accumulation)
+            return [self.fetch(i) for i in range(*step.indices(self.n))]
+        if not 0 <= step < self.n:
+            raise IndexError(step)
+        return self.fetch(step)
+
+
+class DatasetBatches:
+    """Torch ``Dataset``s or ``DataLoader``s as a batch source: ``train``/``val``/``test`` each one multi-task
+    source yielding ``(x, {task: y})`` or a dict task -> source yielding ``(x, y)``; a missing or NaN label
+    masks that row for that task.
+
+    Map-style data: the rows of step ``s`` of epoch ``e`` are :func:`epoch_batches` of the sources' lengths, a
+    pure function of (seed, e, s); rows are read with ``dataset[i]`` and collated with the loader's
+    ``collate_fn`` (a loader's sampler and shuffling are not used: polytask owns the order, so a resumed run
+    reads exactly the batches it would have read). Iterable data: each epoch iterates the dataset afresh in
+    its own order and cuts it into batches of ``batch_size``; an epoch is ``steps`` batches (required when the
+    dataset has no length); a resumed epoch re-iterates and skips the batches already trained, so it is exact
+    when the dataset yields the same stream each epoch (seed it from ``torch.utils.data.get_worker_info`` or
+    its own epoch counter otherwise). Validation and test splits are read into memory once for evaluation.
+    """
+
+    def __init__(self, tasks: Sequence[Task], train: Any, val: Any, test: Any | None = None,
+                 batch_size: int | None = None, steps: int | None = None,
+                 device: torch.device | str = "cpu") -> None:
+        self.tasks, self.device = list(tasks), torch.device(device)
+        self._inputs = (train, val, test, batch_size, steps)
+        self.streams = {name: self._streams(data, name) for name, data in
+                        (("train", train), ("val", val), ("test", test if test is not None else val))}
+        sizes = [s.loader_batch for s in self.streams["train"] if s.loader_batch]
+        self.batch_size = int(batch_size or (sizes[0] if sizes else 0) or 64)
+        self.iterable = any(s.iterable for s in self.streams["train"])
+        if isinstance(train, Mapping) and set(train) != {t.name for t in self.tasks}:
+            raise DataError(f"train: one source per task needs a source for every task; task(s) "
+                            f"{sorted({t.name for t in self.tasks} - set(train))} have none")
+        if self.iterable and len(self.streams["train"]) > 1:
+            raise DataError("train: one iterable source only (give one multi-task IterableDataset)")
+        self.steps = steps
+        if self.iterable and steps is None:
+            try:
+                self.steps = math.ceil(len(self.streams["train"][0]) / self.batch_size)
+            except TypeError:
+                raise DataError("train: an IterableDataset without __len__ needs steps (batches per epoch)") from None
+        self._splits: dict[str, list[TaskData]] = {}
+
+    def _streams(self, data: Any, split: str) -> list[_Stream]:
+        if isinstance(data, Mapping):
+            names = {t.name for t in self.tasks}
+            for key in data:
+                if key not in names:
+                    raise DataError(f"{split}: source for unknown task {key!r}; tasks are {sorted(names)}")
+            return [_Stream(d, self.tasks, k, f"{split}[{k!r}]") for k, d in data.items()]
+        return [_Stream(data, self.tasks, None, split)]
+
+    def to(self, device: torch.device) -> DatasetBatches:
+        train, val, test, batch_size, steps = self._inputs
+        return DatasetBatches(self.tasks, train, val, test, batch_size, steps, device)
+
+    def steps_per_epoch(self) -> int:
+        if self.iterable:
+            return int(self.steps)  # type: ignore[arg-type]
+        return steps_per_epoch([len(s) for s in self.streams["train"]], self.batch_size)
+
+    def epoch(self, seed: int, epoch: int) -> Sequence[Batch]:
+        streams, n = self.streams["train"], self.steps_per_epoch()
+        if self.iterable:
+            return _Lazy(n, self._iterated(streams[0], n))
+        order = epoch_batches([len(s) for s in streams], self.batch_size, seed, epoch)
+
+        def fetch(step: int) -> Batch:
+            data = [s.rows(r).to(self.device) for s, r in zip(streams, order[step], strict=True)]
+            return Batch(data, [torch.arange(len(d), device=self.device) for d in data])
+        return _Lazy(n, fetch)
+
+    def _iterated(self, stream: _Stream, n: int) -> Callable[[int], Batch]:
+        it, pos = iter(stream.dataset), [0]
+
+        def fetch(step: int) -> Batch:
+            if step < pos[0]:
+                raise DataError("train: an iterable source is read forwards only")
+            while True:
+                items = [item for _, item in zip(range(self.batch_size), it, strict=False)]
+                pos[0] += 1
+                if not items:
+                    raise DataError(f"train: the iterable source ended after {pos[0] - 1} of {n} batches")
+                if pos[0] - 1 == step:
+                    data = stream.batch(items).to(self.device)
+                    return Batch([data], [torch.arange(len(data), device=self.device)])
+        return fetch
+
+    def split(self, name: str) -> Sequence[TaskData]:
+        if name not in self._splits:
+            self._splits[name] = [s.all(self.batch_size).to(self.device) for s in self.streams[name]]
+        return self._splits[name]
+
+    def val_batch(self, seed: int, global_step: int) -> Batch:
+        val = self.split("val")
+        return Batch(val, [permutation(len(s), seed, 7919, global_step)[:self.batch_size].to(self.device)
+                           for s in val])

@@ -1,0 +1,190 @@
+"""``polytask.fit``: train the user's own ``nn.Module`` on torch ``Dataset``s/``DataLoader``s with any method.
+
+It runs on the engine's seam (:func:`polytask.engine.loop.train_job` with a
+:class:`~polytask.engine.data.DatasetBatches` source) and writes a run directory like the CLI's: the job's
+checkpoints under ``jobs/<name>/`` (calling ``fit`` again on the same ``run_dir`` resumes exactly), ``metrics.jsonl``,
+``summary.json`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from polytask.config import MethodConfig
+from polytask.engine.data import DatasetBatches
+from polytask.engine.loop import resolve_device, train_job
+from polytask.engine.optim import optimizer as registered_optimizer
+from polytask.engine.progress import Reporter
+from polytask.engine.spec import CheckpointPolicy, TrainSpec
+from polytask.engine.step import build_method
+from polytask.errors import ConfigError, DataError
+from polytask.io import atomic_write_json, atomic_write_text
+from polytask.tasks.task import Task
+
+TaskLike = Task | Mapping[str, Any] | Sequence[Any]
+
+
+def as_task(spec: TaskLike) -> Task:
+    """A polytask ``Task`` from a Task, a dict ``{name, kind, n_outputs}`` or a tuple ``(name, kind, n_outputs)``."""
+    if isinstance(spec, Task):
+        return spec
+    if isinstance(spec, Mapping):
+        return Task(**spec)
+    if isinstance(spec, Sequence) and not isinstance(spec, str) and len(spec) == 3:
+        return Task(str(spec[0]), spec[1], int(spec[2]))
+    raise DataError(f"tasks: {spec!r} is not a Task, a dict (name, kind, n_outputs) or a tuple of those three")
+
+
+class UserModel(nn.Module):
+    """The engine's view of a user's module: ``forward(x, tasks)`` keeps the named outputs of ``model(x)``.
+
+    Which parameters belong to which task is said, not guessed: ``heads`` (task -> module) are the task-specific
+    parameters and everything else is shared (no heads: every parameter is shared, which is exact for every
+    method). With an ``encoder`` too, the model is ``heads[t](encoder(x))`` and representation-mode aggregators
+    get the encoder's output as the shared features."""
+
+    def __init__(self, model: nn.Module, tasks: Sequence[Task], heads: Mapping[str, nn.Module] | None = None,
+                 encoder: nn.Module | None = None) -> None:
+        super().__init__()
+        self.model, self.names = model, [t.name for t in tasks]
+        # plain dict and tuple: the heads and encoder are parts of ``model``, not modules of their own
+        self._heads, self._encoder = dict(heads or {}), (encoder,)
+        unknown = sorted(set(self._heads) - set(self.names))
+        if unknown:
+            raise ConfigError(f"fit heads: unknown task(s) {unknown}; tasks are {self.names}")
+        own = {id(p) for p in model.parameters()}
+        parts = [*(f"heads[{k!r}]" for k in self._heads), *(["encoder"] if encoder is not None else [])]
+        for part, mod in zip(parts, [*self._heads.values(), *([encoder] if encoder is not None else [])],
+                             strict=True):
+            if any(id(p) not in own for p in mod.parameters()):
+                raise ConfigError(f"fit {part}: its parameters must be parameters of the model")
+
+    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
+        return iter(self._heads[task].parameters()) if task in self._heads else iter(())
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        own = {id(p) for h in self._heads.values() for p in h.parameters()}
+        return (p for p in self.model.parameters() if id(p) not in own)
+
+    def forward(self, x: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+        out = self.model(x)
+        if not isinstance(out, Mapping):
+            raise DataError(f"fit: the model must return a dict task -> output, got {type(out).__name__}")
+        names = list(tasks or self.names)
+        missing = [n for n in names if n not in out]
+        if missing:
+            raise DataError(f"fit: the model's output has no entry for task(s) {missing} (has {sorted(out)})")
+        return {n: out[n] for n in names}
+
+
+class EncodedUserModel(UserModel):
+    """A user's model that is ``heads[t](encoder(x))``: the encoder's output is the shared features that
+    representation-mode aggregators differentiate against (the step gets them from ``encode``/``decode``)."""
+
+    def __init__(self, model: nn.Module, tasks: Sequence[Task], heads: Mapping[str, nn.Module],
+                 encoder: nn.Module) -> None:
+        super().__init__(model, tasks, heads, encoder)
+        if set(self._heads) != set(self.names):
+            raise ConfigError("fit encoder: the shared features need a head for every task "
+                              f"(heads {sorted(self._heads)}, tasks {self.names})")
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self._encoder[0](x)
+
+    def decode(self, z: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+        return {n: self._heads[n](z) for n in (tasks or self.names)}
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` returns: the trained user module (best-validation weights), the run directory, the job's
+    result (best epoch, validation and test scores, history) and the run's summary."""
+
+    model: nn.Module
+    run_dir: Path
+    result: dict[str, Any]
+    summary: dict[str, Any]
+
+
+def fit(model: nn.Module, tasks: Iterable[TaskLike], train: Any, val: Any, test: Any | None = None, *,
+        method: str | MethodConfig = "equal", method_params: Mapping[str, Any] | None = None,
+        mode: str = "params", epochs: int = 10, batch_size: int | None = None, steps_per_epoch: int | None = None,
+        optimizer: str = "adam", optimizer_params: Mapping[str, Any] | None = None, seed: int = 0,
+        device: str = "cpu", run_dir: str | Path | None = None, name: str = "fit", checkpoint_every: int = 0,
+        heads: Mapping[str, nn.Module] | None = None, encoder: nn.Module | None = None,
+        report: bool = True, quiet: bool = True) -> FitResult:
+    """Train ``model`` (an ``nn.Module`` returning a dict task -> output) on ``tasks`` with ``method``.
+
+    ``train``/``val``/``test`` are Datasets or DataLoaders (map-style or iterable) yielding ``(x, {task: y})``,
+    or dicts task -> source yielding ``(x, y)``; a missing (None or NaN) label masks the row for that task
+    (:class:`~polytask.engine.data.DatasetBatches`). ``mode`` is the aggregators' grad mode; ``representation``
+    needs ``encoder`` and ``heads``. Everything lands in ``run_dir`` (default ``runs/<name>-<time>``); a
+    ``run_dir`` that holds this job's checkpoint is resumed exactly (same weights as a run that never stopped).
+    """
+    task_list = [as_task(t) for t in tasks]
+    names = [t.name for t in task_list]
+    if isinstance(method, MethodConfig):
+        cfg = method
+    else:
+        cfg = MethodConfig(name=method, params=dict(method_params or {}), grad_mode=mode)  # type: ignore[arg-type]
+    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.grad_mode == "representation" and encoder is None:
+        raise ConfigError("fit mode='representation': pass encoder= (the module giving the shared features) and "
+                          "heads= (task -> module reading them)")
+    wrapped = UserModel(model, task_list, heads) if encoder is None else \
+        EncodedUserModel(model, task_list, heads or {}, encoder)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    meta = run_dir / "run.json"
+    if meta.exists():
+        started = json.loads(meta.read_text()).get("started", started)
+    atomic_write_json(meta, {"started": started, "fit": {"tasks": names, "method": cfg.name, "mode": cfg.grad_mode,
+                                                         "epochs": epochs, "seed": seed}})
+    data = DatasetBatches(task_list, train, val, test, batch_size, steps_per_epoch)
+    spec = TrainSpec(
+        name=name, tasks=task_list, model=wrapped,
+        optimizer=registered_optimizer(optimizer, dict(optimizer_params or {}), "fit optimizer"),
+        method=build_method(cfg, names), data=data, epochs=epochs,
+        checkpoint=CheckpointPolicy(run_dir / "jobs" / name, checkpoint_every), seed=seed,
+        device=resolve_device(device), eval_batch_size=max(data.batch_size, 256))
+    spec.checkpoint.dir.mkdir(parents=True, exist_ok=True)
+    result = {"kind": "joint", **train_job(spec, Reporter(quiet=quiet))}
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in result["history"]))
+    summary = _summary(task_list, result, run_dir.name, started, seed)
+    atomic_write_json(run_dir / "summary.json", summary)
+    if report:
+        from polytask.report.html import write_report
+
+        write_report([run_dir])
+    return FitResult(model, run_dir, result, summary)
+
+
+def _summary(tasks: Sequence[Task], result: dict[str, Any], run_id: str, started: str, seed: int) -> dict[str, Any]:
+    """The run's summary.json in the CLI's shape (one joint method, no single-task reference)."""
+    import platform
+
+    import numpy as np
+
+    import polytask
+
+    return {
+        "polytask_version": polytask.__version__, "run_id": run_id,
+        "suite": {"name": "fit", "params": {},
+                  "tasks": [{"name": t.name, "kind": t.kind, "n_outputs": t.n_outputs,
+                             "metrics": [{"name": m.name, "higher_is_better": m.higher_is_better}
+                                         for m in t.metrics]} for t in tasks]},
+        "seed": seed, "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                                   "numpy": np.__version__, "polytask": polytask.__version__},
+        "started": started, "wall_time_s": result["wall_time_s"], "reference": None,
+        "results": {result["method"]: {"kind": "joint", "method": result["method"], "tasks": result["test"],
+                                       "best_epoch": result["best_epoch"], "wall_time_s": result["wall_time_s"]}},
+        "mean_rank": {},
+    }

@@ -30,9 +30,42 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+FACTORY = r"^$|^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
+
+
+def is_import_path(name: str) -> bool:
+    """``package.module:attribute``: the user's own code named in a config, instead of a registered name."""
+    return ":" in name
+
+
+def import_factory(path: str, key: str) -> Any:
+    """The object at ``path`` (``package.module:attribute``); a ConfigError naming ``key`` and the path when the
+    module cannot be imported or has no such attribute."""
+    import importlib
+
+    module, _, attr = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module)
+    except ImportError as e:
+        raise ConfigError(f"{key}: cannot import module {module!r} of {path!r} ({e}); is it on PYTHONPATH?") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{key}: module {module!r} has no attribute {attr!r} (from {path!r})")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"{key}: {path!r} is not callable")
+    return obj
+
+
 class SuiteConfig(_Strict):
     name: str = Field("multidigits", description="a built-in suite (see `polytask suites`)")
     params: dict[str, Any] = Field(default_factory=dict, description="the suite's parameters")
+    factory: str = Field("", pattern=FACTORY, description="your own suite instead: `package.module:function`, "
+                         "called with the params as keywords (and seed=, when it takes one); returns a TaskSuite")
+
+    def model_post_init(self, __context: Any) -> None:
+        if self.factory and self.name != self.factory:
+            self.name = self.factory  # built wherever suites are built: build_suite resolves import paths
 
 
 class ModelConfig(_Strict):
@@ -42,6 +75,13 @@ class ModelConfig(_Strict):
     architecture_params: dict[str, Any] = Field(default_factory=dict)
     init_from: str = Field("", description="safetensors file of starting weights (e.g. a pretrained encoder); "
                            "tensors whose names and shapes match the model are loaded, the rest keep their init")
+    factory: str = Field("", pattern=FACTORY, description="your own model instead of backbone and architecture: "
+                         "`package.module:function`, called with the tasks, the input shape and the "
+                         "backbone_params as keywords; returns an nn.Module giving a dict task -> output")
+
+    def model_post_init(self, __context: Any) -> None:
+        if self.factory and self.backbone != self.factory:
+            self.backbone = self.factory  # built wherever models are built: build_model resolves import paths
 
 
 class OptimizerConfig(_Strict):
@@ -193,8 +233,12 @@ def check(config: Config) -> Config:
     methods)."""
     from polytask.names import check_name
 
-    check_name("suite", config.suite.name, "suite.name")
-    check_name("backbone", config.model.backbone, "model.backbone")
+    # the user's code named by import path bypasses the index of registered names; it is imported below
+    suite_factory, model_factory = is_import_path(config.suite.name), is_import_path(config.model.backbone)
+    if not suite_factory:
+        check_name("suite", config.suite.name, "suite.name")
+    if not model_factory:
+        check_name("backbone", config.model.backbone, "model.backbone")
     check_name("architecture", config.model.architecture, "model.architecture")
     for i, m in enumerate(config.methods):
         check_name("method", m.name, f"methods.{i}.name")
@@ -205,8 +249,14 @@ def check(config: Config) -> Config:
     from polytask.tasks import SUITES
 
     try:
-        SUITES.params_for(config.suite.name, config.suite.params, "suite.params")
-        BACKBONES.params_for(config.model.backbone, config.model.backbone_params, "model.backbone_params")
+        if suite_factory:
+            import_factory(config.suite.name, "suite.factory")
+        else:
+            SUITES.params_for(config.suite.name, config.suite.params, "suite.params")
+        if model_factory:
+            import_factory(config.model.backbone, "model.factory")
+        else:
+            BACKBONES.params_for(config.model.backbone, config.model.backbone_params, "model.backbone_params")
         ARCHITECTURES.params_for(config.model.architecture, config.model.architecture_params,
                          "model.architecture_params")
         for i, m in enumerate(config.methods):

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from polytask.config import MethodConfig
 from polytask.engine.data import DatasetBatches
@@ -27,6 +27,7 @@ from polytask.engine.spec import CheckpointPolicy, TrainSpec
 from polytask.engine.step import build_method
 from polytask.errors import ConfigError, DataError
 from polytask.io import atomic_write_json, atomic_write_text
+from polytask.models.user import EncodedUserModel, UserModel
 from polytask.tasks.task import Task
 
 TaskLike = Task | Mapping[str, Any] | Sequence[Any]
@@ -41,66 +42,6 @@ def as_task(spec: TaskLike) -> Task:
     if isinstance(spec, Sequence) and not isinstance(spec, str) and len(spec) == 3:
         return Task(str(spec[0]), spec[1], int(spec[2]))
     raise DataError(f"tasks: {spec!r} is not a Task, a dict (name, kind, n_outputs) or a tuple of those three")
-
-
-class UserModel(nn.Module):
-    """The engine's view of a user's module: ``forward(x, tasks)`` keeps the named outputs of ``model(x)``.
-
-    Which parameters belong to which task is said, not guessed: ``heads`` (task -> module) are the task-specific
-    parameters and everything else is shared (no heads: every parameter is shared, which is exact for every
-    method). With an ``encoder`` too, the model is ``heads[t](encoder(x))`` and representation-mode aggregators
-    get the encoder's output as the shared features."""
-
-    def __init__(self, model: nn.Module, tasks: Sequence[Task], heads: Mapping[str, nn.Module] | None = None,
-                 encoder: nn.Module | None = None) -> None:
-        super().__init__()
-        self.model, self.names = model, [t.name for t in tasks]
-        # plain dict and tuple: the heads and encoder are parts of ``model``, not modules of their own
-        self._heads, self._encoder = dict(heads or {}), (encoder,)
-        unknown = sorted(set(self._heads) - set(self.names))
-        if unknown:
-            raise ConfigError(f"fit heads: unknown task(s) {unknown}; tasks are {self.names}")
-        own = {id(p) for p in model.parameters()}
-        parts = [*(f"heads[{k!r}]" for k in self._heads), *(["encoder"] if encoder is not None else [])]
-        for part, mod in zip(parts, [*self._heads.values(), *([encoder] if encoder is not None else [])],
-                             strict=True):
-            if any(id(p) not in own for p in mod.parameters()):
-                raise ConfigError(f"fit {part}: its parameters must be parameters of the model")
-
-    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
-        return iter(self._heads[task].parameters()) if task in self._heads else iter(())
-
-    def shared_parameters(self) -> Iterator[nn.Parameter]:
-        own = {id(p) for h in self._heads.values() for p in h.parameters()}
-        return (p for p in self.model.parameters() if id(p) not in own)
-
-    def forward(self, x: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
-        out = self.model(x)
-        if not isinstance(out, Mapping):
-            raise DataError(f"fit: the model must return a dict task -> output, got {type(out).__name__}")
-        names = list(tasks or self.names)
-        missing = [n for n in names if n not in out]
-        if missing:
-            raise DataError(f"fit: the model's output has no entry for task(s) {missing} (has {sorted(out)})")
-        return {n: out[n] for n in names}
-
-
-class EncodedUserModel(UserModel):
-    """A user's model that is ``heads[t](encoder(x))``: the encoder's output is the shared features that
-    representation-mode aggregators differentiate against (the step gets them from ``encode``/``decode``)."""
-
-    def __init__(self, model: nn.Module, tasks: Sequence[Task], heads: Mapping[str, nn.Module],
-                 encoder: nn.Module) -> None:
-        super().__init__(model, tasks, heads, encoder)
-        if set(self._heads) != set(self.names):
-            raise ConfigError("fit encoder: the shared features need a head for every task "
-                              f"(heads {sorted(self._heads)}, tasks {self.names})")
-
-    def encode(self, x: Tensor) -> Tensor:
-        return self._encoder[0](x)
-
-    def decode(self, z: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
-        return {n: self._heads[n](z) for n in (tasks or self.names)}
 
 
 @dataclass

@@ -81,7 +81,17 @@ def build_model(
     architecture: str = "hard",
     architecture_params: dict | BaseModel | None = None,
 ) -> MultiTaskModel:
-    """Build a multi-task model for ``tasks`` on inputs of ``input_shape``."""
+    """Build a multi-task model for ``tasks`` on inputs of ``input_shape``. A ``backbone`` named
+    ``package.module:function`` is the user's whole model (``model.factory``): called with ``tasks``,
+    ``input_shape`` and ``backbone_params`` as keywords, its module replaces backbone and architecture."""
+    from polytask.config import import_factory, is_import_path
+
+    if is_import_path(backbone):
+        from polytask.models.user import as_multitask
+
+        kwargs = backbone_params.model_dump() if isinstance(backbone_params, BaseModel) else backbone_params or {}
+        return as_multitask(import_factory(backbone, "model.factory")(list(tasks), tuple(input_shape), **kwargs),
+                            tasks)
     encoder, rep_dim = build_backbone(backbone, backbone_params or {}, input_shape)
     params = ARCHITECTURES.params_for(architecture, architecture_params, "model.architecture_params")
     return ARCHITECTURES.get(architecture).build(encoder, rep_dim, tasks, params)

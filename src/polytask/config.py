@@ -108,6 +108,11 @@ class TrainConfig(_Strict):
     device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$",
                         description="cpu, cuda, cuda:N, or auto (cuda when available)")
     deterministic: bool = Field(True, description="on CUDA, deterministic kernels (exact resume; slower)")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: forward pass and losses under bfloat16 autocast (CPU or CUDA); per-task "
+        "gradients, the float64 Gramian, the method and the optimiser stay in full precision")
+    accumulate: int = Field(1, ge=1, description="micro-batches (of batch_size rows) per optimiser step; the method "
+                            "sees the whole effective batch (aggregators aggregate once)")
 
 
 class MethodConfig(_Strict):

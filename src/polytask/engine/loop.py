@@ -4,12 +4,16 @@ A job (:class:`~polytask.engine.spec.TrainSpec`) trains one model on a set of ta
 state (:class:`~polytask.engine.state.LoopState`: model, optimiser, scheduler, method state, RNG states, data
 position, best-so-far, history, every hook's state) is checkpointed atomically every epoch and every
 ``checkpoint.every`` steps; a job killed at any point and resumed ends bit-identical to one that never stopped,
-because batch order is a pure function of (seed, epoch, step) and every RNG is restored.
+because batch order is a pure function of (seed, epoch, step) and every RNG is restored. A step is one optimiser
+step: with ``accumulate`` > 1 it takes that many consecutive batches of the source, and checkpoints fall only
+between optimiser steps (a job killed between micro-batches redoes that step). ``precision`` sets the training
+forward's autocast (the methods' validation batches too); evaluation runs in full precision.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -21,11 +25,12 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from polytask.engine import checkpoint, faults
+from polytask.engine.data import Batch
 from polytask.engine.hooks import Run, StepView, check_hooks, extra_loss
 from polytask.engine.progress import Reporter
 from polytask.engine.spec import TrainSpec
 from polytask.engine.state import Best, EpochTotals, LoopState, Position, seed_everything
-from polytask.engine.step import masked_loss, train_step
+from polytask.engine.step import accumulated_step, autocast, full, masked_loss
 from polytask.errors import CheckpointError, ConfigError, DivergenceError
 from polytask.io import atomic_write_bytes, atomic_write_json
 from polytask.models import MultiTaskModel
@@ -141,6 +146,19 @@ def _records(job: str, epoch: int, step: int, split: str, scores: dict[str, dict
 # ---------------------------------------------------------------- the loop
 
 
+def merge_batches(micro: Sequence[Batch]) -> Batch:
+    """The effective batch of an optimiser step's micro-batches, as hooks see it: one batch when there is one,
+    else the rows of each source concatenated (micro-batches over the same sources, as the in-memory source
+    gives); micro-batches over different source objects are shown as the first one."""
+    if len(micro) == 1:
+        return micro[0]
+    first = micro[0]
+    if all(len(b.sources) == len(first.sources) and all(a is c for a, c in zip(b.sources, first.sources, strict=True))
+           for b in micro):
+        return Batch(first.sources, [torch.cat(col) for col in zip(*(b.rows for b in micro), strict=True)])
+    return first
+
+
 def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, Any]:
     """Train ``spec`` (resuming from its checkpoint directory if that holds a checkpoint); returns its result:
     the best-validation epoch, its validation and test scores, steps, wall time and the per-epoch history."""
@@ -181,11 +199,15 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, An
         batch = data.val_batch(seed, pos.global_step)
         model.eval()
         try:
-            return task_losses(model, batch.sources, batch.rows, tasks)
+            with cast():
+                return full(task_losses(model, batch.sources, batch.rows, tasks))
         finally:
             model.train()
 
-    steps = data.steps_per_epoch()
+    cast = autocast(spec.precision, device)
+    n_micro = spec.accumulate
+    n_batches = data.steps_per_epoch()
+    steps = math.ceil(n_batches / n_micro)
     pos = state.position
     reporter.start(spec.name, spec.epochs * steps, pos.epoch * steps + pos.step)
     t0 = time.perf_counter()
@@ -195,14 +217,15 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, An
         batches = data.epoch(seed, epoch)
         acc = state.totals
         while pos.step < steps:
-            view = StepView(epoch, pos.step, pos.global_step, batches[pos.step])
+            micro = [batches[i] for i in range(pos.step * n_micro, min((pos.step + 1) * n_micro, n_batches))]
+            view = StepView(epoch, pos.step, pos.global_step, merge_batches(micro))
             ctx = StepContext(pos.global_step, epoch, None, val_losses if method.needs_val else None, steps,
                               torch.Generator().manual_seed(seed * 1_000_003 + pos.global_step))
             for h in hooks:
                 h.on_step(run, view)
-            losses, weights, state.method = train_step(
-                model, method, state.method, view.batch.sources, view.batch.rows, tasks, opt, ctx, task_losses,
-                extra=(lambda view=view: extra_loss(hooks, run, view)) if hooks else None)
+            losses, weights, state.method = accumulated_step(
+                model, method, state.method, [(b.sources, b.rows) for b in micro], tasks, opt, ctx, task_losses,
+                extra=(lambda view=view: extra_loss(hooks, run, view)) if hooks else None, precision=spec.precision)
             losses = losses.detach().double().cpu()
             check_finite(spec.name, tasks, losses, "training", epoch + 1,
                          f", step {pos.step + 1} of {steps} (global step {pos.global_step + 1})")

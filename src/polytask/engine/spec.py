@@ -16,7 +16,8 @@ import torch
 from polytask.engine.data import BatchSource
 from polytask.engine.hooks import Hook
 from polytask.engine.optim import OptimizerFactory, SchedulerFactory
-from polytask.engine.step import Method
+from polytask.engine.step import PRECISIONS, Method
+from polytask.errors import ConfigError
 from polytask.tasks.task import Task
 
 CHECKPOINT = "last.safetensors"
@@ -52,6 +53,13 @@ class TrainSpec:
     ``model`` is a module, or a function that builds one: it is called after the job's seed is set, so the
     initial weights are a function of ``seed``. ``optimizer`` is called with the parameters once the model is
     on ``device``; ``scheduler`` (optional) with the optimiser and ``epochs``, and stepped after each epoch.
+
+    ``precision``: ``fp32``, or ``bf16`` to run the forward pass and losses under autocast (per-task gradients,
+    the float64 Gramian, the method and the optimiser stay in full precision; ``polytask.engine.step``).
+    ``accumulate``: micro-batches per optimiser step: each step takes that many consecutive batches of ``data``
+    (the effective batch is ``accumulate`` times the source's batch; the last step of an epoch may take fewer), and
+    the method sees the whole effective batch (``engine.step.accumulated_step``). Checkpoints are written at
+    optimiser-step boundaries only: a job stopped between micro-batches redoes that step from its first one.
     """
 
     name: str
@@ -67,3 +75,16 @@ class TrainSpec:
     scheduler: SchedulerFactory | None = None
     hooks: Sequence[Hook] = field(default_factory=tuple)
     eval_batch_size: int = 1024
+    precision: str = "fp32"
+    accumulate: int = 1
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision: {self.precision!r} is not one of {list(PRECISIONS)} "
+                              f"(job {self.name!r})")
+        if self.accumulate < 1:
+            raise ConfigError(f"train.accumulate: {self.accumulate} micro-batches per step; must be at least 1 "
+                              f"(job {self.name!r})")
+        if self.accumulate > 1 and self.method.sam_rho:
+            raise ConfigError(f"train.accumulate: job {self.name!r} uses F-MTL (sam_rho), which recomputes the whole "
+                              "batch's losses at perturbed parameters and cannot accumulate; use train.accumulate: 1")

@@ -5,11 +5,32 @@ the per-task gradients (their Gramian, or the Jacobian itself) from :mod:`polyta
 ``params`` mode (shared parameters) or ``representation`` mode (shared representation, per sample), and
 the step sets the shared gradient to the aggregated direction. Head (task-specific) parameters get their
 own task's gradient, scaled by the task weight only where the method says so (``weights_heads``).
+
+Precision (``precision="bf16"``): the forward pass and the task losses run under ``torch.autocast`` (bfloat16, on
+the model's device type, CPU or CUDA); the losses and the shared representation are cast back to float32 as they
+leave it, so the per-task gradients (feature and parameter Jacobians), the float64 Gramian
+(:func:`polytask.jacobian.gramian`), the method's maths (weights, aggregation, state) and the optimiser update are
+all in full precision. The parameters stay float32 (autocast casts them per op); the backward passes run in the
+dtypes autocast chose for the forward ops.
+
+Gradient accumulation (:func:`accumulated_step`, ``micro`` batches per optimiser step): the method sees the
+effective batch, never a micro-batch. Task k's effective loss is the mean over the labelled rows of all micro-batches,
+L_k = Σ_m f_km L_km with f_km the share of task k's labelled rows in micro-batch m, so the update equals the one of a
+single batch holding all the rows (to float rounding). Loss weightings get their weights from the effective losses
+(one no-grad forward pass over the micro-batches, then one forward + backward each with the weights fixed: one extra
+forward per micro-batch). Aggregators in ``params`` mode sum the scaled per-task Jacobians (K x P) over the
+micro-batches and aggregate once. In ``representation`` mode the per-sample feature gradients of every micro-batch
+are kept (K x rows x D, concatenated over micro-batches: the Jacobian of the effective batch, whose Gramian is the
+sum of the micro-batch pieces), aggregated once, and the direction is pushed through the encoder micro-batch by
+micro-batch, recomputing each encoder forward (one extra encoder forward each). Recomputed forwards restore the RNG
+state of the first one (as ``torch.utils.checkpoint`` does), so dropout draws the same masks. F-MTL (``sam_rho``)
+needs the whole batch's graph and is refused with accumulation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -17,6 +38,7 @@ import torch
 from torch import Tensor
 
 from polytask.config import MethodConfig
+from polytask.engine import faults
 from polytask.errors import ConfigError
 from polytask.jacobian import batched_grads, combine, feature_jacobians, flat, gramian, split, through
 from polytask.methods import load_all
@@ -25,6 +47,40 @@ from polytask.tasks.task import Task, TaskData
 from polytask.weighting.base import State, StepContext
 
 LossFn = Callable[[MultiTaskModel, Sequence[TaskData], Sequence[Tensor], Sequence[Task]], Tensor]
+Cast = Callable[[], AbstractContextManager]
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(precision: str, device: torch.device | str) -> Cast:
+    """The context of a forward pass at ``precision``: ``fp32`` none, ``bf16`` ``torch.autocast`` to bfloat16 on
+    ``device``'s type (CPU or CUDA)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"train.precision: {precision!r} is not one of {list(PRECISIONS)}")
+    if precision == "fp32":
+        return nullcontext
+    kind = torch.device(device).type
+    return lambda: torch.autocast(kind, dtype=torch.bfloat16)
+
+
+def full(t: Tensor) -> Tensor:
+    """``t`` in at least float32 (a bfloat16 loss or feature leaving autocast; float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32)) if t.is_floating_point() else t
+
+
+def _cast_losses(loss_fn: LossFn, cast: Cast) -> LossFn:
+    if cast is nullcontext:
+        return loss_fn
+
+    def run(*args: Any) -> Tensor:
+        with cast():
+            out = loss_fn(*args)
+        return full(out)
+    return run
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 @dataclass
@@ -129,21 +185,27 @@ def _model_heads(model: MultiTaskModel, tasks: Sequence[Task]) -> list[list[torc
     return [list(model.task_parameters(t.name)) for t in tasks]
 
 
+def encode(model: Any, sources: Sequence[TaskData], rows: Sequence[Tensor], cast: Cast = nullcontext) -> list[Tensor]:
+    """The shared representation of every source's rows (graph attached), in at least float32."""
+    with cast():
+        return [full(model.encode(src.x[r])) for src, r in zip(sources, rows, strict=True)]
+
+
 def representation_grads(model: Any, sources: Sequence[TaskData], rows: Sequence[Tensor],
-                         tasks: Sequence[Task]) -> TaskGrads:
+                         tasks: Sequence[Task], cast: Cast = nullcontext) -> TaskGrads:
     """All per-task representation gradients and every head's own gradient from ONE backward pass.
 
     Each head reads its own leaf copy of the representation, so the backward of Σ_k L_k leaves
-    ∂L_k/∂z in copy k: no K separate passes and no vmap."""
-    zs, copies, losses, into = [], {}, {}, {}
-    for s, (src, r) in enumerate(zip(sources, rows, strict=True)):
-        z = model.encode(src.x[r])
-        zs.append(z)
+    ∂L_k/∂z in copy k: no K separate passes and no vmap. ``cast``: the forward's precision context."""
+    copies, losses, into = {}, {}, {}
+    zs = encode(model, sources, rows, cast)
+    for s, (src, r, z) in enumerate(zip(sources, rows, zs, strict=True)):
         for t in tasks:
             if t.name in src.y:
                 copies[t.name] = z.detach().requires_grad_()
-                pred = model.decode(copies[t.name], [t.name])[t.name]
-                losses[t.name] = masked_loss(t, pred, src.y[t.name][r])
+                with cast():
+                    pred = model.decode(copies[t.name], [t.name])[t.name]
+                    losses[t.name] = full(masked_loss(t, pred, src.y[t.name][r]))
                 into[t.name] = s
     names = [t.name for t in tasks]
     return feature_task_grads([losses[n] for n in names], zs, [copies[n] for n in names],
@@ -151,16 +213,18 @@ def representation_grads(model: Any, sources: Sequence[TaskData], rows: Sequence
 
 
 def parameter_grads(model: MultiTaskModel, sources: Sequence[TaskData], rows: Sequence[Tensor],
-                    tasks: Sequence[Task], loss_fn: LossFn, chunk: int) -> tuple[TaskGrads, list[Tensor]]:
+                    tasks: Sequence[Task], loss_fn: LossFn, chunk: int, cast: Cast = nullcontext
+                    ) -> tuple[TaskGrads, list[Tensor]]:
     """Per-task gradients of the shared parameters (K x P, as blocks per parameter) and of the heads.
 
     With a single shared representation the K rows are one batched vector-Jacobian product through the
     encoder, seeded by the per-task representation gradients; otherwise through the whole model."""
     shared = list(model.shared_parameters())
     if hasattr(model, "encode") and hasattr(model, "decode"):
-        tg = representation_grads(model, sources, rows, tasks)
+        tg = representation_grads(model, sources, rows, tasks, cast)
         return tg, through(tg.zs, shared, tg.z_blocks, chunk)
-    return loss_task_grads(loss_fn(model, sources, rows, tasks), shared, _model_heads(model, tasks), chunk)
+    losses = _cast_losses(loss_fn, cast)(model, sources, rows, tasks)
+    return loss_task_grads(losses, shared, _model_heads(model, tasks), chunk)
 
 
 def _fmtl(loss_fn: Callable[[], Tensor], shared: Sequence[torch.nn.Parameter], blocks: Sequence[Tensor],
@@ -202,18 +266,23 @@ def weighted_backward(method: Method, state: State, losses: Tensor, ctx: StepCon
 def aggregated_backward(method: Method, state: State, tg: TaskGrads, blocks: Sequence[Tensor] | None,
                         shared: Sequence[torch.nn.Parameter], ctx: StepContext,
                         closure: Callable[[], Tensor] | None = None,
-                        below: Sequence[torch.nn.Parameter] | None = None) -> tuple[Tensor | None, State]:
+                        below: Sequence[torch.nn.Parameter] | None = None,
+                        push: Callable[[list[Tensor]], None] | None = None) -> tuple[Tensor | None, State]:
     """A gradient aggregator's step from per-task gradients: the aggregated direction into the shared part, each
     head's own gradient (scaled by its task weight where the method says so) into the heads; gradients are added
     into ``.grad``. ``representation`` mode aggregates ``tg.z_blocks`` and pushes the direction back from
     ``tg.zs`` (into ``below`` only, when given); ``params`` mode aggregates ``blocks`` (K x parameter shape, one
-    per ``shared`` parameter). F-MTL (``sam_rho``) recomputes the K losses with ``closure``. Returns (K weights
-    or None for per-coordinate methods, new state)."""
+    per ``shared`` parameter). F-MTL (``sam_rho``) recomputes the K losses with ``closure``. ``push`` (representation
+    mode) replaces the backward from ``tg.zs``: it gets the aggregated directions (gradient accumulation recomputes
+    the representations). Returns (K weights or None for per-coordinate methods, new state)."""
     ctx = _with_losses(ctx, tg.losses)
     head_grads = tg.head_grads
     if method.mode == "representation":
         directions, weights, state = _aggregate(method, state, tg.z_blocks, ctx)
-        torch.autograd.backward(tg.zs, directions, inputs=list(below) if below else None)
+        if push is not None:
+            push(directions)
+        else:
+            torch.autograd.backward(tg.zs, directions, inputs=list(below) if below else None)
     else:
         if blocks is None:
             raise ValueError("params mode needs the per-task blocks of the shared parameters")
@@ -237,11 +306,14 @@ def aggregated_backward(method: Method, state: State, tg: TaskGrads, blocks: Seq
 
 def train_step(model: MultiTaskModel, method: Method, state: State, sources: Sequence[TaskData],
                rows: Sequence[Tensor], tasks: Sequence[Task], opt: torch.optim.Optimizer, ctx: StepContext,
-               loss_fn: LossFn, extra: Callable[[], Tensor | None] | None = None
+               loss_fn: LossFn, extra: Callable[[], Tensor | None] | None = None, precision: str = "fp32"
                ) -> tuple[Tensor, Tensor | None, State]:
     """Run one step; returns (K losses, K weights or None for per-coordinate methods, new state).
 
-    ``extra()`` (hooks' loss terms): its gradient is added to the gradients the method set, before the update."""
+    ``extra()`` (hooks' loss terms): its gradient is added to the gradients the method set, before the update.
+    ``precision``: ``fp32`` or ``bf16`` (the forward under autocast; see the module docstring)."""
+    cast = autocast(precision, _device_of(model))
+    loss_fn = _cast_losses(loss_fn, cast)
     opt.zero_grad(set_to_none=True)
     if method.kind == "weighting":
         losses = loss_fn(model, sources, rows, tasks)
@@ -259,9 +331,9 @@ def train_step(model: MultiTaskModel, method: Method, state: State, sources: Seq
         if not hasattr(model, "encode"):
             raise ConfigError(f"grad_mode representation needs an architecture with one shared representation; "
                               f"{type(model).__name__} has none (use grad_mode: params)")
-        tg, blocks = representation_grads(model, sources, rows, tasks), None
+        tg, blocks = representation_grads(model, sources, rows, tasks, cast), None
     else:
-        tg, blocks = parameter_grads(model, sources, rows, tasks, loss_fn, method.chunk)
+        tg, blocks = parameter_grads(model, sources, rows, tasks, loss_fn, method.chunk, cast)
     weights, state = aggregated_backward(method, state, tg, blocks, shared, ctx,
                                          lambda: loss_fn(model, sources, rows, tasks))
     _backward_extra(extra)
@@ -285,3 +357,122 @@ def masked_loss(task: Task, pred: Tensor, y: Tensor) -> Tensor:
     if bool(m.all()):
         return task.loss(pred, y).mean()
     return task.loss(pred[m], y[m]).mean() if m.any() else pred.sum() * 0.0
+
+
+def task_fractions(micro: Sequence[tuple[Sequence[TaskData], Sequence[Tensor]]], tasks: Sequence[Task]) -> Tensor:
+    """N x K (float64): the share of task k's labelled rows of the effective batch that micro-batch m holds, so
+    that Σ_m f_mk L_mk is the effective batch's mean loss (zero where a task has no label in the batch)."""
+    counts = torch.zeros(len(micro), len(tasks), dtype=torch.float64)
+    for m, (sources, rows) in enumerate(micro):
+        for src, r in zip(sources, rows, strict=True):
+            for k, t in enumerate(tasks):
+                if t.name in src.y:
+                    counts[m, k] += float(Task.mask(src.y[t.name][r]).sum())
+    return counts / counts.sum(0).clamp_min(1.0)
+
+
+def _rng(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _scaled(g: Tensor, f: Tensor) -> Tensor:
+    """Row k of the K x ... block ``g`` times f[k]."""
+    return g * f.to(g.device, g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
+
+
+def _add(total: list[Tensor] | None, part: Sequence[Tensor]) -> list[Tensor]:
+    return list(part) if total is None else [a + b for a, b in zip(total, part, strict=True)]
+
+
+def accumulated_step(model: MultiTaskModel, method: Method, state: State,
+                     micro: Sequence[tuple[Sequence[TaskData], Sequence[Tensor]]], tasks: Sequence[Task],
+                     opt: torch.optim.Optimizer, ctx: StepContext, loss_fn: LossFn,
+                     extra: Callable[[], Tensor | None] | None = None, precision: str = "fp32"
+                     ) -> tuple[Tensor, Tensor | None, State]:
+    """One optimiser step over the micro-batches ``micro`` (each ``(sources, rows)``), the method seeing the
+    effective batch (module docstring); one micro-batch is :func:`train_step`. Returns what it returns, the losses
+    being the effective batch's. ``faults.hit("micro")`` counts each micro-batch done (the kill-and-resume tests
+    stop a run between two of them)."""
+    if len(micro) == 1:
+        return train_step(model, method, state, micro[0][0], micro[0][1], tasks, opt, ctx, loss_fn, extra, precision)
+    if method.sam_rho:
+        raise ConfigError(f"method {method.name!r}: F-MTL (sam_rho) cannot accumulate gradients over micro-batches "
+                          "(it recomputes the whole batch's losses at perturbed parameters); use train.accumulate: 1")
+    device = _device_of(model)
+    cast = autocast(precision, device)
+    loss_fn = _cast_losses(loss_fn, cast)
+    frac = task_fractions(micro, tasks)
+    opt.zero_grad(set_to_none=True)
+
+    if method.kind == "weighting":
+        rngs, losses = [], None
+        with torch.no_grad():
+            for m, (sources, rows) in enumerate(micro):
+                rngs.append(_rng(device))
+                part = _scaled(loss_fn(model, sources, rows, tasks), frac[m])
+                losses = part if losses is None else losses + part
+        assert losses is not None
+        weights, state = method.impl.update(state, losses.detach(), _with_losses(ctx, losses))
+        for m, (sources, rows) in enumerate(micro):
+            _set_rng(rngs[m], device)
+            (weights * _scaled(loss_fn(model, sources, rows, tasks), frac[m])).sum().backward()
+            faults.hit("micro")
+        _backward_extra(extra)
+        opt.step()
+        if method.impl.after_step is not None:
+            with torch.no_grad():
+                new = sum(_scaled(loss_fn(model, s, r, tasks), frac[m]) for m, (s, r) in enumerate(micro))
+            state = method.impl.after_step(state, new, ctx)
+        return losses.detach(), weights.detach(), state
+
+    shared = list(model.shared_parameters())
+    heads = _model_heads(model, tasks)
+    owner = [k for k, h in enumerate(heads) for _ in h]
+    total_losses: Tensor | None = None
+    head_grads: list[Tensor] | None = None
+    blocks: list[Tensor] | None = None
+    z_parts: list[list[Tensor]] = []
+    rngs = []
+    representation = method.mode == "representation"
+    if representation and not hasattr(model, "encode"):
+        raise ConfigError(f"grad_mode representation needs an architecture with one shared representation; "
+                          f"{type(model).__name__} has none (use grad_mode: params)")
+    for m, (sources, rows) in enumerate(micro):
+        f = frac[m]
+        if representation:
+            rngs.append(_rng(device))
+            tg = representation_grads(model, sources, rows, tasks, cast)
+            z_parts.append([_scaled(b, f) for b in tg.z_blocks])
+        else:
+            tg, part = parameter_grads(model, sources, rows, tasks, loss_fn, method.chunk, cast)
+            blocks = _add(blocks, [_scaled(b, f) for b in part])
+        part_losses = _scaled(tg.losses.detach(), f)
+        total_losses = part_losses if total_losses is None else total_losses + part_losses
+        head_grads = _add(head_grads, [g * float(f[k]) for g, k in zip(tg.head_grads, owner, strict=True)])
+        del tg
+        faults.hit("micro")
+    assert total_losses is not None and head_grads is not None
+    effective = TaskGrads(total_losses, [], [torch.cat(col, dim=1) for col in zip(*z_parts, strict=True)]
+                          if representation else [], [p for h in heads for p in h], head_grads, owner)
+
+    def push(directions: list[Tensor]) -> None:
+        """Recompute each micro-batch's representation (same RNG draws) and push its rows of the direction."""
+        start = [0] * len(directions)
+        for m, (sources, rows) in enumerate(micro):
+            _set_rng(rngs[m], device)
+            zs = encode(model, sources, rows, cast)
+            parts = [d[s0:s0 + len(z)] for d, s0, z in zip(directions, start, zs, strict=True)]
+            start = [s0 + len(z) for s0, z in zip(start, zs, strict=True)]
+            torch.autograd.backward(zs, parts)
+
+    weights, state = aggregated_backward(method, state, effective, blocks, shared, ctx,
+                                         push=push if representation else None)
+    _backward_extra(extra)
+    opt.step()
+    return total_losses, None if weights is None else weights.detach().float(), state

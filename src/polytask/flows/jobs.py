@@ -64,7 +64,7 @@ def spec_from_config(job: Job, suite: TaskSuite, config: Config, job_dir: Path,
         data=TensorBatches(suite.subset(job.tasks).splits, tc.batch_size),
         epochs=tc.epochs, checkpoint=CheckpointPolicy(Path(job_dir), tc.checkpoint_every),
         seed=config.seed + job.seed_offset, device=resolve_device(tc.device, tc.deterministic),
-        hooks=tuple(hooks), eval_batch_size=tc.eval_batch_size,
+        hooks=tuple(hooks), eval_batch_size=tc.eval_batch_size, precision=tc.precision, accumulate=tc.accumulate,
     )
 
 

@@ -67,6 +67,30 @@ def test_accumulated_update_equals_the_full_batch_update(name, mode):
             torch.testing.assert_close(got[p], want[p], rtol=1e-4, atol=1e-6, msg=f"{name}/{mode} n={n} {p}")
 
 
+@pytest.mark.parametrize("name,mode", [("sum", "representation"), ("sum", "params"), ("equal", "params")])
+def test_recomputed_forwards_draw_the_same_dropout_masks(name, mode):
+    """With dropout, the accumulated step's gradient is that of Σ_k L_k over the micro-batches as first drawn:
+    the forwards it recomputes (weightings' second pass, the encoder in representation mode) reuse the RNG."""
+    method = build_method(MethodConfig(name=name, grad_mode=mode), [t.name for t in TASKS])
+    _, src = setup()
+    micro = [(src, [r]) for r in torch.arange(24).chunk(3)]
+    frac = step_mod.task_fractions(micro, TASKS).float()
+
+    def model_with_dropout():
+        torch.manual_seed(1)
+        return build_model(TASKS, (6,), "mlp", {"hidden": [8, 5], "dropout": 0.5})
+
+    ref = model_with_dropout()
+    torch.manual_seed(7)
+    sum((task_losses(ref, s, r, TASKS) * frac[m]).sum() for m, (s, r) in enumerate(micro)).backward()
+    model = model_with_dropout()
+    torch.manual_seed(7)
+    accumulated_step(model, method, method.init(), micro, TASKS, torch.optim.SGD(model.parameters(), 0.0),
+                     StepContext(0, 0), task_losses)
+    for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_accumulating_does_not_aggregate_each_micro_batch():
     """The property the equality rests on: the aggregator is called once, on the effective batch's Jacobian."""
     method = build_method(MethodConfig(name="upgrad"), [t.name for t in TASKS])

@@ -33,5 +33,6 @@ class Net(nn.Module):  # your model: returns one output per task
 net = Net()
 out = polytask.fit(net, [("sign", "classification", 2), ("size", "regression", 1)],
                    DataLoader(Rows(256, 0), batch_size=32), DataLoader(Rows(64, 1), batch_size=64),
-                   method="upgrad", epochs=3, heads=dict(net.heads), run_dir="runs/fit-example")
+                   method="upgrad", epochs=5, optimizer_params={"lr": 0.01}, heads=dict(net.heads),
+                   run_dir="runs/fit-example")
 print(out.run_dir, out.result["test"])

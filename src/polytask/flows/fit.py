@@ -61,14 +61,16 @@ def fit(model: nn.Module, tasks: Iterable[TaskLike], train: Any, val: Any, test:
         optimizer: str = "adam", optimizer_params: Mapping[str, Any] | None = None, seed: int = 0,
         device: str = "cpu", run_dir: str | Path | None = None, name: str = "fit", checkpoint_every: int = 0,
         heads: Mapping[str, nn.Module] | None = None, encoder: nn.Module | None = None,
-        report: bool = True, quiet: bool = True) -> FitResult:
+        precision: str = "fp32", accumulate: int = 1, report: bool = True, quiet: bool = True) -> FitResult:
     """Train ``model`` (an ``nn.Module`` returning a dict task -> output) on ``tasks`` with ``method``.
 
     ``train``/``val``/``test`` are Datasets or DataLoaders (map-style or iterable) yielding ``(x, {task: y})``,
     or dicts task -> source yielding ``(x, y)``; a missing (None or NaN) label masks the row for that task
     (:class:`~polytask.engine.data.DatasetBatches`). ``mode`` is the aggregators' grad mode; ``representation``
-    needs ``encoder`` and ``heads``. Everything lands in ``run_dir`` (default ``runs/<name>-<time>``); a
-    ``run_dir`` that holds this job's checkpoint is resumed exactly (same weights as a run that never stopped).
+    needs ``encoder`` and ``heads``. ``precision="bf16"`` runs the forward pass under autocast; ``accumulate``
+    batches make one optimiser step (:class:`~polytask.engine.spec.TrainSpec`). Everything lands in ``run_dir``
+    (default ``runs/<name>-<time>``); a ``run_dir`` that holds this job's checkpoint is resumed exactly (same
+    weights as a run that never stopped).
     """
     task_list = [as_task(t) for t in tasks]
     names = [t.name for t in task_list]
@@ -95,7 +97,8 @@ def fit(model: nn.Module, tasks: Iterable[TaskLike], train: Any, val: Any, test:
         optimizer=registered_optimizer(optimizer, dict(optimizer_params or {}), "fit optimizer"),
         method=build_method(cfg, names), data=data, epochs=epochs,
         checkpoint=CheckpointPolicy(run_dir / "jobs" / name, checkpoint_every), seed=seed,
-        device=resolve_device(device), eval_batch_size=max(data.batch_size, 256))
+        device=resolve_device(device), eval_batch_size=max(data.batch_size, 256), precision=precision,
+        accumulate=accumulate)
     spec.checkpoint.dir.mkdir(parents=True, exist_ok=True)
     result = {"kind": "joint", **train_job(spec, Reporter(quiet=quiet))}
     atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in result["history"]))

@@ -135,9 +135,10 @@ def test_bf16_autocasts_the_forward():
     assert dtypes == [torch.bfloat16]
 
 
-def spec(job_dir, epochs=2, every=2, method="upgrad", mode="representation", accumulate=3, precision="bf16"):
+def spec(job_dir, epochs=2, every=1, method="upgrad", mode="representation", accumulate=3, precision="bf16"):
     """A small job: a model with dropout (the recomputed forwards must draw the same masks), 6 batches of 16 rows
-    per epoch, 2 optimiser steps of 3 micro-batches each."""
+    per epoch, 2 optimiser steps of 3 micro-batches each; checkpoints after steps 1 (mid-epoch), 2 (epoch end),
+    3 (mid-epoch) and 4."""
     suite = build_suite("synthetic", SUITE, seed=0)
     tasks = list(suite.tasks)
     return TrainSpec(
@@ -149,10 +150,11 @@ def spec(job_dir, epochs=2, every=2, method="upgrad", mode="representation", acc
         checkpoint=CheckpointPolicy(Path(job_dir), every), seed=3, precision=precision, accumulate=accumulate)
 
 
-@pytest.mark.parametrize("kill", ["micro:8", "write:last.safetensors:2"])
+@pytest.mark.parametrize("kill", ["micro:8", "write:last.safetensors:3"])
 def test_killed_job_resumes_bit_identical(tmp_path, kill):
-    """micro:8 is the 2nd micro-batch of the 3rd optimiser step (after the checkpoint at step 2): the resumed job
-    redoes that step from its first micro-batch. The other kill hits the 2nd checkpoint write mid-file."""
+    """micro:8 is the 2nd micro-batch of the 3rd optimiser step (after the epoch-end checkpoint at step 2): the
+    resumed job redoes that step from its first micro-batch. The other kill hits the mid-epoch checkpoint write of
+    step 3 after its temporary file is complete, before the rename."""
     want = train_job(spec(tmp_path / "straight"))
     assert want["steps"] == 4
     env = {**os.environ, "POLYTASK_KILL_AT": kill}

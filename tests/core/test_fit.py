@@ -121,6 +121,15 @@ def test_one_source_per_task_and_iterable_data(tmp_path):
         DatasetBatches(tasks, Stream(40, 0), Rows(20, 1))
     with pytest.raises(DataError, match=r"task\(s\) \['reg'\] have none"):
         DatasetBatches(tasks, {"cls": Rows(40, 0)}, Rows(20, 1))
+    # a resumed epoch of an iterable source re-reads it and skips the batches already trained
+    def stream():
+        return DatasetBatches(tasks, Stream(40, 0), Rows(20, 1), batch_size=8, steps=5).epoch(0, 0)
+
+    whole = stream()
+    read = [whole[i].sources[0].x for i in range(5)]
+    assert torch.equal(stream()[3].sources[0].x, read[3]) and not torch.equal(read[3], read[2])
+    with pytest.raises(DataError, match="read forwards only"):
+        whole[1]
     src = DatasetBatches(tasks, Stream(40, 0, only="cls"), Rows(20, 1), steps=5)
     with pytest.raises(DataError, match="train: the targets of a multi-task source must be a dict"):
         src.epoch(0, 0)[0]

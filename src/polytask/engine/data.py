@@ -125,7 +125,8 @@ class _Stream:
     def __init__(self, data: Any, tasks: Sequence[Task], only: str | None, where: str) -> None:
         loader = data if isinstance(data, DataLoader) else None
         self.dataset = data.dataset if loader is not None else data
-        self.collate = loader.collate_fn if loader is not None else default_collate
+        # a loader without batching (batch_size=None) converts rows one by one; polytask batches them itself
+        self.collate = loader.collate_fn if loader is not None and loader.batch_size is not None else default_collate
         self.loader_batch = loader.batch_size if loader is not None else None
         self.tasks, self.only, self.where = list(tasks), only, where
         self.iterable = isinstance(self.dataset, IterableDataset)
@@ -200,12 +201,12 @@ class DatasetBatches:
 
     Map-style data: the rows of step ``s`` of epoch ``e`` are :func:`epoch_batches` of the sources' lengths, a
     pure function of (seed, e, s); rows are read with ``dataset[i]`` and collated with the loader's
-    ``collate_fn`` (a loader's sampler and shuffling are not used: polytask owns the order, so a resumed run
-    reads exactly the batches it would have read). Iterable data: each epoch iterates the dataset afresh in
-    its own order and cuts it into batches of ``batch_size``; an epoch is ``steps`` batches (required when the
-    dataset has no length); a resumed epoch re-iterates and skips the batches already trained, so it is exact
-    when the dataset yields the same stream each epoch (seed it from ``torch.utils.data.get_worker_info`` or
-    its own epoch counter otherwise). Validation and test splits are read into memory once for evaluation.
+    ``collate_fn`` (a loader's sampler, shuffling and workers are not used: polytask owns the order, so a
+    resumed run reads exactly the batches it would have read; rows are read in the training process).
+    Iterable data: each epoch iterates the dataset afresh and cuts the stream into batches of ``batch_size``;
+    an epoch is ``steps`` batches (required when the dataset has no length); a resumed epoch iterates again and
+    skips the batches already trained, so resuming is exact when iterating the dataset again yields the same
+    stream. Validation and test splits are read into memory once, for evaluation.
     """
 
     def __init__(self, tasks: Sequence[Task], train: Any, val: Any, test: Any | None = None,

@@ -81,6 +81,12 @@ output: {{dir: {tmp_path}, name: r}}
     from safetensors.torch import load_file
     weights = load_file(tmp_path / "r" / "jobs" / "upgrad" / "best.safetensors")
     assert weights["model.trunk.1.weight"].shape == (6, 4)  # the user's module, built with backbone_params
+    # and a trained run of the user's model answers new rows
+    import torch
+
+    import polytask
+    out = polytask.load(tmp_path / "r", "upgrad").predict(torch.randn(5, 4))
+    assert set(out) == {"sign", "size"} and len(out["sign"]) == 5
 
 
 @pytest.mark.parametrize(("section", "path", "message"), [

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from polytask.engine.data import DatasetBatches, TensorBatches
-from polytask.errors import DataError
+from polytask.errors import ConfigError, DataError
 from polytask.flows.fit import fit
 from polytask.tasks.task import Task, TaskData
 
@@ -155,6 +155,9 @@ def test_model_missing_a_task_output_is_named(tmp_path):
 
     with pytest.raises(DataError, match=r"no entry for task\(s\) \['reg'\]"):
         fit(Half(), TASKS, Rows(16, 0), Rows(8, 1), epochs=1, run_dir=tmp_path / "r", report=False)
+    with pytest.raises(ConfigError, match="pass encoder="):  # before anything is written
+        fit(Net(), TASKS, Rows(16, 0), Rows(8, 1), method="upgrad", mode="representation", run_dir=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path):

@@ -78,13 +78,13 @@ def fit(model: nn.Module, tasks: Iterable[TaskLike], train: Any, val: Any, test:
         cfg = method
     else:
         cfg = MethodConfig(name=method, params=dict(method_params or {}), grad_mode=mode)  # type: ignore[arg-type]
-    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.grad_mode == "representation" and encoder is None:
         raise ConfigError("fit mode='representation': pass encoder= (the module giving the shared features) and "
                           "heads= (task -> module reading them)")
     wrapped = UserModel(model, task_list, heads) if encoder is None else \
         EncodedUserModel(model, task_list, heads or {}, encoder)
+    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     meta = run_dir / "run.json"
     if meta.exists():

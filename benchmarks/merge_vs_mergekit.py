@@ -7,11 +7,12 @@ tensor. DARE is compared at density 1 only: its random masks come from different
 global torch RNG in graph order; polytask: one seeded stream per tensor and model) and mergekit rescales
 survivors to the L1 norm instead of by 1/(1-p).
 
-bf16 TIES with one model isolates the trim (both tools computing in float32, writing bf16): both must keep exactly
-k = int(density * n) entries of each task-vector tensor. Many bf16 magnitudes tie at the threshold; mergekit breaks those ties by an unstable argsort
-(arbitrary positions), polytask by index (``trim_ties: first``), so the kept counts agree while some positions
-differ (only among tied entries). mergekit is not a dependency of polytask: install it (into this venv or
-another, e.g. ``python3 -m venv /tmp/mkvenv && /tmp/mkvenv/bin/pip install torch mergekit``) to run this.
+bf16 TIES with one model isolates the trim (both tools computing in float32, writing bf16): both must keep
+exactly k = int(density * n) entries of each task-vector tensor. Many bf16 magnitudes tie at the threshold;
+mergekit breaks those ties by an unstable argsort (arbitrary positions), polytask by index (``trim_ties:
+first``), so the kept counts agree while some positions differ (only among tied entries). mergekit is not a
+dependency of polytask: install it (into this venv or another, e.g. ``python3 -m venv /tmp/mkvenv &&
+/tmp/mkvenv/bin/pip install torch mergekit``) to run this.
 
     python benchmarks/merge_vs_mergekit.py [--mergekit-yaml PATH] [--keep DIR]
 """

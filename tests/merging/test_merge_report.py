@@ -2,8 +2,8 @@
 
 from html.parser import HTMLParser
 
-from polytask.merging.report import format_merge_table, render_merge_report
 from polytask.report.html import _CELL_PAD_PX, _CHAR_PX, _PAGE_PX
+from polytask.report.merge import format_merge_table, render_merge_report
 
 METHODS = ("average", "task_arithmetic", "ties", "dare", "dare_ties", "breadcrumbs", "metagpt", "lwptv", "fisher",
            "regmean", "adamerging", "divmerge")

@@ -5,8 +5,10 @@ Two ways in:
 - **checkpoints on disk** (:func:`merge_checkpoints`, ``polytask merge CONFIG.yaml``): a base and N models
   (safetensors files, sharded Hugging Face directories, PEFT LoRA adapters, polytask job/run directories)
   merged one tensor name at a time by a data-free method into sharded safetensors, atomically;
-- **a merging experiment on a suite** (:func:`run_merge_experiment`, a config with ``suite:``): pretrain a
-  backbone, fine-tune one model per task, merge with every method (data-free or data-driven), evaluate.
+- **a merging experiment on a suite** (:func:`polytask.flows.merge.run_merge_experiment`, a config with
+  ``suite:``): pretrain a backbone, fine-tune one model per task, merge with every method (data-free or
+  data-driven), evaluate. It trains, so it is a flow; this package holds its pure pieces
+  (:mod:`polytask.merging.experiment`).
 
 Methods (``METHODS``, each from its paper; ``polytask merge --list`` prints them):
 
@@ -67,6 +69,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from polytask.errors import ConfigError
 from polytask.merging import data_driven  # noqa: F401  (registers the data-driven methods)
 from polytask.merging.checkpoint import Checkpoint, open_checkpoint
 from polytask.merging.config import ExperimentConfig, MergeConfig, load_merge_config
@@ -76,19 +79,12 @@ from polytask.merging.stream import MergeOptions, ModelInput, merge_checkpoints,
 from polytask.merging.writer import ShardedWriter
 
 
-def run_merge_experiment(cfg: ExperimentConfig, reporter: Any = None, run_dir: Any = None
-                         ) -> tuple[Path, dict[str, Any]]:
-    """Pretrain, fine-tune per task, merge with every method, evaluate (see :mod:`polytask.merging.experiment`)."""
-    from polytask.merging.experiment import run_merge_experiment as run
-
-    return run(cfg, reporter, run_dir)
-
-
-def run_merge_config(cfg: MergeConfig | ExperimentConfig, log: Any = None, reporter: Any = None
-                     ) -> tuple[Path, dict[str, Any]]:
-    """Run a validated merge config: a checkpoint merge or an experiment. Returns (output dir, summary)."""
+def run_merge_config(cfg: MergeConfig, log: Any = None) -> tuple[Path, dict[str, Any]]:
+    """Run a validated checkpoint-merge config. Returns (output dir, summary). An experiment config (``suite:``)
+    trains, so it is run by the merge flow (:func:`polytask.flows.merge.merge`)."""
     if isinstance(cfg, ExperimentConfig):
-        return run_merge_experiment(cfg, reporter)
+        raise ConfigError("a merge config with 'suite:' is an experiment: run it with polytask.flows.merge.merge "
+                          "(or `polytask merge`)")
     base = cfg.base
     if log is not None:
         for note in cfg._notes:
@@ -119,5 +115,4 @@ __all__ = [
     "merge_tensors",
     "open_checkpoint",
     "run_merge_config",
-    "run_merge_experiment",
 ]

@@ -512,7 +512,8 @@ def generalized_task_arithmetic(
     taus = list(_pool().map(one, range(k))) if parallel and WORKERS > 1 else [one(i) for i in range(k)]
     out = own(base, consume)
     flat = out.view(-1)
-    work = torch.empty((4, min(CHUNK, flat.numel())), dtype=flat.dtype) if consensus else None
+    m = min(CHUNK, flat.numel())
+    work = workspace(4 * m, flat.dtype, "combine").view(4, m) if consensus else None
     for s in _chunks(flat.numel()):
         _combine_chunk(flat[s:s + CHUNK], [t[s:s + CHUNK] for t in taus], weights, consensus, normalize, lam, work)
     return out

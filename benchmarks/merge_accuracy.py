@@ -19,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from polytask.merging import ExperimentConfig, run_merge_experiment
+from polytask.flows.merge import run_merge_experiment
+from polytask.merging import ExperimentConfig
 
 LAMBDAS = [0.3, 0.5, 0.7, 1.0]
 

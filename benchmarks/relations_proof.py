@@ -26,8 +26,9 @@ import yaml
 
 from polytask.config import load_config
 from polytask.engine.progress import Reporter
+from polytask.flows.group import group
+from polytask.flows.relate import relate
 from polytask.relations import AffinityMatrix, spearman_rho
-from polytask.relations.workflow import group, relate
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "synthetic_groups.yaml"
 ALL = ["lookahead", "grad_cosine", "datamap", "pairwise"]

@@ -53,7 +53,7 @@ def _flow(fn: Callable[..., Any] | str, config: Optional[Path], set_: list[str],
     ``fn`` may be named as ``"module:function"``: it is imported only after the config is valid, so a typo is
     reported before torch loads."""
     from polytask.config import load_config
-    from polytask.engine.progress import Reporter
+    from polytask.flows import Reporter
 
     try:
         if resume is not None and (config is not None or set_):
@@ -77,9 +77,9 @@ QuietOpt = Annotated[bool, typer.Option(help="no progress output")]
 def run(config: ConfigArg = None, set_: SetOpt = [], resume: ResumeOpt = None,  # noqa: B006
         quiet: QuietOpt = False) -> None:
     """Train the single-task baselines and every configured method; write summary.json and report.html."""
-    from polytask.report.console import format_results
+    run_dir, summary = _flow("polytask.flows.run:run", config, set_, resume, quiet)
+    from polytask.flows.text import format_results
 
-    run_dir, summary = _flow("polytask.experiment:run", config, set_, resume, quiet)
     typer.echo(format_results(summary, width=max(80, shutil.get_terminal_size((120, 24)).columns)))
     if "verdict" in summary:
         typer.echo(f"\nverdict: {summary['verdict']['text']}")
@@ -123,7 +123,7 @@ def methods() -> None:
 def relate(config: ConfigArg = None, set_: SetOpt = [], resume: ResumeOpt = None,  # noqa: B006
            quiet: QuietOpt = False) -> None:
     """Estimate task-affinity matrices (relate.estimators); write affinity_*.json, heatmaps and the report."""
-    run_dir, affinities = _flow("polytask.relations.workflow:relate", config, set_, resume, quiet)
+    run_dir, affinities = _flow("polytask.flows.relate:relate", config, set_, resume, quiet)
     for name, aff in affinities.items():
         typer.echo(f"{name} affinity (row i -> column j), cost {aff.cost}")
         width = max(len(t) for t in aff.tasks)
@@ -137,8 +137,8 @@ def relate(config: ConfigArg = None, set_: SetOpt = [], resume: ResumeOpt = None
 def group(config: ConfigArg = None, set_: SetOpt = [], resume: ResumeOpt = None,  # noqa: B006
           quiet: QuietOpt = False) -> None:
     """Choose task groups under a budget (group.*) and prove them by training against the alternatives."""
-    run_dir, summary = _flow("polytask.relations.workflow:group", config, set_, resume, quiet)
-    from polytask.report.relations import networks_text
+    run_dir, summary = _flow("polytask.flows.group:group", config, set_, resume, quiet)
+    from polytask.flows.text import networks_text
 
     g = summary["grouping"]
     typer.echo(f"chosen groups ({summary['estimator']}, budget {summary['budget']:g}): {g['groups']}")
@@ -156,7 +156,7 @@ def group(config: ConfigArg = None, set_: SetOpt = [], resume: ResumeOpt = None,
 def report(run_dirs: Annotated[list[Path], typer.Argument(help="one or more run directories")],
            out: Annotated[Optional[Path], typer.Option(help="output HTML file")] = None) -> None:
     """Write a self-contained HTML report of one or more runs."""
-    from polytask.report.html import write_report
+    from polytask.flows.text import write_report
 
     try:
         path = write_report(run_dirs, out)
@@ -177,7 +177,7 @@ def predict(
 ) -> None:
     """Predict new rows with a trained job: labels and values in the units of the training data."""
     try:
-        from polytask.predict import predict_file
+        from polytask.flows.predict import predict_file
 
         path, predictor, n = predict_file(run_dir, job, input_, out, proba)
     except (PolytaskError, OSError) as e:
@@ -198,9 +198,8 @@ def merge(
     quiet: Annotated[bool, typer.Option(help="no progress output")] = False,
 ) -> None:
     """Merge models: checkpoints tensor by tensor, or pretrain / fine-tune / merge / evaluate on a suite."""
-    from polytask.engine.progress import Reporter
-    from polytask.merging import METHODS, ExperimentConfig, load_merge_config, run_merge_config
-    from polytask.merging.report import format_merge_table
+    from polytask.flows import Reporter
+    from polytask.merging import METHODS, ExperimentConfig, load_merge_config
 
     if list_methods:
         for entry in METHODS:
@@ -213,11 +212,14 @@ def merge(
         if config is None:
             raise PolytaskError("give a merge config (see `polytask merge --list` for the methods)")
         cfg = load_merge_config(config, set_, output)
-        reporter = Reporter(quiet=quiet)
-        out, summary = run_merge_config(cfg, log=reporter.log, reporter=reporter)
+        from polytask.flows.merge import merge as merge_flow
+
+        out, summary = merge_flow(cfg, Reporter(quiet=quiet))
     except (PolytaskError, OSError) as e:
         _fail(e)
     if isinstance(cfg, ExperimentConfig):
+        from polytask.flows.text import format_merge_table
+
         typer.echo(format_merge_table(summary))
         typer.echo(f"run directory: {out}  (summary.json, report.html)")
     else:

@@ -1,374 +1,44 @@
-"""A run: single-task baselines and every configured method on one suite, into one run directory.
+"""The run flow's former home, kept so that ``from polytask.experiment import run`` keeps working: the flow is
+:func:`polytask.flows.run.run`, its job runner :mod:`polytask.flows.runner` (patch names there, not here)."""
 
-Layout of a run directory::
-
-    config.yaml        the resolved configuration
-    preprocessing.json the fitted input/target standardisation and class labels (``TaskSuite.preprocessing``)
-    metrics.jsonl      one line per job, epoch, split and task
-    summary.json       test metrics at the best-validation epoch, Δm%, mean rank, wall time, versions
-    report.html        a self-contained page
-    run.json           when the run started
-    run.lock           held by the one process working in the directory (its pid)
-    jobs/<job>/        last.safetensors (resumable state), best.safetensors (weights), result.json, timing.json
-
-The directory and its ``config.yaml`` exist from the start (before any data is read), so a run killed at
-any moment can be resumed; a directory in which nothing has trained yet (e.g. the data failed to load) is
-started again, with the new config, by a plain run with the same ``output.name``.
-"""
-
-from __future__ import annotations
-
-import dataclasses
-import functools
-import hashlib
-import json
-import os
-import platform
-import re
-import shutil
-import time
-import weakref
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
-
-import numpy as np
-import torch
-
-import polytask
-from polytask.config import Config, MethodConfig, check, dump_config, load_config
-from polytask.engine import faults
-from polytask.engine.hooks import Hook, Run
-from polytask.engine.progress import Reporter
-from polytask.engine.spec import CHECKPOINT
-from polytask.errors import CheckpointError, ConfigError
-from polytask.evaluation import delta_m, mean_rank
-from polytask.flows.jobs import Job, train_configured
-from polytask.io import (
-    DirLock,
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
-    is_temporary,
-    remove_stale_temporaries,
+from polytask.flows.run import plan, run, summarize
+from polytask.flows.runner import (
+    STL,
+    EpochCallback,
+    cache_dir,
+    close_run,
+    code_version,
+    data_fingerprint,
+    execute,
+    job_dir_of,
+    never_trained,
+    open_run,
+    releases_run_locks,
+    result_cache_key,
+    run_suite,
+    single_task_job,
+    summary_header,
+    versions,
 )
-from polytask.tasks import build_suite
-from polytask.tasks.task import TaskSuite
 
-STL = "stl"
-LOCK = "run.lock"
-# what a run writes before its first training step: a directory holding only these has never trained
-_START_FILES = frozenset({"config.yaml", "run.json", LOCK, "preprocessing.json"})
-
-
-def single_task_job(task: str) -> Job:
-    """The single-task baseline of ``task`` (same backbone and budget, one head)."""
-    return Job(f"{STL}/{task}", (task,), MethodConfig(name="equal"), "single_task")
-
-
-def plan(config: Config, suite: TaskSuite) -> list[Job]:
-    """The jobs of a run: one single-task job per task (if asked), then one joint job per method."""
-    jobs = []
-    if config.baselines.single_task:
-        jobs += [single_task_job(t) for t in suite.task_names]
-    jobs += [Job(m.label, tuple(suite.task_names), m, "joint") for m in config.methods]
-    return jobs
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("POLYTASK_CACHE_DIR", Path.home() / ".cache" / "polytask"))
-
-
-@functools.cache
-def code_version() -> str:
-    """A digest of the installed polytask sources and of the library versions that compute the numbers:
-    any code change gives a new value (``__version__`` alone does not move between releases)."""
-    root = Path(polytask.__file__).parent
-    h = hashlib.blake2b(json.dumps(versions(), sort_keys=True).encode(), digest_size=16)
-    for f in sorted(root.rglob("*.py")):
-        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()
-
-
-_digests: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
-
-
-def _tensor_digest(t: torch.Tensor) -> str:
-    """A digest of a tensor's dtype, shape and bytes, computed once per tensor object."""
-    hit = _digests.get(id(t))
-    if hit is not None and hit[0]() is t:
-        return hit[1]
-    h = hashlib.blake2b(f"{t.dtype}{tuple(t.shape)}".encode(), digest_size=16)
-    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    key = id(t)
-    _digests[key] = (weakref.ref(t, lambda _, k=key: _digests.pop(k, None)), h.hexdigest())
-    return _digests[key][1]
-
-
-def _canonical(obj: Any) -> Any:
-    """``obj`` as JSON-able data that changes whenever obj does: tensors and arrays by digest, dataclasses
-    by their fields, functions by qualified name."""
-    if isinstance(obj, torch.Tensor):
-        return {"tensor": _tensor_digest(obj)}
-    if isinstance(obj, np.ndarray):
-        return {"array": _tensor_digest(torch.from_numpy(np.ascontiguousarray(obj)))}
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {type(obj).__name__: {f.name: _canonical(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
-    if isinstance(obj, dict):
-        return {"dict": [[_canonical(k), _canonical(v)] for k, v in obj.items()]}
-    if isinstance(obj, (list, tuple)):
-        return [_canonical(v) for v in obj]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if callable(obj):
-        return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', repr(obj))}"
-    return repr(obj)
-
-
-def data_fingerprint(suite: TaskSuite, tasks: tuple[str, ...]) -> str:
-    """A digest of everything the suite gives a job on ``tasks``: every split's input, target and row-index
-    tensors (so the file's content and the split, not its path), the task definitions (kinds, metrics,
-    class labels, target scaling), the input scaling and the suite's info."""
-    blob = json.dumps(_canonical(suite.subset(tasks)), sort_keys=True)
-    return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
-
-
-def result_cache_key(job: Job, suite: TaskSuite, config: Config, split_seed: int | None = None) -> str:
-    """The single-task result cache key: everything that determines the job's result. The data it sees
-    (content, split, preprocessing), the seed the split was drawn with (``split_seed``, default
-    ``config.seed``), the training seed and job id (the job's seed offset), the suite parameters, model and
-    training config, the starting weights' bytes (``model.init_from``) and the code version."""
-    init = config.model.init_from
-    blob = json.dumps({
-        "data": data_fingerprint(suite, job.tasks),
-        "split_seed": config.seed if split_seed is None else split_seed, "seed": config.seed,
-        "job": [job.id, job.kind, job.method.model_dump(mode="json")],
-        "suite": config.suite.model_dump(mode="json"), "model": config.model.model_dump(mode="json"),
-        "init_from": hashlib.blake2b(Path(init).read_bytes()).hexdigest() if init else None,
-        "train": config.train.model_dump(mode="json"), "code": code_version(),
-    }, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
-
-
-def job_dir_of(run_dir: Path, job: Job) -> Path:
-    return run_dir / "jobs" / re.sub(r"[^A-Za-z0-9_.-]+", "_", job.id.replace("/", "__"))
-
-
-def versions() -> dict[str, str]:
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "polytask": polytask.__version__}
-
-
-def summarize(config: Config, suite: TaskSuite, results: dict[str, dict[str, Any]], run_id: str,
-              started: str, wall_time: float) -> dict[str, Any]:
-    """Combine job results into the run summary (per method: test metrics, Δm%, mean rank, time)."""
-    methods: dict[str, dict[str, Any]] = {}
-    stl_jobs = [r for r in results.values() if r["kind"] == "single_task"]
-    if stl_jobs:
-        methods[STL] = {
-            "kind": "single_task", "method": STL,
-            "tasks": {t: s for r in stl_jobs for t, s in r["test"].items()},
-            "best_epoch": {r["tasks"][0]: r["best_epoch"] for r in stl_jobs},
-            "wall_time_s": sum(r["wall_time_s"] for r in stl_jobs),
-        }
-    for r in results.values():
-        if r["kind"] == "joint":
-            methods[r["job"]] = {"kind": "joint", "method": r["method"], "tasks": r["test"],
-                                 "best_epoch": r["best_epoch"], "wall_time_s": r["wall_time_s"]}
-    directions = {t.name: {m.name: m.higher_is_better for m in t.metrics} for t in suite.tasks}
-    reference = STL if STL in methods and len(stl_jobs) == len(suite.tasks) else None
-    if reference:
-        for m in methods.values():
-            m["delta_m"], m["delta_m_per_task"] = delta_m(m["tasks"], methods[reference]["tasks"], directions)
-    ranks = mean_rank({k: v["tasks"] for k, v in methods.items()}, directions) if len(methods) > 1 else {}
-    return {**summary_header(config, suite, run_id, started, wall_time),
-            "reference": reference, "results": methods, "mean_rank": ranks}
-
-
-def summary_header(config: Config, suite: TaskSuite, run_id: str, started: str, wall_time: float) -> dict[str, Any]:
-    """What every summary.json starts with: versions, run id, the suite and its tasks' metrics, seed, times."""
-    return {
-        "polytask_version": polytask.__version__, "run_id": run_id,
-        "suite": {"name": suite.name, "params": config.suite.params,
-                  "tasks": [{"name": t.name, "kind": t.kind, "n_outputs": t.n_outputs,
-                             "metrics": [{"name": m.name, "higher_is_better": m.higher_is_better}
-                                         for m in t.metrics]} for t in suite.tasks]},
-        "seed": config.seed, "versions": versions(), "started": started, "wall_time_s": wall_time,
-    }
-
-
-def execute(job: Job, suite: TaskSuite, config: Config, run_dir: Path, reporter: Reporter,
-            hooks: Sequence[Hook] = (), split_seed: int | None = None) -> dict[str, Any]:
-    """A job's result: read if finished, copied from the single-task cache if there, else trained
-    (resuming its checkpoint if one exists), with ``hooks`` riding on it; single-task results go into the cache.
-    ``split_seed`` is the seed ``suite`` was built with when it is not ``config.seed`` (a comparison over
-    training seeds)."""
-    job_dir = job_dir_of(run_dir, job)
-    done = job_dir / "result.json"
-    cached = None
-    if job.kind == "single_task" and config.baselines.cache and not done.exists():
-        cached = cache_dir() / "stl" / result_cache_key(job, suite, config, split_seed)
-    if cached is not None and (cached / "result.json").exists():
-        _copy_result(cached, job_dir)
-        reporter.log(f"[{job.id}] single-task result reused from cache {cached}")
-    if done.exists():
-        return json.loads(done.read_text())
-    job_dir.mkdir(parents=True, exist_ok=True)
-    result = train_configured(job, suite, config, job_dir, reporter, hooks)
-    atomic_write_json(done, result)
-    if cached is not None:
-        _copy_result(job_dir, cached)
-    return result
-
-
-class EpochCallback(Hook):
-    """A hook that calls ``fn(history)`` after every epoch with the job's records so far (e.g. to rewrite
-    ``metrics.jsonl``); it keeps no state."""
-
-    name = "epoch_callback"
-
-    def __init__(self, fn: Callable[[list[dict[str, Any]]], None]) -> None:
-        self.fn = fn
-
-    def on_epoch(self, run: Run, epoch: int) -> None:
-        self.fn(run.state.history)
-
-
-def _copy_result(src: Path, dst: Path) -> None:
-    """Copy a finished job's weights, then its result (the marker of completion), each atomically."""
-    for name in ("best.safetensors", "result.json"):
-        atomic_write_bytes(dst / name, (src / name).read_bytes())
-
-
-_held: dict[Path, DirLock] = {}
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _lock(run_dir: Path) -> None:
-    """Hold ``run_dir``'s lock (RunLockedError naming the holder's pid if another live process has it)."""
-    key = run_dir.resolve()
-    if key not in _held:
-        _held[key] = DirLock(run_dir, LOCK).acquire()
-
-
-def close_run(run_dir: str | os.PathLike[str]) -> None:
-    """Give up this process's lock on ``run_dir`` (if it holds it)."""
-    lock = _held.pop(Path(run_dir).resolve(), None)
-    if lock is not None:
-        lock.release()
-
-
-def releases_run_locks(flow: Callable[P, R]) -> Callable[P, R]:
-    """Decorate a flow so that the run-directory locks it took (``open_run``) are given up when it returns
-    or fails; a killed process loses its locks with it."""
-    @functools.wraps(flow)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        before = set(_held)
-        try:
-            return flow(*args, **kwargs)
-        finally:
-            for key in set(_held) - before:
-                close_run(key)
-    return wrapper
-
-
-def never_trained(run_dir: Path) -> bool:
-    """Whether ``run_dir`` is empty, or a run directory in which nothing has trained or finished: only the
-    files a run writes before its first step, temporaries, and job folders without a checkpoint (results
-    copied from the single-task cache come back from the cache)."""
-    entries = [p for p in run_dir.iterdir() if p.name != LOCK and not is_temporary(p)]
-    if entries and not (run_dir / "config.yaml").is_file():
-        return False
-    return all(p.name in _START_FILES or (p.name == "jobs" and p.is_dir() and not any(p.glob(f"*/{CHECKPOINT}")))
-               for p in entries)
-
-
-def _new_run_dir(config: Config) -> Path:
-    """The run directory of ``config``, created and locked; one in which nothing has trained is emptied and
-    reused (its start failed, e.g. on bad data), anything else is refused."""
-    name = config.output.name or f"{config.suite.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(config.output.dir) / name
-    refusal = ConfigError(f"run directory {run_dir} already exists and holds trained jobs or results; use "
-                          f"--resume {run_dir} to continue it, or set output.name")
-    if run_dir.exists() and not never_trained(run_dir):
-        raise refusal
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _lock(run_dir)
-    if not never_trained(run_dir):  # another process started it in the meantime
-        close_run(run_dir)
-        raise refusal
-    for p in run_dir.iterdir():
-        if p.name != LOCK:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-    return run_dir
-
-
-def open_run(config: Config | None, resume: str | os.PathLike[str] | None) -> tuple[Path, Config, dict[str, Any]]:
-    """A new run directory for ``config`` (its resolved config saved), or the existing one at ``resume``
-    with its saved config; returns (run directory, config, run state). The directory is locked for this
-    process until its flow ends (``releases_run_locks``); a resumed one loses the temporaries of killed
-    writers. The config is saved before any data is read, so a run killed at any moment can be resumed."""
-    run_dir = Path(resume) if resume is not None else None
-    try:
-        if run_dir is not None:
-            if not (run_dir / "config.yaml").is_file():
-                raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
-            _lock(run_dir)
-            remove_stale_temporaries(run_dir)
-            config = load_config(run_dir / "config.yaml")
-            state = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
-        else:
-            config = check(config) if config is not None else load_config()
-            run_dir = _new_run_dir(config)
-            atomic_write_text(run_dir / "config.yaml", dump_config(config))
-            state = {}
-        state.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        atomic_write_json(run_dir / "run.json", state)
-    except BaseException:
-        if run_dir is not None:
-            close_run(run_dir)
-        raise
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
-    faults.hit("start")
-    return run_dir, config, state
-
-
-def run_suite(config: Config, run_dir: Path) -> TaskSuite:
-    """The configured suite, its fitted preprocessing (scalers, class labels) saved beside config.yaml."""
-    suite = build_suite(config.suite.name, config.suite.params, config.seed)
-    atomic_write_json(run_dir / "preprocessing.json", suite.preprocessing())
-    return suite
-
-
-@releases_run_locks
-def run(config: Config | None = None, resume: str | os.PathLike[str] | None = None,
-        reporter: Reporter | None = None, report: bool = True) -> tuple[Path, dict[str, Any]]:
-    """Run (or resume) an experiment; returns the run directory and its summary."""
-    reporter = reporter or Reporter()
-    run_dir, config, state = open_run(config, resume)
-    suite = run_suite(config, run_dir)
-    if config.flow == "advise":
-        from polytask.flows.advise import advise
-
-        return advise(run_dir, config, state, suite, reporter, report)
-    jobs = plan(config, suite)
-    results: dict[str, dict[str, Any]] = {}
-
-    def write_metrics(current: list[dict[str, Any]] | None = None) -> None:
-        lines = [rec for r in results.values() for rec in r["history"]] + (current or [])
-        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(rec) + "\n" for rec in lines))
-
-    for job in jobs:
-        results[job.id] = execute(job, suite, config, run_dir, reporter, hooks=[EpochCallback(write_metrics)])
-    write_metrics()
-
-    wall = sum(r["wall_time_s"] for r in results.values())
-    summary = summarize(config, suite, results, run_dir.name, state["started"], wall)
-    atomic_write_json(run_dir / "summary.json", summary)
-    if report:
-        from polytask.report.html import write_report
-
-        write_report([run_dir])
-    return run_dir, summary
+__all__ = [
+    "STL",
+    "EpochCallback",
+    "cache_dir",
+    "close_run",
+    "code_version",
+    "data_fingerprint",
+    "execute",
+    "job_dir_of",
+    "never_trained",
+    "open_run",
+    "plan",
+    "releases_run_locks",
+    "result_cache_key",
+    "run",
+    "run_suite",
+    "single_task_job",
+    "summarize",
+    "summary_header",
+    "versions",
+]

@@ -143,7 +143,7 @@ def test_cache_key_changes_with_every_input_of_the_result(tmp_path, monkeypatch)
     """Data content (not the path), split seed, training seed, job, config parts, starting weights and code
     version each change the single-task cache key; nothing else does."""
     import polytask
-    from polytask import experiment
+    from polytask.flows import runner as experiment
     from polytask.flows.jobs import Job
     from polytask.tasks import build_suite
 
@@ -190,9 +190,9 @@ def test_cache_key_changes_with_every_input_of_the_result(tmp_path, monkeypatch)
 def test_cache_misses_when_the_csv_or_the_split_changes(tmp_path):
     """Overwriting the CSV with random labels, or drawing the split with another seed (``polytask group``
     trains its seeds on the run's split), trains the baseline again instead of reusing the cached one."""
-    from polytask import experiment
-    from polytask.flows.jobs import Job
     from polytask.engine.progress import Reporter
+    from polytask.flows import runner as experiment
+    from polytask.flows.jobs import Job
     from polytask.tasks import build_suite
 
     write_table(tmp_path / "data.csv")
@@ -224,7 +224,7 @@ def test_failed_start_does_not_block_the_fixed_run(tmp_path):
 
     from polytask.engine.progress import Reporter
     from polytask.errors import ConfigError, DataError
-    from polytask.experiment import run
+    from polytask.flows.run import run
 
     write_table(tmp_path / "data.csv")
     quiet = Reporter(quiet=True)
@@ -246,7 +246,8 @@ def test_second_process_on_a_run_directory_is_refused_with_the_holders_pid(tmp_p
 
     from polytask.engine.progress import Reporter
     from polytask.errors import RunLockedError
-    from polytask.experiment import close_run, open_run, run
+    from polytask.flows.run import run
+    from polytask.flows.runner import close_run, open_run
 
     write_table(tmp_path / "data.csv")
     run_dir, _, _ = open_run(table_config(tmp_path), None)

@@ -125,7 +125,8 @@ def test_killed_before_data_loads_is_resumable_and_restartable(tmp_path):
     """The run directory and its config exist from the start: a run killed before it read any data can be
     resumed, and, as it never trained, a plain run with a changed config starts in it."""
     from polytask.engine.progress import Reporter
-    from polytask.experiment import close_run, open_run, run
+    from polytask.flows.run import run
+    from polytask.flows.runner import close_run, open_run
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(tiny_config_yaml(tmp_path, "run", "methods: [equal]"))
@@ -162,7 +163,7 @@ def test_full_disk_names_the_file_and_resume_completes(reference, tmp_path):
                         r"File too large \[errno 27\]; free space there and resume\n", first.stderr), first.stderr
     assert temporaries(run_dir) == []
     from polytask.engine.progress import Reporter
-    from polytask.experiment import run
+    from polytask.flows.run import run
 
     run(resume=run_dir, reporter=Reporter(quiet=True), report=False)
     got, ref = file_bytes(run_dir), file_bytes(reference)

@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 from polytask.config import Config
 from polytask.engine.progress import Reporter
 from polytask.errors import ConfigError
-from polytask.experiment import job_dir_of
-from polytask.relations.workflow import NetworkSpec, group, network_job
+from polytask.flows.group import group, network_job
+from polytask.flows.runner import job_dir_of
+from polytask.relations.workflow import NetworkSpec
 
 SUITE = {"d": 8, "groups": [2], "unrelated": 1, "conflicting_pairs": 0, "noise": 0.3, "n_train": 96, "n_val": 64,
          "n_test": 64}

@@ -15,7 +15,7 @@ from polytask.config import Config
 from polytask.engine.loop import evaluate
 from polytask.engine.progress import Reporter
 from polytask.errors import DataError
-from polytask.experiment import run
+from polytask.flows.run import run
 from polytask.tasks import Task, build_suite
 from polytask.tasks.task import Standardizer
 

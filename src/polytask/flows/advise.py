@@ -22,10 +22,13 @@ from polytask.engine.progress import Reporter
 from polytask.errors import ConfigError
 from polytask.evaluation import delta_m, mean_rank
 from polytask.evaluation.verdict import Plan, verdict
-from polytask.experiment import execute, summary_header
+from polytask.flows.group import choose, compare_groupings
 from polytask.flows.jobs import Job
+from polytask.flows.relate import estimate
+from polytask.flows.runner import execute, summary_header
 from polytask.io import atomic_write_json
-from polytask.relations.workflow import choose_groups, compare_groupings, estimate, listed_networks
+from polytask.relations.workflow import listed_networks
+from polytask.report.html import write_report
 from polytask.tasks.task import TaskSuite
 
 
@@ -86,7 +89,7 @@ def advise(run_dir: Path, config: Config, state: dict[str, Any], suite: TaskSuit
                           "set group.stg_form: hard or another group.estimator")
     listed_networks(config, suite)
     aff = estimate(config, suite, run_dir, reporter, [config.group.estimator])[config.group.estimator]
-    chosen = choose_groups(config, aff, run_dir, suite, reporter)
+    chosen = choose(config, aff, run_dir, suite, reporter)
     comparison = compare_groupings(config, suite, run_dir, reporter, chosen)
     groups = comparison["strategies"]["chosen"]["groups"]
     candidates = plans(config, comparison, _method_runs(config, suite, run_dir, reporter, groups))
@@ -110,7 +113,5 @@ def advise(run_dir: Path, config: Config, state: dict[str, Any], suite: TaskSuit
                "verdict": advice, "affinity": {"estimator": aff.estimator, "cost": aff.cost}}
     atomic_write_json(run_dir / "summary.json", summary)
     if report:
-        from polytask.report.html import write_report
-
         write_report([run_dir])
     return run_dir, summary

@@ -1,52 +1,21 @@
-"""Transferability from frozen features (LogME, LEEP, H-score, NCE): source = the single-task model of
-task i, target = task j's labels on the same training inputs. The single-task models are the cached
-baselines, so this costs K trainings shared with pairwise transfer and ``polytask run``, plus K forward
-passes over the training set."""
+"""Transferability from frozen features (LogME, LEEP, H-score, NCE), scored from what the transfer flow
+(:mod:`polytask.flows.transfer`) reads out of the single-task models: source = the single-task model of task i,
+target = task j's labels on the same training inputs."""
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from polytask.config import Config
-from polytask.engine.progress import Reporter
 from polytask.errors import DataError
-from polytask.experiment import execute, job_dir_of, single_task_job
-from polytask.models import build_model
 from polytask.relations.affinity import AffinityMatrix
 from polytask.relations.transferability import logme, transferability_matrix
 from polytask.tasks.task import TaskSuite
 
-
-def source_outputs(config: Config, suite: TaskSuite, run_dir: Path, reporter: Reporter
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
-    """Per task: the frozen representation of its single-task model on the training inputs, and its
-    softmax predictions (classification tasks only); and the seconds of these forward passes (the training of
-    the single-task models, shared with the baselines and pairwise transfer, is not counted)."""
-    if suite.multi_input:
-        raise DataError("transferability needs one shared input for every task (a multi-target suite)")
-    x = suite.splits["train"][0].x
-    features, probs = {}, {}
-    seconds = 0.0
-    for task in suite.tasks:
-        job = single_task_job(task.name)
-        execute(job, suite, config, run_dir, reporter)
-        t0 = time.perf_counter()
-        model = build_model([task], suite.input_shape, config.model.backbone, config.model.backbone_params,
-                            config.model.architecture, config.model.architecture_params)
-        model.load_state_dict(load_file(job_dir_of(run_dir, job) / "best.safetensors"))
-        model.eval()
-        with torch.no_grad():
-            z = torch.cat([model.encode(x[i:i + 2048]) for i in range(0, len(x), 2048)])
-            features[task.name] = z
-            if task.kind == "classification":
-                probs[task.name] = model.decode(z, [task.name])[task.name].softmax(-1)
-        seconds += time.perf_counter() - t0
-    return features, probs, seconds
+TRANSFER_ESTIMATORS = ("logme", "leep", "hscore", "nce")
 
 
 def _logme_mixed(features: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
@@ -65,13 +34,13 @@ def _logme_mixed(features: dict[str, torch.Tensor], labels: dict[str, torch.Tens
     return AffinityMatrix(m, names, "logme", {"pairs": len(names) ** 2, "wall_time_s": time.perf_counter() - t0},
                           meta={"paper": "You et al. 2021, LogME", "params": {"evidence": evidence}})
 
-
-def transferability(config: Config, suite: TaskSuite, run_dir: Path, reporter: Reporter,
-                    methods: list[str]) -> dict[str, AffinityMatrix]:
-    """The transferability matrices ``methods``, each with its own cost: its own scoring time, plus the forward
-    passes over the training set that all of them share (what it would cost alone, its single-task models
-    aside: those are shared with the baselines and pairwise transfer)."""
-    features, probs, forward_s = source_outputs(config, suite, run_dir, reporter)
+def transferability_scores(config: Config, suite: TaskSuite, features: dict[str, torch.Tensor],
+                           probs: dict[str, torch.Tensor], forward_s: float,
+                           methods: list[str]) -> dict[str, AffinityMatrix]:
+    """The transferability matrices ``methods`` from the single-task models' frozen ``features`` and softmax
+    ``probs`` on the training inputs, each with its own cost: its own scoring time, plus the ``forward_s`` seconds
+    of forward passes all of them share (what it would cost alone, its single-task models aside: those are shared
+    with the baselines and pairwise transfer)."""
     labels = {t: suite.splits["train"][0].y[t] for t in suite.task_names}
     out = {}
     regression = [t.name for t in suite.tasks if t.kind == "regression"]

@@ -107,3 +107,31 @@ def _job(tasks, cluster):
     from polytask.flows.jobs import Job
 
     return Job(f"s0/stg-soft/cluster-{cluster}", tuple(tasks), MethodConfig(name="static"), "joint")
+
+
+def test_choose_groups_values_a_listed_network_by_the_flows_measure_and_trains_nothing_itself(tmp_path):
+    """The grouping solver is pure: a listed network without losses under the pairwise estimator is valued by the
+    ``measure`` the group flow passes (training it); without one it is a ConfigError naming the network."""
+    from types import SimpleNamespace
+
+    from polytask.relations import AffinityMatrix
+    from polytask.relations.workflow import choose_groups
+
+    names = ["a", "b", "c"]
+    pair = {"a+b": {"a": 0.9, "b": 0.9}, "a+c": {"a": 0.9, "c": 0.9}, "b+c": {"b": 0.9, "c": 0.9}}
+    aff = AffinityMatrix(np.zeros((3, 3)), names, "pairwise",
+                         meta={"single_loss": dict.fromkeys(names, 1.0), "pair_loss": pair})
+    config = Config.model_validate({"group": {"budget": 1, "estimator": "pairwise",
+                                              "networks": [{"tasks": names, "cost": 1, "label": "wide"}]}})
+    suite = SimpleNamespace(task_names=names)
+    with pytest.raises(ConfigError, match=r"group.networks.0"):
+        choose_groups(config, aff, tmp_path, suite)
+    asked = []
+
+    def measure(net: NetworkSpec) -> dict[str, float]:
+        asked.append(net.label)
+        return dict.fromkeys(net.tasks, 0.1)
+
+    chosen = choose_groups(config, aff, tmp_path, suite, measure)
+    assert asked == ["wide"] and list(tmp_path.iterdir()) == []
+    assert chosen.groups == [names] and chosen.labels == ["wide"]

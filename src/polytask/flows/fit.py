@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from polytask.config import MethodConfig
@@ -26,6 +25,7 @@ from polytask.engine.progress import Reporter
 from polytask.engine.spec import CheckpointPolicy, TrainSpec
 from polytask.engine.step import build_method
 from polytask.errors import ConfigError, DataError
+from polytask.flows.runner import header
 from polytask.io import atomic_write_json, atomic_write_text
 from polytask.models.user import EncodedUserModel, UserModel
 from polytask.tasks.task import Task
@@ -113,22 +113,7 @@ def fit(model: nn.Module, tasks: Iterable[TaskLike], train: Any, val: Any, test:
 
 def _summary(tasks: Sequence[Task], result: dict[str, Any], run_id: str, started: str, seed: int) -> dict[str, Any]:
     """The run's summary.json in the CLI's shape (one joint method, no single-task reference)."""
-    import platform
-
-    import numpy as np
-
-    import polytask
-
-    return {
-        "polytask_version": polytask.__version__, "run_id": run_id,
-        "suite": {"name": "fit", "params": {},
-                  "tasks": [{"name": t.name, "kind": t.kind, "n_outputs": t.n_outputs,
-                             "metrics": [{"name": m.name, "higher_is_better": m.higher_is_better}
-                                         for m in t.metrics]} for t in tasks]},
-        "seed": seed, "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                                   "numpy": np.__version__, "polytask": polytask.__version__},
-        "started": started, "wall_time_s": result["wall_time_s"], "reference": None,
-        "results": {result["method"]: {"kind": "joint", "method": result["method"], "tasks": result["test"],
-                                       "best_epoch": result["best_epoch"], "wall_time_s": result["wall_time_s"]}},
-        "mean_rank": {},
-    }
+    return {**header("fit", {}, tasks, seed, run_id, started, result["wall_time_s"]), "reference": None,
+            "results": {result["method"]: {"kind": "joint", "method": result["method"], "tasks": result["test"],
+                                           "best_epoch": result["best_epoch"], "wall_time_s": result["wall_time_s"]}},
+            "mean_rank": {}}

@@ -54,7 +54,7 @@ from polytask.io import (
     remove_stale_temporaries,
 )
 from polytask.tasks import build_suite
-from polytask.tasks.task import TaskSuite
+from polytask.tasks.task import Task, TaskSuite
 
 STL = "stl"
 LOCK = "run.lock"
@@ -152,14 +152,20 @@ def versions() -> dict[str, str]:
 
 
 def summary_header(config: Config, suite: TaskSuite, run_id: str, started: str, wall_time: float) -> dict[str, Any]:
+    """What every summary.json of a configured run starts with (see ``header``)."""
+    return header(suite.name, config.suite.params, suite.tasks, config.seed, run_id, started, wall_time)
+
+
+def header(suite_name: str, suite_params: dict[str, Any], tasks: Sequence[Task], seed: int, run_id: str,
+           started: str, wall_time: float) -> dict[str, Any]:
     """What every summary.json starts with: versions, run id, the suite and its tasks' metrics, seed, times."""
     return {
         "polytask_version": polytask.__version__, "run_id": run_id,
-        "suite": {"name": suite.name, "params": config.suite.params,
+        "suite": {"name": suite_name, "params": suite_params,
                   "tasks": [{"name": t.name, "kind": t.kind, "n_outputs": t.n_outputs,
                              "metrics": [{"name": m.name, "higher_is_better": m.higher_is_better}
-                                         for m in t.metrics]} for t in suite.tasks]},
-        "seed": config.seed, "versions": versions(), "started": started, "wall_time_s": wall_time,
+                                         for m in t.metrics]} for t in tasks]},
+        "seed": seed, "versions": versions(), "started": started, "wall_time_s": wall_time,
     }
 
 

@@ -30,7 +30,7 @@ from polytask.engine.hooks import Run, StepView, check_hooks, extra_loss
 from polytask.engine.progress import Reporter
 from polytask.engine.spec import TrainSpec
 from polytask.engine.state import Best, EpochTotals, LoopState, Position, seed_everything
-from polytask.engine.step import accumulated_step, autocast, full, masked_loss
+from polytask.engine.step import accumulated_step, autocast, full, masked_loss, step_generator
 from polytask.errors import CheckpointError, ConfigError, DivergenceError
 from polytask.io import atomic_write_bytes, atomic_write_json
 from polytask.models import MultiTaskModel
@@ -220,7 +220,7 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, An
             micro = [batches[i] for i in range(pos.step * n_micro, min((pos.step + 1) * n_micro, n_batches))]
             view = StepView(epoch, pos.step, pos.global_step, merge_batches(micro))
             ctx = StepContext(pos.global_step, epoch, None, val_losses if method.needs_val else None, steps,
-                              torch.Generator().manual_seed(seed * 1_000_003 + pos.global_step))
+                              step_generator(seed, pos.global_step))
             for h in hooks:
                 h.on_step(run, view)
             losses, weights, state.method = accumulated_step(

@@ -22,12 +22,10 @@ from polytask.engine.progress import Reporter
 from polytask.errors import ConfigError
 from polytask.evaluation import delta_m, mean_rank
 from polytask.evaluation.verdict import Plan, verdict
-from polytask.flows.group import choose, compare_groupings
+from polytask.flows.group import study
 from polytask.flows.jobs import Job
-from polytask.flows.relate import estimate
 from polytask.flows.runner import execute, summary_header
 from polytask.io import atomic_write_json
-from polytask.relations.workflow import listed_networks
 from polytask.report.html import write_report
 from polytask.tasks.task import TaskSuite
 
@@ -87,17 +85,11 @@ def advise(run_dir: Path, config: Config, state: dict[str, Any], suite: TaskSuit
     if config.group.estimator == "datamap" and config.group.stg_form == "soft":
         raise ConfigError("flow advise: group.stg_form soft serves every task by an ensemble of all-task models; "
                           "set group.stg_form: hard or another group.estimator")
-    listed_networks(config, suite)
-    aff = estimate(config, suite, run_dir, reporter, [config.group.estimator])[config.group.estimator]
-    chosen = choose(config, aff, run_dir, suite, reporter)
-    comparison = compare_groupings(config, suite, run_dir, reporter, chosen)
+    aff, comparison = study(config, suite, run_dir, reporter)
     groups = comparison["strategies"]["chosen"]["groups"]
     candidates = plans(config, comparison, _method_runs(config, suite, run_dir, reporter, groups))
     directions = {t.name: {m.name: m.higher_is_better for m in t.metrics} for t in suite.tasks}
     advice = verdict(candidates, directions)
-    atomic_write_json(run_dir / "groups.json", {
-        "estimator": aff.estimator, "affinity_cost": aff.cost, "budget": config.group.budget,
-        "grouping": chosen.to_json(), "planted_groups": suite.info.get("planted_groups"), **comparison})
 
     reference = next(p for p in candidates if p.name == "independent").test()
     results = {}

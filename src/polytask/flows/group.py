@@ -116,13 +116,10 @@ def compare_groupings(config: Config, suite: TaskSuite, run_dir: Path, reporter:
 def _seeded(job: Job, seed: int) -> Job:
     return Job(f"s{seed}/{job.id}", job.tasks, job.method, job.kind)
 
-@releases_run_locks
-def group(config: Config | None = None, resume: str | None = None,
-          reporter: Reporter | None = None) -> tuple[Path, dict[str, Any]]:
-    """Estimate affinity, choose networks within the budget, prove them by training; write groups.json."""
-    reporter = reporter or Reporter()
-    run_dir, config, _ = open_run(config, resume)
-    suite = run_suite(config, run_dir)
+def study(config: Config, suite: TaskSuite, run_dir: Path,
+          reporter: Reporter) -> tuple[AffinityMatrix, dict[str, Any]]:
+    """The grouping study of a run: the ``group.estimator`` affinity, the networks chosen within the budget, and
+    their comparison with all-in-one, independent and random groupings; written to groups.json and returned."""
     listed_networks(config, suite)  # check the listed networks before anything trains
     aff = estimate(config, suite, run_dir, reporter, [config.group.estimator])[config.group.estimator]
     chosen = choose(config, aff, run_dir, suite, reporter)
@@ -133,5 +130,15 @@ def group(config: Config | None = None, resume: str | None = None,
     if isinstance(chosen, TaskClusters):
         summary["stg_form"] = config.group.stg_form
     atomic_write_json(run_dir / "groups.json", summary)
+    return aff, summary
+
+
+@releases_run_locks
+def group(config: Config | None = None, resume: str | None = None,
+          reporter: Reporter | None = None) -> tuple[Path, dict[str, Any]]:
+    """Estimate affinity, choose networks within the budget, prove them by training; write groups.json."""
+    reporter = reporter or Reporter()
+    run_dir, config, _ = open_run(config, resume)
+    _, summary = study(config, run_suite(config, run_dir), run_dir, reporter)
     write_report([run_dir])
     return run_dir, summary

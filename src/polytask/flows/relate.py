@@ -126,6 +126,7 @@ def estimate(config: Config, suite: TaskSuite, run_dir: Path, reporter: Reporter
         save_heatmap(aff, run_dir / f"affinity_{n}.svg", title=f"{n} affinity (row i -> column j)")
     return out | fresh
 
+
 @releases_run_locks
 def relate(config: Config | None = None, resume: str | None = None,
            reporter: Reporter | None = None) -> tuple[Path, dict[str, AffinityMatrix]]:

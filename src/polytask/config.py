@@ -58,6 +58,8 @@ def import_factory(path: str, key: str) -> Any:
 
 
 class SuiteConfig(_Strict):
+    """``suite:`` which tasks and data: a built-in suite by name with its parameters, or your own factory."""
+
     name: str = Field("multidigits", description="a built-in suite (see `polytask suites`)")
     params: dict[str, Any] = Field(default_factory=dict, description="the suite's parameters")
     factory: str = Field("", pattern=FACTORY, description="your own suite instead: `package.module:function`, "
@@ -69,6 +71,9 @@ class SuiteConfig(_Strict):
 
 
 class ModelConfig(_Strict):
+    """``model:`` the shared backbone and the multi-task architecture around it (or your own model factory), and
+    optional starting weights."""
+
     backbone: str = Field("mlp", description="shared encoder: mlp or lenet")
     backbone_params: dict[str, Any] = Field(default_factory=dict)
     architecture: str = Field("hard", description="multi-task architecture")
@@ -85,6 +90,8 @@ class ModelConfig(_Strict):
 
 
 class OptimizerConfig(_Strict):
+    """``train.optimizer:`` the optimiser every job of the run uses (``polytask.engine.optim`` builds it)."""
+
     name: Literal["sgd", "adam", "adamw"] = "adam"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -92,12 +99,17 @@ class OptimizerConfig(_Strict):
 
 
 class SchedulerConfig(_Strict):
+    """``train.scheduler:`` the learning-rate schedule, stepped once per epoch."""
+
     name: Literal["none", "cosine", "step"] = "none"
     step_size: int = Field(10, ge=1, description="step: epochs between decays")
     gamma: float = Field(0.1, gt=0, description="step: decay factor")
 
 
 class TrainConfig(_Strict):
+    """``train:`` how each job trains: epochs, batches, optimiser, checkpoints, device and precision. The same for
+    every job of a run, so that methods are compared on equal terms."""
+
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(128, ge=1)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -116,6 +128,9 @@ class TrainConfig(_Strict):
 
 
 class MethodConfig(_Strict):
+    """One entry of ``methods:``: a registered joint method (weighting or aggregator), its parameters, and how its
+    per-task gradients are taken."""
+
     name: str = Field(description="a registered method (see `polytask methods`)")
     params: dict[str, Any] = Field(default_factory=dict)
     label: str = Field("", description="name in results; defaults to the method name")
@@ -131,6 +146,8 @@ class MethodConfig(_Strict):
 
 
 class BaselineConfig(_Strict):
+    """``baselines:`` the single-task models every method is compared against (Δm% needs them)."""
+
     single_task: bool = Field(True, description="train one model per task (needed for Δm%)")
     cache: bool = Field(True, description="reuse single-task results across runs with the same config")
 
@@ -140,6 +157,8 @@ Estimator = Literal["lookahead", "grad_cosine", "datamap", "pairwise", "logme", 
 
 
 class RelateConfig(_Strict):
+    """``relate:`` which task-affinity estimators to run and the joint run their probes ride on."""
+
     estimators: list[Estimator] = Field(["lookahead", "grad_cosine"], min_length=1,
                                         description=f"affinity estimators: {', '.join(ESTIMATORS)}")
     every: int = Field(10, ge=1, description="probe every N steps of the joint run (lookahead, grad_cosine)")
@@ -178,6 +197,9 @@ class SingleTaskNetworks(_Strict):
 
 
 class GroupConfig(_Strict):
+    """``group:`` how tasks are grouped into networks (budget, candidate networks, solver) and how the chosen
+    grouping is checked against all-in-one, independent and random groupings."""
+
     budget: float = Field(2, gt=0, description="total cost of the networks: each network of the affinity costs "
                           "network_cost, listed networks their own")
     network_cost: float = Field(1.0, gt=0, description="cost of each network built from the affinity estimate")
@@ -202,11 +224,17 @@ class GroupConfig(_Strict):
 
 
 class OutputConfig(_Strict):
+    """``output:`` where the run directory goes."""
+
     dir: str = Field("runs", description="parent folder of run directories")
     name: str = Field("", description="run directory name (default: suite and time)")
 
 
 class Config(_Strict):
+    """An experiment (``polytask run / relate / group``): suite, model, training, methods and baselines, plus the
+    relate and group sections. Validated before any work starts; an unknown key is an error that names it.
+    :func:`load_config` reads one from YAML."""
+
     flow: Literal["compare", "advise"] = Field(
         "compare", description="compare: single-task baselines and every method on all tasks; advise: estimate "
         "affinity, choose groups (group.*), train them against all-in-one, independent and random groupings and "

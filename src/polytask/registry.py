@@ -46,6 +46,10 @@ class Registry(Generic[T]):
         paper: str = "",
         **extra: Any,
     ) -> Callable[[T], T]:
+        """A decorator that registers its argument as entry ``name``, with its typed ``params``, a one-line
+        ``summary`` and the ``paper`` it comes from (what the listings print); extra keywords land in ``Entry.extra``.
+        A name registered twice is an error."""
+
         def deco(build: T) -> T:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
@@ -55,6 +59,7 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str) -> Entry[T]:
+        """The entry called ``name``; an unknown name raises a ConfigError that suggests the closest one."""
         try:
             return self._entries[name]
         except KeyError:
@@ -79,6 +84,7 @@ class Registry(Generic[T]):
         return iter(sorted(self._entries.values(), key=lambda e: e.name))
 
     def names(self) -> list[str]:
+        """The registered names, sorted."""
         return sorted(self._entries)
 
 

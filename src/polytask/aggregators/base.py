@@ -25,6 +25,9 @@ from polytask.weighting.base import State, StepContext
 
 
 class Aggregator(NamedTuple):
+    """A gradient aggregation method as an explicit-state pair (optax style): ``init() -> state`` and
+    ``update(state, M, ctx) -> (out, state)``, where ``input`` says whether ``M`` is the float64 K x K Gramian (out:
+    K weights) or the K x P Jacobian (out: the direction); see the module docstring."""
     init: Callable[[], State]
     update: Callable[[State, Tensor, StepContext], tuple[Tensor, State]]
     input: Literal["gramian", "jacobian"] = "gramian"

@@ -22,9 +22,11 @@ class Reporter:
 
     @property
     def interactive(self) -> bool:
+        """Whether to draw a live progress bar: not quiet and writing to a terminal (else plain log lines)."""
         return not self.quiet and self.stream.isatty()
 
     def log(self, line: str) -> None:
+        """Print one line (time-stamped when not interactive; above the bar when one is live)."""
         if self.quiet:
             return
         if self._progress is not None:
@@ -33,6 +35,7 @@ class Reporter:
             print(f"{time.strftime('%H:%M:%S')} {line}", file=self.stream, flush=True)
 
     def start(self, job: str, total: int, done: int = 0) -> None:
+        """Begin showing job ``job`` of ``total`` steps, ``done`` of them already taken (a resumed job)."""
         if not self.interactive:
             self.log(f"[{job}] {'resuming at step ' + str(done) if done else 'starting'} ({total} steps)")
             return
@@ -44,10 +47,12 @@ class Reporter:
         self._bar = self._progress.add_task(job, total=total, completed=done)
 
     def advance(self, n: int = 1) -> None:
+        """Count ``n`` more steps of the current job."""
         if self._progress is not None:
             self._progress.advance(self._bar, n)
 
     def finish(self) -> None:
+        """End the current job's progress bar (no-op when none is live)."""
         if self._progress is not None:
             self._progress.stop()
             self._progress = None

@@ -35,14 +35,17 @@ class CheckpointPolicy:
 
     @property
     def last(self) -> Path:
+        """The checkpoint written after every epoch (and every ``every`` steps): what a resume starts from."""
         return Path(self.dir) / CHECKPOINT
 
     @property
     def best(self) -> Path:
+        """The model weights of the epoch with the best validation score (what ``polytask.load`` serves)."""
         return Path(self.dir) / BEST
 
     @property
     def timing(self) -> Path:
+        """The job's wall-clock times, kept beside the checkpoint so identical runs write identical checkpoints."""
         return Path(self.dir) / TIMING
 
 

@@ -50,9 +50,12 @@ class Checkpoint:
     relative: bool = False  # True: tensors are defined relative to a base (a LoRA adapter)
 
     def names(self) -> list[str]:
+        """The names of the tensors this checkpoint holds (for an adapter: the base tensors it changes)."""
         raise NotImplementedError
 
     def meta(self, name: str) -> TensorMeta:
+        """Dtype, shape and file of tensor ``name``, read from headers only (checks run before any tensor is loaded);
+        an unknown name is a CheckpointError naming the checkpoint."""
         raise NotImplementedError
 
     def load(self, name: str, base: Tensor | None = None, *, pool: Any = None) -> Tensor:

@@ -51,6 +51,7 @@ class MergeInputs:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def need_base(self, method: str) -> Tensor:
+        """The base tensor, for methods that need task vectors; a ConfigError naming ``method`` when there is none."""
         if self.base is None:
             raise ConfigError(f"method {method!r} needs a base model (the shared pretrained weights)")
         return self.base

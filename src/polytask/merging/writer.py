@@ -166,6 +166,7 @@ class ShardedWriter:
             raise
 
     def write(self, name: str, tensor: Tensor) -> None:
+        """Write planned tensor ``name`` straight to its place in its shard (dtype and shape must be as planned)."""
         dtype, shape = self.spec[name]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise CheckpointError(f"internal: output tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, "
@@ -175,9 +176,11 @@ class ShardedWriter:
         self.written.add(name)
 
     def add_file(self, name: str, data: bytes) -> None:
+        """Add a file beside the shards (e.g. a config), written into the output with them."""
         _guard(self.out / name, (self.tmp / name).write_bytes, data)
 
     def copy_file(self, src: Path) -> None:
+        """Copy ``src`` (e.g. a tokenizer file of the base model) into the output under its own name."""
         _guard(self.out / src.name, shutil.copy2, src, self.tmp / src.name)
 
     def commit(self) -> Path:
@@ -219,6 +222,7 @@ class ShardedWriter:
             self.lock = None
 
     def abort(self) -> None:
+        """Close the shards and remove the unfinished output (the exception path of the context manager)."""
         for fd in self.fds:
             os.close(fd)
         self.fds = []

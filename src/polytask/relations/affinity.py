@@ -66,6 +66,7 @@ class AffinityMatrix:
 
     @property
     def k(self) -> int:
+        """The number of tasks (the matrix is k x k)."""
         return len(self.tasks)
 
     def index(self, task: str) -> int:
@@ -119,6 +120,7 @@ class AffinityMatrix:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> AffinityMatrix:
+        """Read a matrix written by :meth:`save`; a missing or malformed file is a DataError naming it."""
         path = Path(path)
         try:
             data = json.loads(path.read_text())

@@ -52,6 +52,7 @@ class TaskClusters:
                         self.solver, 0, {**self.meta, "membership": self.membership.tolist()})
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of the clusters: groups, assignment, soft membership, inertia (NaN/inf become ``null``)."""
         return {
             "groups": [list(g) for g in self.groups],
             "assignment": dict(self.assignment),

@@ -112,6 +112,7 @@ class TagScore:
         return float(np.mean(self._z[mates, j]))
 
     def table(self, masks: np.ndarray) -> np.ndarray:
+        """(n, K) TAG scores of n groups given as bit masks, all at once; -inf where the task is not in the group."""
         b = members(masks, len(self.tasks))
         count = b.sum(1, keepdims=True).astype(np.float64)
         sums = b.astype(np.float64) @ self._z
@@ -163,6 +164,8 @@ class HoaScore:
         return float(np.mean(self._v[mates, j]))
 
     def table(self, masks: np.ndarray) -> np.ndarray:
+        """(n, K) HOA values of n groups given as bit masks (measured networks override); -inf where the task is
+        not in the group."""
         masks = np.asarray(masks, dtype=np.int64)
         k = len(self.tasks)
         b = members(masks, k)
@@ -190,6 +193,8 @@ class FunctionScore:
         return float(self.fn(j, group))
 
     def table(self, masks: np.ndarray) -> np.ndarray:
+        """(n, K) scores of n groups given as bit masks, one call of the wrapped function per entry; -inf where the
+        task is not in the group."""
         k = len(self.tasks)
         out = np.full((len(masks), k), -np.inf)
         for r, mask in enumerate(np.asarray(masks, dtype=np.int64)):
@@ -243,6 +248,7 @@ class Candidate:
         object.__setattr__(self, "values", {str(k): float(v) for k, v in dict(self.values).items()})
 
     def describe(self) -> str:
+        """A short name for messages: ``network a+b (label)``."""
         return f"network {'+'.join(self.tasks) or '(no tasks)'}" + (f" ({self.label})" if self.label else "")
 
 
@@ -338,9 +344,11 @@ class Grouping:
 
     @property
     def total_cost(self) -> float:
+        """The budget the chosen networks use (sum of their costs)."""
         return float(sum(self.costs))
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of the grouping (strict JSON: -inf values become ``null``)."""
         return {
             "groups": [list(g) for g in self.groups],
             "costs": list(self.costs),
@@ -356,6 +364,7 @@ class Grouping:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Grouping:
+        """Inverse of :meth:`to_json` (``null`` values read back as -inf)."""
         return cls(
             groups=[list(g) for g in data["groups"]],
             assignment={k: int(v) for k, v in data["assignment"].items()},

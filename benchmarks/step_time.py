@@ -139,8 +139,8 @@ def torchjd_step(k: int, name: str) -> Step | None:
 
     def fn() -> None:
         opt.zero_grad(set_to_none=True)
-        z = model.encode(src[0].x)
-        outs = model.decode(z)
+        (z,) = model.features(src[0].x)
+        outs = model.outputs([z])
         losses = [torch.nn.functional.cross_entropy(outs[t.name], src[0].y[t.name].long()) for t in tasks]
         mtl_backward(losses, features=z, shared_params=shared,
                      tasks_params=[list(model.task_parameters(t.name)) for t in tasks])

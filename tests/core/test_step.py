@@ -15,7 +15,7 @@ from polytask.engine.loop import task_losses
 from polytask.engine.step import Method, build_method, train_step
 from polytask.jacobian import gramian
 from polytask.methods import load_all
-from polytask.models import build_model
+from polytask.models import MultiTaskModel, build_model
 from polytask.tasks import Task, TaskData
 from polytask.weighting import StepContext
 
@@ -126,7 +126,7 @@ def test_stateful_aggregator_state_is_threaded():
     assert state == {"calls": 3} and w.tolist() == [1.0, 1.0, 1.0]
 
 
-class GivenGradients(nn.Module):
+class GivenGradients(MultiTaskModel):
     """A model whose per-task gradients are the rows of a given J: in params mode the losses are L_k = J_k . theta
     (``linear_losses``); in representation mode the representation is z = theta and task k predicts z . J_k
     with a squared error against -1/2, so at theta = 0 dL_k/dz = J_k."""
@@ -135,9 +135,13 @@ class GivenGradients(nn.Module):
         super().__init__()
         self.j = j
         self.theta = nn.Parameter(torch.zeros(j.shape[1], dtype=j.dtype))
-        if representation:
-            self.encode = lambda x: self.theta[None].expand(len(x), -1)
-            self.decode = lambda z, names: {n: z @ self.j[int(n[1:])] for n in names}
+        self.representation = representation
+
+    def features(self, x):
+        return [self.theta[None].expand(len(x), -1)] if self.representation else None
+
+    def outputs(self, features, names):
+        return {n: features[0] @ self.j[int(n[1:])] for n in names}
 
     def shared_parameters(self):
         return iter([self.theta])
@@ -196,3 +200,81 @@ def test_gramian_is_float64_whatever_the_blocks_dtype():
     g = gramian(blocks)
     assert g.dtype == torch.float64
     torch.testing.assert_close(g, j64 @ j64.T, rtol=1e-13, atol=0)
+
+
+class TwoTowers(MultiTaskModel):
+    """Two shared features: task a reads the first, task b both, task c the second (``reads``), so the per-task
+    feature gradients of a task are zero on the features it does not read."""
+
+    READS = {"a": [0], "b": [0, 1], "c": [1]}
+
+    def __init__(self):
+        super().__init__()
+        self.task_names = [t.name for t in TASKS]
+        self.towers = nn.ModuleList([nn.Sequential(nn.Linear(6, 4), nn.Tanh()) for _ in range(2)])
+        self.heads = nn.ModuleDict({t.name: nn.Linear(4 * len(self.READS[t.name]), t.n_outputs) for t in TASKS})
+
+    def features(self, x):
+        return [tower(x) for tower in self.towers]
+
+    def reads(self, task):
+        return self.READS[task]
+
+    def outputs(self, features, tasks=None):
+        return {t: self.heads[t](torch.cat([features[j] for j in self.READS[t]], 1)) for t in tasks or self.task_names}
+
+    def forward(self, x, tasks=None):
+        return self.outputs(self.features(x), tasks)
+
+    def shared_parameters(self):
+        return iter(self.towers.parameters())
+
+    def task_parameters(self, task):
+        return iter(self.heads[task].parameters())
+
+
+@pytest.mark.parametrize("mode", ["params", "representation"])
+def test_an_architecture_says_which_features_each_task_reads(mode):
+    """Per-task gradients come from the features each task reads: the blocks are the true per-task gradients (zero
+    where a task reads nothing), and a summing aggregator gives the summed loss's gradients in either mode."""
+    from polytask.engine.step import masked_loss, parameter_grads, representation_grads
+
+    _, src, rows = setup()
+    torch.manual_seed(1)
+    model = TwoTowers()
+    tg = representation_grads(model, src, rows, TASKS)
+    feats = model.features(src[0].x)
+    out = model.outputs(feats)
+    losses = torch.stack([masked_loss(t, out[t.name], src[0].y[t.name]) for t in TASKS])
+    for k, t in enumerate(TASKS):
+        want = torch.autograd.grad(losses[k], feats, retain_graph=True, allow_unused=True, materialize_grads=True)
+        for j in range(2):
+            torch.testing.assert_close(tg.z_blocks[j][k], want[j])
+            assert (j in TwoTowers.READS[t.name]) == bool(want[j].abs().sum() > 0)
+    _, blocks = parameter_grads(model, src, rows, TASKS, task_losses, 0)
+    shared = list(model.shared_parameters())
+    for k in range(len(TASKS)):
+        want = torch.autograd.grad(losses[k], shared, retain_graph=True, allow_unused=True, materialize_grads=True)
+        for b, w in zip(blocks, want, strict=True):
+            torch.testing.assert_close(b[k], w)
+
+    summed = agg(lambda g: torch.ones(g.shape[0], dtype=g.dtype), mode=mode)
+    train_step(model, summed, summed.init(), src, rows, TASKS, torch.optim.SGD(model.parameters(), lr=0.0),
+               StepContext(0, 0), task_losses)
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    task_losses(model, src, rows, TASKS).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_representation_mode_without_shared_features_is_refused():
+    from polytask.errors import ConfigError
+
+    model = GivenGradients(torch.randn(3, 4), representation=False)
+    method = agg(lambda g: torch.ones(g.shape[0], dtype=g.dtype), mode="representation")
+    src = [TaskData(torch.zeros(2, 1), {t: torch.zeros(2) for t in ("t0", "t1", "t2")})]
+    tasks = [Task(f"t{i}", "regression", 1) for i in range(3)]
+    with pytest.raises(ConfigError, match="shared features"):
+        train_step(model, method, method.init(), src, [torch.arange(2)], tasks,
+                   torch.optim.SGD(model.parameters(), lr=0.0), StepContext(0, 0), linear_losses)

@@ -97,12 +97,16 @@ class Method:
     sam_rho: float = 0.0
 
     def init(self) -> State:
+        """The method's fresh state (F-MTL keeps one for the loss step and one for the flat-gradient step)."""
         if self.sam_rho:  # F-MTL aggregates the loss and the flat gradients separately
             return {"main": self.impl.init(), "flat": self.impl.init()}
         return self.impl.init()
 
 
 def build_method(cfg: MethodConfig, task_names: Sequence[str]) -> Method:
+    """Build the registered method ``cfg.name`` with its validated parameters for these tasks, with how the loop
+    must feed it (kind, gradient mode, chunking, F-MTL radius); a bad parameter or combination is a ConfigError
+    naming ``methods.<label>``."""
     registry = load_all()
     entry = registry.get(cfg.name)
     kind = entry.extra.get("kind", "weighting")
@@ -185,31 +189,61 @@ def _model_heads(model: MultiTaskModel, tasks: Sequence[Task]) -> list[list[torc
     return [list(model.task_parameters(t.name)) for t in tasks]
 
 
-def encode(model: Any, sources: Sequence[TaskData], rows: Sequence[Tensor], cast: Cast = nullcontext) -> list[Tensor]:
-    """The shared representation of every source's rows (graph attached), in at least float32."""
-    with cast():
-        return [full(model.encode(src.x[r])) for src, r in zip(sources, rows, strict=True)]
+def shared_features(model: MultiTaskModel, sources: Sequence[TaskData], rows: Sequence[Tensor],
+                    cast: Cast = nullcontext) -> list[list[Tensor]] | None:
+    """Every source's shared features of its rows (graph attached), in at least float32; None when the architecture
+    has no shared features."""
+    out = []
+    for src, r in zip(sources, rows, strict=True):
+        with cast():
+            fs = model.features(src.x[r])
+        if fs is None:
+            return None
+        out.append([full(f) for f in fs])
+    return out
 
 
-def representation_grads(model: Any, sources: Sequence[TaskData], rows: Sequence[Tensor],
-                         tasks: Sequence[Task], cast: Cast = nullcontext) -> TaskGrads:
-    """All per-task representation gradients and every head's own gradient from ONE backward pass.
+def representation_grads(model: MultiTaskModel, sources: Sequence[TaskData], rows: Sequence[Tensor],
+                         tasks: Sequence[Task], cast: Cast = nullcontext) -> TaskGrads | None:
+    """All per-task gradients with respect to the shared features, and every head's own gradient, from ONE backward
+    pass; None when the architecture has no shared features.
 
-    Each head reads its own leaf copy of the representation, so the backward of Σ_k L_k leaves
-    ∂L_k/∂z in copy k: no K separate passes and no vmap. ``cast``: the forward's precision context."""
-    copies, losses, into = {}, {}, {}
-    zs = encode(model, sources, rows, cast)
-    for s, (src, r, z) in enumerate(zip(sources, rows, zs, strict=True)):
+    Each task's output reads its own leaf copies of the features it reads (``model.reads``), so the backward of
+    Σ_k L_k leaves ∂L_k/∂f in task k's copies: no K separate passes and no vmap. The blocks are one per (source,
+    feature), in the order of ``tg.zs``. ``cast``: the forward's precision context."""
+    per_source = shared_features(model, sources, rows, cast)
+    if per_source is None:
+        return None
+    zs = [f for fs in per_source for f in fs]
+    copies: list[Tensor] = []
+    into: list[int] = []
+    reads: dict[str, list[int]] = {}
+    losses: dict[str, Tensor] = {}
+    base = 0
+    for src, r, fs in zip(sources, rows, per_source, strict=True):
+        read_here: set[int] = set()
         for t in tasks:
-            if t.name in src.y:
-                copies[t.name] = z.detach().requires_grad_()
-                with cast():
-                    pred = model.decode(copies[t.name], [t.name])[t.name]
-                    losses[t.name] = full(masked_loss(t, pred, src.y[t.name][r]))
-                into[t.name] = s
+            if t.name not in src.y:
+                continue
+            wanted = model.reads(t.name)
+            mine = [f.detach() for f in fs]
+            reads[t.name] = []
+            for j in range(len(fs)) if wanted is None else wanted:
+                mine[j].requires_grad_()
+                reads[t.name].append(len(copies))
+                copies.append(mine[j])
+                into.append(base + j)
+                read_here.add(j)
+            with cast():
+                pred = model.outputs(mine, [t.name])[t.name]
+                losses[t.name] = full(masked_loss(t, pred, src.y[t.name][r]))
+        for j in sorted(set(range(len(fs))) - read_here):  # a feature no task reads: a zero block
+            copies.append(fs[j].detach())
+            into.append(base + j)
+        base += len(fs)
     names = [t.name for t in tasks]
-    return feature_task_grads([losses[n] for n in names], zs, [copies[n] for n in names],
-                              [[k] for k in range(len(names))], _model_heads(model, tasks), [into[n] for n in names])
+    return feature_task_grads([losses[n] for n in names], zs, copies, [reads[n] for n in names],
+                              _model_heads(model, tasks), into)
 
 
 def parameter_grads(model: MultiTaskModel, sources: Sequence[TaskData], rows: Sequence[Tensor],
@@ -217,12 +251,12 @@ def parameter_grads(model: MultiTaskModel, sources: Sequence[TaskData], rows: Se
                     ) -> tuple[TaskGrads, list[Tensor]]:
     """Per-task gradients of the shared parameters (K x P, as blocks per parameter) and of the heads.
 
-    With a single shared representation the K rows are one batched vector-Jacobian product through the
-    encoder, seeded by the per-task representation gradients; otherwise through the whole model."""
+    With shared features the K rows are one batched vector-Jacobian product through the part below them, seeded by
+    the per-task feature gradients; otherwise through the whole model."""
     shared = list(model.shared_parameters())
-    if hasattr(model, "encode") and hasattr(model, "decode"):
-        tg = representation_grads(model, sources, rows, tasks, cast)
-        return tg, through(tg.zs, shared, tg.z_blocks, chunk)
+    tg = representation_grads(model, sources, rows, tasks, cast)
+    if tg is not None:
+        return tg, through(tg.zs, shared, tg.z_blocks, chunk) if shared else []
     losses = _cast_losses(loss_fn, cast)(model, sources, rows, tasks)
     return loss_task_grads(losses, shared, _model_heads(model, tasks), chunk)
 
@@ -281,12 +315,14 @@ def aggregated_backward(method: Method, state: State, tg: TaskGrads, blocks: Seq
         directions, weights, state = _aggregate(method, state, tg.z_blocks, ctx)
         if push is not None:
             push(directions)
-        else:
+        elif any(z.requires_grad for z in tg.zs):  # else the features of a frozen encoder: nothing below trains
             torch.autograd.backward(tg.zs, directions, inputs=list(below) if below else None)
     else:
         if blocks is None:
             raise ValueError("params mode needs the per-task blocks of the shared parameters")
-        if method.sam_rho:
+        if not blocks:  # no shared parameter trains (a frozen encoder): each head takes its own task's gradient
+            directions, weights = [], None
+        elif method.sam_rho:
             if closure is None:
                 raise ConfigError(f"method {method.name!r} with sam_rho (F-MTL) recomputes the task losses at "
                                   "perturbed parameters: pass closure= (a function returning the K losses)")
@@ -328,10 +364,7 @@ def train_step(model: MultiTaskModel, method: Method, state: State, sources: Seq
 
     shared = list(model.shared_parameters())
     if method.mode == "representation":
-        if not hasattr(model, "encode"):
-            raise ConfigError(f"grad_mode representation needs an architecture with one shared representation; "
-                              f"{type(model).__name__} has none (use grad_mode: params)")
-        tg, blocks = representation_grads(model, sources, rows, tasks, cast), None
+        tg, blocks = _need_features(representation_grads(model, sources, rows, tasks, cast), model), None
     else:
         tg, blocks = parameter_grads(model, sources, rows, tasks, loss_fn, method.chunk, cast)
     weights, state = aggregated_backward(method, state, tg, blocks, shared, ctx,
@@ -339,6 +372,13 @@ def train_step(model: MultiTaskModel, method: Method, state: State, sources: Seq
     _backward_extra(extra)
     opt.step()
     return tg.losses.detach(), None if weights is None else weights.detach().float(), state
+
+
+def _need_features(tg: TaskGrads | None, model: MultiTaskModel) -> TaskGrads:
+    if tg is None:
+        raise ConfigError(f"grad_mode representation needs an architecture with shared features; "
+                          f"{type(model).__name__} has none (use grad_mode: params)")
+    return tg
 
 
 def _backward_extra(extra: Callable[[], Tensor | None] | None) -> None:
@@ -440,14 +480,11 @@ def accumulated_step(model: MultiTaskModel, method: Method, state: State,
     z_parts: list[list[Tensor]] = []
     rngs = []
     representation = method.mode == "representation"
-    if representation and not hasattr(model, "encode"):
-        raise ConfigError(f"grad_mode representation needs an architecture with one shared representation; "
-                          f"{type(model).__name__} has none (use grad_mode: params)")
     for m, (sources, rows) in enumerate(micro):
         f = frac[m]
         if representation:
             rngs.append(_rng(device))
-            tg = representation_grads(model, sources, rows, tasks, cast)
+            tg = _need_features(representation_grads(model, sources, rows, tasks, cast), model)
             z_parts.append([_scaled(b, f) for b in tg.z_blocks])
         else:
             tg, part = parameter_grads(model, sources, rows, tasks, loss_fn, method.chunk, cast)
@@ -466,10 +503,11 @@ def accumulated_step(model: MultiTaskModel, method: Method, state: State,
         start = [0] * len(directions)
         for m, (sources, rows) in enumerate(micro):
             _set_rng(rngs[m], device)
-            zs = encode(model, sources, rows, cast)
+            zs = [f for fs in shared_features(model, sources, rows, cast) or [] for f in fs]
             parts = [d[s0:s0 + len(z)] for d, s0, z in zip(directions, start, zs, strict=True)]
             start = [s0 + len(z) for s0, z in zip(start, zs, strict=True)]
-            torch.autograd.backward(zs, parts)
+            if any(z.requires_grad for z in zs):  # else the features of a frozen encoder
+                torch.autograd.backward(zs, parts)
 
     weights, state = aggregated_backward(method, state, effective, blocks, shared, ctx,
                                          push=push if representation else None)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from polytask.config import Config
 from polytask.engine.progress import Reporter
-from polytask.errors import DataError
+from polytask.errors import ConfigError, DataError
 from polytask.flows.runner import execute, job_dir_of, single_task_job
 from polytask.models import build_model
 from polytask.relations.affinity import AffinityMatrix
@@ -41,10 +41,13 @@ def source_outputs(config: Config, suite: TaskSuite, run_dir: Path, reporter: Re
         model.load_state_dict(load_file(job_dir_of(run_dir, job) / "best.safetensors"))
         model.eval()
         with torch.no_grad():
-            z = torch.cat([model.encode(x[i:i + 2048]) for i in range(0, len(x), 2048)])
-            features[task.name] = z
+            fs = [model.features(x[i:i + 2048]) for i in range(0, len(x), 2048)]
+            if fs[0] is None:
+                raise ConfigError(f"transferability needs an architecture with shared features; "
+                                  f"{type(model).__name__} has none")
+            features[task.name] = torch.cat([torch.cat([f.flatten(1) for f in part], 1) for part in fs])
             if task.kind == "classification":
-                probs[task.name] = model.decode(z, [task.name])[task.name].softmax(-1)
+                probs[task.name] = torch.cat([model.outputs(part, [task.name])[task.name] for part in fs]).softmax(-1)
         seconds += time.perf_counter() - t0
     return features, probs, seconds
 

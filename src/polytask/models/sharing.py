@@ -16,7 +16,13 @@ from polytask.tasks.task import Task
 
 
 class MultiTaskModel(nn.Module):
-    """Base of the architectures: a shared part, one head per task."""
+    """Base of the architectures: ``forward(x, tasks)`` gives per-task outputs, and the model says which parameters
+    are shared and which are a task's own.
+
+    An architecture with shared features also says what they are (``features``), which of them each task reads
+    (``reads``) and how each task's output is computed from them (``outputs``): representation-mode aggregators
+    differentiate the task losses with respect to those features and push the aggregated direction back through
+    them, so the engine never needs to know the architecture (hard sharing: one tensor read by every task)."""
 
     task_names: list[str]
 
@@ -24,10 +30,25 @@ class MultiTaskModel(nn.Module):
         raise NotImplementedError
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters every task trains (per-task gradients and the aggregated direction are taken over these)."""
         raise NotImplementedError
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
+        """The parameters only ``task`` trains (its head): no other task's gradient reaches them."""
         raise NotImplementedError
+
+    def features(self, x: Tensor) -> list[Tensor] | None:
+        """The shared features of ``x`` (graph attached) that the task outputs are computed from; None when the
+        architecture has none (only ``params``-mode aggregation applies then)."""
+        return None
+
+    def reads(self, task: str) -> Sequence[int] | None:
+        """Indices of the ``features`` that ``task``'s output reads; None: all of them."""
+        return None
+
+    def outputs(self, features: Sequence[Tensor], tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """Per-task outputs computed from ``features`` (what ``features`` returned, or detached copies of it)."""
+        raise NotImplementedError(f"{type(self).__name__} has no shared features")
 
 
 def make_head(task: Task, in_dim: int) -> nn.Module:
@@ -46,18 +67,20 @@ class HardSharing(MultiTaskModel):
         self.heads = nn.ModuleDict({t.name: make_head(t, rep_dim) for t in tasks})
         self.task_names = [t.name for t in tasks]
 
-    def encode(self, x: Tensor) -> Tensor:
-        """The shared representation (the seam used by representation-level gradient methods)."""
-        return self.encoder(x)
+    def features(self, x: Tensor) -> list[Tensor]:
+        """The encoder's output: one representation read by every head."""
+        return [self.encoder(x)]
 
-    def decode(self, z: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
-        return {t: self.heads[t](z) for t in (tasks or self.task_names)}
+    def outputs(self, features: Sequence[Tensor], tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+        return {t: self.heads[t](features[0]) for t in (tasks or self.task_names)}
 
     def forward(self, x: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
-        return self.decode(self.encode(x), tasks)
+        return self.outputs(self.features(x), tasks)
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
-        return self.encoder.parameters()
+        """The encoder's parameters that train (a frozen pretrained encoder has none): per-task gradients and
+        aggregated directions are computed for these only."""
+        return (p for p in self.encoder.parameters() if p.requires_grad)
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         return self.heads[task].parameters()

@@ -61,7 +61,7 @@ class UserModel(MultiTaskModel):
 
 class EncodedUserModel(UserModel):
     """A user's model that is ``heads[t](encoder(x))``: the encoder's output is the shared features that
-    representation-mode aggregators differentiate against (the step gets them from ``encode``/``decode``)."""
+    representation-mode aggregators differentiate against (``features``/``outputs``)."""
 
     def __init__(self, model: nn.Module, tasks: Sequence[Task], heads: Mapping[str, nn.Module],
                  encoder: nn.Module) -> None:
@@ -70,11 +70,12 @@ class EncodedUserModel(UserModel):
             raise ConfigError("model encoder: the shared features need a head for every task "
                               f"(heads {sorted(self._heads)}, tasks {self.names})")
 
-    def encode(self, x: Tensor) -> Tensor:
-        return self._encoder[0](x)
+    def features(self, x: Tensor) -> list[Tensor]:
+        """The encoder's output, read by every head."""
+        return [self._encoder[0](x)]
 
-    def decode(self, z: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
-        return {n: self._heads[n](z) for n in (tasks or self.names)}
+    def outputs(self, features: Sequence[Tensor], tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+        return {n: self._heads[n](features[0]) for n in (tasks or self.names)}
 
 
 def as_multitask(module: Any, tasks: Sequence[Task], where: str = "model.factory") -> MultiTaskModel:

@@ -63,15 +63,22 @@ class BatchSource(Protocol):
     arguments (that is what makes resuming exact); ``val_batch`` is the validation batch of a global step, for
     methods that watch validation losses."""
 
-    def to(self, device: torch.device) -> BatchSource: ...
+    def to(self, device: torch.device) -> BatchSource:
+        """The same source with its data on ``device``."""
 
-    def steps_per_epoch(self) -> int: ...
+    def steps_per_epoch(self) -> int:
+        """Optimiser steps (batches) in one training epoch."""
 
-    def epoch(self, seed: int, epoch: int) -> Sequence[Batch]: ...
+    def epoch(self, seed: int, epoch: int) -> Sequence[Batch]:
+        """The training batches of epoch ``epoch``, a pure function of ``(seed, epoch)``: a resumed job reads the
+        same batches from the step it stopped at."""
 
-    def val_batch(self, seed: int, global_step: int) -> Batch: ...
+    def val_batch(self, seed: int, global_step: int) -> Batch:
+        """The validation batch of step ``global_step`` (a pure function of its arguments), for methods that watch
+        validation losses (CoBa)."""
 
-    def split(self, name: str) -> Sequence[TaskData]: ...
+    def split(self, name: str) -> Sequence[TaskData]:
+        """The whole split ``name`` (``train``, ``val`` or ``test``) as its sources, for evaluation."""
 
 
 @dataclass(frozen=True)
@@ -88,23 +95,28 @@ class TensorBatches:
             raise DataError(f"batch source: split(s) {missing} missing (have {sorted(self.splits)})")
 
     def to(self, device: torch.device) -> TensorBatches:
+        """The same splits with every source moved to ``device``."""
         return TensorBatches({s: [d.to(device) for d in srcs] for s, srcs in self.splits.items()}, self.batch_size)
 
     def _sizes(self) -> list[int]:
         return [len(s) for s in self.splits["train"]]
 
     def steps_per_epoch(self) -> int:
+        """Batches per epoch: one pass over the largest training source (smaller ones cycle)."""
         return steps_per_epoch(self._sizes(), self.batch_size)
 
     def epoch(self, seed: int, epoch: int) -> list[Batch]:
+        """The training batches of ``epoch``: :func:`epoch_batches`, a pure function of ``(seed, epoch)``."""
         train = self.splits["train"]
         return [Batch(train, rows) for rows in epoch_batches(self._sizes(), self.batch_size, seed, epoch)]
 
     def val_batch(self, seed: int, global_step: int) -> Batch:
+        """``batch_size`` validation rows per source drawn by ``(seed, global_step)`` (for CoBa)."""
         val = self.splits["val"]
         return Batch(val, [permutation(len(s), seed, 7919, global_step)[:self.batch_size] for s in val])
 
     def split(self, name: str) -> Sequence[TaskData]:
+        """The sources of split ``name``."""
         return self.splits[name]
 
 
@@ -242,15 +254,19 @@ class DatasetBatches:
         return [_Stream(data, self.tasks, None, split)]
 
     def to(self, device: torch.device) -> DatasetBatches:
+        """The same datasets, with batches moved to ``device`` as they are read."""
         train, val, test, batch_size, steps = self._inputs
         return DatasetBatches(self.tasks, train, val, test, batch_size, steps, device)
 
     def steps_per_epoch(self) -> int:
+        """Batches per epoch: ``steps`` for iterable data, else one pass over the largest training source."""
         if self.iterable:
             return int(self.steps)  # type: ignore[arg-type]
         return steps_per_epoch([len(s) for s in self.streams["train"]], self.batch_size)
 
     def epoch(self, seed: int, epoch: int) -> Sequence[Batch]:
+        """The training batches of ``epoch``, read when indexed: map-style data in the order of
+        :func:`epoch_batches` (a pure function of ``(seed, epoch)``), iterable data in stream order, forwards only."""
         streams, n = self.streams["train"], self.steps_per_epoch()
         if self.iterable:
             return _Lazy(n, self._iterated(streams[0], n))
@@ -278,11 +294,13 @@ class DatasetBatches:
         return fetch
 
     def split(self, name: str) -> Sequence[TaskData]:
+        """The whole split ``name``, read into memory on first use and kept (for evaluation)."""
         if name not in self._splits:
             self._splits[name] = [s.all(self.batch_size).to(self.device) for s in self.streams[name]]
         return self._splits[name]
 
     def val_batch(self, seed: int, global_step: int) -> Batch:
+        """``batch_size`` validation rows per source drawn by ``(seed, global_step)`` (for CoBa)."""
         val = self.split("val")
         return Batch(val, [permutation(len(s), seed, 7919, global_step)[:self.batch_size].to(self.device)
                            for s in val])

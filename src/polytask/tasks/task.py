@@ -209,6 +209,7 @@ class TaskData:
         return TaskData(self.x.to(device), {k: v.to(device) for k, v in self.y.items()}, self.index)
 
     def take(self, rows: Tensor) -> TaskData:
+        """The rows ``rows`` of this source (inputs, every task's targets and the row index): a split or a batch."""
         return TaskData(
             self.x[rows],
             {k: v[rows] for k, v in self.y.items()},
@@ -216,6 +217,7 @@ class TaskData:
         )
 
     def only(self, tasks: Sequence[str]) -> TaskData:
+        """The same rows labelled for ``tasks`` only (the targets of other tasks dropped; inputs shared, not copied)."""
         return TaskData(self.x, {k: v for k, v in self.y.items() if k in tasks}, self.index)
 
 
@@ -271,17 +273,21 @@ class TaskSuite:
 
     @property
     def task_names(self) -> list[str]:
+        """The tasks' names, in the suite's order (the order of every K-long vector polytask returns)."""
         return [t.name for t in self.tasks]
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """The shape of one input row (what a backbone is built for)."""
         return tuple(self.splits["train"][0].x.shape[1:])
 
     @property
     def multi_input(self) -> bool:
+        """Whether the tasks are labelled on several sources (one per task or group of tasks), not one shared source."""
         return len(self.splits["train"]) > 1
 
     def task(self, name: str) -> Task:
+        """The task called ``name``; an unknown name is a DataError listing the suite's tasks."""
         for t in self.tasks:
             if t.name == name:
                 return t

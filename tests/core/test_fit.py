@@ -188,3 +188,20 @@ def test_example_runs_and_fit_is_exported_lazily(tmp_path):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     run(sys.argv[1], checkpoint_every=3)
+
+
+def test_a_run_directory_in_use_is_refused_and_released_after(tmp_path):
+    """fit locks its run directory: while another holder has it, fit refuses before writing; once fit returns (or
+    fails), the lock is free again."""
+    from polytask.errors import RunLockedError
+    from polytask.flows.runner import LOCK
+    from polytask.io import DirLock
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with DirLock(run_dir, LOCK), pytest.raises(RunLockedError, match="in use"):
+        run(run_dir)
+    assert not (run_dir / "run.json").exists()
+    run(run_dir)
+    with DirLock(run_dir, LOCK):  # fit gave it up
+        pass

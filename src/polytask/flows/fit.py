@@ -25,7 +25,7 @@ from polytask.engine.progress import Reporter
 from polytask.engine.spec import CheckpointPolicy, TrainSpec
 from polytask.engine.step import build_method
 from polytask.errors import ConfigError, DataError
-from polytask.flows.runner import header
+from polytask.flows.runner import header, lock_run, releases_run_locks
 from polytask.io import atomic_write_json, atomic_write_text
 from polytask.models.user import EncodedUserModel, UserModel
 from polytask.tasks.task import Task
@@ -55,6 +55,7 @@ class FitResult:
     summary: dict[str, Any]
 
 
+@releases_run_locks
 def fit(model: nn.Module, tasks: Iterable[TaskLike], train: Any, val: Any, test: Any | None = None, *,
         method: str | MethodConfig = "equal", method_params: Mapping[str, Any] | None = None,
         mode: str = "params", epochs: int = 10, batch_size: int | None = None, steps_per_epoch: int | None = None,
@@ -70,7 +71,8 @@ def fit(model: nn.Module, tasks: Iterable[TaskLike], train: Any, val: Any, test:
     needs ``encoder`` and ``heads``. ``precision="bf16"`` runs the forward pass under autocast; ``accumulate``
     batches make one optimiser step (:class:`~polytask.engine.spec.TrainSpec`). Everything lands in ``run_dir``
     (default ``runs/<name>-<time>``); a ``run_dir`` that holds this job's checkpoint is resumed exactly (same
-    weights as a run that never stopped).
+    weights as a run that never stopped). The run directory is locked while ``fit`` runs: a second process
+    fitting into it gets a RunLockedError naming the first.
     """
     task_list = [as_task(t) for t in tasks]
     names = [t.name for t in task_list]
@@ -85,6 +87,7 @@ def fit(model: nn.Module, tasks: Iterable[TaskLike], train: Any, val: Any, test:
         EncodedUserModel(model, task_list, heads or {}, encoder)
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock_run(run_dir)  # one process per run directory (RunLockedError naming the other), given up on return
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     meta = run_dir / "run.json"
     if meta.exists():

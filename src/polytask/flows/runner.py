@@ -50,6 +50,7 @@ from polytask.io import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    cache_dir,
     is_temporary,
     remove_stale_temporaries,
 )
@@ -65,10 +66,6 @@ _START_FILES = frozenset({"config.yaml", "run.json", LOCK, "preprocessing.json"}
 def single_task_job(task: str) -> Job:
     """The single-task baseline of ``task`` (same backbone and budget, one head)."""
     return Job(f"{STL}/{task}", (task,), MethodConfig(name="equal"), "single_task")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("POLYTASK_CACHE_DIR", Path.home() / ".cache" / "polytask"))
 
 
 @functools.cache
@@ -217,7 +214,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _lock(run_dir: Path) -> None:
+def lock_run(run_dir: Path) -> None:
     """Hold ``run_dir``'s lock (RunLockedError naming the holder's pid if another live process has it)."""
     key = run_dir.resolve()
     if key not in _held:
@@ -266,7 +263,7 @@ def _new_run_dir(config: Config) -> Path:
     if run_dir.exists() and not never_trained(run_dir):
         raise refusal
     run_dir.mkdir(parents=True, exist_ok=True)
-    _lock(run_dir)
+    lock_run(run_dir)
     if not never_trained(run_dir):  # another process started it in the meantime
         close_run(run_dir)
         raise refusal
@@ -286,7 +283,7 @@ def open_run(config: Config | None, resume: str | os.PathLike[str] | None) -> tu
         if run_dir is not None:
             if not (run_dir / "config.yaml").is_file():
                 raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
-            _lock(run_dir)
+            lock_run(run_dir)
             remove_stale_temporaries(run_dir)
             config = load_config(run_dir / "config.yaml")
             state = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}

@@ -10,8 +10,8 @@ from polytask.errors import ConfigError
 from polytask.registry import suggest
 
 NAMES: dict[str, tuple[str, ...]] = {
-    "suite": ("digit-attributes", "multidigits", "multimnist", "synthetic", "table"),
-    "backbone": ("lenet", "mlp"),
+    "suite": ("digit-attributes", "multidigits", "multimnist", "synthetic", "table", "text"),
+    "backbone": ("hf", "lenet", "mlp"),
     "architecture": ("hard",),
     "method": ("aligned_mtl", "cagrad", "coba", "config", "dbmtl", "dualproj", "dwa", "equal", "fairgrad", "famo",
                "gls", "graddrop", "gradnorm", "gradvac", "imtl_g", "imtl_l", "mean", "mgda", "nashmtl", "pcgrad",

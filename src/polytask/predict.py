@@ -100,29 +100,34 @@ class Predictor:
 
     ``model`` is the network (outputs on the training scale: logits, standardised values); ``tasks`` the
     job's tasks with their class labels and target scaling; ``features`` the input columns it reads (None
-    when the run's inputs were not table columns: then ``predict`` takes a tensor of raw inputs).
+    when the run's inputs were not table columns: then ``predict`` takes a tensor of raw inputs); ``text`` how a
+    ``text`` run tokenizes its text column (``column``, ``tokenizer`` directory, ``max_length``; None otherwise).
     """
 
     def __init__(self, run_dir: Path, job: TrainedJob, model: MultiTaskModel, tasks: list[Task],
                  features: list[str] | None, input_scale: Standardizer | None, targets: list[str],
-                 batch_size: int = 1024) -> None:
+                 batch_size: int = 1024, text: dict[str, Any] | None = None) -> None:
         self.run_dir, self.job, self.model, self.tasks = run_dir, job, model, tasks
         self.features, self.input_scale, self.targets, self.batch_size = features, input_scale, targets, batch_size
+        self.text = text
 
     def __repr__(self) -> str:
         return f"Predictor(run={str(self.run_dir)!r}, job={self.job.id!r}, tasks={[t.name for t in self.tasks]})"
 
     def inputs(self, data: pd.DataFrame | Tensor | str | os.PathLike[str]) -> Tensor:
         """The model's input tensor for ``data``: a table (a DataFrame, or a CSV/TSV/Parquet file) with exactly
-        the run's feature columns, or a tensor of raw inputs; standardised as in training."""
+        the run's feature columns, or a tensor of raw inputs; standardised as in training. A ``text`` run reads
+        the table's text column only and tokenizes it as in training (a tensor is taken as token ids and masks)."""
         import torch
 
         from polytask.tasks.suites.table import encode_features, read_table
 
+        if isinstance(data, torch.Tensor) and self.text is not None:
+            return data
         if isinstance(data, torch.Tensor):
             x = data.double()
             return (x if self.input_scale is None else self.input_scale.encode(x)).float()
-        if self.features is None:
+        if self.features is None and self.text is None:
             raise DataError(f"run {self.run_dir} was not trained on table columns (its preprocessing.json names "
                             "no features): give predict a tensor of raw inputs")
         if isinstance(data, (str, os.PathLike)):
@@ -130,6 +135,11 @@ class Predictor:
             frame = read_table(Path(data))
         else:
             path, frame = "<DataFrame>", data
+        if self.text is not None:
+            from polytask.tasks.suites.text import encode_text
+
+            return encode_text(frame, self.text["column"], self.text["tokenizer"], self.text["max_length"], path)
+        assert self.features is not None
         return encode_features(frame, self.features, self.input_scale, path, self.targets)
 
     def outputs(self, x: Tensor) -> dict[str, Tensor]:
@@ -226,7 +236,7 @@ def load(run_dir: str | os.PathLike[str], job: str | None = None, device: str | 
     model.to(device).eval()
     scale = pre.get("input_standardize")
     return Predictor(run_dir, found, model, tasks, features, None if scale is None else Standardizer.from_json(scale),
-                     list(saved_tasks), config.train.eval_batch_size)
+                     list(saved_tasks), config.train.eval_batch_size, pre.get("text"))
 
 
 def _kind(path: Path) -> tuple[str, bool]:

@@ -303,13 +303,14 @@ class TaskSuite:
         return replace(self, tasks=tasks, splits=splits)
 
     def preprocessing(self) -> dict[str, Any]:
-        """The fitted maps between raw data and this suite's tensors (input standardisation, per task its
-        class labels and target standardisation), as JSON: saved with a run so predictions can be made
-        on new raw rows and read in the original units."""
+        """The fitted maps between raw data and this suite's tensors (input standardisation, how a text column
+        is tokenized, per task its class labels and target standardisation), as JSON: saved with a run so
+        predictions can be made on new raw rows and read in the original units."""
         return {
             "suite": self.name,
             "input_shape": list(self.input_shape),
             "features": self.info.get("features"),
+            "text": self.info.get("text"),
             "input_standardize": None if self.input_scale is None else self.input_scale.to_json(),
             "tasks": {t.name: t.preprocessing() for t in self.tasks},
         }

@@ -223,3 +223,13 @@ def test_a_text_model_rebuilds_from_its_config(bert, table):
     model.eval()
     again.eval()
     assert torch.equal(model(x)["topic"], again(x)["topic"])
+
+
+def test_gradient_affinity_of_a_frozen_encoder_is_a_config_error(bert, table, tmp_path):
+    from polytask.engine.progress import Reporter
+    from polytask.flows.relate import relate
+
+    cfg = config(bert, table, tmp_path, {"train": "none"}, ["equal"])
+    cfg.relate.estimators = ["grad_cosine"]
+    with pytest.raises(ConfigError, match=r"gradient probes .* none trains .* use logme, leep, hscore or nce"):
+        relate(cfg, reporter=Reporter(quiet=True))

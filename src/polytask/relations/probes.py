@@ -109,6 +109,10 @@ class ProbeBatch:
     def grads(self) -> tuple[Tensor, list[Tensor]]:
         """(K losses, per-task gradient blocks of the shared parameters)."""
         self.used_grads = True
+        if "grads" not in self._cache and next(iter(self.model.shared_parameters()), None) is None:
+            raise ConfigError("relate: the gradient probes (lookahead, grad_cosine) compare the tasks' gradients of "
+                              "the shared parameters, and none trains (a frozen encoder, e.g. model.backbone_params."
+                              "train: none); let some train (train: 1, lora) or use logme, leep, hscore or nce")
         if "grads" not in self._cache:
             from polytask.engine.loop import task_losses
             from polytask.engine.step import parameter_grads

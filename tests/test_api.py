@@ -16,11 +16,14 @@ import typing
 from functools import cached_property
 from pathlib import Path
 
+import pytest
+
 import polytask
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "api_docs"
-MODULES = runpy.run_path(str(SCRIPT))["MODULES"]
+API_DOCS = runpy.run_path(str(SCRIPT))
+MODULES = API_DOCS["MODULES"]
 
 
 def public_names(module) -> list[str]:
@@ -130,3 +133,17 @@ def test_the_api_reference_builds(tmp_path):
         assert f'id="{name}"' in top, name
     assert "aggregate" in (out / "polytask" / "aggregators.html").read_text()
     assert 'id="train_job"' in (out / "polytask" / "engine.html").read_text()
+    config = (out / "polytask" / "config.html").read_text()
+    assert "SuiteConfig(name=" in config and "PydanticUndefined" not in config  # factory defaults shown as values
+
+
+def test_a_pdoc_warning_fails_the_build_and_keeps_the_old_output(tmp_path, monkeypatch):
+    (tmp_path / "brokenpkg.py").write_text('"""A module whose __all__ names what it lacks."""\n__all__ = ["missing"]\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "api"
+    out.mkdir()
+    (out / "index.html").write_text("previous build")
+    with pytest.raises(UserWarning, match=r"'missing' in brokenpkg\.__all__"):
+        API_DOCS["build"](out, ("brokenpkg",))
+    assert (out / "index.html").read_text() == "previous build"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["api", "brokenpkg.py"]  # no temporary left behind

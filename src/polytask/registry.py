@@ -87,6 +87,9 @@ class Registry(Generic[T]):
         """The registered names, sorted."""
         return sorted(self._entries)
 
+    def __repr__(self) -> str:
+        return f"<{self.kind} registry: {', '.join(self.names())}>"
+
 
 def describe_params(params: type[BaseModel]) -> list[str]:
     """One line per parameter of ``params`` for listings: the config key, its default or 'required', and its

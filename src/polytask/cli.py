@@ -227,6 +227,47 @@ def merge(
                    f"with {summary['method']} in {summary['seconds']:.1f} s -> {out}")
 
 
+@app.command()
+def continual(
+    config: Annotated[Optional[Path], typer.Argument(help="continual YAML: stream, strategies, seeds, model, train")]
+    = None,
+    set_: SetOpt = [],  # noqa: B006
+    resume: ResumeOpt = None,
+    list_: Annotated[bool, typer.Option("--list", help="list the streams and strategies with their parameters")]
+    = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Learn a stream of experiences with every strategy and seed: accuracy matrix, BWT, FWT, forgetting."""
+    if list_:
+        from polytask.continual import STRATEGIES, STREAMS
+
+        for title, registry in (("streams", STREAMS), ("strategies", STRATEGIES)):
+            typer.echo(f"{title}:")
+            for entry in registry:
+                typer.echo(f"  {entry.name:16s} {entry.summary}")
+                for line in describe_params(entry.params):
+                    typer.echo(f"  {'':16s} {line}")
+        return
+    try:
+        if resume is not None and (config is not None or set_):
+            raise PolytaskError("--resume continues a run with its saved config; drop CONFIG and --set")
+        if resume is None and config is None:
+            raise PolytaskError("give a continual config (see `polytask continual --list` and examples/continual.yaml)")
+        from polytask.continual.config import load_continual_config
+        from polytask.flows import Reporter
+
+        cfg = None if config is None else load_continual_config(config, set_)
+        from polytask.flows.continual import continual as continual_flow
+
+        run_dir, summary = continual_flow(cfg, resume=resume, reporter=Reporter(quiet=quiet))
+    except (PolytaskError, OSError) as e:
+        _fail(e)
+    from polytask.flows.text import format_continual_table
+
+    typer.echo(format_continual_table(summary))
+    typer.echo(f"run directory: {run_dir}  (summary.json, report.html)")
+
+
 def entrypoint() -> None:
     try:
         app()

@@ -3,6 +3,7 @@ registered aggregator, run through the training step on nearly dependent float32
 computed from the exact (float64) Gramian."""
 
 from dataclasses import replace
+from typing import ClassVar
 
 import pytest
 import torch
@@ -206,7 +207,7 @@ class TwoTowers(MultiTaskModel):
     """Two shared features: task a reads the first, task b both, task c the second (``reads``), so the per-task
     feature gradients of a task are zero on the features it does not read."""
 
-    READS = {"a": [0], "b": [0, 1], "c": [1]}
+    READS: ClassVar = {"a": [0], "b": [0, 1], "c": [1]}
 
     def __init__(self):
         super().__init__()

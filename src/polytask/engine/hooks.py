@@ -1,11 +1,12 @@
 """Hooks: the one extension point of the training loop.
 
 A hook rides on a job: ``init`` when the job starts or resumes, ``on_step`` before each optimiser step (it sees
-the step's batch), ``extra_loss`` for a term added to what the step minimises, ``on_epoch`` after each epoch's
-validation. Its ``state_dict`` is checkpointed under its ``name`` with the job and handed back to
-``load_state_dict`` on resume, so a stateful hook resumes exactly; its wall-clock times (``timing``) go into
-``timing.json`` beside the checkpoint, never into the checkpoint (identical runs write identical bytes).
-Relation probes, loggers and (next) continual-learning strategies are hooks; the engine imports none of them.
+the step's batch), ``extra_loss`` for a term added to what the step minimises, ``before_update`` with the step's
+gradients set (it may change them), ``on_epoch`` after each epoch's validation. Its ``state_dict`` is checkpointed
+under its ``name`` with the job and handed back to ``load_state_dict`` on resume, so a stateful hook resumes exactly;
+its wall-clock times (``timing``) go into ``timing.json`` beside the checkpoint, never into the checkpoint
+(identical runs write identical bytes). Relation probes, loggers and continual-learning strategies are hooks; the
+engine imports none of them.
 
 Every method is optional (the base class does nothing), as in a Lightning ``Callback``.
 """
@@ -68,6 +69,10 @@ class Hook:
         the method has set the task gradients); None adds nothing."""
         return None
 
+    def before_update(self, run: Run, step: StepView) -> None:
+        """Called with every gradient of the step in ``.grad`` (the method's and the extra losses'), just before the
+        optimiser step: a hook may change the gradients here (A-GEM projects them)."""
+
     def on_epoch(self, run: Run, epoch: int) -> None:
         """Called after epoch ``epoch`` (1-based) is trained and validated, before its checkpoint is written."""
 
@@ -104,3 +109,9 @@ def extra_loss(hooks: Sequence[Hook], run: Run, step: StepView) -> Tensor | None
         if term is not None:
             total = term if total is None else total + term
     return total
+
+
+def before_update(hooks: Sequence[Hook], run: Run, step: StepView) -> None:
+    """Every hook's ``before_update``, in order."""
+    for h in hooks:
+        h.before_update(run, step)

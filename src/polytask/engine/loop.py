@@ -26,7 +26,7 @@ from torch import Tensor
 
 from polytask.engine import checkpoint, faults
 from polytask.engine.data import Batch
-from polytask.engine.hooks import Run, StepView, check_hooks, extra_loss
+from polytask.engine.hooks import Run, StepView, before_update, check_hooks, extra_loss
 from polytask.engine.progress import Reporter
 from polytask.engine.spec import TrainSpec
 from polytask.engine.state import Best, EpochTotals, LoopState, Position, seed_everything
@@ -225,7 +225,8 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, An
                 h.on_step(run, view)
             losses, weights, state.method = accumulated_step(
                 model, method, state.method, [(b.sources, b.rows) for b in micro], tasks, opt, ctx, task_losses,
-                extra=(lambda view=view: extra_loss(hooks, run, view)) if hooks else None, precision=spec.precision)
+                extra=(lambda view=view: extra_loss(hooks, run, view)) if hooks else None, precision=spec.precision,
+                before_update=(lambda view=view: before_update(hooks, run, view)) if hooks else None)
             losses = losses.detach().double().cpu()
             check_finite(spec.name, tasks, losses, "training", epoch + 1,
                          f", step {pos.step + 1} of {steps} (global step {pos.global_step + 1})")
@@ -251,7 +252,9 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, An
         state.history += _records(spec.name, epoch + 1, pos.global_step, "train", train_scores, weights_now)
         state.history += _records(spec.name, epoch + 1, pos.global_step, "val", val_scores)
         score = selection_score(val_scores)
-        if score < state.best.score:
+        if spec.select == "last":
+            state.best = Best(score, epoch + 1, val_scores)  # "best" is the last epoch; no weights copied
+        elif score < state.best.score:
             state.best = Best(score, epoch + 1, val_scores, {k: v.clone() for k, v in model.state_dict().items()})
         reporter.log(f"[{spec.name}] epoch {epoch + 1}/{spec.epochs} " + " ".join(
             f"{t}.{m}={v:.4f}" for t, s in val_scores.items() for m, v in s.items() if m != "loss"))
@@ -263,7 +266,8 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, An
         save_checkpoint()
     reporter.finish()
 
-    model.load_state_dict(state.best.model)
+    if spec.select == "best":
+        model.load_state_dict(state.best.model)
     weights_cpu = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(policy.best, checkpoint.tensors_to_bytes(
         weights_cpu, {"job": spec.name, "epoch": str(state.best.epoch)}))

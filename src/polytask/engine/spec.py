@@ -63,6 +63,10 @@ class TrainSpec:
     (the effective batch is ``accumulate`` times the source's batch; the last step of an epoch may take fewer), and
     the method sees the whole effective batch (``engine.step.accumulated_step``). Checkpoints are written at
     optimiser-step boundaries only: a job stopped between micro-batches redoes that step from its first one.
+
+    ``select``: which weights the job ends with (and writes to ``best.safetensors``): ``best``, those of the epoch
+    with the best validation score, or ``last``, those after the last epoch (continual learning hands the last
+    weights of one experience to the next; no copy of the best weights is kept).
     """
 
     name: str
@@ -80,6 +84,7 @@ class TrainSpec:
     eval_batch_size: int = 1024
     precision: str = "fp32"
     accumulate: int = 1
+    select: str = "best"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -88,6 +93,8 @@ class TrainSpec:
         if self.accumulate < 1:
             raise ConfigError(f"train.accumulate: {self.accumulate} micro-batches per step; must be at least 1 "
                               f"(job {self.name!r})")
+        if self.select not in ("best", "last"):
+            raise ConfigError(f"job {self.name!r}: select must be 'best' or 'last', got {self.select!r}")
         if self.accumulate > 1 and self.method.sam_rho:
             raise ConfigError(f"train.accumulate: job {self.name!r} uses F-MTL (sam_rho), which recomputes the whole "
                               "batch's losses at perturbed parameters and cannot accumulate; use train.accumulate: 1")

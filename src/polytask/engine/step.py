@@ -342,11 +342,12 @@ def aggregated_backward(method: Method, state: State, tg: TaskGrads, blocks: Seq
 
 def train_step(model: MultiTaskModel, method: Method, state: State, sources: Sequence[TaskData],
                rows: Sequence[Tensor], tasks: Sequence[Task], opt: torch.optim.Optimizer, ctx: StepContext,
-               loss_fn: LossFn, extra: Callable[[], Tensor | None] | None = None, precision: str = "fp32"
-               ) -> tuple[Tensor, Tensor | None, State]:
+               loss_fn: LossFn, extra: Callable[[], Tensor | None] | None = None, precision: str = "fp32",
+               before_update: Callable[[], None] | None = None) -> tuple[Tensor, Tensor | None, State]:
     """Run one step; returns (K losses, K weights or None for per-coordinate methods, new state).
 
-    ``extra()`` (hooks' loss terms): its gradient is added to the gradients the method set, before the update.
+    ``extra()`` (hooks' loss terms): its gradient is added to the gradients the method set, before the update;
+    ``before_update()`` then runs with every gradient in ``.grad`` (hooks that change gradients, e.g. A-GEM).
     ``precision``: ``fp32`` or ``bf16`` (the forward under autocast; see the module docstring)."""
     cast = autocast(precision, _device_of(model))
     loss_fn = _cast_losses(loss_fn, cast)
@@ -354,8 +355,7 @@ def train_step(model: MultiTaskModel, method: Method, state: State, sources: Seq
     if method.kind == "weighting":
         losses = loss_fn(model, sources, rows, tasks)
         weights, state = weighted_backward(method, state, losses, ctx)
-        _backward_extra(extra)
-        opt.step()
+        _update(opt, extra, before_update)
         if method.impl.after_step is not None:
             with torch.no_grad():
                 new = loss_fn(model, sources, rows, tasks)
@@ -369,8 +369,7 @@ def train_step(model: MultiTaskModel, method: Method, state: State, sources: Seq
         tg, blocks = parameter_grads(model, sources, rows, tasks, loss_fn, method.chunk, cast)
     weights, state = aggregated_backward(method, state, tg, blocks, shared, ctx,
                                          lambda: loss_fn(model, sources, rows, tasks))
-    _backward_extra(extra)
-    opt.step()
+    _update(opt, extra, before_update)
     return tg.losses.detach(), None if weights is None else weights.detach().float(), state
 
 
@@ -381,10 +380,15 @@ def _need_features(tg: TaskGrads | None, model: MultiTaskModel) -> TaskGrads:
     return tg
 
 
-def _backward_extra(extra: Callable[[], Tensor | None] | None) -> None:
+def _update(opt: torch.optim.Optimizer, extra: Callable[[], Tensor | None] | None,
+            before_update: Callable[[], None] | None) -> None:
+    """The end of every step: the hooks' extra loss terms backward, the hooks' gradient changes, the optimiser."""
     term = extra() if extra is not None else None
     if term is not None:
         term.backward()
+    if before_update is not None:
+        before_update()
+    opt.step()
 
 
 def _with_losses(ctx: StepContext, losses: Tensor) -> StepContext:
@@ -433,14 +437,15 @@ def _add(total: list[Tensor] | None, part: Sequence[Tensor]) -> list[Tensor]:
 def accumulated_step(model: MultiTaskModel, method: Method, state: State,
                      micro: Sequence[tuple[Sequence[TaskData], Sequence[Tensor]]], tasks: Sequence[Task],
                      opt: torch.optim.Optimizer, ctx: StepContext, loss_fn: LossFn,
-                     extra: Callable[[], Tensor | None] | None = None, precision: str = "fp32"
-                     ) -> tuple[Tensor, Tensor | None, State]:
+                     extra: Callable[[], Tensor | None] | None = None, precision: str = "fp32",
+                     before_update: Callable[[], None] | None = None) -> tuple[Tensor, Tensor | None, State]:
     """One optimiser step over the micro-batches ``micro`` (each ``(sources, rows)``), the method seeing the
     effective batch (module docstring); one micro-batch is :func:`train_step`. Returns what it returns, the losses
     being the effective batch's. ``faults.hit("micro")`` counts each micro-batch done (the kill-and-resume tests
     stop a run between two of them)."""
     if len(micro) == 1:
-        return train_step(model, method, state, micro[0][0], micro[0][1], tasks, opt, ctx, loss_fn, extra, precision)
+        return train_step(model, method, state, micro[0][0], micro[0][1], tasks, opt, ctx, loss_fn, extra, precision,
+                          before_update)
     if method.sam_rho:
         raise ConfigError(f"method {method.name!r}: F-MTL (sam_rho) cannot accumulate gradients over micro-batches "
                           "(it recomputes the whole batch's losses at perturbed parameters); use train.accumulate: 1")
@@ -463,8 +468,7 @@ def accumulated_step(model: MultiTaskModel, method: Method, state: State,
             _set_rng(rngs[m], device)
             (weights * _scaled(loss_fn(model, sources, rows, tasks), frac[m])).sum().backward()
             faults.hit("micro")
-        _backward_extra(extra)
-        opt.step()
+        _update(opt, extra, before_update)
         if method.impl.after_step is not None:
             with torch.no_grad():
                 new = sum(_scaled(loss_fn(model, s, r, tasks), frac[m]) for m, (s, r) in enumerate(micro))
@@ -511,6 +515,5 @@ def accumulated_step(model: MultiTaskModel, method: Method, state: State,
 
     weights, state = aggregated_backward(method, state, effective, blocks, shared, ctx,
                                          push=push if representation else None)
-    _backward_extra(extra)
-    opt.step()
+    _update(opt, extra, before_update)
     return total_losses, None if weights is None else weights.detach().float(), state

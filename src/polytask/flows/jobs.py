@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from polytask.config import Config, MethodConfig
-from polytask.engine.data import TensorBatches
+from polytask.config import Config, MethodConfig, TrainConfig
+from polytask.engine.data import batch_source
 from polytask.engine.hooks import Hook
 from polytask.engine.loop import load_matching, resolve_device, train_job
-from polytask.engine.optim import optimizer, scheduler
+from polytask.engine.optim import OptimizerFactory, SchedulerFactory, optimizer, scheduler
 from polytask.engine.progress import Reporter
 from polytask.engine.spec import CheckpointPolicy, TrainSpec
 from polytask.engine.step import build_method
@@ -40,6 +40,19 @@ class Job:
         return zlib.crc32(self.id.encode())
 
 
+def optimizer_of(tc: TrainConfig) -> OptimizerFactory:
+    """The optimiser factory that ``train.optimizer`` names (keys of other optimisers, e.g. sgd's momentum under
+    adam, are ignored)."""
+    o = tc.optimizer
+    return optimizer(o.name, o.model_dump(exclude={"name"}), "train.optimizer", ignore_unknown=True)
+
+
+def scheduler_of(tc: TrainConfig) -> SchedulerFactory | None:
+    """The scheduler factory that ``train.scheduler`` names (None: no scheduler)."""
+    s = tc.scheduler
+    return scheduler(s.name, s.model_dump(exclude={"name"}), "train.scheduler", ignore_unknown=True)
+
+
 def spec_from_config(job: Job, suite: TaskSuite, config: Config, job_dir: Path,
                      hooks: Sequence[Hook] = ()) -> TrainSpec:
     """The engine's spec of ``job`` on ``suite`` as ``config`` sets it up: the configured model (built after the
@@ -55,13 +68,11 @@ def spec_from_config(job: Job, suite: TaskSuite, config: Config, job_dir: Path,
             load_matching(model, mc.init_from)
         return model
 
-    o, s = tc.optimizer, tc.scheduler
     return TrainSpec(
         name=job.id, tasks=tasks, model=build,
-        optimizer=optimizer(o.name, o.model_dump(exclude={"name"}), "train.optimizer", ignore_unknown=True),
-        scheduler=scheduler(s.name, s.model_dump(exclude={"name"}), "train.scheduler", ignore_unknown=True),
+        optimizer=optimizer_of(tc), scheduler=scheduler_of(tc),
         method=build_method(job.method, job.tasks),
-        data=TensorBatches(suite.subset(job.tasks).splits, tc.batch_size),
+        data=batch_source(suite.subset(job.tasks).splits, tc.batch_size),
         epochs=tc.epochs, checkpoint=CheckpointPolicy(Path(job_dir), tc.checkpoint_every),
         seed=config.seed + job.seed_offset, device=resolve_device(tc.device, tc.deterministic),
         hooks=tuple(hooks), eval_batch_size=tc.eval_batch_size, precision=tc.precision, accumulate=tc.accumulate,

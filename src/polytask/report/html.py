@@ -13,6 +13,7 @@ from typing import Any
 
 from polytask.errors import CheckpointError, PolytaskError
 from polytask.report.console import Grid, layout, number, tabulate_results, task_metrics
+from polytask.report.continual import continual_section
 from polytask.report.relations import has_relations, relations_section
 from polytask.report.svg import PALETTE, Point, line_chart
 
@@ -321,7 +322,8 @@ def render_report(run_dirs: Sequence[Path]) -> str:
     summaries = [(Path(d), _summary_or_relations(Path(d))) for d in run_dirs]
     ids = [str(s.get("run_id") or d.name) for d, s in summaries]
     version = next((s.get("polytask_version") for _, s in summaries if s.get("polytask_version")), "")
-    body = "".join((_section(d, s) if s.get("results") is not None else _relations_only(d)) + relations_section(d)
+    body = "".join(continual_section(s) if s.get("kind") == "continual" else
+                   (_section(d, s) if s.get("results") is not None else _relations_only(d)) + relations_section(d)
                    for d, s in summaries)
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"

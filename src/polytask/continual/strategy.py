@@ -1,0 +1,131 @@
+"""Continual-learning strategies: hooks on the one training loop, plus what they do between experiences.
+
+A :class:`Strategy` rides on every experience's job as a :class:`~polytask.engine.hooks.Hook` (``extra_loss`` for
+regularisers and replay, ``before_update`` for gradient projections, ``on_step`` to watch the data) and is told
+where it is in the stream (``begin``) and when an experience ends (``end``: Fisher matrices, buffers). Everything
+it must remember across steps and experiences is in ``state_dict``: it is checkpointed with each step's job and
+with each finished experience, so a run killed anywhere resumes bit-identically. ``train_suite`` lets a strategy
+change what an experience trains on (cumulative: everything so far).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from polytask.continual.stream import SCENARIOS, Stream
+from polytask.engine.hooks import Hook
+from polytask.errors import ConfigError, DataError
+from polytask.registry import Registry
+from polytask.tasks.task import SPLITS, TaskData, TaskSuite
+
+StrategyBuilder = Callable[[Any], "Strategy"]
+STRATEGIES: Registry[StrategyBuilder] = Registry("strategy")
+
+
+class Strategy(Hook):
+    """Base of the strategies: fine-tuning on each experience in turn (``naive``) unless a subclass adds more.
+
+    ``scenarios``: where the strategy applies (a stream of another scenario is a ConfigError naming both).
+    ``joint``: train once on every experience together (the upper bound), not one experience after another."""
+
+    name = "strategy"
+    scenarios: tuple[str, ...] = SCENARIOS
+    joint = False
+
+    def __init__(self) -> None:
+        self.stream: Stream | None = None
+        self.index = 0
+
+    def check(self, stream: Stream, label: str) -> None:
+        """Refuse a stream whose scenario the strategy does not support."""
+        if stream.scenario not in self.scenarios:
+            raise ConfigError(f"strategy {label!r} does not apply to a {stream.scenario}-incremental stream "
+                              f"({stream.name!r}); it supports: {', '.join(self.scenarios)}")
+
+    def begin(self, stream: Stream, index: int) -> None:
+        """Called before experience ``index`` trains (also when its job resumes)."""
+        self.stream, self.index = stream, index
+
+    def train_suite(self, stream: Stream, index: int) -> TaskSuite:
+        """What experience ``index`` trains on: its own suite."""
+        return stream.experiences[index].suite
+
+    def end(self, model: torch.nn.Module, stream: Stream, index: int, device: torch.device) -> None:
+        """Called once experience ``index`` is trained (its weights are the model's), before the next begins."""
+
+
+def union(name: str, suites: Sequence[TaskSuite]) -> TaskSuite:
+    """The suites' data together: sources of the same tasks concatenated (one source per task set), so a task
+    seen in several experiences is one source, and different tasks stay separate sources."""
+    tasks: dict[str, Any] = {}
+    groups: dict[tuple[str, ...], dict[str, list[TaskData]]] = {}
+    for suite in suites:
+        for t in suite.tasks:
+            tasks.setdefault(t.name, t)
+        for split in SPLITS:
+            for src in suite.splits[split]:
+                groups.setdefault(tuple(sorted(src.y)), {s: [] for s in SPLITS})[split].append(src)
+    splits: dict[str, tuple[TaskData, ...]] = {s: () for s in SPLITS}
+    for parts in groups.values():
+        for split in SPLITS:
+            if parts[split]:
+                splits[split] += (_concat(parts[split]),)
+    return TaskSuite(name, tuple(tasks.values()), splits)
+
+
+def _concat(parts: Sequence[TaskData]) -> TaskData:
+    if len(parts) == 1:
+        return parts[0]
+    index = None if any(p.index is None for p in parts) else torch.cat([p.index for p in parts])
+    return TaskData(torch.cat([p.x for p in parts]), {k: torch.cat([p.y[k] for p in parts]) for k in parts[0].y},
+                    index)
+
+
+class Naive(Strategy):
+    """Fine-tuning: each experience trains the model left by the previous one, with nothing against forgetting."""
+
+    name = "naive"
+
+
+@STRATEGIES.register("naive", summary="fine-tune on each experience in turn (the lower bound)")
+def _naive(params: BaseModel) -> Strategy:
+    return Naive()
+
+
+class Cumulative(Strategy):
+    """Train experience i on the data of experiences 0..i (an upper bound that keeps all past data)."""
+
+    name = "cumulative"
+
+    def train_suite(self, stream: Stream, index: int) -> TaskSuite:
+        return union(f"{stream.name}/upto-{stream.experiences[index].name}",
+                     [e.suite for e in stream.experiences[:index + 1]])
+
+
+@STRATEGIES.register("cumulative", summary="each experience trains on all the data so far (upper bound)")
+def _cumulative(params: BaseModel) -> Strategy:
+    return Cumulative()
+
+
+class Joint(Cumulative):
+    """Every experience at once: one job on the union of the stream (the usual upper bound; no sequence)."""
+
+    name = "joint"
+    joint = True
+
+
+@STRATEGIES.register("joint", summary="one model trained on every experience together (the upper bound)")
+def _joint(params: BaseModel) -> Strategy:
+    return Joint()
+
+
+def build_strategy(name: str, params: dict[str, Any] | BaseModel | None, where: str) -> Strategy:
+    """Strategy ``name`` built from its validated parameters."""
+    strategy = STRATEGIES.build(name, params, where=where)
+    if not isinstance(strategy, Strategy):
+        raise DataError(f"strategy {name!r}: its builder returned {type(strategy).__name__}, not a Strategy")
+    return strategy

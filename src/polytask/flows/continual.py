@@ -1,0 +1,192 @@
+"""``polytask continual``: every strategy on a stream, for every seed, with the accuracy matrix and its metrics.
+
+Layout of the run directory::
+
+    config.yaml                    the resolved continual config
+    jobs/<strategy>-s<seed>/e<i>/  experience i's job (the engine's checkpoints), then ``end.safetensors`` (the model
+                                   and the strategy's state after it) and ``done.json`` (its row of the matrix)
+    summary.json                   ``results``: per strategy label, one entry per seed with its accuracy matrix, the
+                                   initial model's accuracies, the metrics, time and the strategy's state size
+    report.html                    the matrices as heatmaps, the accuracy of each experience over the stream
+
+Each experience is one job of the engine (``select="last"``: the weights after its last epoch go on to the next
+experience), with the strategy riding on it as a hook and a fresh optimiser. A run killed anywhere resumes exactly:
+inside an experience from the job's checkpoint (the strategy's state included), between experiences from the last
+``end.safetensors``. Every strategy of a seed starts from the same initial model and sees the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import polytask
+from polytask.continual.config import ContinualConfig, StrategyConfig, dump_continual_config, load_continual_config
+from polytask.continual.strategy import Strategy, build_strategy, union
+from polytask.continual.stream import Stream, build_stream
+from polytask.engine import checkpoint
+from polytask.engine.data import batch_source
+from polytask.engine.loop import evaluate, resolve_device, train_job
+from polytask.engine.progress import Reporter
+from polytask.engine.spec import CheckpointPolicy, TrainSpec
+from polytask.engine.state import seed_everything
+from polytask.engine.step import build_method
+from polytask.errors import CheckpointError, ConfigError
+from polytask.evaluation.continual import continual_metrics
+from polytask.flows.jobs import optimizer_of, scheduler_of
+from polytask.flows.runner import lock_run, releases_run_locks, versions
+from polytask.io import atomic_write_json, atomic_write_text, remove_stale_temporaries
+from polytask.models import build_model
+from polytask.tasks.task import TaskSuite
+
+END, DONE = "end.safetensors", "done.json"
+
+
+def experience_score(model: torch.nn.Module, suite: TaskSuite, batch_size: int) -> float:
+    """The experience's test score: the first metric of each of its tasks (accuracy for classification), averaged
+    over its tasks."""
+    scores = evaluate(model, suite.splits["test"], list(suite.tasks), batch_size)
+    return float(sum(next(v for k, v in scores[t.name].items() if k != "loss") for t in suite.tasks)
+                 / len(suite.tasks))
+
+
+def _row(model: torch.nn.Module, stream: Stream, batch_size: int) -> list[float]:
+    return [experience_score(model, e.suite, batch_size) for e in stream.experiences]
+
+
+def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig, seed: int, job_dir: Path,
+                 reporter: Reporter) -> dict[str, Any]:
+    """One strategy on ``stream`` for ``seed``: train every experience in turn (or once on all, for a joint
+    strategy), resuming what ``job_dir`` holds; returns its accuracy matrix, initial accuracies and times."""
+    strategy: Strategy = build_strategy(entry.name, entry.params, f"strategies[{entry.label}].params")
+    strategy.check(stream, entry.label)
+    tc, mc = config.train, config.model
+    device = resolve_device(tc.device, tc.deterministic)
+    seed_everything(seed)
+    model = build_model(stream.tasks, stream.input_shape, mc.backbone, mc.backbone_params, mc.architecture,
+                        mc.architecture_params).to(device)
+    initial = _row(model, stream, tc.eval_batch_size)
+    steps = range(1) if strategy.joint else range(len(stream.experiences))
+    rows: list[list[float]] = []
+    seconds = 0.0
+    for i in steps:
+        d = job_dir / ("all" if strategy.joint else f"e{i}")
+        if (d / DONE).is_file():
+            saved = checkpoint.load(d / END)
+            model.load_state_dict(saved["model"])
+            strategy.load_state_dict(saved["strategy"])
+            done = json.loads((d / DONE).read_text())
+            rows.append(done["accuracy"])
+            seconds += done["wall_time_s"]
+            continue
+        strategy.begin(stream, i)
+        suite = union(f"{stream.name}/all", [e.suite for e in stream.experiences]) if strategy.joint \
+            else strategy.train_suite(stream, i)
+        d.mkdir(parents=True, exist_ok=True)
+        spec = TrainSpec(
+            name=f"{entry.label}-s{seed}/{d.name}", tasks=suite.tasks, model=model, optimizer=optimizer_of(tc),
+            scheduler=scheduler_of(tc), method=build_method(config.method, [t.name for t in suite.tasks]),
+            data=batch_source(suite.splits, tc.batch_size), epochs=tc.epochs,
+            checkpoint=CheckpointPolicy(d, tc.checkpoint_every), seed=(seed + zlib.crc32(d.name.encode())) % 2**32,
+            device=device, hooks=(strategy,), eval_batch_size=tc.eval_batch_size, precision=tc.precision,
+            accumulate=tc.accumulate, select="last")
+        t0 = time.perf_counter()
+        result = train_job(spec, reporter)
+        strategy.end(model, stream, i, device)
+        row = _row(model, stream, tc.eval_batch_size)
+        wall = result["wall_time_s"] + time.perf_counter() - t0
+        checkpoint.save(d / END, {"model": model.state_dict(), "strategy": strategy.state_dict()})
+        atomic_write_json(d / DONE, {"accuracy": row, "steps": result["steps"], "wall_time_s": wall})
+        rows.append(row)
+        seconds += wall
+        reporter.log(f"[{entry.label} s{seed}] after {d.name}: " + " ".join(f"{v:.3f}" for v in row))
+    return {"strategy": entry.name, "label": entry.label, "seed": seed, "joint": strategy.joint,
+            "accuracy": rows, "initial": initial, "wall_time_s": seconds,
+            "state_numel": _numel(strategy.state_dict())}
+
+
+def _numel(tree: Any) -> int:
+    """Entries of every tensor in a state tree (a strategy's memory: buffers, Fisher matrices, old weights)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel()
+    if isinstance(tree, dict):
+        return sum(_numel(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_numel(v) for v in tree)
+    return 0
+
+
+def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each result with its metrics; intransigence against the cumulative strategy of the same seed when run."""
+    reference = {r["seed"]: [r["accuracy"][k][k] for k in range(len(r["accuracy"]))]
+                 for r in results if r["strategy"] == "cumulative"}
+    out = []
+    for r in results:
+        if r["joint"]:
+            final = r["accuracy"][-1]
+            metrics: dict[str, Any] = {"average_accuracy": sum(final) / len(final), "bwt": None, "fwt": None,
+                                       "forgetting": None, "intransigence": None}
+        else:
+            metrics = continual_metrics(r["accuracy"], r["initial"], reference.get(r["seed"]))
+        out.append({**r, "metrics": metrics})
+    return out
+
+
+def _by_label(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        out.setdefault(r["label"], []).append(r)
+    return out
+
+
+def _open(config: ContinualConfig | None, resume: str | Path | None) -> tuple[Path, ContinualConfig]:
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
+        lock_run(run_dir)
+        remove_stale_temporaries(run_dir)
+        return run_dir, load_continual_config(run_dir / "config.yaml")
+    if config is None:
+        raise ConfigError("polytask continual needs a config (stream, strategies); see examples/continual.yaml")
+    name = config.output.name or f"continual-{config.stream.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(config.output.dir) / name
+    if (run_dir / "config.yaml").exists():
+        raise ConfigError(f"run directory {run_dir} already exists; use --resume {run_dir} to continue it, or set "
+                          "output.name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock_run(run_dir)
+    atomic_write_text(run_dir / "config.yaml", dump_continual_config(config))
+    return run_dir, config
+
+
+@releases_run_locks
+def continual(config: ContinualConfig | None, resume: str | Path | None = None,
+              reporter: Reporter | None = None) -> tuple[Path, dict[str, Any]]:
+    """Run (or resume) a continual study; returns the run directory and its summary (also in summary.json)."""
+    reporter = reporter or Reporter(quiet=True)
+    run_dir, config = _open(config, resume)
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    results, description = [], None
+    for seed in config.seeds:
+        stream = build_stream(config.stream.name, config.stream.params, seed)
+        description = description or stream.describe()
+        for entry in config.strategies:
+            results.append(run_strategy(config, stream, entry, seed, run_dir / "jobs" / f"{entry.label}-s{seed}",
+                                        reporter))
+    summary = {"kind": "continual", "polytask_version": polytask.__version__, "run_id": run_dir.name,
+               "started": started, "versions": versions(), "stream": description,
+               "score": "first metric of each experience's tasks (accuracy for classification), averaged",
+               "results": _by_label(summarize(results))}
+    atomic_write_json(run_dir / "summary.json", summary)
+    from polytask.report.html import write_report
+
+    write_report([run_dir])
+    return run_dir, summary

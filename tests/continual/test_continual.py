@@ -1,0 +1,203 @@
+"""Continual learning: streams, the metrics of the accuracy matrix, the flow, and exact resume after SIGKILLs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.datasets import load_digits
+
+from polytask.continual import STRATEGIES, Experience, Stream, build_stream, from_suite
+from polytask.continual.config import ContinualConfig, load_continual_config
+from polytask.continual.strategy import union
+from polytask.errors import ConfigError, DataError
+from polytask.evaluation.continual import continual_metrics
+from polytask.flows.continual import continual
+from polytask.tasks import Task, TaskData, TaskSuite, build_suite
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ---------------------------------------------------------------- streams
+
+
+@pytest.mark.parametrize("scenario", ["task", "class", "domain"])
+def test_split_digits_in_every_scenario(scenario):
+    s = build_stream("split-digits", {"scenario": scenario}, seed=0)
+    assert s.scenario == scenario and len(s.experiences) == 5 and s.input_shape == (64,)
+    seen = set()
+    for i, e in enumerate(s.experiences):
+        (task,) = e.tasks
+        index = torch.cat([d.index for split in ("train", "val", "test") for d in e.suite.splits[split]])
+        classes = {int(c) for c in load_digits().target[index.numpy()]}
+        assert classes == {2 * i, 2 * i + 1}  # the default class order
+        assert not seen & set(index.tolist())
+        seen |= set(index.tolist())
+        y = torch.cat([d.y[task.name] for d in e.suite.splits["train"]])
+        want = {"task": {0, 1}, "domain": {0, 1}, "class": {2 * i, 2 * i + 1}}[scenario]
+        assert set(y.long().tolist()) == want
+    assert len(s.tasks) == (5 if scenario == "task" else 1)
+
+
+def test_class_order_is_seeded_and_recorded():
+    a = build_stream("split-digits", {"shuffle": True}, seed=1)
+    b = build_stream("split-digits", {"shuffle": True}, seed=1)
+    c = build_stream("split-digits", {"shuffle": True}, seed=2)
+    assert a.info["groups"] == b.info["groups"] != c.info["groups"]
+    order = [c for g in a.info["groups"] for c in g]
+    assert sorted(order) == list(range(10)) and a.tasks[0].classes == tuple(order)
+    given_order = build_stream("split-digits", {"class_order": [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]}, seed=0)
+    assert given_order.info["groups"][0] == [9, 8]
+    with pytest.raises(ConfigError, match="permutation"):
+        build_stream("split-digits", {"class_order": [0, 1, 2]}, seed=0)
+
+
+def _suite(name, task, x, y):
+    data = {s: (TaskData(x, {task.name: y}),) for s in ("train", "val", "test")}
+    return TaskSuite(name, (task,), data)
+
+
+def test_bad_streams_are_refused_with_the_experience_named():
+    t = Task("class", "classification", 3)
+    a = Experience("a", _suite("a", t, torch.randn(4, 2), torch.tensor([0.0, 1, 0, 1])))
+    wide = Experience("b", _suite("b", t, torch.randn(4, 3), torch.tensor([0.0, 1, 0, 1])))
+    with pytest.raises(DataError, match="experience 'b' has inputs of shape"):
+        Stream("s", "class", (a, wide))
+    # a class tested but never trained
+    y_train, y_test = torch.tensor([0.0, 1, 0, 1]), torch.tensor([0.0, 2, 0, 1])
+    odd = TaskSuite("c", (t,), {"train": (TaskData(torch.randn(4, 2), {"class": y_train}),),
+                               "val": (TaskData(torch.randn(4, 2), {"class": y_train}),),
+                               "test": (TaskData(torch.randn(4, 2), {"class": y_test}),)})
+    with pytest.raises(DataError, match=r"experience 'c' tests class\(es\) \[2\]"):
+        Stream("s", "class", (a, Experience("c", odd)))
+    with pytest.raises(DataError, match="no labelled rows"):  # an empty experience
+        _suite("empty", t, torch.randn(0, 2), torch.zeros(0))
+    with pytest.raises(DataError, match="no experiences"):
+        Stream("s", "task", ())
+
+
+def test_a_multitask_suite_as_a_stream_and_the_union_of_experiences():
+    suite = build_suite("synthetic", {"d": 6, "groups": [2], "unrelated": 1, "n_train": 40, "n_val": 16,
+                                      "n_test": 16}, seed=0)
+    s = from_suite("syn", suite)
+    assert s.scenario == "multitask" and [e.name for e in s.experiences] == suite.task_names
+    both = union("u", [e.suite for e in s.experiences[:2]])
+    assert both.task_names == suite.task_names[:2]
+    digits = build_stream("split-digits", {"scenario": "class"}, seed=0)
+    all_rows = union("all", [e.suite for e in digits.experiences])
+    assert len(all_rows.splits["train"]) == 1  # one task: its sources are concatenated
+    assert len(all_rows.splits["train"][0]) == sum(len(e.suite.splits["train"][0]) for e in digits.experiences)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_metrics_follow_their_definitions():
+    r = [[0.9, 0.1, 0.0], [0.6, 0.8, 0.2], [0.5, 0.7, 0.95]]
+    m = continual_metrics(r, initial=[0.1, 0.2, 0.1], reference=[0.95, 0.9, 0.9])
+    assert m["average_accuracy"] == pytest.approx((0.5 + 0.7 + 0.95) / 3)
+    assert m["bwt"] == pytest.approx(((0.5 - 0.9) + (0.7 - 0.8)) / 2)
+    assert m["fwt"] == pytest.approx(((0.1 - 0.2) + (0.2 - 0.1)) / 2)
+    assert m["forgetting"] == pytest.approx(((0.9 - 0.5) + (0.8 - 0.7)) / 2)
+    assert m["intransigence"] == pytest.approx(((0.95 - 0.9) + (0.9 - 0.8) + (0.9 - 0.95)) / 3)
+    one = continual_metrics([[0.7]])
+    assert one["average_accuracy"] == 0.7 and one["bwt"] is None and one["forgetting"] is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 6).flatmap(lambda t: st.lists(st.lists(st.floats(0, 1), min_size=t, max_size=t),
+                                                  min_size=t, max_size=t)))
+def test_forgetting_bounds_backward_transfer(r):
+    """Forgetting of experience j is the drop from its best accuracy, at least the drop from R[j, j]: F >= -BWT,
+    equal for two experiences."""
+    m = continual_metrics(r)
+    assert m["forgetting"] >= -m["bwt"] - 1e-12
+    if len(r) == 2:
+        assert m["forgetting"] == pytest.approx(max(0.0, -m["bwt"]) if r[0][0] >= r[1][0] else m["forgetting"])
+
+
+# ---------------------------------------------------------------- the flow
+
+
+def small_config(tmp_path, strategies, scenario="class", name="run", **train):
+    return {"seeds": [0], "stream": {"name": "split-digits", "params": {"scenario": scenario}},
+            "model": {"backbone": "mlp", "backbone_params": {"hidden": [32]}},
+            "train": {"epochs": 2, "batch_size": 64, "checkpoint_every": 3, **train,
+                      "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}},
+            "strategies": strategies, "output": {"dir": str(tmp_path), "name": name}}
+
+
+def test_naive_forgets_and_cumulative_does_not(tmp_path):
+    cfg = ContinualConfig.model_validate(small_config(tmp_path, ["naive", "cumulative", "joint"], epochs=4,
+                                                      batch_size=32))
+    run_dir, summary = continual(cfg)
+    naive, cumulative, joint = (summary["results"][k][0] for k in ("naive", "cumulative", "joint"))
+    r = np.asarray(naive["accuracy"])
+    assert r.shape == (5, 5) and np.all(np.diag(r) > 0.8)  # each experience is learnt...
+    assert naive["metrics"]["forgetting"] > 0.5  # ...and forgotten in the class-incremental scenario
+    assert cumulative["metrics"]["forgetting"] < 0.2
+    assert cumulative["metrics"]["average_accuracy"] > naive["metrics"]["average_accuracy"] + 0.4
+    assert len(joint["accuracy"]) == 1 and joint["metrics"]["average_accuracy"] > 0.8
+    assert cumulative["metrics"]["intransigence"] == 0.0  # it is its own reference
+    page = (run_dir / "report.html").read_text()
+    assert "accuracy matrix" in page and "naive" in page
+    assert json.loads((run_dir / "summary.json").read_text())["kind"] == "continual"
+
+
+def test_a_strategy_refuses_a_scenario_it_does_not_support(tmp_path):
+    from polytask.continual.strategy import Strategy
+
+    class TaskOnly(Strategy):
+        scenarios = ("task",)
+
+    stream = build_stream("split-digits", {"scenario": "class"}, seed=0)
+    with pytest.raises(ConfigError, match="does not apply to a class-incremental stream"):
+        TaskOnly().check(stream, "task-only")
+
+
+def _cli(args, env=None):
+    return subprocess.run([sys.executable, "-m", "polytask.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600, cwd=ROOT)
+
+
+STATEFUL_FIRST = sorted(STRATEGIES.names(), key=lambda n: (n in ("naive", "cumulative", "joint"), n))
+
+
+@pytest.mark.parametrize("strategy", STATEFUL_FIRST)
+def test_sigkills_inside_and_between_experiences_resume_bit_identically(tmp_path, strategy):
+    """Every registered strategy: a run killed mid-experience, then again at the end of an experience (after its
+    weights are saved, before its row is), resumes to the same weights and matrix as a run that never stopped."""
+    cfg = small_config(tmp_path, [strategy], name="straight", epochs=1)
+    straight, _ = continual(ContinualConfig.model_validate(cfg))
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump({**cfg, "output": {"dir": str(tmp_path), "name": "killed"}}))
+    killed = tmp_path / "killed"
+    out = _cli(["continual", str(path), "--quiet"], {"POLYTASK_KILL_AT": "step:5"})  # inside an experience
+    assert out.returncode == -9, out.stderr
+    out = _cli(["continual", "--resume", str(killed), "--quiet"], {"POLYTASK_KILL_AT": "write:end.safetensors:1"})
+    assert out.returncode == -9, out.stderr  # between experiences: weights written, the matrix row not yet
+    continual(None, resume=killed)
+    for d in sorted((straight / "jobs").glob("*/*")):
+        twin = killed / "jobs" / d.parent.name / d.name
+        assert (twin / "end.safetensors").read_bytes() == (d / "end.safetensors").read_bytes(), d
+    want = json.loads((straight / "summary.json").read_text())["results"]
+    got = json.loads((killed / "summary.json").read_text())["results"]
+    for a, b in zip(want[strategy], got[strategy], strict=True):
+        assert a["accuracy"] == b["accuracy"] and a["metrics"] == b["metrics"]
+
+
+def test_config_errors_name_the_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"stream": {"name": "split-digits", "params": {"scenario": "sideways"}}}))
+    with pytest.raises(ConfigError, match=r"stream\.params\.scenario"):
+        load_continual_config(path)
+    path.write_text(yaml.safe_dump({"strategies": ["naiv"]}))
+    with pytest.raises(ConfigError, match="did you mean 'naive'"):
+        load_continual_config(path)

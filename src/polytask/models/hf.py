@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from polytask.errors import ConfigError, DataError
@@ -55,6 +55,13 @@ class HFParams(BaseModel):
     train: Literal["none", "all"] | int = Field(
         "none", description="none (frozen), all, or N: the top N transformer layers (and any final norm) train")
     lora: LoraParams | None = Field(None, description="train LoRA adapters only (train must stay none)")
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _no_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError(f"train: {str(v).lower()} is ambiguous; use none, all or a number of top layers")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> HFParams:
@@ -93,6 +100,8 @@ class HFEncoder(nn.Module):
         return super().train(mode and not self.frozen)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Pooled features (N, hidden) of token ids and masks (N, 2, L); columns that are padding in every row
+        are dropped first (the batch padded to its own longest row, as HF tokenizers pad)."""
         if x.dim() != 3 or x.shape[1] != 2 or x.is_floating_point():
             raise DataError(f"hf backbone: inputs must be integer (N, 2, L) token ids and attention mask, as the "
                             f"text suite gives, got {tuple(x.shape)} {x.dtype}")

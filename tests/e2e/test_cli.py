@@ -140,8 +140,8 @@ class Lines:
 
 
 def test_cache_key_changes_with_every_input_of_the_result(tmp_path, monkeypatch):
-    """Data content (not the path), split seed, training seed, job, config parts, starting weights and code
-    version each change the single-task cache key; nothing else does."""
+    """Data content (not the path), split seed, training seed, job, config parts, starting weights, the files a
+    backbone parameter names and code version each change the single-task cache key; nothing else does."""
     import polytask
     from polytask.flows import runner as experiment
     from polytask.flows.jobs import Job
@@ -169,6 +169,14 @@ def test_cache_key_changes_with_every_input_of_the_result(tmp_path, monkeypatch)
     keys["train"] = experiment.result_cache_key(job, suite, table_config(tmp_path, epochs=2))
     keys["model"] = experiment.result_cache_key(job, suite, cfg.model_copy(
         update={"model": cfg.model.model_copy(update={"backbone_params": {"hidden": [9]}})}))
+    encoder = tmp_path / "encoder"  # a model directory named by the backbone (hf: path)
+    encoder.mkdir()
+    (encoder / "model.safetensors").write_bytes(b"w1")
+    named = cfg.model.model_copy(update={"backbone_params": {"path": str(encoder)}})
+    with_dir = cfg.model_copy(update={"model": named})
+    keys["model dir"] = experiment.result_cache_key(job, suite, with_dir)
+    (encoder / "model.safetensors").write_bytes(b"w2, other weights")  # the same path, other weights
+    keys["model dir content"] = experiment.result_cache_key(job, suite, with_dir)
     monkeypatch.setattr(experiment, "code_version", lambda: "other code")
     keys["code"] = experiment.result_cache_key(job, suite, cfg)
     monkeypatch.undo()

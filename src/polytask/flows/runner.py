@@ -122,11 +122,35 @@ def data_fingerprint(suite: TaskSuite, tasks: tuple[str, ...]) -> str:
     return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
 
 
+@functools.lru_cache(maxsize=32)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def files_digest(path: str) -> str:
+    """A digest of a file's bytes, or of every file below a directory (relative names and bytes); each file's is
+    computed once per (path, size, modification time)."""
+    root = Path(path).expanduser()
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    h = hashlib.blake2b(digest_size=16)
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(root) if root.is_dir() else f.name}\0".encode())
+        h.update(_file_digest(str(f), st.st_size, st.st_mtime_ns).encode())
+    return h.hexdigest()
+
+
 def result_cache_key(job: Job, suite: TaskSuite, config: Config, split_seed: int | None = None) -> str:
     """The single-task result cache key: everything that determines the job's result. The data it sees
     (content, split, preprocessing), the seed the split was drawn with (``split_seed``, default
     ``config.seed``), the training seed and job id (the job's seed offset), the suite parameters, model and
-    training config, the starting weights' bytes (``model.init_from``) and the code version."""
+    training config, the starting weights' bytes (``model.init_from``), the bytes of files and directories the
+    backbone parameters name (an ``hf`` model directory: the same path with other weights is another model) and
+    the code version."""
     init = config.model.init_from
     blob = json.dumps({
         "data": data_fingerprint(suite, job.tasks),
@@ -134,6 +158,8 @@ def result_cache_key(job: Job, suite: TaskSuite, config: Config, split_seed: int
         "job": [job.id, job.kind, job.method.model_dump(mode="json")],
         "suite": config.suite.model_dump(mode="json"), "model": config.model.model_dump(mode="json"),
         "init_from": hashlib.blake2b(Path(init).read_bytes()).hexdigest() if init else None,
+        "model_files": {k: files_digest(v) for k, v in config.model.backbone_params.items()
+                        if isinstance(v, str) and Path(v).expanduser().exists()},
         "train": config.train.model_dump(mode="json"), "code": code_version(),
     }, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]

@@ -55,7 +55,7 @@ def format_continual_table(summary: Mapping[str, Any]) -> str:
 def accuracy_heatmap(r: np.ndarray, labels: Sequence[str], title: str, cell: int = 46) -> str:
     """An inline ``<svg>`` of the matrix ``r`` (values in [0, 1]): white to green, the value in each cell."""
     rows, cols = r.shape
-    left, top = 64, 46
+    left, top = 64, 56
     w, h = left + cols * cell + 12, top + rows * cell + 30
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" width="{w}" height="{h}" '
              f'font-family="system-ui, sans-serif" font-size="11" role="img" aria-label="{escape(title)}">',

@@ -133,14 +133,15 @@ def build_stream(name: str, params: dict[str, Any] | BaseModel | None, seed: int
 
 
 def class_splits(name: str, x: torch.Tensor, labels: np.ndarray, rows: dict[str, np.ndarray],
-                 groups: Sequence[Sequence[int]], scenario: str, info: dict[str, Any]) -> Stream:
+                 groups: Sequence[Sequence[int]], scenario: str, info: dict[str, Any],
+                 names: Sequence[Any] | None = None) -> Stream:
     """A split stream (split-MNIST style): experience i holds the rows whose label is in ``groups[i]``.
 
     ``rows[split]`` are the row ids of each split. ``task``: experience i trains its own task ``e{i}`` whose classes
     are ``groups[i]`` (labels 0..len-1 in that order); ``class``: one task ``class`` over every class in the order
     of the groups (label = position in that order; ``Task.classes`` maps back to the original labels);
     ``domain``: one task ``position`` whose label is the position within the group (every group has the same
-    size)."""
+    size). ``names[c]``: how class ``c`` is written in ``Task.classes`` (default: ``c``)."""
     if scenario not in ("task", "class", "domain"):
         raise ConfigError(f"stream {name!r}: scenario must be task, class or domain, got {scenario!r}")
     order = [c for g in groups for c in g]
@@ -152,11 +153,15 @@ def class_splits(name: str, x: torch.Tensor, labels: np.ndarray, rows: dict[str,
     if min(sizes) < 2 and scenario != "class":
         raise ConfigError(f"stream {name!r}: each experience needs at least 2 classes for a {scenario} task")
     rank = {c: i for i, c in enumerate(order)}
-    shared = {"class": Task("class", "classification", len(order), classes=tuple(order)),
-              "domain": Task("position", "classification", len(groups[0]))}.get(scenario)
+
+    def written(cs: Sequence[int]) -> tuple[Any, ...]:
+        return tuple(cs) if names is None else tuple(names[c] for c in cs)
+
+    shared = Task("class", "classification", len(order), classes=written(order)) if scenario == "class" else \
+        Task("position", "classification", len(groups[0])) if scenario == "domain" else None
     experiences = []
     for i, group in enumerate(groups):
-        task = shared or Task(f"e{i}", "classification", len(group), classes=tuple(group))
+        task = shared or Task(f"e{i}", "classification", len(group), classes=written(group))
         data = {}
         position = {c: j for j, c in enumerate(group)}
         for split in SPLITS:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -166,9 +167,13 @@ def _open(config: ContinualConfig | None, resume: str | Path | None) -> tuple[Pa
 
 
 @releases_run_locks
-def continual(config: ContinualConfig | None, resume: str | Path | None = None,
-              reporter: Reporter | None = None) -> tuple[Path, dict[str, Any]]:
-    """Run (or resume) a continual study; returns the run directory and its summary (also in summary.json)."""
+def continual(config: ContinualConfig | None, resume: str | Path | None = None, reporter: Reporter | None = None,
+              stream: Stream | Callable[[int], Stream] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Run (or resume) a continual study; returns the run directory and its summary (also in summary.json).
+
+    ``stream``: a prebuilt stream (e.g. :func:`polytask.continual.stream_from_datasets`), or a function of the seed
+    that builds one, used instead of ``config.stream`` (which config.yaml still holds; summary.json's ``stream``
+    describes the one trained). A resumed run needs the same ``stream`` again."""
     reporter = reporter or Reporter(quiet=True)
     run_dir, config = _open(config, resume)
     if config.train.threads:
@@ -176,10 +181,11 @@ def continual(config: ContinualConfig | None, resume: str | Path | None = None,
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     results, description = [], None
     for seed in config.seeds:
-        stream = build_stream(config.stream.name, config.stream.params, seed)
-        description = description or stream.describe()
+        built = build_stream(config.stream.name, config.stream.params, seed) if stream is None \
+            else stream if isinstance(stream, Stream) else stream(seed)
+        description = description or built.describe()
         for entry in config.strategies:
-            results.append(run_strategy(config, stream, entry, seed, run_dir / "jobs" / f"{entry.label}-s{seed}",
+            results.append(run_strategy(config, built, entry, seed, run_dir / "jobs" / f"{entry.label}-s{seed}",
                                         reporter))
     summary = {"kind": "continual", "polytask_version": polytask.__version__, "run_id": run_dir.name,
                "started": started, "versions": versions(), "stream": description,

@@ -8,7 +8,9 @@ Adam, the ``equal`` method through the engine's ``train_step``, one torch thread
 ``stream`` (``StreamBatches``, reading the next window in a background thread) and ``stream_sync`` (no read-ahead).
 Each round trains one whole epoch of every variant, the order rotated from round to round; an epoch's time
 includes every read it waits for (read-ahead never crosses an epoch, so no variant reads during another's turn).
-The ratio is taken per round against ``memory`` of the same round; the JSON gives medians and spread.
+The ratio is taken per round against ``memory`` of the same round; the JSON gives medians and spread, and the load
+average before and after: the read-ahead hides reading only where a core is free for it, so on a machine busy with
+other work the ``stream`` ratio moves towards ``stream_sync``.
 
 (b) Memory. A table of ``--big-rows`` rows × ``--cols`` columns is written under ``--dir`` (default: the temp dir,
 never the repository) a row group at a time, then a child process builds the streamed suite and trains one epoch of
@@ -268,7 +270,7 @@ def main() -> None:
         return
     root = Path(args.dir or Path(tempfile.gettempdir()) / "polytask_table_stream")
     root.mkdir(parents=True, exist_ok=True)
-    out: dict = {}
+    out: dict = {"cpus": os.cpu_count(), "load_average_before": [round(v, 2) for v in os.getloadavg()]}
     try:
         if not args.skip_speed:
             out["speed"] = speed(args, root)
@@ -278,6 +280,7 @@ def main() -> None:
         if not args.keep:
             for p in sorted(root.rglob("*"), reverse=True):
                 p.unlink() if p.is_file() else p.rmdir()
+    out["load_average_after"] = [round(v, 2) for v in os.getloadavg()]  # a shared machine's other work shows here
     print(json.dumps(out, indent=2))
 
 

@@ -374,6 +374,9 @@ def _rows(data: TaskData, start: int, stop: int) -> TaskData:
                     None if data.index is None else data.index[start:stop])
 
 
+_READER: ThreadPoolExecutor | None = None  # one reading thread for every streamed source (jobs train one at a time)
+
+
 class _Ready:
     """A value computed in the calling thread, read like a Future's."""
 
@@ -410,23 +413,27 @@ class StreamBatches:
             raise DataError("stream: the training split must be one source whose inputs are read in chunks")
         self.splits, self.batch_size, self.val_rows, self.read_ahead = splits, batch_size, val_rows, read_ahead
         self._pools: dict[tuple[int, int], TaskData] = {}
-        self._reader: ThreadPoolExecutor | None = None
 
     def to(self, device: torch.device) -> StreamBatches:
+        """The same splits, read onto ``device`` (targets moved now, chunked inputs as they are read)."""
         return StreamBatches({s: [d.to(device) for d in srcs] for s, srcs in self.splits.items()}, self.batch_size,
                              self.val_rows, self.read_ahead)
 
     def steps_per_epoch(self) -> int:
+        """Batches per epoch: one pass over the training rows (the last batch partial)."""
         return math.ceil(len(self.splits["train"][0]) / self.batch_size)
 
     def _read(self, fn: Callable[[], TaskData]) -> Future[TaskData] | _Ready:
+        global _READER
         if not self.read_ahead:
             return _Ready(fn())
-        if self._reader is None:
-            self._reader = ThreadPoolExecutor(1, thread_name_prefix="polytask-read-ahead")
-        return self._reader.submit(fn)
+        if _READER is None:
+            _READER = ThreadPoolExecutor(1, thread_name_prefix="polytask-read-ahead")
+        return _READER.submit(fn)
 
     def epoch(self, seed: int, epoch: int) -> Sequence[Batch]:
+        """The training batches of ``epoch``, read when indexed (the window of the step asked for, the next one read
+        ahead); a pure function of ``(seed, epoch)`` whatever the order they are asked for."""
         source = self.splits["train"][0]
         sizes = list(source.x.chunk_sizes())
         firsts = [0, *np.cumsum(sizes).tolist()]
@@ -435,9 +442,12 @@ class StreamBatches:
         n, size = len(source), self.batch_size
         held: dict[int, Future[TaskData] | _Ready] = {}
 
+        def read(w: int) -> Future[TaskData] | _Ready:  # window w's rows, shuffled (key w + 1: [.., 0] == [..])
+            return self._read(lambda: _window(source, windows[w], firsts, (seed, epoch, _STREAM, w + 1)))
+
         def window(w: int) -> TaskData:
             if w not in held:
-                held[w] = self._read(lambda: _window(source, windows[w], firsts, (seed, epoch, _STREAM, w)))
+                held[w] = read(w)
             return held[w].result()
 
         def fetch(step: int) -> Batch:
@@ -449,11 +459,8 @@ class StreamBatches:
                 parts.append(_rows(window(w), max(lo, start) - start, min(hi, int(ends[w])) - start))
             for w in [w for w in held if w < first]:
                 del held[w]
-            if self.read_ahead and last + 1 < len(windows):
-                window_ahead = last + 1
-                if window_ahead not in held:
-                    held[window_ahead] = self._read(
-                        lambda: _window(source, windows[window_ahead], firsts, (seed, epoch, _STREAM, window_ahead)))
+            if self.read_ahead and last + 1 < len(windows) and last + 1 not in held:
+                held[last + 1] = read(last + 1)
             data = parts[0] if len(parts) == 1 else TaskData(
                 torch.cat([p.x for p in parts]), {k: torch.cat([p.y[k] for p in parts]) for k in parts[0].y},
                 None if parts[0].index is None else torch.cat([p.index for p in parts]))  # type: ignore[misc]
@@ -473,14 +480,17 @@ class StreamBatches:
                     chosen.append(c)
                     rows += sizes[c]
             chosen.sort()
-            self._pools[(k, seed)] = _window(source, chosen, [0, *np.cumsum(sizes).tolist()], (seed, 7919, 0))
+            self._pools[(k, seed)] = _window(source, chosen, [0, *np.cumsum(sizes).tolist()], (seed, 7919, _STREAM, 1))
         return self._pools[(k, seed)]
 
     def val_batch(self, seed: int, global_step: int) -> Batch:
+        """``batch_size`` validation rows drawn by ``(seed, global_step)`` from the validation pool (from the whole
+        split where it is in memory)."""
         val = [self._pool(k, seed) if isinstance(s.x, ChunkedRows) else s for k, s in enumerate(self.splits["val"])]
         return Batch(val, [permutation(len(s), seed, 7919, global_step)[:self.batch_size] for s in val])
 
     def split(self, name: str) -> Sequence[TaskData]:
+        """The sources of split ``name`` (chunked inputs are read as evaluation slices them)."""
         return self.splits[name]
 
 

@@ -5,6 +5,15 @@ features must be numeric and complete. Rows are shuffled into train/val/test wit
 and regression targets are standardised with train statistics only, so nothing leaks from val or test
 and a target of 6000 ± 2100 trains on the same scale as a cross-entropy; metrics stay in the original
 units (``Task.scores``), and ``TaskSuite.preprocessing()`` holds the fitted maps and class labels.
+
+Tables larger than memory: ``stream: true`` (off by default; never chosen by size, because the streamed batch order
+differs from the in-memory one, so a run's numbers must not change when its file grows past a threshold) reads the
+file a Parquet row group at a time (:mod:`polytask.tasks.suites.table_stream`): the same rows in each split, the
+same class labels, the same standardisation to rounding, but the inputs stay on disk (``TableRows``) and the
+engine serves them with ``StreamBatches`` (chunks in a seeded order per epoch, rows shuffled within windows of
+``shuffle_rows``; step ``s`` of epoch ``e`` a pure function of (seed, e, s), so resuming is exact). A CSV (no random
+access) is first rewritten into a Parquet cache with row groups of ``chunk_rows`` rows. Memory holds the targets,
+the split's row ids and a few chunks; evaluation reads its split a row group at a time.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
@@ -37,7 +38,9 @@ from polytask.registry import Registry
 
 @dataclass
 class MergeInputs:
-    """What a data-free method sees for one tensor name."""
+    """What a data-free method sees for one tensor name. The base is in the compute dtype; the models' tensors
+    may still be in their stored floating dtype (e.g. bfloat16): methods read them as if converted (an exact
+    widening), so converting them first is never needed."""
 
     name: str
     base: Tensor | None
@@ -49,6 +52,7 @@ class MergeInputs:
     stats: Any = None
     consume: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    dtype: torch.dtype | None = None  # the compute dtype (None: the tensors' own); models may be stored narrower
 
     def need_base(self, method: str) -> Tensor:
         """The base tensor, for methods that need task vectors; a ConfigError naming ``method`` when there is none."""
@@ -296,7 +300,8 @@ def _identity_lambda(k: int) -> dict[str, Any]:
 def average(inp: MergeInputs) -> Tensor:
     """Weight averaging (Wortsman et al. 2022, "Model soups"): the weighted mean of the models; the base is
     not part of it (list it as a model to include it)."""
-    return ops.weighted_average(inp.tensors, inp.weights, consume=inp.consume)
+    dtype = inp.dtype or (inp.base.dtype if inp.base is not None else None)
+    return ops.weighted_average(inp.tensors, inp.weights, consume=inp.consume, dtype=dtype)
 
 
 @METHODS.register("task_arithmetic", params=TaskArithmeticParams,

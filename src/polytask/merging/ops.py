@@ -23,23 +23,36 @@ or all of them (``all``, the official TIES code's ``>= kthvalue``).
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-CHUNK = 1 << 20  # elements per chunk of elementwise work
+CHUNK = 1 << 20  # elements per chunk of the whole-tensor work of one model (selection keys, trims, DARE masks)
+BLOCK = 1 << 16  # entries per block of the combine: a block of every model's task vector stays in a core's cache
 _caches: dict[int, dict[tuple[str, torch.dtype], Tensor]] = {}
+R = TypeVar("R")
 
 
-WORKERS = min(4, os.cpu_count() or 1)  # threads that sparsify the models' task vectors of one tensor at once
-PARALLEL_MIN = 1 << 16  # smaller tensors are sparsified in the calling thread
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+WORKERS = min(8, _cpus())  # threads that work on one tensor at once: its models' task vectors, then its blocks
+PARALLEL_MIN = 1 << 16  # smaller tensors are merged in the calling thread
 _executor: ThreadPoolExecutor | None = None
+_one_thread_kernels = False  # inside kernel_threads(): the workers run torch kernels on one thread each
 
 
 def _chunks(n: int) -> range:
@@ -47,12 +60,46 @@ def _chunks(n: int) -> range:
 
 
 def _pool() -> ThreadPoolExecutor:
-    """The threads that sparsify task vectors in parallel (numpy's partition runs on one core; torch's
-    elementwise kernels release the GIL, so the models of one tensor proceed side by side)."""
+    """The worker threads (numpy's partition and PCG64 run on one core; they and torch's kernels release the
+    GIL, so the models of one tensor, and then its blocks, proceed side by side)."""
     global _executor
-    if _executor is None:
-        _executor = ThreadPoolExecutor(WORKERS, thread_name_prefix="polytask-sparsify")
+    if _executor is None or _executor._max_workers != WORKERS:
+        if _executor is not None:
+            _executor.shutdown(wait=False)
+        _executor = ThreadPoolExecutor(WORKERS, thread_name_prefix="polytask-merge-worker")
     return _executor
+
+
+def parallel(fn: Callable[[int], R], n: int) -> list[R]:
+    """``[fn(0), ..., fn(n - 1)]``, computed on the worker threads when there are several."""
+    if WORKERS <= 1 or n <= 1:
+        return [fn(i) for i in range(n)]
+
+    def task(i: int) -> R:
+        if _one_thread_kernels and torch.get_num_threads() != 1:
+            torch.set_num_threads(1)  # this worker's own setting (the process-wide one is 1 already)
+        return fn(i)
+
+    return list(_pool().map(task, range(n)))
+
+
+@contextmanager
+def kernel_threads(workers: int = 0) -> Iterator[None]:
+    """Run a merge's torch kernels on one thread each, parallel only on the merge's own threads (``workers``;
+    0: :data:`WORKERS`), and restore torch's thread count afterwards. A kernel that starts an OpenMP team on
+    cores the merge's readers and workers already use waits for them: elementwise kernels ran 7-14x slower
+    with torch's default two threads than with one on a busy 2-core machine. Meanwhile torch's thread count
+    is 1 for the whole process."""
+    global WORKERS, _one_thread_kernels
+    before, workers_before, flag_before = torch.get_num_threads(), WORKERS, _one_thread_kernels
+    torch.set_num_threads(1)
+    WORKERS = workers or WORKERS
+    _one_thread_kernels = True
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        WORKERS, _one_thread_kernels = workers_before, flag_before
 
 
 def workspace(n: int, dtype: torch.dtype, slot: str = "") -> Tensor:
@@ -145,27 +192,31 @@ class RadixSelect:
 
 
 def thresholds(t: Tensor, ranks: Sequence[int]) -> dict[int, Threshold]:
-    """The threshold of each rank (1 = the largest magnitude) of one tensor, exactly: its magnitude keys are
-    written to a workspace and partitioned in place (introselect, O(n)), the largest rank first so that each
-    further rank partitions only the entries above the previous one."""
+    """The threshold of each rank (1 = the largest magnitude) of one tensor, exactly (see :func:`_select`)."""
     flat = t.reshape(-1)
-    n = flat.numel()
+    keys = workspace(flat.numel(), torch.int32, "select")
+    for s in _chunks(flat.numel()):
+        magnitude_keys(flat[s:s + CHUNK], out=keys[s:s + CHUNK])
+    arr = keys.numpy()
+    return {r: Threshold(key, greater, _count_equal(arr, key)) for r, (key, greater) in
+            _select(arr, ranks).items()}
+
+
+def _select(arr: np.ndarray, ranks: Sequence[int]) -> dict[int, tuple[int, int]]:
+    """The key of each rank (1 = the largest) of the magnitude keys ``arr`` and how many keys are larger,
+    partitioning ``arr`` in place (introselect, O(n)), the largest rank first so that each further rank
+    partitions only the entries above the previous one."""
+    n = len(arr)
     for r in ranks:
         if not 1 <= r <= n:
             raise ValueError(f"rank {r} is outside 1..{n}")
-    keys = workspace(n, torch.int32, "select")
-    for s in _chunks(n):
-        magnitude_keys(flat[s:s + CHUNK], out=keys[s:s + CHUNK])
-    arr = keys.numpy()
     out = {}
     lo = 0
     for r in sorted(set(ranks), reverse=True):
         i = n - r
         arr[lo:].partition(i - lo)
         key = int(arr[i])
-        above = _count_equal(arr[i + 1:], key)
-        below = _count_equal(arr[:i], key) if i and int(arr[:i].max()) == key else 0
-        out[r] = Threshold(key, r - 1 - above, 1 + above + below)
+        out[r] = (key, r - 1 - _count_equal(arr[i + 1:], key))
         lo = i + 1
     return out
 
@@ -178,6 +229,15 @@ def kth_largest_abs(t: Tensor, k: int) -> float:
     """The ``k``-th largest ``|t|`` (1-based) as a float32 value, exactly."""
     key = thresholds(t, [k])[k].key
     return float(torch.tensor([key], dtype=torch.int32).view(torch.float32))
+
+
+@dataclass(frozen=True)
+class Edge:
+    """One edge of a magnitude ranking on one tensor: the entries whose magnitude key is above ``key``, and
+    those equal to it at positions before ``index``."""
+
+    key: int
+    index: int
 
 
 @dataclass
@@ -197,46 +257,83 @@ class Cut:
         rank-th is kept too."""
         return cls(th.key, th.equal if rule == "all" else rank - th.greater, th.equal)
 
-    def bits(self, keys: Tensor, out: Tensor) -> Tensor:
-        """Which entries of the next chunk (in order) are in the top, as int32 bit masks in ``out``: -1 (every
-        bit set) for an entry in the top, 0 otherwise (bool masks take slow paths in torch's CPU kernels)."""
-        if self.ties >= self.equal:
-            return _at_least(keys, self.key, out)
-        left = self.ties - self.used
-        if left <= 0:
-            return _at_least(keys, self.key + 1, out)
-        equal = keys.numpy() == self.key
-        c = int(np.count_nonzero(equal))
-        if c <= left:
-            self.used += c
-            return _at_least(keys, self.key, out)
-        cut = int(np.flatnonzero(equal)[left - 1]) + 1  # the tied entries before it are kept, none after
-        self.used += left
-        _at_least(keys[:cut], self.key, out[:cut])
-        _at_least(keys[cut:], self.key + 1, out[cut:])
-        return out
+    def needs_keys(self) -> bool:
+        """Whether the next tensor's edge depends on where its tied entries are."""
+        return self.ties < self.equal and self.ties > self.used
 
-    def shrink(self, c: Tensor, keys_ws: Tensor) -> None:
-        """Zero the entries of the next float32 chunk ``c`` that are not in the top, in place: one
-        ``hardshrink`` (keeps ``|x| > lambda``) with lambda just below the threshold, or at it once the ties
-        are used up; the keys are computed only to count ties before the cut."""
+    def edge(self, keys: np.ndarray | None, n: int) -> Edge:
+        """The edge on the next tensor (``n`` entries, magnitude ``keys`` in index order; they are only read
+        when :meth:`needs_keys`), counting the ties it keeps as used."""
         if self.ties >= self.equal:
-            _shrink(c, self.key)
-            return
+            return Edge(self.key, n)
         left = self.ties - self.used
         if left <= 0:
-            _shrink(c, self.key + 1)
+            return Edge(self.key, 0)
+        assert keys is not None
+        for s in range(0, n, CHUNK):
+            equal = keys[s:s + CHUNK] == self.key
+            c = int(np.count_nonzero(equal))
+            if c >= left:
+                self.used += left
+                return Edge(self.key, s + int(np.flatnonzero(equal)[left - 1]) + 1)
+            left -= c
+            self.used += c
+        return Edge(self.key, n)
+
+
+@dataclass
+class Trim:
+    """Which entries of a task vector survive a magnitude trim: the top ``keep`` minus the top ``drop``
+    (the outliers Model Breadcrumbs removes). ``keep`` None keeps nothing."""
+
+    keep: Cut | None
+    drop: Cut | None = None
+
+    def needs_keys(self) -> bool:
+        return any(c is not None and c.needs_keys() for c in (self.keep, self.drop))
+
+    def on(self, keys: np.ndarray | None, n: int) -> TensorTrim:
+        """This trim on the next tensor (see :meth:`Cut.edge`)."""
+        return TensorTrim(None if self.keep is None else self.keep.edge(keys, n),
+                          None if self.drop is None or self.keep is None else self.drop.edge(keys, n))
+
+
+@dataclass(frozen=True)
+class TensorTrim:
+    """A trim resolved on one tensor: the entries inside ``keep`` and not inside ``drop`` survive (``keep``
+    None: none survive)."""
+
+    keep: Edge | None
+    drop: Edge | None = None
+
+    def apply(self, c: Tensor, start: int, keys_ws: Tensor) -> None:
+        """Zero, in place, the entries of ``c`` (positions ``start``, ``start + 1``, ... of the tensor) that do
+        not survive. Without outliers to drop a float32 block takes one or two ``hardshrink`` (which keeps
+        ``|x| > lambda``); otherwise int32 masks from the magnitude keys (``keys_ws``: scratch)."""
+        if self.keep is None:
+            c.zero_()
             return
-        equal = magnitude_keys(c, out=keys_ws[:len(c)]).numpy() == self.key
-        n_equal = int(np.count_nonzero(equal))
-        if n_equal <= left:
-            self.used += n_equal
-            _shrink(c, self.key)
+        if self.drop is None and c.dtype == torch.float32:
+            cut = min(max(self.keep.index - start, 0), len(c))
+            if cut:
+                _shrink(c[:cut], self.keep.key)
+            if cut < len(c):
+                _shrink(c[cut:], self.keep.key + 1)
             return
-        cut = int(np.flatnonzero(equal)[left - 1]) + 1
-        self.used += left
-        _shrink(c[:cut], self.key)
-        _shrink(c[cut:], self.key + 1)
+        m = len(c)
+        keys = magnitude_keys(c, out=keys_ws[:m])
+        keep = _inside(keys, self.keep, start, keys_ws[m:2 * m])
+        if self.drop is not None:
+            keep.bitwise_and_(_inside(keys, self.drop, start, keys_ws[2 * m:3 * m]).bitwise_not_())
+        _and_mask(c, keep)
+
+
+def _inside(keys: Tensor, edge: Edge, start: int, out: Tensor) -> Tensor:
+    """-1 (int32) where the entry is inside ``edge``, else 0."""
+    cut = min(max(edge.index - start, 0), len(keys))
+    _at_least(keys[:cut], edge.key, out[:cut])
+    _at_least(keys[cut:], edge.key + 1, out[cut:])
+    return out
 
 
 def _shrink(c: Tensor, key: int) -> None:
@@ -254,15 +351,6 @@ def _at_least(keys: Tensor, key: int, out: Tensor) -> Tensor:
     if key > MAX_KEY:
         return out.zero_()
     return torch.sub(key - 1, keys, out=out).bitwise_right_shift_(31)
-
-
-@dataclass
-class Trim:
-    """Which entries of a task vector survive a magnitude trim: the top ``keep`` minus the top ``drop``
-    (the outliers Model Breadcrumbs removes). ``keep`` None keeps nothing."""
-
-    keep: Cut | None
-    drop: Cut | None = None
 
 
 def trim_ranks(kind: str, n: int, density: float, gamma: float = 0.0) -> tuple[int, int] | None:
@@ -305,37 +393,21 @@ def trim_of(ths: dict[int, Threshold], keep: int, drop: int, rule: str) -> Trim:
     return Trim(cut, Cut.of(ths[drop], drop, rule))
 
 
-def tensor_trim(tau: Tensor, kind: str, density: float, gamma: float = 0.0, rule: str = "first") -> Trim | None:
-    """The trim of one tensor by its own magnitudes (``trim_scope: tensor``)."""
-    ranks = trim_ranks(kind, tau.numel(), density, gamma)
+def tensor_trim(keys: np.ndarray, kind: str, density: float, gamma: float = 0.0, rule: str = "first",
+                scratch: np.ndarray | None = None) -> TensorTrim | None:
+    """The trim of one tensor by its own magnitudes (``trim_scope: tensor``), from its magnitude ``keys`` in
+    index order (kept; ``scratch``: room for a copy, which is partitioned)."""
+    n = len(keys)
+    ranks = trim_ranks(kind, n, density, gamma)
     if ranks is None:
         return None
-    return trim_of(thresholds(tau, needed_ranks(*ranks, rule)) if ranks[0] > 0 else {}, *ranks, rule)
-
-
-def apply_trim(tau: Tensor, trim: Trim | None) -> Tensor:
-    """Zero the entries of ``tau`` (in place) that ``trim`` does not keep."""
-    if trim is None:
-        return tau
-    if trim.keep is None:
-        return tau.zero_()
-    flat = tau.view(-1)
-    n = min(CHUNK, flat.numel())
-    keys_ws = workspace(n, torch.int32, "trim")
-    if trim.drop is None and tau.dtype == torch.float32:
-        for s in _chunks(flat.numel()):
-            trim.keep.shrink(flat[s:s + CHUNK], keys_ws)
-        return tau
-    keep_ws, drop_ws = workspace(n, torch.int32, "keep"), workspace(n, torch.int32, "drop")
-    for s in _chunks(flat.numel()):
-        c = flat[s:s + CHUNK]
-        m = len(c)
-        keys = magnitude_keys(c, out=keys_ws[:m])
-        keep = trim.keep.bits(keys, keep_ws[:m])
-        if trim.drop is not None:
-            keep.bitwise_and_(trim.drop.bits(keys, drop_ws[:m]).bitwise_not_())
-        _and_mask(c, keep)
-    return tau
+    if ranks[0] <= 0:
+        return TensorTrim(None)
+    work = np.empty_like(keys) if scratch is None else scratch[:n]
+    np.copyto(work, keys)
+    # the number of entries equal to a threshold key is at most n: an edge then counts the ties it keeps
+    ths = {r: Threshold(key, greater, n) for r, (key, greater) in _select(work, needed_ranks(*ranks, rule)).items()}
+    return trim_of(ths, *ranks, rule).on(keys, n)
 
 
 def _and_mask(c: Tensor, bits: Tensor) -> None:
@@ -351,8 +423,7 @@ def magnitude_prune(tau: Tensor, density: float, *, rule: str = "first", inplace
     magnitude, zero the rest. k = max(1, int(density * numel)) as in mergekit. ``rule``: ``first`` keeps exactly
     k (of the entries tied with the k-th magnitude, the first in index order); ``all`` keeps every tied entry
     (the official TIES code's ``>= kthvalue``), so possibly more than k."""
-    out = own(tau, inplace)
-    return apply_trim(out, tensor_trim(out, "magnitude", density, 0.0, rule))
+    return sparsify(own(tau, inplace), ["magnitude"], density=density, tie_rule=rule)
 
 
 def magnitude_band(tau: Tensor, density: float, gamma: float, *, rule: str = "first",
@@ -361,13 +432,17 @@ def magnitude_band(tau: Tensor, density: float, gamma: float, *, rule: str = "fi
     largest magnitude (outliers) and the smallest ones, keeping ``density`` of the entries (the band just
     below the outliers; with ``density + gamma > 1`` fewer outliers are dropped, as in mergekit). ``rule`` as
     in :func:`magnitude_prune` (``first``: exactly ``int(density * n)`` entries)."""
-    out = own(tau, inplace)
-    return apply_trim(out, tensor_trim(out, "band", density, gamma, rule))
+    return sparsify(own(tau, inplace), ["band"], density=density, gamma=gamma, tie_rule=rule)
 
 
 def drop_stream(*entropy: int) -> np.random.PCG64:
     """A random stream for DARE's masks, a pure function of the integers given (e.g. seed, tensor, model)."""
     return np.random.PCG64(np.random.SeedSequence([int(e) % (1 << 64) for e in entropy]))
+
+
+def _keep_of(drop_rate: float) -> int:
+    """DARE's keep probability in units of 2^-16."""
+    return round((1 - drop_rate) * 65536) if drop_rate > 0 else 65536
 
 
 def random_drop(tau: Tensor, drop_rate: float, generator: np.random.BitGenerator, *, rescale: bool = True,
@@ -377,15 +452,15 @@ def random_drop(tau: Tensor, drop_rate: float, generator: np.random.BitGenerator
 
     Each entry's draw is 16 random bits of ``generator`` (four per 64-bit output, about 10x faster than one
     float draw per entry): the keep probability is 1-p rounded to a multiple of 2^-16, and survivors are
-    rescaled by the inverse of that rounded probability, so the expectation is still exact."""
+    rescaled by the inverse of that rounded probability, so the expectation is still exact. Entry ``i`` of
+    the tensor takes bits ``16 * (i % 4)`` up of the stream's output ``i // 4``, so the mask does not depend on
+    how the tensor is split into pieces (any piece but the last starts at a multiple of 4)."""
     out = own(tau, inplace)
-    if drop_rate <= 0 or out.numel() == 0:
+    keep = _keep_of(drop_rate)
+    if out.numel() == 0 or keep >= 65536:
         return out
-    keep = round((1 - drop_rate) * 65536)
     if keep <= 0:
         return out.zero_()
-    if keep >= 65536:
-        return out
     flat = out.view(-1)
     mask = workspace(min(CHUNK, flat.numel()), torch.int32, "dare")
     for s in _chunks(flat.numel()):
@@ -398,73 +473,285 @@ def random_drop(tau: Tensor, drop_rate: float, generator: np.random.BitGenerator
     return out
 
 
-def _combine_chunk(base: Tensor, taus: list[Tensor], weights: Sequence[float], consensus: bool,
-                   normalize: bool, lam: float, work: Tensor | None = None) -> None:
-    """Merge one chunk in place: ``base += lam * combine(taus)``, where combine is the sum of the weighted
-    task vectors, divided by the summed weights if ``normalize``; with ``consensus`` only the entries that
-    agree with the elected sign count (the disjoint mean of TIES). ``taus[0]`` is used as workspace."""
-    if not consensus:
+TRIM_STEPS = ("magnitude", "band")
+
+
+@dataclass
+class Sparsify:
+    """The sparsification steps of one model's task vector on one tensor of ``n`` entries, in order: ``none``,
+    ``random`` (DARE: ``drop_rate``, ``generator``), ``magnitude`` (TIES trim: ``density``) or ``band``
+    (breadcrumbs: ``density``, ``gamma``); ``trim``: a trim decided beforehand over the whole model, which
+    replaces the per-tensor ranking of the magnitude/band step.
+
+    The steps run piece by piece (any pieces, in any order, on any thread): :meth:`resolve` first decides each
+    trim on the whole tensor (a ranking needs every entry), then :meth:`apply` sparsifies a piece. A random
+    step's piece draws from a copy of the stream moved to the piece's position (:meth:`streams`); a later
+    random step continues the stream where the previous one ended, as if each step ran over the whole tensor."""
+
+    steps: list[str]
+    n: int
+    density: float = 1.0
+    drop_rate: float = 0.0
+    gamma: float = 0.0
+    generator: np.random.PCG64 | None = None
+    rescale: bool = True
+    rule: str = "first"
+    trim: Trim | None = None
+    trims: dict[int, TensorTrim | None] = field(default_factory=dict)
+    offsets: dict[int, int] = field(init=False)  # random step -> where its draws start in the stream
+
+    def __post_init__(self) -> None:
+        for step in self.steps:
+            if step not in ("none", "random", *TRIM_STEPS):
+                raise ValueError(f"unknown sparsification {step!r}")
+        draws = (self.n + 3) // 4 if 0 < _keep_of(self.drop_rate) < 65536 else 0
+        self.offsets = {j: draws * i for i, j in enumerate(j for j, s in enumerate(self.steps) if s == "random")}
+
+    @property
+    def ranked(self) -> list[int]:
+        """The steps that rank the tensor's magnitudes."""
+        return [j for j, s in enumerate(self.steps) if s in TRIM_STEPS]
+
+    def ranks(self, j: int) -> tuple[int, int] | None:
+        """The ranks of trim step ``j`` in this tensor (``trim_scope: tensor``; None: it keeps everything)."""
+        return trim_ranks(self.steps[j], self.n, self.density, self.gamma)
+
+    def needs_tensor(self) -> bool:
+        """Whether :meth:`resolve` must read the whole tensor."""
+        if self.trim is not None:
+            return self.trim.needs_keys()
+        return any((r := self.ranks(j)) is not None and r[0] > 0 for j in self.ranked)
+
+    def streams(self, start: int) -> dict[int, np.random.PCG64]:
+        """Each random step's stream, moved to entry ``start`` (a multiple of 4)."""
+        out = {}
+        for j, offset in self.offsets.items():
+            g = copy.deepcopy(self.generator)
+            if g is not None:
+                g.advance(offset + start // 4)
+            out[j] = g
+        return out  # type: ignore[return-value]
+
+    def resolve(self, x: Tensor, base: Tensor | None) -> None:
+        """Decide each trim on this tensor: ``x`` (flat) minus ``base`` (flat, or None: ``x`` is the task
+        vector) with the steps before the trim, ranked whole. Magnitude keys are written piece by piece into
+        this thread's workspace, copied and partitioned."""
+        keys_t = workspace(self.n, torch.int32, "keys") if self.n else torch.empty(0, dtype=torch.int32)
+        keys = keys_t.numpy()
+        for j in self.ranked:
+            if self.trim is not None and not self.trim.needs_keys():
+                self.trims[j] = self.trim.on(None, self.n)
+                continue
+            ranks = self.ranks(j) if self.trim is None else (1, 0)
+            if ranks is None or ranks[0] <= 0:
+                self.trims[j] = None if ranks is None else TensorTrim(None)
+                continue
+            gens = self.streams(0)
+            step = min(BLOCK, max(self.n, 1))
+            scratch = workspace(step, x.dtype if base is None else base.dtype, "piece")
+            for s in range(0, self.n, step):
+                c = scratch[:min(step, self.n - s)]
+                if base is None:
+                    c.copy_(x[s:s + step])
+                else:
+                    torch.sub(x[s:s + step], base[s:s + step], out=c)
+                self.apply(c, s, gens, upto=j)
+                magnitude_keys(c, out=keys_t[s:s + step])
+            if self.trim is not None:
+                self.trims[j] = self.trim.on(keys, self.n)
+            else:
+                part = workspace(self.n, torch.int32, "partition").numpy()
+                self.trims[j] = tensor_trim(keys, self.steps[j], self.density, self.gamma, self.rule, part)
+
+    def apply(self, c: Tensor, start: int, gens: dict[int, np.random.PCG64], upto: int | None = None) -> None:
+        """Sparsify the piece ``c`` (entries ``start``, ``start + 1``, ... of the task vector) in place with the
+        steps before ``upto`` (default all); ``gens``: :meth:`streams` at ``start``, advanced by the pieces
+        before this one."""
+        for j, step in enumerate(self.steps[:upto]):
+            if step == "random":
+                random_drop(c, self.drop_rate, gens[j], rescale=self.rescale, inplace=True)
+            elif step in TRIM_STEPS:
+                trim = self.trims[j]
+                if trim is not None:
+                    trim.apply(c, start, workspace(3 * len(c), torch.int32, "trim"))
+
+
+def _sparsify_rows(taus: Tensor, models: Sequence[Sparsify], start: int,
+                   gens: Sequence[dict[int, np.random.PCG64]]) -> None:
+    """:meth:`Sparsify.apply` on a block of every model's task vector (the rows of ``taus``, K x m, models
+    with the same steps), with the DARE masks of models that share a drop rate made by a few kernels over the
+    whole block instead of a few per model."""
+    for j, step in enumerate(models[0].steps):
+        if step == "random":
+            keeps = {_keep_of(sp.drop_rate) for sp in models}
+            keep = keeps.pop()
+            if not keeps and 0 < keep < 65536 and taus.shape[1]:
+                _drop_rows(taus, keep, [g[j] for g in gens], models[0].rescale)
+            else:
+                for i, sp in enumerate(models):
+                    random_drop(taus[i], sp.drop_rate, gens[i][j], rescale=sp.rescale, inplace=True)
+        elif step in TRIM_STEPS:
+            ws = workspace(3 * taus.shape[1], torch.int32, "trim")
+            for i, sp in enumerate(models):
+                trim = sp.trims[j]
+                if trim is not None:
+                    trim.apply(taus[i], start, ws)
+
+
+def _drop_rows(taus: Tensor, keep: int, gens: Sequence[np.random.PCG64], rescale: bool) -> None:
+    """:func:`random_drop` of each row of ``taus`` (K x m, each row with its own stream, all with the same
+    ``keep``), in place."""
+    k, m = taus.shape
+    q = (m + 3) // 4
+    raw = workspace(k * q, torch.int64, "draws").view(k, q).numpy().view(np.uint64)
+    for i, g in enumerate(gens):
+        raw[i] = g.random_raw(q)
+    mask = workspace(k * m, torch.int32, "masks").view(k, m)
+    mask.copy_(torch.from_numpy(raw.view(np.uint16)[:, :m]))  # as random_drop: kept where u < keep
+    _and_mask(taus, mask.sub_(keep).bitwise_right_shift_(31))
+    if rescale:
+        taus.mul_(65536 / keep)
+
+def sparsify(tau: Tensor, steps: Sequence[str], *, density: float = 1.0, drop_rate: float = 0.0,
+             gamma: float = 0.0, generator: np.random.PCG64 | None = None, rescale: bool = True,
+             tie_rule: str = "first", trim: Trim | None = None) -> Tensor:
+    """Apply the sparsification ``steps`` (see :class:`Sparsify`) to the task vector ``tau``, in place."""
+    flat = tau.view(-1)
+    sp = Sparsify(list(steps), flat.numel(), density, drop_rate, gamma, generator, rescale, tie_rule, trim)
+    sp.resolve(flat, None)
+    gens = sp.streams(0)
+    for s in range(0, flat.numel(), CHUNK):
+        sp.apply(flat[s:s + CHUNK], s, gens)
+    return tau
+
+
+def task_vector(base: Tensor, t: Tensor, steps: Sequence[str], *, density: float = 1.0, drop_rate: float = 0.0,
+                gamma: float = 0.0, generator: np.random.PCG64 | None = None, rescale: bool = True,
+                tie_rule: str = "first", trim: Trim | None = None, consume: bool = False) -> Tensor:
+    """``sparsify(t - base)`` for one model in ``base``'s dtype (``t`` may be stored in another, e.g. bfloat16:
+    the difference is taken as if it had been converted first); see :class:`Sparsify` for the steps."""
+    tau = t.sub_(base) if consume and t.dtype == base.dtype and t.is_contiguous() else torch.sub(t, base)
+    return sparsify(tau, steps, density=density, drop_rate=drop_rate, gamma=gamma, generator=generator,
+                    rescale=rescale, tie_rule=tie_rule, trim=trim)
+
+
+@dataclass(frozen=True)
+class _Combine:
+    """How the task vectors of one tensor are combined: ``base += lam * combine(taus)`` (see
+    :func:`generalized_task_arithmetic`), with what each block needs precomputed."""
+
+    weights: tuple[float, ...]
+    consensus: bool
+    normalize: bool
+    lam: float
+    count: Tensor | None = None  # divisor by count: entry c is the sum of c equal weights (None: unequal)
+    scale: float | None = None  # ... and the count times this weight gives it exactly (None: look it up)
+
+    @classmethod
+    def of(cls, weights: Sequence[float], consensus: bool, normalize: bool, lam: float, dtype: torch.dtype
+           ) -> _Combine:
+        w = tuple(float(x) for x in weights)
+        count, scale = None, None
+        if consensus and normalize and len(set(w)) == 1:
+            # the divisor sums the weights of the agreeing models in model order; with one weight w it is a
+            # function of how many agree: c -> w + w + ... (c times, rounded as the sum is), often exactly c * w
+            count = torch.zeros(len(w) + 1, dtype=dtype)
+            for c in range(1, len(w) + 1):
+                count[c] = count[c - 1] + w[0]
+            exact = torch.equal(count, torch.arange(len(w) + 1, dtype=dtype) * w[0])
+            scale = w[0] if exact else None
+        return cls(w, consensus, normalize, lam, count, scale)
+
+
+def _combine_block(base: Tensor, taus: Tensor, plan: _Combine, work: Tensor) -> None:
+    """Merge one block in place: ``base += lam * combine(taus)`` for ``taus`` (K x m, the block of each model's
+    weighted task vector, overwritten), where combine is their sum, divided by the summed weights if
+    ``normalize``; with ``consensus`` only the entries that agree with the elected sign count (the disjoint
+    mean of TIES). Sums run over the models in order, as mergekit's ``sum(dim=0)`` over stacked tensors.
+    ``work``: 4 x m scratch."""
+    k = taus.shape[0]
+    if not plan.consensus:
         mixed = taus[0]
-        for t in taus[1:]:
-            mixed += t
-        total_w = float(sum(weights))
-        if normalize and abs(total_w) >= 1e-8:
+        for i in range(1, k):
+            mixed += taus[i]
+        total_w = float(sum(plan.weights))
+        if plan.normalize and abs(total_w) >= 1e-8:
             mixed /= total_w
-        if lam != 1:
-            mixed *= lam
+        if plan.lam != 1:
+            mixed *= plan.lam
         base += mixed
         return
     # Sign election with every entry turned positive: x_k = t_k * sgn > 0 exactly where t_k agrees with the
     # elected sign sgn (+1 where the sum is >= 0); the sum of the agreeing entries is sgn * sum_k max(x_k, 0),
     # bit for bit the sum of the agreeing t_k (multiplying by +-1 and adding zeros are exact).
-    n = base.numel()
-    if work is None or work.shape[1] < n:
-        work = torch.empty((4, n), dtype=base.dtype)
-    total, sgn, mixed, divisor = (w[:n] for w in work)
-    total.copy_(taus[0])
-    for t in taus[1:]:
-        total += t
+    total, sgn, mixed, divisor = work
+    _sum_rows(taus, total)
     torch.copysign(sgn.fill_(1), total, out=sgn)
-    mixed.zero_()
-    divisor.zero_()
-    x = total
-    for t, w in zip(taus, weights, strict=True):  # sign() of the clamped x is 1 where t agrees, else 0
-        torch.mul(t, sgn, out=x).clamp_(min=0)
-        mixed += x
-        if normalize:
-            divisor.add_(torch.sign(x, out=x), alpha=w)
-    if normalize:
-        if min(weights) > 0:  # a zero divisor has a zero sum over it; any positive stand-in gives 0 there
-            divisor.clamp_(min=min(weights))
+    taus.mul_(sgn).clamp_(min=0)
+    _sum_rows(taus, mixed)
+    if plan.normalize:
+        w = plan.weights
+        taus.sign_()  # 1 where the model agrees, else 0
+        if plan.count is not None:
+            torch.sum(taus, 0, out=divisor)  # small integers: exact in any order
+            if plan.scale is None:
+                torch.take(plan.count, divisor.long(), out=divisor)  # type: ignore[call-overload]
+            elif plan.scale != 1:
+                divisor *= plan.scale
+        else:
+            torch.mul(taus[0], w[0], out=divisor)
+            for i in range(1, k):
+                divisor.add_(taus[i], alpha=w[i])
+        if min(w) > 0:  # a zero divisor has a zero sum over it; any positive stand-in gives 0 there
+            divisor.clamp_(min=min(w))
         else:
             divisor += divisor == 0
         mixed /= divisor
     mixed *= sgn
-    if lam != 1:
-        mixed *= lam
+    if plan.lam != 1:
+        mixed *= plan.lam
     base += mixed
 
 
-TRIM_STEPS = ("magnitude", "band")
+def _sum_rows(rows: Tensor, out: Tensor) -> None:
+    """``out = rows[0] + rows[1] + ...``, added in order."""
+    if rows.shape[0] == 1:
+        out.copy_(rows[0])
+        return
+    torch.add(rows[0], rows[1], out=out)
+    for i in range(2, rows.shape[0]):
+        out += rows[i]
 
 
-def task_vector(base: Tensor, t: Tensor, steps: Sequence[str], *, density: float = 1.0, drop_rate: float = 0.0,
-                gamma: float = 0.0, generator: np.random.BitGenerator | None = None, rescale: bool = True,
-                tie_rule: str = "first", trim: Trim | None = None, consume: bool = False) -> Tensor:
-    """``sparsify(t - base)`` for one model, the sparsification ``steps`` applied in order: ``none``,
-    ``random`` (DARE: ``drop_rate``, ``generator``), ``magnitude`` (TIES trim: ``density``) or ``band``
-    (breadcrumbs: ``density``, ``gamma``). A trim decided beforehand over the whole model (``trim``) replaces
-    the per-tensor selection of the magnitude/band step."""
-    tau = own(t, consume)
-    tau -= base
-    for step in steps:
-        if step == "random":
-            random_drop(tau, drop_rate, generator, rescale=rescale, inplace=True)  # type: ignore[arg-type]
-        elif step in TRIM_STEPS:
-            apply_trim(tau, trim if trim is not None else tensor_trim(tau, step, density, gamma, tie_rule))
-        elif step != "none":
-            raise ValueError(f"unknown sparsification {step!r}")
-    return tau
+def _combine(out: Tensor, xs: Sequence[Tensor], models: Sequence[Sparsify], plan: _Combine) -> None:
+    """``out += lam * combine(sparsify_k(x_k - out) * w_k)`` block by block (``out`` is the base), the blocks
+    split between the worker threads; each block of every model's task vector is made in cache and combined."""
+    n = out.numel()
+    k = len(xs)
+    if n == 0:
+        return
+    step = min(BLOCK, n)
+    parts = min(WORKERS, -(-n // step)) if n >= PARALLEL_MIN else 1
+    bounds = [min(n, -(-n * p // parts // step) * step) for p in range(parts + 1)]
+    sparse = any(s != "none" for s in models[0].steps)
+
+    def run(p: int) -> None:
+        gens = [m.streams(bounds[p]) for m in models]
+        work = workspace((k + 4) * step, out.dtype, "combine")
+        stack, scratch = work[:k * step].view(k, step), work[k * step:].view(4, step)
+        weights = None if all(w == 1 for w in plan.weights) else torch.tensor(plan.weights, dtype=out.dtype)[:, None]
+        for s in range(bounds[p], bounds[p + 1], step):
+            e = min(s + step, n)
+            block, taus = out[s:e], stack[:, :e - s]
+            for i, x in enumerate(xs):
+                torch.sub(x[s:e], block, out=taus[i])
+            if sparse:
+                _sparsify_rows(taus, models, s, gens)
+            if weights is not None:
+                taus.mul_(weights)
+            _combine_block(block, taus, plan, scratch[:, :e - s])
+
+    parallel(run, parts)
 
 
 def generalized_task_arithmetic(
@@ -476,7 +763,7 @@ def generalized_task_arithmetic(
     density: Sequence[float] | None = None,
     drop_rate: Sequence[float] | None = None,
     gamma: Sequence[float] | None = None,
-    generators: Sequence[np.random.BitGenerator] | None = None,
+    generators: Sequence[np.random.PCG64] | None = None,
     consensus: bool = False,
     normalize: bool = False,
     lam: float = 1.0,
@@ -485,46 +772,53 @@ def generalized_task_arithmetic(
     trims: Sequence[Trim | None] | None = None,
     consume: bool = False,
 ) -> Tensor:
-    """``base + lam * combine(weight_k * sparsify(theta_k - base))`` for one tensor.
+    """``base + lam * combine(weight_k * sparsify(theta_k - base))`` for one tensor, computed in ``base``'s
+    dtype (the models may be stored in another floating dtype, e.g. bfloat16: they are read as if converted).
 
-    ``sparsify``: one step or a sequence of steps applied in order (see :func:`task_vector`), with per-model
+    ``sparsify``: one step or a sequence of steps applied in order (see :class:`Sparsify`), with per-model
     ``density``, ``drop_rate``, ``gamma`` and ``generators``; ``tie_rule`` resolves ties at a trim threshold
     (see :func:`magnitude_prune`); ``trims``: per model, a trim decided over the whole model (model scope).
     ``consensus``: keep only entries whose sign agrees with the elected sign (TIES). ``normalize``: divide
     by the summed weights (of the agreeing entries, with consensus) - the disjoint mean.
-    With ``consume`` the function may overwrite ``base`` and ``tensors`` (the streaming merge owns them).
+    With ``consume`` the function may overwrite ``base`` (the streaming merge owns it); ``tensors`` are only read.
+
+    The work runs on :data:`WORKERS` threads in two phases: a trim first ranks each model's whole task vector
+    (the models side by side; only the magnitude keys are stored), then the tensor is merged block by block
+    (:data:`BLOCK` entries; the blocks side by side): each model's difference from the base, its
+    sparsification and weight, and the combine, all while the block is in cache, so no task vector is ever
+    stored whole. Every sum runs over the models in order: the result does not depend on the threads or blocks.
     """
     k = len(tensors)
-    if k == 0:
-        return own(base, consume)
-    steps = [sparsify] if isinstance(sparsify, str) else list(sparsify)
-
-    def one(i: int) -> Tensor:
-        tau = task_vector(base, tensors[i], steps, density=density[i] if density else 1.0,
-                          drop_rate=drop_rate[i] if drop_rate else 0.0, gamma=gamma[i] if gamma else 0.0,
-                          generator=generators[i] if generators else None, rescale=rescale, tie_rule=tie_rule,
-                          trim=trims[i] if trims else None, consume=consume)
-        if weights[i] != 1:
-            tau *= weights[i]
-        return tau.reshape(-1)
-
-    parallel = any(s != "none" for s in steps) and base.numel() >= PARALLEL_MIN
-    taus = list(_pool().map(one, range(k))) if parallel and WORKERS > 1 else [one(i) for i in range(k)]
     out = own(base, consume)
+    if k == 0:
+        return out
+    steps = [sparsify] if isinstance(sparsify, str) else list(sparsify)
     flat = out.view(-1)
-    m = min(CHUNK, flat.numel())
-    work = workspace(4 * m, flat.dtype, "combine").view(4, m) if consensus else None
-    for s in _chunks(flat.numel()):
-        _combine_chunk(flat[s:s + CHUNK], [t[s:s + CHUNK] for t in taus], weights, consensus, normalize, lam, work)
+    n = flat.numel()
+    xs = [t.reshape(-1) for t in tensors]
+    models = [Sparsify(steps, n, density[i] if density else 1.0, drop_rate[i] if drop_rate else 0.0,
+                       gamma[i] if gamma else 0.0, generators[i] if generators else None, rescale, tie_rule,
+                       trims[i] if trims else None) for i in range(k)]
+    if models[0].ranked:
+        if n >= PARALLEL_MIN and models[0].needs_tensor():
+            parallel(lambda i: models[i].resolve(xs[i], flat), k)
+        else:
+            for x, sp in zip(xs, models, strict=True):
+                sp.resolve(x, flat)
+    _combine(flat, xs, models, _Combine.of(weights, consensus, normalize, lam, flat.dtype))
     return out
 
 
-def weighted_average(tensors: Sequence[Tensor], weights: Sequence[float], *, consume: bool = False) -> Tensor:
-    """Weight averaging (Wortsman et al. 2022, "Model soups"): ``sum_k w_k theta_k / sum_k w_k``."""
+def weighted_average(tensors: Sequence[Tensor], weights: Sequence[float], *, consume: bool = False,
+                     dtype: torch.dtype | None = None) -> Tensor:
+    """Weight averaging (Wortsman et al. 2022, "Model soups"): ``sum_k w_k theta_k / sum_k w_k``, computed in
+    ``dtype`` (default: the first tensor's; the others are read in it)."""
     total = float(sum(weights))
     if abs(total) < 1e-12:
         raise ValueError("the model weights sum to zero")
-    out = own(tensors[0], consume)
+    first = tensors[0]
+    same = dtype is None or dtype == first.dtype
+    out = own(first, consume) if same else first.to(dtype, memory_format=torch.contiguous_format)
     if weights[0] != 1:
         out *= weights[0]
     for t, w in zip(tensors[1:], weights[1:], strict=True):

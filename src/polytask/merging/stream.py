@@ -72,7 +72,8 @@ class MergeOptions(BaseModel):
     prefetch: int | str = Field("512MiB", description="bytes of upcoming tensors read ahead while merging, "
                                 "with writes behind it on another thread (0: the lean mode, one tensor name at a "
                                 "time: about N+1 tensors of that name in memory)")
-    threads: int = Field(0, ge=0, description="torch threads (0: leave as is)")
+    threads: int = Field(0, ge=0, description="worker threads that merge one tensor (0: one per CPU this process "
+                         "may use, at most 8); torch's own kernel threads are 1 while merging")
     fsync: bool = Field(True, description="flush the output to disk before renaming it into place")
     compute_dtype: Literal["float32", "float64"] = Field("float32", description="dtype the merge computes in")
 
@@ -416,113 +417,115 @@ def merge_checkpoints(
     p = METHODS.params_for(method, params, "params")
     if out_dtype != "auto" and out_dtype not in OUT_DTYPES:
         raise ConfigError(f"output.dtype {out_dtype!r}: expected auto or one of {', '.join(OUT_DTYPES)}")
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    b, ckpts, specs = _open_all(base, models, opts, base_job)
-    try:
-        mp = model_params_for(method, p, [s.params for s in specs])
-        weights = [float(s.weight) for s in specs]
-        check_weights(method, weights)
-        if not entry.extra.get("uses_weights", True) and any(w != 1 for w in weights):
-            raise ConfigError(f"method {method!r} computes its own coefficients; remove the models' weight")
-        plan = _check_inputs(b, ckpts, opts, OUT_DTYPES.get(out_dtype))
-        compute = OUT_DTYPES[opts.compute_dtype]
-        check = opts.check_finite
-        budget = parse_size(opts.prefetch)
-        pool = BufferPool(budget)
+    with ops.kernel_threads(opts.threads):
+        b, ckpts, specs = _open_all(base, models, opts, base_job)
+        try:
+            mp = model_params_for(method, p, [s.params for s in specs])
+            weights = [float(s.weight) for s in specs]
+            check_weights(method, weights)
+            if not entry.extra.get("uses_weights", True) and any(w != 1 for w in weights):
+                raise ConfigError(f"method {method!r} computes its own coefficients; remove the models' weight")
+            plan = _check_inputs(b, ckpts, opts, OUT_DTYPES.get(out_dtype))
+            compute = OUT_DTYPES[opts.compute_dtype]
+            check = opts.check_finite
+            budget = parse_size(opts.prefetch)
+            pool = BufferPool(budget)
 
-        def convert(t: Tensor) -> Tensor:
-            if t.dtype == compute:
-                return t if t.is_contiguous() else t.contiguous()
-            out = pool.take(tuple(t.shape), compute).copy_(t)
-            pool.put(t)
-            return out
+            def convert(t: Tensor) -> Tensor:
+                if t.dtype == compute:
+                    return t if t.is_contiguous() else t.contiguous()
+                out = pool.take(tuple(t.shape), compute).copy_(t)
+                pool.put(t)
+                return out
 
-        def load(name: str) -> tuple[Tensor, list[Tensor]]:
-            bt = b.load(name, pool=pool)
-            ts = [m.load(name, base=bt, pool=pool) for m in ckpts]
-            rows = plan.rows.get(name)
-            if rows is not None:
-                bt, ts = bt[:rows], [t[:rows] for t in ts]
-            if check:
-                for src, t in zip([b, *ckpts], [bt, *ts], strict=True):
-                    if not all_finite(t):
-                        file = src.meta(name).file if name in src else src.path
-                        raise DataError(f"{file}: tensor {name!r} contains NaN or inf values (set "
-                                        "options.check_finite: false to merge them as given)")
-            return convert(bt), [convert(t) for t in ts]
+            def load(name: str) -> tuple[Tensor, list[Tensor]]:
+                """The base in the compute dtype and the models as stored (methods read them widened)."""
+                bt = b.load(name, pool=pool)
+                ts = [m.load(name, base=bt, pool=pool) for m in ckpts]
+                rows = plan.rows.get(name)
+                if rows is not None:
+                    bt, ts = bt[:rows], [t[:rows] for t in ts]
+                if check:
+                    for src, t in zip([b, *ckpts], [bt, *ts], strict=True):
+                        if not all_finite(t):
+                            file = src.meta(name).file if name in src else src.path
+                            raise DataError(f"{file}: tensor {name!r} contains NaN or inf values (set "
+                                            "options.check_finite: false to merge them as given)")
+                return convert(bt), [t if t.is_contiguous() else t.contiguous() for t in ts]
 
-        def stats_inputs(name: str, st: Any) -> MergeInputs:
-            inp = MergeInputs(name, *load(name), weights, p, mp, opts.seed, st, consume=True)
-            return inp
+            def stats_inputs(name: str, st: Any) -> MergeInputs:
+                return MergeInputs(name, *load(name), weights, p, mp, opts.seed, st, consume=True, dtype=compute)
 
-        passes = passes_of(method, p)
-        stats = run_passes(passes, plan.merged, stats_inputs,
-                           done=lambda inp: pool.put(inp.base, *inp.tensors))  # type: ignore[arg-type]
-        sizes = {n: _nbytes(compute, plan.out[n][1]) * (len(ckpts) + 2) for n in plan.out}
-        meta = {"format": "pt", "polytask_merge_method": method}
-        written = 0
-        with ShardedWriter(output, [(n, *plan.out[n]) for n in plan.out], parse_size(shard_size), meta,
-                           overwrite=overwrite, fsync=opts.fsync) as writer:
-            if log is not None and writer.removed_stale:
-                log(f"removed what killed merges left beside the output: {', '.join(map(str, writer.removed_stale))}")
-            merged = set(plan.merged)
-            jobs = [(sizes[n], (lambda n=n: load(n)) if n in merged else (lambda n=n: b.load(n, pool=pool)))
-                    for n in plan.out]
-            pf = _Prefetcher(jobs, budget, workers=2 if budget > 0 else 1)
-            writes = _WriteBehind(writer, pool) if budget > 0 else _WriteNow(writer, pool)
-            try:
-                for i, name in enumerate(plan.out):
-                    got = pf.get(i)
-                    if name in merged:
-                        bt, ts = got
-                        held = [bt, *ts]
-                        out = entry.build(MergeInputs(name, bt, ts, weights, p, mp, opts.seed, stats.get(name),
-                                                      consume=True))
-                        del bt, ts
-                    else:
-                        held = [got]
-                        out = got[:plan.rows[name]] if name in plan.rows else got
-                    dtype, shape = plan.out[name]
-                    final = out.contiguous() if out.dtype == dtype else pool.take(shape, dtype).copy_(out)
-                    if check and final.is_floating_point() and not all_finite(final):
-                        why = (f"the merge ({method}) or the cast to {final.dtype} overflowed" if name in merged
-                               else f"copied from {b.meta(name).file}")
-                        raise DataError(f"{output}: merged tensor {name!r} contains NaN or inf values ({why})")
-                    if not any(_shares(out, h) for h in held):
-                        held.append(out)
-                    after = tuple(h for h in held if _shares(h, final))
-                    pool.put(*(h for h in held if not _shares(h, final)))
-                    writes.put(name, final, after if after else (final,))
-                    written += final.numel() * final.element_size()
-                    del out, got, final, held
-                    pf.release(jobs[i][0])
-                    if log is not None and (i + 1) % max(1, len(plan.out) // 10) == 0:
-                        log(f"merged {i + 1}/{len(plan.out)} tensors")
-            finally:
-                pf.close()
-                writes.close()
-                pool.clear()
-                ops.release_workspaces()
-            if copy_files and b.config_dir is not None:
-                for f in iter_config_files(b.config_dir):
-                    if f.name == "config.json" and plan.rows:
-                        writer.add_file(f.name, _shared_vocab_config(f, plan.rows))
-                    elif f.name != "polytask_merge.json":
-                        writer.copy_file(f)
-            summary = {
-                "method": method, "params": p.model_dump(mode="json", by_alias=True),
-                "base": str(b.path), "models": [{"path": s.path, "weight": s.weight, "params": s.params,
-                                                 **({"job": s.job} if s.job else {})} for s in specs],
-                "options": opts.model_dump(mode="json"), "tensors_merged": len(plan.merged),
-                "tensors_copied": len(plan.copied), "shared_rows": plan.rows, "shards": len(writer.files),
-                "polytask_version": polytask.__version__,
-            }
-            writer.add_file("polytask_merge.json", (json.dumps(summary, indent=2) + "\n").encode())
-            out_path = writer.commit()
-    finally:
-        for c in (b, *ckpts):
-            c.close()
+            passes = passes_of(method, p)
+            stats = run_passes(passes, plan.merged, stats_inputs,
+                               done=lambda inp: pool.put(inp.base, *inp.tensors))  # type: ignore[arg-type]
+            # bytes a prefetched name holds: its inputs as stored, the base in the compute dtype, the output
+            sizes = {n: _nbytes(b.meta(n).dtype, plan.out[n][1]) * (len(ckpts) + 1) + _nbytes(compute, plan.out[n][1])
+                     + _nbytes(*plan.out[n]) for n in plan.out}
+            meta = {"format": "pt", "polytask_merge_method": method}
+            written = 0
+            with ShardedWriter(output, [(n, *plan.out[n]) for n in plan.out], parse_size(shard_size), meta,
+                               overwrite=overwrite, fsync=opts.fsync) as writer:
+                if log is not None and writer.removed_stale:
+                    stale = ", ".join(map(str, writer.removed_stale))
+                    log(f"removed what killed merges left beside the output: {stale}")
+                merged = set(plan.merged)
+                jobs = [(sizes[n], (lambda n=n: load(n)) if n in merged else (lambda n=n: b.load(n, pool=pool)))
+                        for n in plan.out]
+                pf = _Prefetcher(jobs, budget, workers=2 if budget > 0 else 1)
+                writes = _WriteBehind(writer, pool) if budget > 0 else _WriteNow(writer, pool)
+                try:
+                    for i, name in enumerate(plan.out):
+                        got = pf.get(i)
+                        if name in merged:
+                            bt, ts = got
+                            held = [bt, *ts]
+                            out = entry.build(MergeInputs(name, bt, ts, weights, p, mp, opts.seed, stats.get(name),
+                                                          consume=True, dtype=compute))
+                            del bt, ts
+                        else:
+                            held = [got]
+                            out = got[:plan.rows[name]] if name in plan.rows else got
+                        dtype, shape = plan.out[name]
+                        final = out.contiguous() if out.dtype == dtype else pool.take(shape, dtype).copy_(out)
+                        if check and final.is_floating_point() and not all_finite(final):
+                            why = (f"the merge ({method}) or the cast to {final.dtype} overflowed" if name in merged
+                                   else f"copied from {b.meta(name).file}")
+                            raise DataError(f"{output}: merged tensor {name!r} contains NaN or inf values ({why})")
+                        if not any(_shares(out, h) for h in held):
+                            held.append(out)
+                        after = tuple(h for h in held if _shares(h, final))
+                        pool.put(*(h for h in held if not _shares(h, final)))
+                        writes.put(name, final, after if after else (final,))
+                        written += final.numel() * final.element_size()
+                        del out, got, final, held
+                        pf.release(jobs[i][0])
+                        if log is not None and (i + 1) % max(1, len(plan.out) // 10) == 0:
+                            log(f"merged {i + 1}/{len(plan.out)} tensors")
+                finally:
+                    pf.close()
+                    writes.close()
+                    pool.clear()
+                    ops.release_workspaces()
+                if copy_files and b.config_dir is not None:
+                    for f in iter_config_files(b.config_dir):
+                        if f.name == "config.json" and plan.rows:
+                            writer.add_file(f.name, _shared_vocab_config(f, plan.rows))
+                        elif f.name != "polytask_merge.json":
+                            writer.copy_file(f)
+                summary = {
+                    "method": method, "params": p.model_dump(mode="json", by_alias=True),
+                    "base": str(b.path), "models": [{"path": s.path, "weight": s.weight, "params": s.params,
+                                                     **({"job": s.job} if s.job else {})} for s in specs],
+                    "options": opts.model_dump(mode="json"), "tensors_merged": len(plan.merged),
+                    "tensors_copied": len(plan.copied), "shared_rows": plan.rows, "shards": len(writer.files),
+                    "polytask_version": polytask.__version__,
+                }
+                writer.add_file("polytask_merge.json", (json.dumps(summary, indent=2) + "\n").encode())
+                out_path = writer.commit()
+        finally:
+            for c in (b, *ckpts):
+                c.close()
     reads = 1 + len(passes)
     return {**summary, "output": str(out_path), "passes": reads, "input_bytes": plan.input_bytes * reads,
             "output_bytes": written, "seconds": time.perf_counter() - t0}

@@ -176,6 +176,11 @@ def test_bad_cells_name_the_file_row(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"inf\.parquet: feature column 'f2' has a missing or infinite value at "
                                         r"row 290"):
         streamed(tmp_path / "inf.parquet")
+    g = frame()
+    g.loc[300, "score"] = -np.inf
+    pq.write_table(pa.Table.from_pandas(g, preserve_index=False), tmp_path / "inf.parquet", row_group_size=64)
+    with pytest.raises(DataError, match=r"inf\.parquet: target column 'score' is infinite at row 300"):
+        streamed(tmp_path / "inf.parquet")
     with pytest.raises(DataError, match=r"has no column 'labl'.*'label'"):
         build_suite("table", {"path": str(tmp_path / "bad.csv"), "targets": ["labl"], "stream": True}, 0)
     h = frame()

@@ -94,11 +94,11 @@ def chunk_features(table: pa.Table, features: list[str] | tuple[str, ...], path:
 _TRUE, _FALSE = {"True", "TRUE", "true"}, {"False", "FALSE", "false"}  # what pandas' CSV reader takes for booleans
 
 
-def _target_column(column: pa.ChunkedArray, parse: str | None) -> tuple[pd.Series, str]:
-    """A target column of a row group as pandas sees it, with its family (``bool``, ``number``, ``text``) taken from
-    the file's type (so every row group of a column reads alike): booleans and numbers as float64 with NaN where
-    missing, text as text; ``parse`` (``number``, ``bool``): text that the CSV cache holds for a column of
-    numbers or booleans."""
+def _target_column(column: pa.ChunkedArray, name: str, parse: str | None) -> tuple[pd.Series, str]:
+    """Target column ``name`` of a row group as pandas sees it, with its family (``bool``, ``number``, ``text``)
+    taken from the file's type (so every row group of a column reads alike): booleans and numbers as float64 with NaN
+    where missing (integers past 2**53 rounded, as pandas does), text as text; ``parse`` (``number``, ``bool``): text
+    that the CSV cache holds for a column of numbers or booleans."""
     import pandas as pd
     import pyarrow as pa
 
@@ -108,9 +108,9 @@ def _target_column(column: pa.ChunkedArray, parse: str | None) -> tuple[pd.Serie
         kind = kind.value_type
     if pa.types.is_boolean(kind) or pa.types.is_integer(kind) or pa.types.is_floating(kind) \
             or pa.types.is_decimal(kind):
-        values = column.cast(pa.float64()).to_numpy(zero_copy_only=False)
-        return pd.Series(values, dtype=np.float64), "bool" if pa.types.is_boolean(kind) else "number"
-    text = column.to_pandas()
+        values = column.cast(pa.float64(), safe=False).to_numpy(zero_copy_only=False)
+        return pd.Series(values, dtype=np.float64, name=name), "bool" if pa.types.is_boolean(kind) else "number"
+    text = column.to_pandas().rename(name)
     if parse == "number":
         return pd.to_numeric(text, errors="coerce").astype(np.float64), "number"
     if parse == "bool":
@@ -441,7 +441,7 @@ def build_streamed(params: TableParams, seed: int) -> TaskSuite:
     for g in range(groups):
         table = file.read_row_group(g, columns=targets)
         for t in targets:
-            scans[t].add(*_target_column(table.column(t), parse.get(t)))
+            scans[t].add(*_target_column(table.column(t), t, parse.get(t)))
     resolved = {t: scans[t].resolve(path) for t in targets}
 
     rows = _split_rows(n, params, np.random.default_rng(seed), path)
@@ -458,7 +458,7 @@ def build_streamed(params: TableParams, seed: int) -> TaskSuite:
         digest.update(np.ascontiguousarray(x.T).data)  # column by column (x is in Fortran order: no copy)
         for t in targets:
             kind, classes, _ = resolved[t]
-            values[t][lo:hi] = _encode(_target_column(table.column(t), parse.get(t))[0], kind, classes, path, lo)
+            values[t][lo:hi] = _encode(_target_column(table.column(t), t, parse.get(t))[0], kind, classes, path, lo)
         del table, x
 
     split_rows = [torch.from_numpy(r.astype(np.int64, copy=False)) for r in rows]

@@ -1,5 +1,6 @@
 """Continual learning: streams of experiences, strategies as hooks on the one loop, the accuracy matrix."""
 
+from polytask.continual import strategies  # noqa: F401  (registers the strategies of the package)
 from polytask.continual.config import ContinualConfig, load_continual_config
 from polytask.continual.strategy import STRATEGIES, Strategy, build_strategy
 from polytask.continual.stream import SCENARIOS, STREAMS, Experience, Stream, build_stream, from_suite

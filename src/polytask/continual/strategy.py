@@ -30,11 +30,14 @@ class Strategy(Hook):
     """Base of the strategies: fine-tuning on each experience in turn (``naive``) unless a subclass adds more.
 
     ``scenarios``: where the strategy applies (a stream of another scenario is a ConfigError naming both).
-    ``joint``: train once on every experience together (the upper bound), not one experience after another."""
+    ``joint``: train once on every experience together (the upper bound), not one experience after another.
+    ``seed``: the run's seed, set by the flow before the first experience; a strategy keys its random draws on it
+    (and on where it is in the stream), so they are a pure function of both and a resumed run draws the same."""
 
     name = "strategy"
     scenarios: tuple[str, ...] = SCENARIOS
     joint = False
+    seed = 0
 
     def __init__(self) -> None:
         self.stream: Stream | None = None
@@ -156,6 +159,7 @@ class Composite(Strategy):
     def begin(self, stream: Stream, index: int) -> None:
         super().begin(stream, index)
         for p in self.parts:
+            p.seed = self.seed
             p.begin(stream, index)
 
     def train_suite(self, stream: Stream, index: int) -> TaskSuite:

@@ -66,6 +66,7 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
     strategy), resuming what ``job_dir`` holds; returns its accuracy matrix, initial accuracies and times."""
     strategy: Strategy = build_strategy(entry.name, entry.params, f"strategies[{entry.label}].params")
     strategy.check(stream, entry.label)
+    strategy.seed = seed
     tc, mc = config.train, config.model
     device = resolve_device(tc.device, tc.deterministic)
     seed_everything(seed)

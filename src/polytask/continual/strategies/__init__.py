@@ -1,0 +1,10 @@
+"""The continual-learning strategies beyond the core ones, one module per strategy or family (each registers its
+names in :data:`polytask.continual.strategy.STRATEGIES` on import).
+
+Rehearsal (``buffer``: the one memory of rows; ``rehearsal``: filling it and reading it at every step): ``replay``,
+``der`` (DER and DER++), ``er_ace``, ``agem``; ``gdumb`` trains from scratch on its memory alone.
+"""
+
+from polytask.continual.strategies import agem, der, er_ace, gdumb, replay
+
+__all__ = ["agem", "der", "er_ace", "gdumb", "replay"]

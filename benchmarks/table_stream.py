@@ -8,8 +8,9 @@ Adam, the ``equal`` method through the engine's ``train_step``, one torch thread
 ``stream`` (``StreamBatches``, reading the next window in a background thread) and ``stream_sync`` (no read-ahead).
 Each round trains one whole epoch of every variant, the order rotated from round to round; an epoch's time
 includes every read it waits for (read-ahead never crosses an epoch, so no variant reads during another's turn).
-The ratio is taken per round against ``memory`` of the same round; the JSON gives medians and spread, and the load
-average before and after: the read-ahead hides reading only where a core is free for it, so on a machine busy with
+The ratio is taken per round against ``memory`` of the same round; the JSON gives medians and spread, the process's
+CPU time per step (the work done, read-ahead thread included, whatever else the machine runs), and the load average
+before and after: the read-ahead hides reading only where a core is free for it, so on a machine busy with
 other work the ``stream`` ratio moves towards ``stream_sync``.
 
 (b) Memory. A table of ``--big-rows`` rows × ``--cols`` columns is written under ``--dir`` (default: the temp dir,
@@ -118,8 +119,8 @@ def speed(args: argparse.Namespace, root: Path) -> dict:
         state = {"s": method.init(), "i": 0}
         steps = source.steps_per_epoch()
 
-        def epoch(e: int) -> float:
-            t0 = time.perf_counter()
+        def epoch(e: int) -> tuple[float, float]:
+            t0, c0 = time.perf_counter(), time.process_time()
             batches = source.epoch(0, e)
             for i in range(steps):
                 b = batches[i]
@@ -127,7 +128,7 @@ def speed(args: argparse.Namespace, root: Path) -> dict:
                 _, _, state["s"] = train_step(model, method, state["s"], b.sources, b.rows, tasks, opt, ctx,
                                               task_losses)
                 state["i"] += 1
-            return (time.perf_counter() - t0) / steps
+            return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
         return epoch, steps
 
     variants = {name: variant(src) for name, src in sources.items()}
@@ -135,10 +136,13 @@ def speed(args: argparse.Namespace, root: Path) -> dict:
         fn(0)
     order = list(variants)
     times: dict[str, list[float]] = {n: [] for n in order}
+    cpu: dict[str, list[float]] = {n: [] for n in order}
     for r in range(args.rounds):
         shift = r % len(order)
         for name in order[shift:] + order[:shift]:
-            times[name].append(variants[name][0](r + 1))
+            wall, used = variants[name][0](r + 1)
+            times[name].append(wall)
+            cpu[name].append(used)
     ratio = {n: spread([a / b for a, b in zip(times[n], times["memory"], strict=True)], 3)
              for n in order if n != "memory"}
     return {"table": {"rows": args.rows, "cols": args.cols, "row_group": args.row_group,
@@ -147,7 +151,11 @@ def speed(args: argparse.Namespace, root: Path) -> dict:
                       "optimizer": "adam", "threads": 1},
             "steps_per_epoch": variants["memory"][1], "rounds": args.rounds,
             "ms_per_step": {n: spread([1000 * t for t in ts], 4) for n, ts in times.items()},
-            "ratio_vs_memory": ratio}
+            "ratio_vs_memory": ratio,
+            # CPU seconds of the whole process (the read-ahead thread included) per step: the work, whatever the load
+            "cpu_ms_per_step": {n: spread([1000 * t for t in ts], 4) for n, ts in cpu.items()},
+            "cpu_ratio_vs_memory": {n: spread([a / b for a, b in zip(cpu[n], cpu["memory"], strict=True)], 3)
+                                    for n in order if n != "memory"}}
 
 
 # ---------------------------------------------------------------- (b) memory, in a child process

@@ -16,7 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import polytask
+from polytask.config import load_config
+from polytask.engine.progress import Reporter
 from polytask.flows.predict import predict_file
+from polytask.flows.run import run
 from polytask.tasks.registry import build_suite
 
 CLI = [sys.executable, "-m", "polytask.cli"]
@@ -64,14 +67,18 @@ def outputs(run_dir: Path) -> tuple[dict[str, bytes], dict, str]:
     return files, summary, (run_dir / "metrics.jsonl").read_text()
 
 
+def run_here(cfg: Path | None = None, resume: Path | None = None) -> Path:
+    """``polytask run`` (or ``--resume``) in this process (the CLI's flow; a subprocess would add its start-up)."""
+    run_dir, _ = run(None if cfg is None else load_config(cfg), resume, Reporter(quiet=True), report=False)
+    return run_dir
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("stream")
     pq.write_table(pa.Table.from_pandas(frame(600, 0), preserve_index=False), root / "data.parquet",
                    row_group_size=64)
-    r = polytask_cli("run", str(config(root, "ref")), "--quiet")
-    assert r.returncode == 0, r.stderr
-    return root / "ref"
+    return run_here(config(root, "ref"))
 
 
 def test_a_killed_streamed_run_resumes_bit_identically(reference: Path) -> None:
@@ -85,9 +92,7 @@ def test_a_killed_streamed_run_resumes_bit_identically(reference: Path) -> None:
     assert first.returncode == -signal.SIGKILL, first.stderr
     run_dir = root / cfg.stem
     assert not (run_dir / "summary.json").exists() and (run_dir / "jobs" / "coba" / "last.safetensors").exists()
-    env.pop("POLYTASK_KILL_AT")
-    again = polytask_cli("run", "--resume", str(run_dir), "--quiet", env=env)
-    assert again.returncode == 0, again.stderr
+    run_here(resume=run_dir)
     got, ref = outputs(run_dir), outputs(reference)
     assert len(got[0]) == 4 and got[0] == ref[0]  # best and last weights of both jobs, byte for byte
     assert got[1:] == ref[1:]

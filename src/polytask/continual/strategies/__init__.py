@@ -1,10 +1,13 @@
 """The continual-learning strategies beyond the core ones, one module per strategy or family (each registers its
 names in :data:`polytask.continual.strategy.STRATEGIES` on import).
 
+Regularisation (``regularization``: the shared quadratic penalty and per-example gradients): ``ewc`` (separate and
+online), ``si``, ``mas``; distillation: ``lwf``.
+
 Rehearsal (``buffer``: the one memory of rows; ``rehearsal``: filling it and reading it at every step): ``replay``,
 ``der`` (DER and DER++), ``er_ace``, ``agem``; ``gdumb`` trains from scratch on its memory alone.
 """
 
-from polytask.continual.strategies import agem, der, er_ace, gdumb, replay
+from polytask.continual.strategies import agem, der, er_ace, ewc, gdumb, lwf, mas, replay, si
 
-__all__ = ["agem", "der", "er_ace", "gdumb", "replay"]
+__all__ = ["agem", "der", "er_ace", "ewc", "gdumb", "lwf", "mas", "replay", "si"]

@@ -168,7 +168,7 @@ def _cli(args, env=None):
 
 
 # strategies whose parameters have no defaults run the shared tests with these
-EXAMPLE_PARAMS = {"compose": {"strategies": ["naive", "cumulative"]}}
+EXAMPLE_PARAMS = {"compose": {"strategies": ["replay", "si"]}}  # two stateful parts: a buffer, per-step state
 STATEFUL_FIRST = sorted(STRATEGIES.names(), key=lambda n: (n in ("naive", "cumulative", "joint"), n))
 
 

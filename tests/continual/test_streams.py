@@ -194,7 +194,7 @@ def test_mnist1d_domains_are_seeded_recorded_and_standardised_on_the_first():
     params = {"n_experiences": 3, "n_train_per_class": 20, "n_val_per_class": 3, "n_test_per_class": 5}
     s = build_stream("mnist1d", params, seed=1)
     assert s.scenario == "domain" and s.input_shape == (40,) and len(s.experiences) == 3
-    assert [d["shear_scale"] for d in s.info["domains"]] == pytest.approx([0.75, 1.5, 2.25])
+    assert [d["padding"] for d in s.info["domains"]] == [[0, 20], [20, 40], [40, 60]]
     x0 = _sources(s.experiences[0], "train").x
     assert abs(float(x0.mean())) < 1e-5 and float(x0.std(correction=0)) == pytest.approx(1, abs=1e-4)
     assert torch.bincount(_sources(s.experiences[2], "test").y["digit"].long()).tolist() == [5] * 10

@@ -6,13 +6,15 @@ order rotates each round, so a slow spell of a shared machine hits every variant
 
 - the read-once floor: every input byte read once with a cold page cache (caches dropped with
   /proc/sys/vm/drop_caches; where that is not allowed, input bytes / the O_DIRECT read speed of the device);
-- polytask's merge of each method in a fresh subprocess, cold cache: wall time after imports, and peak resident
-  memory (ru_maxrss of that child, from wait4);
+- polytask's merge of each method in a fresh subprocess, cold cache: wall time after imports, the CPU seconds
+  of the merge (all threads), and peak resident memory (ru_maxrss of that child, from wait4);
 - optionally mergekit's ``mergekit-yaml`` on the same job (``--mergekit PATH``): wall time less its import time.
 
 Each ratio (merge time / floor time) is taken within one round and reported as the median with its min and max
-over rounds; times likewise. Memory target: peak RSS <= largest tensor x (N + 2) + the RSS of a process that only
-imports polytask and torch + 2 x the prefetch budget (read-ahead, and idle buffers kept for reuse).
+over rounds; times likewise. The 1-minute load average at the start of each round is recorded: on a shared
+machine other processes take CPU time from the merge, but not from the (disk-bound) floor. Memory target: peak
+RSS <= largest tensor x (N + 2) + the RSS of a process that only imports polytask and torch + 2 x the prefetch
+budget (read-ahead, and idle buffers kept for reuse).
 
     python benchmarks/merge_speed.py [--dir /tmp/merge-speed] [--n 8] [--rounds 3] [--methods ties dare_ties]
                                      [--dtype bfloat16] [--mergekit /tmp/mkvenv/bin/mergekit-yaml] [--keep]
@@ -120,9 +122,11 @@ def child(argv: list[str]) -> None:
     if a.import_only:
         print(json.dumps({"import_s": t_imported - T_START}))
         return
+    cpu = time.process_time()
     s = merge_checkpoints(a.base, a.models, a.method, a.out, PARAMS[a.method],
                           options={"prefetch": a.prefetch}, copy_files=False)
     print(json.dumps({"import_s": t_imported - T_START, "merge_s": time.perf_counter() - t_imported,
+                      "merge_cpu_s": time.process_time() - cpu,
                       "input_bytes": s["input_bytes"], "output_bytes": s["output_bytes"]}))
 
 
@@ -196,12 +200,15 @@ def main() -> None:
         labels = ["floor"] + [f"polytask:{m}" for m in args.methods] + \
             ([f"mergekit:{m}" for m in args.methods if m in MERGEKIT] if args.mergekit else [])
         times: dict[str, list[float]] = {k: [] for k in labels}
+        cpus: dict[str, list[float]] = {k: [] for k in labels}
+        loads: list[float] = []
         rss: dict[str, list[int]] = {k: [] for k in labels}
         ratios: dict[str, list[float]] = {k: [] for k in labels[1:]}
         errors: dict[str, str] = {}
         for r in range(args.rounds):
             order = labels[r % len(labels):] + labels[:r % len(labels)]
             got: dict[str, float] = {}
+            loads.append(os.getloadavg()[0])
             for label in order:
                 if can_drop:
                     drop_caches()
@@ -219,6 +226,8 @@ def main() -> None:
                            "--method", method, "--out", str(out_dir), "--prefetch", args.prefetch]
                     rc, out, err, _, peak = rss_of(cmd)
                     seconds = json.loads(out)["merge_s"] if rc == 0 else None
+                    if rc == 0:
+                        cpus[label].append(json.loads(out)["merge_cpu_s"])
                 else:
                     mk_method, mk_params = MERGEKIT[method]
                     cfg = {"merge_method": mk_method, "dtype": args.dtype,
@@ -243,13 +252,16 @@ def main() -> None:
                 if label != "floor" and "floor" in got:
                     ratios[label].append(seconds / got["floor"])
             print(json.dumps({"n": n, "round": r, "seconds": got}), file=sys.stderr, flush=True)
-        row: dict[str, object] = {"n": n, "input_bytes": nbytes, "rounds": args.rounds,
+        row: dict[str, object] = {"n": n, "input_bytes": nbytes, "rounds": args.rounds, "load_average_1min": loads,
                                   "floor_kind": "cold page cache (drop_caches)" if can_drop else
                                   "input bytes / O_DIRECT read speed", "floor_s": spread(times["floor"])}
         bound = largest_compute * (n + 2) + import_rss + 2 * parse_size(args.prefetch)
         for label in labels[1:]:
             entry: dict[str, object] = {"seconds": spread(times[label]),
                                         "ratio_to_cold_floor": spread(ratios[label])}
+            if cpus[label]:  # CPU seconds of the merge (all its threads): less sensitive to a busy machine
+                entry["cpu_seconds"] = spread(cpus[label])
+                entry["cpu_ns_per_model_entry"] = statistics.median(cpus[label]) / (params * n) * 1e9
             if rss[label]:
                 entry["peak_rss_bytes"] = max(rss[label])
                 if label.startswith("polytask"):

@@ -397,3 +397,79 @@ def test_a_full_disk_names_the_file_and_leaves_nothing(make_family, tmp_path, mo
     with pytest.raises(StorageError, match=r"cannot write .*out/model-0000\d-of-00002\.safetensors: No space"):
         merge_checkpoints(base_path, [str(p) for p in paths], "ties", tmp_path / "out", shard_size=400)
     assert _no_output(tmp_path)
+
+
+# every data-free method, with parameters under which it sparsifies, and whether it takes per-model weights
+DATA_FREE = {"average": {}, "task_arithmetic": {"lambda": 0.7}, "ties": {"density": 0.4},
+             "dare": {"drop_rate": 0.3}, "dare_ties": {"drop_rate": 0.3, "density": 0.6},
+             "breadcrumbs": {"density": 0.6, "gamma": 0.05},
+             "generalized": {"sparsify": ["random", "magnitude"], "drop_rate": 0.2, "density": 0.7,
+                             "consensus": True, "normalize": True},
+             "metagpt": {}, "lwptv": {"threshold": 0.5, "base_method": "ties", "base_params": {"density": 0.5}}}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_checkpoints_merge_as_if_converted_to_float32_first(tmp_path, write_state, monkeypatch, dtype):
+    """The streaming merge reads the models as stored and widens them inside the kernels (no float32 copy of
+    any model): bit for bit the in-memory merge of float32 conversions, for every data-free method, in blocks
+    split between threads."""
+    from polytask.merging import METHODS, ops
+
+    assert set(DATA_FREE) == {n for n in METHODS.names() if METHODS.get(n).extra.get("kind") == "data-free"}
+    g = torch.Generator().manual_seed(0)
+    shapes = {"embed.weight": (40, 30), "layer.0.linear.weight": (30, 30), "layer.0.linear.bias": (30,)}
+    base = {n: (torch.randn(s, generator=g) * 0.02).to(dtype) for n, s in shapes.items()}
+    models = [{n: (t.float() + torch.randn(t.shape, generator=g) * 0.002).to(dtype) for n, t in base.items()}
+              for _ in range(3)]
+    base_path = write_state(tmp_path / "base", base)
+    paths = [write_state(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    monkeypatch.setattr(ops, "BLOCK", 128)
+    monkeypatch.setattr(ops, "PARALLEL_MIN", 256)
+    as_f32 = ({n: t.float() for n, t in base.items()}, [{n: t.float() for n, t in m.items()} for m in models])
+    for method, params in DATA_FREE.items():
+        weights = [1.0, 0.5, 2.0] if METHODS.get(method).extra.get("uses_weights", True) else [1.0] * 3
+        out = tmp_path / f"out-{method}"
+        merge_checkpoints(base_path, [ModelInput(str(p), w) for p, w in zip(paths, weights, strict=True)], method,
+                          out, params, out_dtype="float32", options={"fsync": False, "threads": 3})
+        want = merge_state_dicts(method, *as_f32, params, weights)
+        got = _read_dir(out)
+        assert all(torch.equal(got[n], want[n]) for n in shapes), method
+
+
+def test_a_merge_runs_torch_kernels_on_one_thread_each_and_restores_the_setting(make_family, tmp_path, monkeypatch):
+    """The merge parallelises on its own threads; a kernel that started an OpenMP team on the same cores would
+    wait for them. torch's thread count is back to what it was afterwards."""
+    from polytask.merging import ops
+
+    base_path, paths, *_ = make_family(3, "hf")
+    seen = []
+    combine = ops._combine_block
+
+    def recording(*args):
+        seen.append(torch.get_num_threads())
+        return combine(*args)
+
+    monkeypatch.setattr(ops, "_combine_block", recording)
+    monkeypatch.setattr(ops, "PARALLEL_MIN", 16)
+    monkeypatch.setattr(ops, "BLOCK", 16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        merge_checkpoints(base_path, [str(p) for p in paths], "ties", tmp_path / "out", {"density": 0.5},
+                          options={"threads": 3, "fsync": False})
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {1}
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_the_writer_flushes_shards_as_it_writes_only_with_fsync(make_family, tmp_path, monkeypatch, fsync):
+    from polytask.merging import writer as writer_module
+
+    base_path, paths, *_ = make_family(2, "hf")
+    flushed = []
+    monkeypatch.setattr(writer_module, "SYNC_EVERY", 100)
+    monkeypatch.setattr(writer_module.os, "fdatasync", lambda fd: flushed.append(fd))
+    merge_checkpoints(base_path, [str(p) for p in paths], "ties", tmp_path / "out", options={"fsync": fsync})
+    assert bool(flushed) == fsync

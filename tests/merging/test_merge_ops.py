@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polytask.merging import merge_state_dicts, merge_tensors, ops
-from polytask.merging.methods import lwptv_saliency
+from polytask.merging.methods import dare_generator, lwptv_saliency
 
 floats = st.floats(-1e6, 1e6, allow_nan=False, width=32)
 
@@ -191,27 +191,64 @@ def test_generalized_composes_the_same_parts_as_the_named_methods():
     assert torch.equal(dare, gen)
 
 
-def test_large_tensors_are_merged_chunk_by_chunk_identically(monkeypatch):
-    g = torch.Generator().manual_seed(0)
-    base = torch.randn(3000, generator=g)
-    models = [base + torch.randn(3000, generator=g) for _ in range(3)]
-    whole = merge_tensors("ties", base, models, {"density": 0.3})
-    monkeypatch.setattr(ops, "CHUNK", 256)
-    assert torch.equal(merge_tensors("ties", base, models, {"density": 0.3}), whole)
-    assert math.isfinite(float(whole.sum()))
+CASES = [("ties", {"density": 0.3}), ("ties", {"density": 0.3, "trim_ties": "all"}),
+         ("ties", {"density": 0.3, "trim_scope": "model"}), ("dare_ties", {"drop_rate": 0.5}),
+         ("dare_ties", {"drop_rate": 0.3, "density": 0.6}), ("breadcrumbs", {"density": 0.5, "gamma": 0.1}),
+         ("generalized", {"sparsify": ["random", "band", "random"], "drop_rate": 0.3, "density": 0.6, "gamma": 0.05,
+                          "consensus": True, "normalize": True}),
+         ("task_arithmetic", {"lambda": 0.7}), ("dare", {"drop_rate": 0.9})]
 
 
-@pytest.mark.parametrize("method,params", [("ties", {"density": 0.3}), ("dare_ties", {"drop_rate": 0.5}),
-                                           ("breadcrumbs", {"density": 0.5, "gamma": 0.1}),
-                                           ("ties", {"density": 0.3, "trim_scope": "model"})])
-def test_sparsifying_models_in_parallel_threads_changes_nothing(monkeypatch, method, params):
+@pytest.mark.parametrize("method,params", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
+def test_blocks_chunks_and_worker_threads_change_nothing(monkeypatch, method, params):
+    """The merge runs in blocks split between threads (DARE streams moved to each block, tied entries cut at
+    positions decided on the whole tensor): any split gives the result of one block on one thread."""
     g = torch.Generator().manual_seed(0)
     base = {"a": torch.randn(3000, generator=g), "b": torch.randn(500, generator=g)}
     models = [{n: t + torch.randint(-3, 4, t.shape, generator=g).float() * 0.1 for n, t in base.items()}
-              for _ in range(4)]
-    monkeypatch.setattr(ops, "PARALLEL_MIN", 1000)
+              for _ in range(4)]  # many ties at every threshold
+    weights = [1.0, 0.5, 2.0, 0.8]
     monkeypatch.setattr(ops, "WORKERS", 1)
-    serial = merge_state_dicts(method, base, models, params, seed=3)
+    whole = merge_state_dicts(method, base, models, params, weights, seed=3)
+    monkeypatch.setattr(ops, "CHUNK", 256)
+    monkeypatch.setattr(ops, "BLOCK", 92)  # blocks that do not line up with chunks or with DARE's 4 draws
+    monkeypatch.setattr(ops, "PARALLEL_MIN", 1000)
+    for workers in (1, 3):
+        monkeypatch.setattr(ops, "WORKERS", workers)
+        split = merge_state_dicts(method, base, models, params, weights, seed=3)
+        assert all(torch.equal(whole[n], split[n]) for n in base), workers
+    assert all(math.isfinite(float(t.sum())) for t in whole.values())
+
+
+def test_dare_in_blocks_draws_what_one_pass_over_the_whole_tensor_draws(monkeypatch):
+    """Each random step's mask is the one random_drop makes over the whole task vector, a second step
+    continuing the same stream, however the tensor is split."""
+    g = torch.Generator().manual_seed(1)
+    base, model = torch.randn(1001, generator=g), torch.randn(1001, generator=g)
+    monkeypatch.setattr(ops, "BLOCK", 100)
+    monkeypatch.setattr(ops, "PARALLEL_MIN", 200)
     monkeypatch.setattr(ops, "WORKERS", 3)
-    parallel = merge_state_dicts(method, base, models, params, seed=3)
-    assert all(torch.equal(serial[n], parallel[n]) for n in base)
+    got = merge_tensors("generalized", base, [model], {"sparsify": ["random", "random"], "drop_rate": 0.4},
+                        name="w", seed=5)
+    stream = dare_generator(5, "w", 0)
+    tau = ops.random_drop(ops.random_drop(model - base, 0.4, stream), 0.4, stream)
+    assert torch.equal(got, base + tau)
+    assert 0.3 < float((tau == 0).float().mean()) < 0.8  # two drops of 0.4: about 0.64 dropped
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.5, 0.3, -0.7])
+def test_the_disjoint_mean_divisor_by_count_is_the_sum_of_the_agreeing_weights(weight):
+    """With equal weights the divisor of TIES' disjoint mean is looked up by how many models agree; it must be
+    the in-order sum of their weights, bit for bit (0.3 + 0.3 + 0.3 is not 3 * 0.3 in float32)."""
+    g = torch.Generator().manual_seed(2)
+    k, m = 7, 4000
+    taus = torch.randn(k, m, generator=g) * (torch.rand(k, m, generator=g) < 0.5)  # some models at zero
+    base = torch.randn(m, generator=g)
+    by_count = ops._Combine.of([weight] * k, True, True, 1.0, torch.float32)
+    assert by_count.count is not None
+    summed = ops._Combine([weight] * k, True, True, 1.0)
+    a, b = base.clone(), base.clone()
+    ops._combine_block(a, taus.clone(), by_count, torch.empty(4, m))
+    ops._combine_block(b, taus.clone(), summed, torch.empty(4, m))
+    assert torch.equal(a, b)
+

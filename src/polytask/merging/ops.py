@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import os
+import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -227,8 +228,7 @@ def _count_equal(a: np.ndarray, value: int) -> int:
 
 def kth_largest_abs(t: Tensor, k: int) -> float:
     """The ``k``-th largest ``|t|`` (1-based) as a float32 value, exactly."""
-    key = thresholds(t, [k])[k].key
-    return float(torch.tensor([key], dtype=torch.int32).view(torch.float32))
+    return _FLOAT.unpack(_INT.pack(thresholds(t, [k])[k].key))[0]
 
 
 @dataclass(frozen=True)
@@ -261,24 +261,38 @@ class Cut:
         """Whether the next tensor's edge depends on where its tied entries are."""
         return self.ties < self.equal and self.ties > self.used
 
-    def edge(self, keys: np.ndarray | None, n: int) -> Edge:
-        """The edge on the next tensor (``n`` entries, magnitude ``keys`` in index order; they are only read
-        when :meth:`needs_keys`), counting the ties it keeps as used."""
+    def edge(self, find: Finder | None, n: int) -> Edge:
+        """The edge on the next tensor (``n`` entries; ``find`` locates its tied entries, only asked when
+        :meth:`needs_keys`), counting the ties it keeps as used."""
         if self.ties >= self.equal:
             return Edge(self.key, n)
         left = self.ties - self.used
         if left <= 0:
             return Edge(self.key, 0)
-        assert keys is not None
-        for s in range(0, n, CHUNK):
-            equal = keys[s:s + CHUNK] == self.key
+        assert find is not None
+        index, seen = find(self.key, left)
+        self.used += seen
+        return Edge(self.key, index)
+
+
+Finder = Callable[[int, int], tuple[int, int]]  # (key, m) -> (position after the m-th entry with that key, or n;
+#                                                  how many of the first m there are)
+
+
+def scan_finder(keys: np.ndarray) -> Finder:
+    """A :data:`Finder` over a tensor's magnitude keys in index order."""
+
+    def find(key: int, left: int) -> tuple[int, int]:
+        seen = 0
+        for s in range(0, len(keys), CHUNK):
+            equal = keys[s:s + CHUNK] == key
             c = int(np.count_nonzero(equal))
-            if c >= left:
-                self.used += left
-                return Edge(self.key, s + int(np.flatnonzero(equal)[left - 1]) + 1)
-            left -= c
-            self.used += c
-        return Edge(self.key, n)
+            if seen + c >= left:
+                return s + int(np.flatnonzero(equal)[left - seen - 1]) + 1, left
+            seen += c
+        return len(keys), seen
+
+    return find
 
 
 @dataclass
@@ -292,10 +306,10 @@ class Trim:
     def needs_keys(self) -> bool:
         return any(c is not None and c.needs_keys() for c in (self.keep, self.drop))
 
-    def on(self, keys: np.ndarray | None, n: int) -> TensorTrim:
+    def on(self, find: Finder | None, n: int) -> TensorTrim:
         """This trim on the next tensor (see :meth:`Cut.edge`)."""
-        return TensorTrim(None if self.keep is None else self.keep.edge(keys, n),
-                          None if self.drop is None or self.keep is None else self.drop.edge(keys, n))
+        return TensorTrim(None if self.keep is None else self.keep.edge(find, n),
+                          None if self.drop is None or self.keep is None else self.drop.edge(find, n))
 
 
 @dataclass(frozen=True)
@@ -341,8 +355,10 @@ def _shrink(c: Tensor, key: int) -> None:
     if key > MAX_KEY:
         c.zero_()
     elif key > 0:  # |x| >= the float with bits key  <=>  |x| > the float just below it
-        below = float(torch.tensor([key - 1], dtype=torch.int32).view(torch.float32))
-        torch.hardshrink(c, below, out=c)
+        torch.hardshrink(c, _FLOAT.unpack(_INT.pack(key - 1))[0], out=c)
+
+
+_INT, _FLOAT = struct.Struct("<i"), struct.Struct("<f")
 
 
 def _at_least(keys: Tensor, key: int, out: Tensor) -> Tensor:
@@ -407,7 +423,7 @@ def tensor_trim(keys: np.ndarray, kind: str, density: float, gamma: float = 0.0,
     np.copyto(work, keys)
     # the number of entries equal to a threshold key is at most n: an edge then counts the ties it keeps
     ths = {r: Threshold(key, greater, n) for r, (key, greater) in _select(work, needed_ranks(*ranks, rule)).items()}
-    return trim_of(ths, *ranks, rule).on(keys, n)
+    return trim_of(ths, *ranks, rule).on(scan_finder(keys), n)
 
 
 def _and_mask(c: Tensor, bits: Tensor) -> None:
@@ -558,7 +574,7 @@ class Sparsify:
                 self.apply(c, s, gens, upto=j)
                 magnitude_keys(c, out=keys_t[s:s + step])
             if self.trim is not None:
-                self.trims[j] = self.trim.on(keys, self.n)
+                self.trims[j] = self.trim.on(scan_finder(keys), self.n)
             else:
                 part = workspace(self.n, torch.int32, "partition").numpy()
                 self.trims[j] = tensor_trim(keys, self.steps[j], self.density, self.gamma, self.rule, part)
@@ -611,6 +627,17 @@ def _drop_rows(taus: Tensor, keep: int, gens: Sequence[np.random.PCG64], rescale
     _and_mask(taus, mask.sub_(keep).bitwise_right_shift_(31))
     if rescale:
         taus.mul_(65536 / keep)
+
+def _resolve(models: Sequence[Sparsify], xs: Sequence[Tensor], base: Tensor) -> None:
+    """Decide every model's trims on this tensor (phase one of :func:`generalized_task_arithmetic`), the
+    models side by side on the worker threads when their whole tensors must be read."""
+    if not models[0].ranked:
+        return
+    if len(models) > 1 and models[0].n >= PARALLEL_MIN and any(sp.needs_tensor() for sp in models):
+        parallel(lambda i: models[i].resolve(xs[i], base), len(models))
+    else:
+        for sp, x in zip(models, xs, strict=True):
+            sp.resolve(x, base)
 
 def sparsify(tau: Tensor, steps: Sequence[str], *, density: float = 1.0, drop_rate: float = 0.0,
              gamma: float = 0.0, generator: np.random.PCG64 | None = None, rescale: bool = True,
@@ -799,12 +826,7 @@ def generalized_task_arithmetic(
     models = [Sparsify(steps, n, density[i] if density else 1.0, drop_rate[i] if drop_rate else 0.0,
                        gamma[i] if gamma else 0.0, generators[i] if generators else None, rescale, tie_rule,
                        trims[i] if trims else None) for i in range(k)]
-    if models[0].ranked:
-        if n >= PARALLEL_MIN and models[0].needs_tensor():
-            parallel(lambda i: models[i].resolve(xs[i], flat), k)
-        else:
-            for x, sp in zip(xs, models, strict=True):
-                sp.resolve(x, flat)
+    _resolve(models, xs, flat)
     _combine(flat, xs, models, _Combine.of(weights, consensus, normalize, lam, flat.dtype))
     return out
 

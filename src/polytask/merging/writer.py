@@ -50,6 +50,7 @@ def parse_size(value: int | str) -> int:
 
 
 LOCK = ".polytask-writer.lock"
+SYNC_EVERY = 64 << 20  # bytes written to a shard between flushes to disk (with fsync)
 
 
 def storage_error(path: Path, e: OSError) -> StorageError:
@@ -119,7 +120,10 @@ def plan_shards(entries: list[Entry], shard_bytes: int) -> list[list[Entry]]:
 class ShardedWriter:
     """Writes the planned tensors into ``out`` (a directory), atomically.
 
-    Use as a context manager: leaving the block with an exception removes everything written so far.
+    Use as a context manager: leaving the block with an exception removes everything written so far. With
+    ``fsync`` each shard is also flushed to disk every :data:`SYNC_EVERY` bytes as it is written (on the
+    writing thread: the streaming merge's writer, while the next tensors are merged), so little is left to
+    flush before the rename.
     """
 
     def __init__(self, out: str | os.PathLike[str], entries: list[Entry], shard_bytes: int,
@@ -147,6 +151,7 @@ class ShardedWriter:
         self.spec: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         self.total = 0
         self.written: set[str] = set()
+        self.unsynced = [0] * n
         try:
             self.lock = _guard(self.tmp / LOCK, DirLock(self.tmp, LOCK).acquire)
             for i, (fname, shard) in enumerate(zip(self.files, shards, strict=True)):
@@ -171,9 +176,13 @@ class ShardedWriter:
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise CheckpointError(f"internal: output tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, "
                                   f"planned {dtype} {list(shape)}")
-        i, start, _ = self.where[name]
+        i, start, end = self.where[name]
         _guard(self.out / self.files[i], write_all, self.fds[i], tensor_bytes(tensor), start)
         self.written.add(name)
+        self.unsynced[i] += end - start
+        if self.fsync and self.unsynced[i] >= SYNC_EVERY:
+            _guard(self.out / self.files[i], os.fdatasync, self.fds[i])
+            self.unsynced[i] = 0
 
     def add_file(self, name: str, data: bytes) -> None:
         """Add a file beside the shards (e.g. a config), written into the output with them."""

@@ -35,29 +35,34 @@ def temporary_of(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, durable: bool = True) -> Path:
     """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path``.
 
-    On an OS error (disk full, no permission) the temporary is removed and a StorageError names ``path``."""
+    ``durable=False`` skips the two fsyncs (file and folder): still atomic for readers and for a killed process, but
+    an OS crash may lose the new file; for bookkeeping a run can do without (an epoch's wall-clock times), where the
+    fsyncs cost more than the write. On an OS error (disk full, no permission) the temporary is removed and a
+    StorageError names ``path``."""
     path = Path(path)
     tmp = temporary_of(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise _storage_error(path, e) from e
     _before_rename(path)
     try:
         os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if durable:
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise _storage_error(path, e) from e
@@ -72,12 +77,12 @@ def _storage_error(path: Path, e: OSError) -> StorageError:
     return err
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    return atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: str | os.PathLike[str], text: str, durable: bool = True) -> Path:
+    return atomic_write_bytes(path, text.encode(), durable)
 
 
-def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, durable: bool = True) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", durable)
 
 
 def _before_rename(path: Path) -> None:

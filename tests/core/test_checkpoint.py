@@ -158,3 +158,31 @@ def test_directory_lock_without_flock_decides_by_pid(tmp_path, monkeypatch):
     dead.wait()
     (tmp_path / "run.lock").write_text(f"{dead.pid}\n")
     io.DirLock(tmp_path).acquire().release()
+
+
+def test_python_rng_state_of_older_checkpoints_restores():
+    """Checkpoints before the state's 625 words became one tensor stored them as a list of numbers: still read."""
+    random.seed(3)
+    state = rng_state()
+    v, words, gauss = state["python"]
+    assert isinstance(words, torch.Tensor) and words.dtype == torch.int64
+    expect = random.random()
+    set_rng_state({**state, "python": [v, words.tolist(), gauss]})
+    assert random.random() == expect
+
+
+def test_non_durable_write_is_atomic_without_fsync(tmp_path, monkeypatch):
+    """durable=False (bookkeeping such as timing.json) never fsyncs, and still replaces the file whole."""
+    import os
+
+    from polytask.io import atomic_write_json
+
+    calls = []
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(fd))
+    path = tmp_path / "timing.json"
+    atomic_write_json(path, {"elapsed": 1.0}, durable=False)
+    atomic_write_json(path, {"elapsed": 2.0}, durable=False)
+    assert calls == [] and path.read_text() == '{\n  "elapsed": 2.0\n}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["timing.json"]
+    atomic_write_json(path, {"elapsed": 3.0})
+    assert len(calls) == 2  # the file, then its folder

@@ -1,5 +1,6 @@
 """The training loop: masked labels, multi-input suites, batch order."""
 
+import json
 import math
 
 import pytest
@@ -40,6 +41,44 @@ def test_masked_task_trains_and_evaluates_on_labelled_rows_only(tmp_path):
     assert scores["g0_t1"]["mse"] == torch.mean((pred - test.y["g0_t1"][keep]) ** 2).item()
     # the other task keeps every row
     assert scores["g0_t0"]["mse"] == torch.mean((full - test.y["g0_t0"]) ** 2).item()
+
+
+@pytest.mark.parametrize("kind", ["classification", "regression"])
+def test_mean_loss_is_the_mean_of_the_row_losses(kind):
+    task = Task("t", kind, 3)
+    gen = torch.Generator().manual_seed(0)
+    out = torch.randn(8, 3, generator=gen)
+    y = torch.randint(0, 3, (8,), generator=gen).float() if kind == "classification" else torch.randn(8, 3)
+    torch.testing.assert_close(task.mean_loss(out, y), task.loss(out, y).mean())
+
+
+def test_a_cut_timing_file_does_not_stop_a_resume(tmp_path):
+    """timing.json is written without fsync: after an OS crash it may be cut; the job resumes from its checkpoint
+    all the same, counting its time from the resumption."""
+    from polytask.engine.data import TensorBatches
+    from polytask.engine.loop import train_job
+    from polytask.engine.optim import optimizer
+    from polytask.engine.spec import CheckpointPolicy, TrainSpec
+    from polytask.engine.step import build_method
+
+    suite = multi_input_suite()
+
+    def spec(epochs):
+        return TrainSpec(name="cut", tasks=list(suite.tasks),
+                         model=lambda: build_model(suite.tasks, suite.input_shape, "mlp", {"hidden": [8]}),
+                         optimizer=optimizer("sgd", {"lr": 0.1}), method=build_method(MethodConfig(name="equal"),
+                                                                                      suite.task_names),
+                         data=TensorBatches(suite.splits, batch_size=64), epochs=epochs,
+                         checkpoint=CheckpointPolicy(tmp_path, 0), seed=0)
+
+    train_job(spec(1))
+    timing = tmp_path / "timing.json"
+    assert json.loads(timing.read_text())["elapsed"] > 0
+    timing.write_text('{"elapsed": 1')
+    result = train_job(spec(2))
+    assert [r["epoch"] for r in result["history"] if r["split"] == "val" and r["task"] == "a"] == [1, 2]
+    assert result["wall_time_s"] > 0 and json.loads(timing.read_text())["elapsed"] == pytest.approx(
+        result["wall_time_s"], abs=0.5)
 
 
 def test_batch_with_no_label_gives_zero_loss_with_graph():

@@ -23,6 +23,8 @@ _KEY = "polytask"
 
 
 def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if obj is None or isinstance(obj, (bool, int, float, str)):  # first: most nodes are numbers and names
+        return obj
     if isinstance(obj, torch.Tensor):
         name = f"t{len(tensors)}"
         tensors[name] = obj.detach().cpu().contiguous().clone()
@@ -35,8 +37,6 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return {"__tuple__": [_encode(v, tensors) for v in obj]}
     if isinstance(obj, list):
         return [_encode(v, tensors) for v in obj]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
     if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
         return obj.item()
     raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint")

@@ -17,6 +17,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -126,7 +127,10 @@ def check_finite(job: str, tasks: Sequence[Task], losses: Tensor, split: str, ep
 
     A non-finite loss never recovers (the weights it updates become NaN), and no epoch of it could be the
     best one, so training stops at the first one instead of ending without a best model."""
-    bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+    finite = torch.isfinite(losses)
+    if bool(finite.all()):
+        return
+    bad = (~finite).nonzero().flatten().tolist()
     if bad:
         k = bad[0]
         others = f" (and {len(bad) - 1} other task(s))" if len(bad) > 1 else ""
@@ -159,6 +163,16 @@ def merge_batches(micro: Sequence[Batch]) -> Batch:
     return first
 
 
+def _timing(path: Path) -> dict[str, Any]:
+    """The wall-clock times saved beside a checkpoint (written without fsync: after an OS crash the file may be
+    missing or cut, and the job then counts its time from the resumption only)."""
+    try:
+        timing = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return timing if isinstance(timing, dict) else {}
+
+
 def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, Any]:
     """Train ``spec`` (resuming from its checkpoint directory if that holds a checkpoint); returns its result:
     the best-validation epoch, its validation and test scores, steps, wall time and the per-epoch history."""
@@ -180,7 +194,7 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, An
     timing: dict[str, Any] = {}
     if policy.last.exists():
         state.restore(checkpoint.load(policy.last), str(policy.last))
-        timing = json.loads(policy.timing.read_text()) if policy.timing.exists() else {}
+        timing = _timing(policy.timing)
     elapsed = timing.get("elapsed", 0.0)
     clocks = timing.get("hooks", {})
     for h in hooks:
@@ -191,7 +205,7 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, An
         checkpoint.save(policy.last, state.tree())
         measured = {h.name: t for h in hooks if (t := h.timing()) is not None}
         atomic_write_json(policy.timing, {"elapsed": elapsed + time.perf_counter() - t0,
-                                          **({"hooks": measured} if measured else {})})
+                                          **({"hooks": measured} if measured else {})}, durable=False)
 
     @torch.no_grad()
     def val_losses() -> Tensor:

@@ -35,8 +35,15 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": random.getstate(),
+        "python": _python_state(),
     }
+
+
+def _python_state() -> list[Any]:
+    """Python's generator state with its 625 words as one int64 tensor: a checkpoint node, not 625 JSON numbers to
+    encode at every save."""
+    v, internal, gauss = random.getstate()
+    return [v, torch.tensor(internal, dtype=torch.int64), gauss]
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -46,8 +53,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    v, internal, gauss = state["python"]
-    random.setstate((v, tuple(internal), gauss))
+    v, internal, gauss = state["python"]  # internal: a tensor, or a list in checkpoints of older versions
+    random.setstate((v, tuple(internal.tolist() if isinstance(internal, torch.Tensor) else internal), gauss))
 
 
 @dataclass

@@ -349,7 +349,7 @@ def train_step(model: MultiTaskModel, method: Method, state: State, sources: Seq
     ``extra()`` (hooks' loss terms): its gradient is added to the gradients the method set, before the update;
     ``before_update()`` then runs with every gradient in ``.grad`` (hooks that change gradients, e.g. A-GEM).
     ``precision``: ``fp32`` or ``bf16`` (the forward under autocast; see the module docstring)."""
-    cast = autocast(precision, _device_of(model))
+    cast = autocast(precision, _device_of(model)) if precision != "fp32" else nullcontext  # no device lookup a step
     loss_fn = _cast_losses(loss_fn, cast)
     opt.zero_grad(set_to_none=True)
     if method.kind == "weighting":
@@ -399,8 +399,8 @@ def masked_loss(task: Task, pred: Tensor, y: Tensor) -> Tensor:
     """Mean loss over the labelled rows; a batch with no label gives a zero that still has a graph."""
     m = Task.mask(y)
     if bool(m.all()):
-        return task.loss(pred, y).mean()
-    return task.loss(pred[m], y[m]).mean() if m.any() else pred.sum() * 0.0
+        return task.mean_loss(pred, y)
+    return task.mean_loss(pred[m], y[m]) if m.any() else pred.sum() * 0.0
 
 
 def task_fractions(micro: Sequence[tuple[Sequence[TaskData], Sequence[Tensor]]], tasks: Sequence[Task]) -> Tensor:

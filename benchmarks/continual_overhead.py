@@ -1,0 +1,287 @@
+"""Overhead of ``polytask continual`` (issue 10) over a hand-written PyTorch loop doing the same work.
+
+The problem: split-digits class-incremental (5 experiences of 2 classes, one head over the 10 classes), an MLP
+64-256-256-10, batch 32, SGD lr 0.01 momentum 0.9, ``--epochs`` epochs per experience (a fresh optimiser each),
+one thread. Two sides, on the same rows (taken from polytask's stream):
+
+- ``polytask``: :func:`polytask.flows.continual.run_strategy` in a temporary directory, the checkpoint policy as
+  default (a resumable checkpoint with the strategy's state after every epoch, the end-of-experience model and
+  state, ``done.json``).
+- ``plain``: the loop a user would write: for each experience, a fresh optimiser, ``epochs`` passes over its
+  training rows in a random order (zero_grad, forward, cross-entropy, backward, step, the loss summed for the
+  epoch's mean), after each epoch a validation pass (loss and accuracy on the experience's validation rows, as the
+  engine's per-epoch validation); before training and after each experience the accuracy on every experience's
+  test rows (the accuracy matrix's row). ``plain+save`` also writes ``torch.save({model, optimizer})`` after every
+  epoch: the headline compares polytask with it, since polytask writes a resumable checkpoint every epoch.
+
+For ``replay`` (polytask's ``replay`` with ``size: 200, batch_size: 32`` and its default ``update: experience``,
+the protocol of Avalanche's ReplayPlugin) the plain loop keeps a reservoir buffer of 200 rows (Vitter's algorithm R,
+the experience's training rows offered in a random order once it is trained) and trains each step on the current
+batch concatenated with 32 rows drawn from the buffer without replacement (one forward, the mean cross-entropy of
+the 64 rows: the loss polytask's replay reproduces with separate forward passes, see its docstring).
+
+Every round times each variant once, back to back, in an order rotated from round to round, on two clocks: wall
+time and this process's CPU time (which ignores waits on the disk and other processes on a shared machine). The
+ratios polytask / plain are paired within each round; the JSON gives medians and spread (quartiles, min, max). The
+target (issue 10): median ratio <= 1.1. ``memory`` gives every registered strategy's state (``state_numel``, the
+entries of the tensors it checkpoints) beside the model's parameter count.
+
+Prints one JSON object. Usage: python benchmarks/continual_overhead.py [--epochs 10] [--rounds 7] [--seed 0]
+[--strategies naive replay] [--tmp DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from step_time import summary
+from torch import nn
+
+from polytask.continual import STRATEGIES
+from polytask.continual.config import ContinualConfig, StrategyConfig
+from polytask.continual.stream import Stream, build_stream
+from polytask.engine.progress import Reporter
+from polytask.flows.continual import run_strategy
+
+TARGET = 1.1
+HIDDEN = [256, 256]
+BATCH, LR, MOMENTUM = 32, 0.01, 0.9
+BUFFER, REPLAY_BATCH = 200, 32
+# parameters of the registered strategies for the memory table (those without defaults) and the benchmark
+PARAMS: dict[str, dict[str, Any]] = {"compose": {"strategies": ["naive", "cumulative"]}}
+
+Variant = Callable[[], dict[str, Any]]
+
+
+def config(epochs: int) -> ContinualConfig:
+    return ContinualConfig.model_validate({
+        "model": {"backbone": "mlp", "backbone_params": {"hidden": HIDDEN}},
+        "train": {"epochs": epochs, "batch_size": BATCH, "threads": 1,
+                  "optimizer": {"name": "sgd", "lr": LR, "momentum": MOMENTUM}}})
+
+
+def replay_params() -> dict[str, Any] | None:
+    """The registered replay strategy's parameters for a buffer of 200 and 32 replayed rows a step, or None when no
+    strategy named ``replay`` is registered (yet)."""
+    if "replay" not in STRATEGIES.names():
+        return None
+    fields = set(getattr(STRATEGIES.get("replay").params, "model_fields", {}))
+    size = next((f for f in ("size", "buffer_size", "mem_size", "capacity") if f in fields), None)
+    batch = next((f for f in ("batch_size", "replay_batch", "mem_batch", "batch") if f in fields), None)
+    return {**({size: BUFFER} if size else {}), **({batch: REPLAY_BATCH} if batch else {})}
+
+
+@contextmanager
+def no_fsync() -> Iterator[None]:
+    """``os.fsync`` a no-op (diagnostic only: what the durable writes of polytask's checkpoints cost)."""
+    fsync = os.fsync
+    os.fsync = lambda fd: None
+    try:
+        yield
+    finally:
+        os.fsync = fsync
+
+
+def polytask_variant(stream: Stream, strategy: str, params: dict[str, Any], epochs: int, seed: int,
+                     tmp: str | None, durable: bool = True) -> Variant:
+    cfg = config(epochs)
+
+    def fn() -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(dir=tmp) as d, (nullcontext() if durable else no_fsync()):
+            job = Path(d) / "job"
+            r = run_strategy(cfg, stream, StrategyConfig(name=strategy, params=params), seed, job,
+                             Reporter(quiet=True))
+            steps = sum(json.loads(f.read_text())["steps"] for f in job.glob("*/done.json"))
+        return {"final": r["accuracy"][-1], "steps": steps, "state_numel": r["state_numel"]}
+    return fn
+
+
+def tensors(stream: Stream) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Per experience, per split: (inputs, integer labels) of polytask's stream (one task, one source each)."""
+    (task,) = stream.tasks
+    out = []
+    for e in stream.experiences:
+        splits = {}
+        for split, sources in e.suite.splits.items():
+            (src,) = sources
+            splits[split] = (src.x, src.y[task.name].long())
+        out.append(splits)
+    return out
+
+
+def plain_model(n_in: int, n_out: int) -> nn.Module:
+    layers: list[nn.Module] = []
+    for w in HIDDEN:
+        layers += [nn.Linear(n_in, w), nn.ReLU()]
+        n_in = w
+    return nn.Sequential(*layers, nn.Linear(n_in, n_out))
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    model.eval()
+    out = model(x)
+    model.train()
+    return float(F.cross_entropy(out, y)), float((out.argmax(1) == y).float().mean())
+
+
+def plain_variant(stream: Stream, epochs: int, seed: int, save: bool, replay: bool, tmp: str | None) -> Variant:
+    data = tensors(stream)
+    n_in, n_out = stream.input_shape[0], stream.tasks[0].n_outputs
+
+    def fn() -> dict[str, Any]:
+        torch.manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)
+        pick = random.Random(seed)
+        model = plain_model(n_in, n_out)
+        rows = [accuracy(model, *d["test"])[1] for d in data]  # the initial row of the matrix
+        steps, history = 0, []
+        buf_x, buf_y = torch.empty(BUFFER, n_in), torch.empty(BUFFER, dtype=torch.long)
+        filled = seen = 0
+        with tempfile.TemporaryDirectory(dir=tmp) as d:
+            for e in data:
+                opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+                x, y = e["train"]
+                for _ in range(epochs):
+                    total, n = 0.0, 0
+                    for idx in torch.randperm(len(x), generator=g).split(BATCH):
+                        xb, yb = x[idx], y[idx]
+                        if replay and filled:  # one batch: the current rows and REPLAY_BATCH buffered ones
+                            m = torch.randperm(filled, generator=g)[:REPLAY_BATCH]
+                            xb, yb = torch.cat([xb, buf_x[m]]), torch.cat([yb, buf_y[m]])
+                        opt.zero_grad()
+                        loss = F.cross_entropy(model(xb), yb)
+                        loss.backward()
+                        opt.step()
+                        total += loss.item()
+                        n += 1
+                        steps += 1
+                    history.append({"train": total / n, "val": accuracy(model, *e["val"])})
+                    if save:
+                        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()},
+                                   os.path.join(d, "last.pt"))
+                if replay:  # reservoir sampling (Vitter's algorithm R) of the experience's rows, in a random order
+                    for i in torch.randperm(len(x), generator=g).tolist():
+                        j = seen if seen < BUFFER else pick.randrange(seen + 1)
+                        seen += 1
+                        if j < BUFFER:
+                            buf_x[j], buf_y[j] = x[i], y[i]
+                            filled = min(seen, BUFFER)
+                rows = [accuracy(model, *d_["test"])[1] for d_ in data]
+        return {"final": rows, "steps": steps}
+    return fn
+
+
+def timed(fn: Variant) -> tuple[float, float, dict[str, Any]]:
+    w, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return time.perf_counter() - w, time.process_time() - c, out
+
+
+def interleaved(variants: dict[str, Variant], rounds: int) -> tuple[dict[str, list[tuple[float, float]]],
+                                                                    dict[str, dict[str, Any]]]:
+    """(wall, CPU) seconds of every variant in every round, the order rotated each round, after one warm-up run of
+    each (whose outputs are returned: final accuracies, steps, state size)."""
+    outputs = {k: fn() for k, fn in variants.items()}
+    keys = list(variants)
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in keys}
+    for r in range(rounds):
+        shift = r % len(keys)
+        for k in keys[shift:] + keys[:shift]:
+            w, c, _ = timed(variants[k])
+            times[k].append((w, c))
+    return times, outputs
+
+
+def memory(stream: Stream, seed: int, tmp: str | None) -> dict[str, Any]:
+    """Every registered strategy's state after the stream (one epoch per experience) beside the model's size."""
+    model = plain_model(stream.input_shape[0], stream.tasks[0].n_outputs)
+    n_params = sum(p.numel() for p in model.parameters())
+    out: dict[str, Any] = {"model_parameters": n_params, "strategies": {}}
+    for name in STRATEGIES.names():
+        params = (replay_params() if name == "replay" else None) or PARAMS.get(name, {})
+        try:
+            r = polytask_variant(stream, name, params, 1, seed, tmp)()
+        except Exception as e:  # report, don't hide
+            out["strategies"][name] = f"error: {type(e).__name__}: {e}"
+            continue
+        out["strategies"][name] = {"params": params, "state_numel": r["state_numel"],
+                                   "state_vs_model": round(r["state_numel"] / n_params, 4)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=10, help="epochs per experience")
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds (each variant once per round)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--strategies", nargs="+", default=["naive", "replay"], choices=["naive", "replay"])
+    ap.add_argument("--tmp", default=None, help="where the temporary run directories go (default: the system's)")
+    ap.add_argument("--no-fsync-variant", action="store_true",
+                    help="also time polytask with os.fsync a no-op (diagnostic: the cost of its durable writes)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    stream = build_stream("split-digits", {"scenario": "class"}, args.seed)
+    variants: dict[str, Variant] = {}
+    notes: dict[str, str] = {}
+    for s in args.strategies:
+        params: dict[str, Any] | None = {}
+        if s == "replay" and (params := replay_params()) is None:
+            notes[s] = "skipped: no strategy named 'replay' is registered (see `polytask continual --list`)"
+            continue
+        variants[f"{s}/polytask"] = polytask_variant(stream, s, params, args.epochs, args.seed, args.tmp)
+        if args.no_fsync_variant:
+            variants[f"{s}/polytask-nofsync"] = polytask_variant(stream, s, params, args.epochs, args.seed, args.tmp,
+                                                                 durable=False)
+        for save in (False, True):
+            variants[f"{s}/plain" + ("+save" if save else "")] = plain_variant(
+                stream, args.epochs, args.seed, save, s == "replay", args.tmp)
+    times, outputs = interleaved(variants, args.rounds)
+    tmp = args.tmp or tempfile.gettempdir()
+    out: dict[str, Any] = {
+        "setup": f"split-digits class-IL (5 x 2 classes), MLP 64-{'-'.join(map(str, HIDDEN))}-10, batch {BATCH}, "
+                 f"SGD lr {LR} momentum {MOMENTUM}, {args.epochs} epochs per experience, 1 thread; polytask = "
+                 "run_strategy (engine job per experience, default checkpoint policy); plain = hand-written loop "
+                 "with per-epoch validation and the accuracy row after each experience; plain+save adds a "
+                 f"torch.save of model+optimizer per epoch; {args.rounds} interleaved rounds (order rotated), "
+                 "ratios paired per round",
+        "torch": torch.__version__, "tmp": tmp, "target_median_ratio": TARGET,
+        "headline": "ratio_vs_plain+save, wall clock", "results": {}, "notes": notes}
+    for s in args.strategies:
+        if f"{s}/polytask" not in times:
+            continue
+        row: dict[str, Any] = {}
+        base = times[f"{s}/polytask"]
+        for k in [v for v in times if v.startswith(f"{s}/")]:
+            row[k] = {"wall_s": summary([t[0] for t in times[k]]), "cpu_s": summary([t[1] for t in times[k]]),
+                      "steps": outputs[k]["steps"],
+                      "final_accuracy": [round(a, 4) for a in outputs[k]["final"]],
+                      "average_accuracy": round(statistics.mean(outputs[k]["final"]), 4)}
+        for k in (f"{s}/plain", f"{s}/plain+save"):
+            other = times[k]
+            row[f"ratio_vs_{k.split('/')[1]}"] = {
+                "wall": summary([a[0] / b[0] for a, b in zip(base, other, strict=True)]),
+                "cpu": summary([a[1] / b[1] for a, b in zip(base, other, strict=True)])}
+        if f"{s}/polytask-nofsync" in times:
+            row["ratio_nofsync_vs_plain+save"] = {
+                m: summary([a[j] / b[j] for a, b in zip(times[f"{s}/polytask-nofsync"], times[f"{s}/plain+save"],
+                                                        strict=True)]) for j, m in enumerate(("wall", "cpu"))}
+        out["results"][s] = row
+    out["memory"] = memory(stream, args.seed, args.tmp)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -223,7 +223,9 @@ def _select(arr: np.ndarray, ranks: Sequence[int]) -> dict[int, tuple[int, int]]
 
 
 def _count_equal(a: np.ndarray, value: int) -> int:
-    return sum(int(np.count_nonzero(a[s:s + CHUNK] == value)) for s in range(0, len(a), CHUNK))
+    eq = np.empty(min(len(a), BLOCK), dtype=bool)  # reused: a fresh temporary per piece costs page faults
+    return sum(int(np.count_nonzero(np.equal(a[s:s + BLOCK], value, out=eq[:len(a[s:s + BLOCK])])))
+               for s in range(0, len(a), BLOCK))
 
 
 def kth_largest_abs(t: Tensor, k: int) -> float:
@@ -284,8 +286,10 @@ def scan_finder(keys: np.ndarray) -> Finder:
 
     def find(key: int, left: int) -> tuple[int, int]:
         seen = 0
-        for s in range(0, len(keys), CHUNK):
-            equal = keys[s:s + CHUNK] == key
+        eq = np.empty(min(len(keys), BLOCK), dtype=bool)
+        for s in range(0, len(keys), BLOCK):
+            piece = keys[s:s + BLOCK]
+            equal = np.equal(piece, key, out=eq[:len(piece)])
             c = int(np.count_nonzero(equal))
             if seen + c >= left:
                 return s + int(np.flatnonzero(equal)[left - seen - 1]) + 1, left
@@ -410,20 +414,20 @@ def trim_of(ths: dict[int, Threshold], keep: int, drop: int, rule: str) -> Trim:
 
 
 def tensor_trim(keys: np.ndarray, kind: str, density: float, gamma: float = 0.0, rule: str = "first",
-                scratch: np.ndarray | None = None) -> TensorTrim | None:
-    """The trim of one tensor by its own magnitudes (``trim_scope: tensor``), from its magnitude ``keys`` in
-    index order (kept; ``scratch``: room for a copy, which is partitioned)."""
+                find: Finder | None = None) -> TensorTrim | None:
+    """The trim of one tensor by its own magnitudes (``trim_scope: tensor``), from its magnitude ``keys``,
+    which are partitioned in place; ``find`` locates tied entries in index order (default: in a copy of
+    ``keys`` taken first)."""
     n = len(keys)
     ranks = trim_ranks(kind, n, density, gamma)
     if ranks is None:
         return None
     if ranks[0] <= 0:
         return TensorTrim(None)
-    work = np.empty_like(keys) if scratch is None else scratch[:n]
-    np.copyto(work, keys)
+    find = find or scan_finder(keys.copy())
     # the number of entries equal to a threshold key is at most n: an edge then counts the ties it keeps
-    ths = {r: Threshold(key, greater, n) for r, (key, greater) in _select(work, needed_ranks(*ranks, rule)).items()}
-    return trim_of(ths, *ranks, rule).on(scan_finder(keys), n)
+    ths = {r: Threshold(key, greater, n) for r, (key, greater) in _select(keys, needed_ranks(*ranks, rule)).items()}
+    return trim_of(ths, *ranks, rule).on(find, n)
 
 
 def _and_mask(c: Tensor, bits: Tensor) -> None:
@@ -551,9 +555,9 @@ class Sparsify:
     def resolve(self, x: Tensor, base: Tensor | None) -> None:
         """Decide each trim on this tensor: ``x`` (flat) minus ``base`` (flat, or None: ``x`` is the task
         vector) with the steps before the trim, ranked whole. Magnitude keys are written piece by piece into
-        this thread's workspace, copied and partitioned."""
+        this thread's workspace and partitioned there; tied entries are then located by making the keys
+        again, piece by piece in cache, up to the last tie kept (cheaper than keeping a copy in memory)."""
         keys_t = workspace(self.n, torch.int32, "keys") if self.n else torch.empty(0, dtype=torch.int32)
-        keys = keys_t.numpy()
         for j in self.ranked:
             if self.trim is not None and not self.trim.needs_keys():
                 self.trims[j] = self.trim.on(None, self.n)
@@ -562,22 +566,45 @@ class Sparsify:
             if ranks is None or ranks[0] <= 0:
                 self.trims[j] = None if ranks is None else TensorTrim(None)
                 continue
-            gens = self.streams(0)
-            step = min(BLOCK, max(self.n, 1))
-            scratch = workspace(step, x.dtype if base is None else base.dtype, "piece")
-            for s in range(0, self.n, step):
-                c = scratch[:min(step, self.n - s)]
-                if base is None:
-                    c.copy_(x[s:s + step])
-                else:
-                    torch.sub(x[s:s + step], base[s:s + step], out=c)
-                self.apply(c, s, gens, upto=j)
-                magnitude_keys(c, out=keys_t[s:s + step])
+            find = self._finder(j, x, base)
             if self.trim is not None:
-                self.trims[j] = self.trim.on(scan_finder(keys), self.n)
+                self.trims[j] = self.trim.on(find, self.n)
+                continue
+            for _ in self._keys(j, x, base, keys_t):
+                pass
+            self.trims[j] = tensor_trim(keys_t.numpy(), self.steps[j], self.density, self.gamma, self.rule, find)
+
+    def _keys(self, j: int, x: Tensor, base: Tensor | None, out: Tensor | None = None
+              ) -> Iterator[tuple[int, Tensor]]:
+        """The magnitude keys of the task vector before step ``j``, piece by piece in order: written into
+        ``out`` (all n), or into a reused buffer (read each piece before the next)."""
+        gens = self.streams(0)
+        step = min(BLOCK, max(self.n, 1))
+        work = workspace(step, x.dtype if base is None else base.dtype, "piece")
+        keys = workspace(step, torch.int32, "piece keys") if out is None else None
+        for s in range(0, self.n, step):
+            c = work[:min(step, self.n - s)]
+            if base is None:
+                c.copy_(x[s:s + step])
             else:
-                part = workspace(self.n, torch.int32, "partition").numpy()
-                self.trims[j] = tensor_trim(keys, self.steps[j], self.density, self.gamma, self.rule, part)
+                torch.sub(x[s:s + step], base[s:s + step], out=c)
+            self.apply(c, s, gens, upto=j)
+            yield s, magnitude_keys(c, out=keys[:len(c)] if out is None else out[s:s + len(c)])
+
+    def _finder(self, j: int, x: Tensor, base: Tensor | None) -> Finder:
+        """A :data:`Finder` over the keys of :meth:`_keys`, made again on each call."""
+
+        def find(key: int, left: int) -> tuple[int, int]:
+            seen = 0
+            for s, piece in self._keys(j, x, base):
+                equal = np.equal(piece.numpy(), key)
+                c = int(np.count_nonzero(equal))
+                if seen + c >= left:
+                    return s + int(np.flatnonzero(equal)[left - seen - 1]) + 1, left
+                seen += c
+            return self.n, seen
+
+        return find
 
     def apply(self, c: Tensor, start: int, gens: dict[int, np.random.PCG64], upto: int | None = None) -> None:
         """Sparsify the piece ``c`` (entries ``start``, ``start + 1``, ... of the task vector) in place with the

@@ -9,10 +9,15 @@ shape of mergekit's "generalized task arithmetic"); the named methods in
 :mod:`polytask.merging.methods` only fix its parts.
 
 Every function here is pure unless called with ``inplace=True``/``consume=True``, which lets the
-streaming merge reuse the buffers it has just read instead of allocating copies. Elementwise work runs
-over fixed-size chunks so temporaries stay small whatever the tensor size, and the larger temporaries live
-in per-thread workspaces that are reused (a fresh large allocation costs a page fault per 4 KiB, which on
-a VM is more than the arithmetic done on it).
+streaming merge reuse the buffers it has just read instead of allocating copies. The models may stay in
+their stored dtype (e.g. bfloat16): kernels that mix dtypes widen them as they read, exactly as a
+conversion would, so no widened copy of a model is made. A tensor is merged block by block
+(:data:`BLOCK` entries of every model, small enough to stay in a core's cache): the differences from the
+base, their sparsification, weighting and combination all happen on the block, so no task vector is stored
+whole; only a trim first reads each model's whole tensor, to rank it. Temporaries live in per-thread
+workspaces that are reused (a fresh large allocation costs a page fault per 4 KiB, which on a VM is more
+than the arithmetic done on it), and the work is split between worker threads that run torch's kernels
+on one thread each (:func:`kernel_threads`).
 
 Trims keep an exact number of entries. A trim threshold of one tensor is an exact order statistic of the
 magnitudes (``numpy.partition`` on their float32 bit patterns, in place in a workspace); over a whole
@@ -30,6 +35,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -53,35 +59,42 @@ def _cpus() -> int:
 WORKERS = min(8, _cpus())  # threads that work on one tensor at once: its models' task vectors, then its blocks
 PARALLEL_MIN = 1 << 16  # smaller tensors are merged in the calling thread
 _executor: ThreadPoolExecutor | None = None
-_one_thread_kernels = False  # inside kernel_threads(): the workers run torch kernels on one thread each
+_executor_size = 0
+_merging: ContextVar[int | None] = ContextVar("polytask_merge_workers", default=None)  # inside kernel_threads
 
 
 def _chunks(n: int) -> range:
     return range(0, n, CHUNK)
 
 
-def _pool() -> ThreadPoolExecutor:
+def _workers() -> int:
+    return _merging.get() or WORKERS
+
+
+def _pool(size: int) -> ThreadPoolExecutor:
     """The worker threads (numpy's partition and PCG64 run on one core; they and torch's kernels release the
     GIL, so the models of one tensor, and then its blocks, proceed side by side)."""
-    global _executor
-    if _executor is None or _executor._max_workers != WORKERS:
+    global _executor, _executor_size
+    if _executor is None or _executor_size != size:
         if _executor is not None:
             _executor.shutdown(wait=False)
-        _executor = ThreadPoolExecutor(WORKERS, thread_name_prefix="polytask-merge-worker")
+        _executor, _executor_size = ThreadPoolExecutor(size, thread_name_prefix="polytask-merge-worker"), size
     return _executor
 
 
 def parallel(fn: Callable[[int], R], n: int) -> list[R]:
     """``[fn(0), ..., fn(n - 1)]``, computed on the worker threads when there are several."""
-    if WORKERS <= 1 or n <= 1:
+    workers = _workers()
+    if workers <= 1 or n <= 1:
         return [fn(i) for i in range(n)]
+    one_thread = _merging.get() is not None
 
     def task(i: int) -> R:
-        if _one_thread_kernels and torch.get_num_threads() != 1:
+        if one_thread and torch.get_num_threads() != 1:
             torch.set_num_threads(1)  # this worker's own setting (the process-wide one is 1 already)
         return fn(i)
 
-    return list(_pool().map(task, range(n)))
+    return list(_pool(workers).map(task, range(n)))
 
 
 @contextmanager
@@ -91,16 +104,14 @@ def kernel_threads(workers: int = 0) -> Iterator[None]:
     cores the merge's readers and workers already use waits for them: elementwise kernels ran 7-14x slower
     with torch's default two threads than with one on a busy 2-core machine. Meanwhile torch's thread count
     is 1 for the whole process."""
-    global WORKERS, _one_thread_kernels
-    before, workers_before, flag_before = torch.get_num_threads(), WORKERS, _one_thread_kernels
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
-    WORKERS = workers or WORKERS
-    _one_thread_kernels = True
+    token = _merging.set(workers or WORKERS)
     try:
         yield
     finally:
+        _merging.reset(token)
         torch.set_num_threads(before)
-        WORKERS, _one_thread_kernels = workers_before, flag_before
 
 
 def workspace(n: int, dtype: torch.dtype, slot: str = "") -> Tensor:
@@ -655,6 +666,7 @@ def _drop_rows(taus: Tensor, keep: int, gens: Sequence[np.random.PCG64], rescale
     if rescale:
         taus.mul_(65536 / keep)
 
+
 def _resolve(models: Sequence[Sparsify], xs: Sequence[Tensor], base: Tensor) -> None:
     """Decide every model's trims on this tensor (phase one of :func:`generalized_task_arithmetic`), the
     models side by side on the worker threads when their whole tensors must be read."""
@@ -785,7 +797,7 @@ def _combine(out: Tensor, xs: Sequence[Tensor], models: Sequence[Sparsify], plan
     if n == 0:
         return
     step = min(BLOCK, n)
-    parts = min(WORKERS, -(-n // step)) if n >= PARALLEL_MIN else 1
+    parts = min(_workers(), -(-n // step)) if n >= PARALLEL_MIN else 1
     bounds = [min(n, -(-n * p // parts // step) * step) for p in range(parts + 1)]
     sparse = any(s != "none" for s in models[0].steps)
 

@@ -1,7 +1,9 @@
 """The streaming merge: for each tensor name, read it from every input, merge, write, free.
 
-Whole models are never held: the peak is the current tensor from each of the N+1 inputs, the merge's
-chunked workspace, and (when ``prefetch`` allows) the next tensors being read in the background. Every
+Whole models are never held: the peak is the current tensor from each of the N+1 inputs (as stored: a
+bfloat16 model is never widened to float32 in memory; only the base is, as the output's accumulator), the
+merge's block workspaces (and, for a trim, each worker's magnitude keys of one tensor), and (when ``prefetch``
+allows) the next tensors being read in the background. Every
 check that can be made from the headers (missing tensors, shapes, dtypes, vocabulary sizes) runs before
 any output exists; a failure later (a corrupt byte range, a NaN or inf in an input or the output, a full
 disk) removes the partial output, so a failed merge leaves nothing behind.
@@ -585,17 +587,18 @@ def merge_state_dicts(method: str, base: dict[str, Tensor] | None, models: Seque
                            [m[name].to(f32, copy=True) for m in models], w, p, mp, seed)
 
     names = [n for n in ref if ref[n].is_floating_point()]
-    stats = run_passes(passes_of(method, p), names, lambda n, st: _with_stats(inputs(n), st))
     out = {}
-    try:
-        for name, t in ref.items():
-            if name in names:
-                inp = inputs(name)
-                inp.stats = stats.get(name)
-                inp.consume = True
-                out[name] = entry.build(inp).to(t.dtype)
-            else:
-                out[name] = t.clone()
-    finally:
-        ops.release_workspaces()
+    with ops.kernel_threads():
+        stats = run_passes(passes_of(method, p), names, lambda n, st: _with_stats(inputs(n), st))
+        try:
+            for name, t in ref.items():
+                if name in names:
+                    inp = inputs(name)
+                    inp.stats = stats.get(name)
+                    inp.consume = True
+                    out[name] = entry.build(inp).to(t.dtype)
+                else:
+                    out[name] = t.clone()
+        finally:
+            ops.release_workspaces()
     return out

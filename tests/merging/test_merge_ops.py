@@ -252,3 +252,23 @@ def test_the_disjoint_mean_divisor_by_count_is_the_sum_of_the_agreeing_weights(w
     ops._combine_block(b, taus.clone(), summed, torch.empty(4, m))
     assert torch.equal(a, b)
 
+
+
+@pytest.mark.parametrize("rule", ["first", "all"])
+def test_a_band_trim_in_blocks_is_the_band_of_the_whole_task_vector(monkeypatch, rule):
+    """Breadcrumbs masks every model's block at once from key thresholds, correcting rows whose tied entries
+    are cut inside the block: the result is magnitude_band of each whole task vector."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(3001, generator=g)
+    models = [base + torch.randint(-4, 5, (3001,), generator=g).float() * 0.1 for _ in range(3)]  # many ties
+    monkeypatch.setattr(ops, "BLOCK", 100)
+    monkeypatch.setattr(ops, "PARALLEL_MIN", 200)
+    monkeypatch.setattr(ops, "WORKERS", 2)
+    params = {"density": 0.5, "gamma": 0.1, "trim_ties": rule}
+    got = merge_tensors("breadcrumbs", base, models, params, weights=[1.0, 1.0, 1.0])
+    taus = [ops.magnitude_band(m - base, 0.5, 0.1, rule=rule) for m in models]
+    assert torch.equal(got, base + ((taus[0] + taus[1]) + taus[2]))
+    one = merge_tensors("breadcrumbs", base, models[:1], params)
+    assert torch.equal(one, base + taus[0])
+    if rule == "first":  # exactly int(density * n) entries survive
+        assert int((taus[0] != 0).sum()) == 1500

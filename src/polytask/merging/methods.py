@@ -301,7 +301,9 @@ def average(inp: MergeInputs) -> Tensor:
     """Weight averaging (Wortsman et al. 2022, "Model soups"): the weighted mean of the models; the base is
     not part of it (list it as a model to include it)."""
     dtype = inp.dtype or (inp.base.dtype if inp.base is not None else None)
-    return ops.weighted_average(inp.tensors, inp.weights, consume=inp.consume, dtype=dtype)
+    reuse = inp.consume and inp.base is not None and inp.base.dtype == dtype and inp.base.is_contiguous()
+    return ops.weighted_average(inp.tensors, inp.weights, consume=inp.consume, dtype=dtype,
+                                out=inp.base if reuse else None)  # the base is not averaged: its buffer is free
 
 
 @METHODS.register("task_arithmetic", params=TaskArithmeticParams,

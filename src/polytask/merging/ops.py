@@ -583,6 +583,9 @@ class Sparsify:
                 continue
             for _ in self._keys(j, x, base, keys_t):
                 pass
+            if len(needed_ranks(*ranks, self.rule)) > 1:  # two edges to locate: one copy beats making keys twice
+                copy_t = workspace(self.n, torch.int32, "keys copy").copy_(keys_t)
+                find = scan_finder(copy_t.numpy())
             self.trims[j] = tensor_trim(keys_t.numpy(), self.steps[j], self.density, self.gamma, self.rule, find)
 
     def _keys(self, j: int, x: Tensor, base: Tensor | None, out: Tensor | None = None
@@ -645,11 +648,51 @@ def _sparsify_rows(taus: Tensor, models: Sequence[Sparsify], start: int,
                 for i, sp in enumerate(models):
                     random_drop(taus[i], sp.drop_rate, gens[i][j], rescale=sp.rescale, inplace=True)
         elif step in TRIM_STEPS:
+            trims = [sp.trims[j] for sp in models]
+            if any(t is not None and t.drop is not None for t in trims):
+                _band_rows(taus, trims, start)
+                continue
             ws = workspace(3 * taus.shape[1], torch.int32, "trim")
-            for i, sp in enumerate(models):
-                trim = sp.trims[j]
+            for i, trim in enumerate(trims):
                 if trim is not None:
                     trim.apply(taus[i], start, ws)
+
+
+def _band_rows(taus: Tensor, trims: Sequence[TensorTrim | None], start: int) -> None:
+    """:meth:`TensorTrim.apply` on every row of ``taus`` (K x m, at position ``start``) with a few kernels
+    over the whole block: int32 masks from each row's key thresholds on this block; a row whose edge cuts
+    its tied entries inside the block is then corrected on the part past (keep) or before (drop) the cut."""
+    k, m = taus.shape
+    ws = workspace(3 * k * m, torch.int32, "band").view(3, k, m)
+    keys, inside, outside = magnitude_keys(taus, out=ws[0]), ws[1], ws[2]
+    keep, drop, fixes = [], [], []
+    for i, t in enumerate(trims):
+        if t is None:  # keeps everything
+            keep.append(0)
+            drop.append(MAX_KEY + 1)
+            continue
+        if t.keep is None:  # keeps nothing
+            keep.append(MAX_KEY + 1)
+            drop.append(MAX_KEY + 1)
+            continue
+        # keep: ties before the cut are in, so a cut inside the block keeps them here and fixes the rest after
+        keep.append(t.keep.key if t.keep.index > start else t.keep.key + 1)
+        if start < t.keep.index < start + m:
+            fixes.append((i, t.keep.index - start, m, t.keep.key + 1, False))
+        if t.drop is None:
+            drop.append(MAX_KEY + 1)
+            continue
+        # drop: ties before the cut are dropped; a cut inside the block drops only the larger keys here
+        drop.append(t.drop.key if t.drop.index >= start + m else t.drop.key + 1)
+        if start < t.drop.index < start + m:
+            fixes.append((i, 0, t.drop.index - start, t.drop.key, True))
+    for thresholds, out in ((keep, inside), (drop, outside)):  # as _at_least, row by row (K - 1 fits in int32)
+        torch.sub(torch.tensor([t - 1 for t in thresholds], dtype=torch.int32)[:, None], keys, out=out)
+        out.bitwise_right_shift_(31)
+    _and_mask(taus, inside.bitwise_and_(outside.bitwise_not_()))
+    for i, a, b, key, dropping in fixes:
+        bits = _at_least(keys[i, a:b], key, inside[i, a:b])
+        _and_mask(taus[i, a:b], bits.bitwise_not_() if dropping else bits)
 
 
 def _drop_rows(taus: Tensor, keep: int, gens: Sequence[np.random.PCG64], rescale: bool) -> None:
@@ -797,8 +840,7 @@ def _combine(out: Tensor, xs: Sequence[Tensor], models: Sequence[Sparsify], plan
     if n == 0:
         return
     step = min(BLOCK, n)
-    parts = min(_workers(), -(-n // step)) if n >= PARALLEL_MIN else 1
-    bounds = [min(n, -(-n * p // parts // step) * step) for p in range(parts + 1)]
+    bounds = _ranges(n)
     sparse = any(s != "none" for s in models[0].steps)
 
     def run(p: int) -> None:
@@ -817,7 +859,7 @@ def _combine(out: Tensor, xs: Sequence[Tensor], models: Sequence[Sparsify], plan
                 taus.mul_(weights)
             _combine_block(block, taus, plan, scratch[:, :e - s])
 
-    parallel(run, parts)
+    parallel(run, len(bounds) - 1)
 
 
 def generalized_task_arithmetic(
@@ -871,20 +913,43 @@ def generalized_task_arithmetic(
 
 
 def weighted_average(tensors: Sequence[Tensor], weights: Sequence[float], *, consume: bool = False,
-                     dtype: torch.dtype | None = None) -> Tensor:
+                     dtype: torch.dtype | None = None, out: Tensor | None = None) -> Tensor:
     """Weight averaging (Wortsman et al. 2022, "Model soups"): ``sum_k w_k theta_k / sum_k w_k``, computed in
-    ``dtype`` (default: the first tensor's; the others are read in it)."""
+    ``dtype`` (default: the first tensor's; the others are read in it), block by block on the worker
+    threads; ``out``: a contiguous tensor of that dtype and shape to write it to (else a new one, or the first
+    tensor itself when handed over with ``consume`` and already of that dtype)."""
     total = float(sum(weights))
     if abs(total) < 1e-12:
         raise ValueError("the model weights sum to zero")
     first = tensors[0]
-    same = dtype is None or dtype == first.dtype
-    out = own(first, consume) if same else first.to(dtype, memory_format=torch.contiguous_format)
-    if weights[0] != 1:
-        out *= weights[0]
-    for t, w in zip(tensors[1:], weights[1:], strict=True):
-        out.add_(t, alpha=w)
-    return out.div_(total)
+    dtype = dtype or first.dtype
+    if out is None:
+        same = first.dtype == dtype and consume and first.is_contiguous()
+        out = first if same else torch.empty(first.shape, dtype=dtype)
+    flat, xs = out.view(-1), [t.reshape(-1) for t in tensors]
+    bounds = _ranges(flat.numel())
+
+    def run(p: int) -> None:
+        for s in range(bounds[p], bounds[p + 1], BLOCK):
+            o = flat[s:s + BLOCK]
+            if o.data_ptr() != xs[0][s:s + BLOCK].data_ptr():
+                o.copy_(xs[0][s:s + BLOCK])
+            if weights[0] != 1:
+                o *= weights[0]
+            for x, w in zip(xs[1:], weights[1:], strict=True):
+                o.add_(x[s:s + BLOCK], alpha=w)
+            o.div_(total)
+
+    parallel(run, len(bounds) - 1)
+    return out
+
+
+def _ranges(n: int) -> list[int]:
+    """Bounds of the ranges the worker threads take of ``n`` entries, at multiples of :data:`BLOCK` (one
+    range below :data:`PARALLEL_MIN`)."""
+    step = max(1, min(BLOCK, n))
+    parts = max(1, min(_workers(), -(-n // step))) if n >= PARALLEL_MIN else 1
+    return [min(n, -(-n * p // parts // step) * step) for p in range(parts + 1)]
 
 
 def squared_norm(t: Tensor) -> float:

@@ -2,11 +2,11 @@
 
 Whole models are never held: the peak is the current tensor from each of the N+1 inputs (as stored: a
 bfloat16 model is never widened to float32 in memory; only the base is, as the output's accumulator), the
-merge's block workspaces (and, for a trim, each worker's magnitude keys of one tensor), and (when ``prefetch``
-allows) the next tensors being read in the background. Every
-check that can be made from the headers (missing tensors, shapes, dtypes, vocabulary sizes) runs before
-any output exists; a failure later (a corrupt byte range, a NaN or inf in an input or the output, a full
-disk) removes the partial output, so a failed merge leaves nothing behind.
+merge's block workspaces (and, for a trim, each worker's magnitude keys of one tensor), and (when
+``prefetch`` allows) the next tensors being read in the background. Every check that can be made from the
+headers (missing tensors, shapes, dtypes, vocabulary sizes) runs before any output exists; a failure later
+(a corrupt byte range, a NaN or inf in an input or the output, a full disk) removes the partial output, so
+a failed merge leaves nothing behind.
 
 Vocabulary tensors are the input embedding and output head: a tensor whose first dimension is the base
 config's ``vocab_size`` and whose name is an embedding or head (``embed_tokens``, ``wte``, ``lm_head``,

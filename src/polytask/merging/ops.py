@@ -319,6 +319,7 @@ class Trim:
     drop: Cut | None = None
 
     def needs_keys(self) -> bool:
+        """Whether the next tensor's edges depend on where its tied entries are (see :meth:`Cut.needs_keys`)."""
         return any(c is not None and c.needs_keys() for c in (self.keep, self.drop))
 
     def on(self, find: Finder | None, n: int) -> TensorTrim:

@@ -319,6 +319,7 @@ class BufferPool:
                 self.held += nbytes
 
     def clear(self) -> None:
+        """Drop every idle buffer."""
         with self.lock:
             self.free.clear()
             self.held = 0

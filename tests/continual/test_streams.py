@@ -371,3 +371,30 @@ def test_a_config_names_a_file_stream_and_trains_it(mnist, tmp_path):
     _, summary = continual(cfg)
     assert summary["stream"]["info"]["angles"] == [0.0, 45.0]
     assert len(summary["results"]["naive"][0]["accuracy"]) == 2
+
+
+def test_a_table_stream_runs_from_the_cli(tmp_path):
+    """`polytask continual` on a user's CSV split by a column: one matrix row and column per value, in the report."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    path, _ = _table(tmp_path)
+    config = {"stream": {"name": "table", "params": {"path": str(path), "target": "y", "by": "region",
+                                                       "features": ["f1", "f2"]}},
+              "model": {"backbone": "mlp", "backbone_params": {"hidden": [8]}},
+              "train": {"epochs": 1, "batch_size": 16}, "strategies": ["naive", "ewc"],
+              "output": {"dir": str(tmp_path), "name": "regions"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    out = subprocess.run([sys.executable, "-m", "polytask.cli", "continual", str(tmp_path / "c.yaml"), "--quiet"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "table (domain-incremental, 3 experiences)" in out.stdout and "ewc" in out.stdout
+    summary = json.loads((tmp_path / "regions" / "summary.json").read_text())
+    assert [e["name"] for e in summary["stream"]["experiences"]] == ["east", "north", "south"]
+    for label in ("naive", "ewc"):
+        (run,) = summary["results"][label]
+        assert np.asarray(run["accuracy"]).shape == (3, 3)
+    assert "regions" in (tmp_path / "regions" / "report.html").read_text()

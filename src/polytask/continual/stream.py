@@ -82,9 +82,9 @@ class Stream:
         (task,) = self.tasks
         trained: set[int] = set()
         for e in self.experiences:
-            trained |= _classes(e, "train", task)
+            trained |= labelled_classes(e, "train", task)
         for e in self.experiences:
-            unseen = sorted(_classes(e, "test", task) - trained)
+            unseen = sorted(labelled_classes(e, "test", task) - trained)
             if unseen:
                 raise DataError(f"stream {self.name!r}: experience {e.name!r} tests class(es) "
                                 f"{[task.classes[c] if task.classes else c for c in unseen]} that no experience "
@@ -112,7 +112,8 @@ class Stream:
                                 for e in self.experiences]}
 
 
-def _classes(e: Experience, split: str, task: Task) -> set[int]:
+def labelled_classes(e: Experience, split: str, task: Task) -> set[int]:
+    """The class ids of ``task`` labelled in ``split`` of experience ``e``."""
     out: set[int] = set()
     for src in e.suite.splits[split]:
         if task.name in src.y:

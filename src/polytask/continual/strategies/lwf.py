@@ -32,7 +32,7 @@ from torch.func import functional_call
 
 from polytask.continual.strategies.regularization import to_device
 from polytask.continual.strategy import STRATEGIES, Strategy
-from polytask.continual.stream import Stream, _classes
+from polytask.continual.stream import Stream, labelled_classes
 from polytask.tasks.task import Task
 
 
@@ -50,7 +50,7 @@ def old_outputs(stream: Stream, index: int) -> dict[str, list[int] | None]:
         for t in e.tasks:
             if t.kind == "classification":
                 seen = out.get(t.name) or set()
-                out[t.name] = seen | _classes(e, "train", t)
+                out[t.name] = seen | labelled_classes(e, "train", t)
             else:
                 out[t.name] = None
     return {n: None if c is None else sorted(c) for n, c in out.items()}

@@ -37,11 +37,11 @@ from polytask.engine.progress import Reporter
 from polytask.engine.spec import CheckpointPolicy, TrainSpec
 from polytask.engine.state import seed_everything
 from polytask.engine.step import build_method
-from polytask.errors import CheckpointError, ConfigError
+from polytask.errors import ConfigError
 from polytask.evaluation.continual import continual_metrics
 from polytask.flows.jobs import optimizer_of, scheduler_of
-from polytask.flows.runner import lock_run, releases_run_locks, versions
-from polytask.io import atomic_write_json, atomic_write_text, remove_stale_temporaries
+from polytask.flows.runner import lock_run, releases_run_locks, reopen_run, versions
+from polytask.io import atomic_write_json, atomic_write_text
 from polytask.models import build_model
 from polytask.tasks.task import TaskSuite
 
@@ -148,11 +148,7 @@ def _by_label(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 def _open(config: ContinualConfig | None, resume: str | Path | None) -> tuple[Path, ContinualConfig]:
     if resume is not None:
-        run_dir = Path(resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
-        lock_run(run_dir)
-        remove_stale_temporaries(run_dir)
+        run_dir = reopen_run(Path(resume))
         return run_dir, load_continual_config(run_dir / "config.yaml")
     if config is None:
         raise ConfigError("polytask continual needs a config (stream, strategies); see examples/continual.yaml")

@@ -299,6 +299,16 @@ def _new_run_dir(config: Config) -> Path:
     return run_dir
 
 
+def reopen_run(run_dir: Path) -> Path:
+    """An existing run directory to resume: checked to be one (its config.yaml), locked for this process, and rid of
+    the temporaries of killed writers."""
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
+    lock_run(run_dir)
+    remove_stale_temporaries(run_dir)
+    return run_dir
+
+
 def open_run(config: Config | None, resume: str | os.PathLike[str] | None) -> tuple[Path, Config, dict[str, Any]]:
     """A new run directory for ``config`` (its resolved config saved), or the existing one at ``resume``
     with its saved config; returns (run directory, config, run state). The directory is locked for this
@@ -307,10 +317,7 @@ def open_run(config: Config | None, resume: str | os.PathLike[str] | None) -> tu
     run_dir = Path(resume) if resume is not None else None
     try:
         if run_dir is not None:
-            if not (run_dir / "config.yaml").is_file():
-                raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
-            lock_run(run_dir)
-            remove_stale_temporaries(run_dir)
+            reopen_run(run_dir)
             config = load_config(run_dir / "config.yaml")
             state = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
         else:

@@ -53,6 +53,14 @@ class Strategy(Hook):
         """Called before experience ``index`` trains (also when its job resumes)."""
         self.stream, self.index = stream, index
 
+    def wrap(self, model: torch.nn.Module, stream: Stream) -> torch.nn.Module:
+        """The model the stream trains and is evaluated on, built once from the architecture's ``model`` before the
+        first experience (and again, the same way, when a run resumes): the model itself unless the strategy adds
+        structure (a prompt pool, low-rank updates, experts) or its own inference (task-id prediction in eval mode).
+        What it adds must have its final shapes from the start (one slot per experience, or a maximum, with a buffer
+        saying how many are live), so every checkpoint of the run loads into it. It stays a ``MultiTaskModel``."""
+        return model
+
     def train_suite(self, stream: Stream, index: int) -> TaskSuite:
         """What experience ``index`` trains on: its own suite."""
         return stream.experiences[index].suite
@@ -161,6 +169,11 @@ class Composite(Strategy):
         for p in self.parts:
             p.seed = self.seed
             p.begin(stream, index)
+
+    def wrap(self, model: torch.nn.Module, stream: Stream) -> torch.nn.Module:
+        for p in self.parts:
+            model = p.wrap(model, stream)
+        return model
 
     def train_suite(self, stream: Stream, index: int) -> TaskSuite:
         own = [p for p in self.parts if type(p).train_suite is not Strategy.train_suite]

@@ -71,7 +71,8 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
     device = resolve_device(tc.device, tc.deterministic)
     seed_everything(seed)
     model = build_model(stream.tasks, stream.input_shape, mc.backbone, mc.backbone_params, mc.architecture,
-                        mc.architecture_params).to(device)
+                        mc.architecture_params)
+    model = strategy.wrap(model, stream).to(device)
     initial = _row(model, stream, tc.eval_batch_size)
     steps = range(1) if strategy.joint else range(len(stream.experiences))
     rows: list[list[float]] = []

@@ -5,13 +5,11 @@ Regularisation (``regularization``: the shared quadratic penalty and per-example
 online), ``si``, ``mas``; distillation: ``lwf``.
 
 Rehearsal (``buffer``: the one memory of rows; ``rehearsal``: filling it and reading it at every step): ``replay``,
-``der`` (DER and DER++), ``er_ace``, ``agem``; ``gdumb`` trains from scratch on its memory alone; ``replay_schedule``
-replays a memory composed over earlier experiences by a replay schedule (searched in
-:mod:`polytask.continual.schedule_search`).
+``der`` (DER and DER++), ``er_ace``, ``agem``; ``gdumb`` trains from scratch on its memory alone.
 
 Optimisers: ``tag`` (TAG-RMSProp: each experience's accumulated gradients scale the step).
 """
 
-from polytask.continual.strategies import agem, der, er_ace, ewc, gdumb, lwf, mas, replay, replay_schedule, si, tag
+from polytask.continual.strategies import agem, der, er_ace, ewc, gdumb, lwf, mas, replay, si, tag
 
-__all__ = ["agem", "der", "er_ace", "ewc", "gdumb", "lwf", "mas", "replay", "replay_schedule", "si", "tag"]
+__all__ = ["agem", "der", "er_ace", "ewc", "gdumb", "lwf", "mas", "replay", "si", "tag"]

@@ -1,6 +1,7 @@
 """Task-based Accumulated Gradients (TAG): Malviya, Ravindran & Chandar 2022, "TAG: Task-based Accumulated Gradients
-for Lifelong Learning" (CoLLAs 2022, PMLR 199; arXiv 2105.05155), Section 3, TAG-RMSProp; reference code:
-github.com/pranshu28/TAG, ``tag_update.py`` (``TAG.update_tag``).
+for Lifelong Learning" (CoLLAs 2022, PMLR 199; arXiv 2105.05155), its TAG-RMSProp update; reference code:
+github.com/pranshu28/TAG, ``tag_update.py`` (``TAG.update_tag``), which the formulas below follow term by term (the
+paper's equation numbers are not cited: its text was not at hand to check them).
 
 TAG is an optimiser whose learning rate adapts to how related the current experience is to the earlier ones. While
 experience t trains, every parameter tensor keeps the experience's own first and second moments of its gradient g_n,

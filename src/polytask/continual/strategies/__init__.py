@@ -8,8 +8,10 @@ Rehearsal (``buffer``: the one memory of rows; ``rehearsal``: filling it and rea
 ``der`` (DER and DER++), ``er_ace``, ``agem``; ``gdumb`` trains from scratch on its memory alone.
 
 Optimisers: ``tag`` (TAG-RMSProp: each experience's accumulated gradients scale the step).
+
+Structure: ``rank_updates`` (each experience adds low-rank factors to every Linear layer; per-task selectors).
 """
 
-from polytask.continual.strategies import agem, der, er_ace, ewc, gdumb, lwf, mas, replay, si, tag
+from polytask.continual.strategies import agem, der, er_ace, ewc, gdumb, lwf, mas, rank_updates, replay, si, tag
 
-__all__ = ["agem", "der", "er_ace", "ewc", "gdumb", "lwf", "mas", "replay", "si", "tag"]
+__all__ = ["agem", "der", "er_ace", "ewc", "gdumb", "lwf", "mas", "rank_updates", "replay", "si", "tag"]

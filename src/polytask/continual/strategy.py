@@ -172,6 +172,7 @@ class Composite(Strategy):
 
     def wrap(self, model: torch.nn.Module, stream: Stream) -> torch.nn.Module:
         for p in self.parts:
+            p.seed = self.seed  # wrap comes before begin: a part's added structure is drawn from the run's seed
             model = p.wrap(model, stream)
         return model
 

@@ -5,6 +5,9 @@
   head). Each experience's rows are split into train/val/test with the seed.
 - ``by: <the target>``: the target's classes arrive ``classes_per_experience`` at a time (class-incremental by
   default; task and domain as for ``split-digits``); rows are split into train/val/test stratified by class.
+- ``text: <a column>``: the inputs are that column's texts, tokenized by a local tokenizer as the ``text`` suite does
+  (int64 token ids and attention mask, shape (N, 2, L), for the ``hf`` backbone) instead of numeric features; the
+  experiences are made as above. Token ids are not standardised.
 
 The file is read, and the features and target encoded, by the ``table`` suite's functions (numeric complete
 features, blank target cells are missing labels, class names as written). Features (and a regression target) are
@@ -23,7 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from polytask.continual.stream import STREAMS, Experience, Stream, class_splits, seeded_groups
 from polytask.errors import ConfigError, DataError
@@ -40,9 +43,11 @@ from polytask.tasks.suites.table import (
     _tasks,
     read_table,
 )
+from polytask.tasks.suites.text import encode_text
 from polytask.tasks.task import SPLITS, Standardizer, TaskData, TaskSuite
 
 Value = str | int | float | bool
+TOKENS = "none: the inputs are the token ids of a text column"
 
 
 class TableStreamParams(BaseModel):
@@ -62,12 +67,33 @@ class TableStreamParams(BaseModel):
     classes_per_experience: int = Field(2, ge=1, description="split by the target: classes per experience")
     features: list[str] | None = Field(None, description="feature columns; by default every column but the "
                                        "target and the by column")
+    text: str | None = Field(None, description="a text column: the inputs are its tokens (for the hf backbone) "
+                             "instead of numeric features")
+    tokenizer: str | None = Field(None, description="with text: a local tokenizer directory (usually the model's "
+                                  "own); never downloaded")
+    max_length: int = Field(128, ge=2, description="with text: tokens per text, special tokens included; longer "
+                            "texts are truncated")
     val_fraction: float = Field(0.2, gt=0, lt=0.5, description="share of each experience's rows in validation")
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="share of each experience's rows in test")
     standardize: bool = Field(True, description="standardise features with the first experience's training rows")
     standardize_targets: bool = Field(True, description="standardise a regression target likewise")
     max_classes: int = Field(20, ge=2, description="auto: an integer column with at most this many values is "
                              "classification")
+
+    @model_validator(mode="after")
+    def _text(self) -> TableStreamParams:
+        if self.text is None:
+            if self.tokenizer is not None:
+                raise ValueError("tokenizer is for a text column: set text too (or drop tokenizer)")
+            return self
+        if self.tokenizer is None:
+            raise ValueError(f"text: {self.text!r} needs tokenizer (a local tokenizer directory)")
+        if self.features is not None:
+            raise ValueError("text and features exclude each other: the inputs are the text column's tokens")
+        if self.text in (self.target, self.by):
+            role = "target" if self.text == self.target else "by"
+            raise ValueError(f"column {self.text!r} is both the text and the {role} column")
+        return self
 
 
 def _plain(value: Any) -> Value:
@@ -106,7 +132,7 @@ def table_stream(params: TableStreamParams, seed: int) -> Stream:
     frame = read_table(path)
     columns = list(frame.columns)
     _check_columns([params.by], columns, path)
-    features = params.features if params.features is not None else \
+    features = [params.text] if params.text is not None else params.features if params.features is not None else \
         [c for c in columns if c not in (params.target, params.by)]
     table = validate_model(TableParams, {
         "path": params.path, "targets": {params.target: params.kind}, "features": features,
@@ -114,7 +140,11 @@ def table_stream(params: TableStreamParams, seed: int) -> Stream:
         "standardize_targets": params.standardize_targets, "max_classes": params.max_classes}, "stream.params")
     assert isinstance(table, TableParams)
     features = _feature_names(table, columns, path)
-    x = torch.from_numpy(_features(frame, features, path))
+    if params.text is not None:
+        assert params.tokenizer is not None
+        x = encode_text(frame, params.text, params.tokenizer, params.max_length, path)
+    else:
+        x = torch.from_numpy(_features(frame, features, path))
     labelled = {params.target: _target(frame[params.target], params.kind, params.max_classes, path)}
     info: dict[str, Any] = {"source": params.path, "seed": seed, "target": params.target, "by": params.by,
                             "features": features}
@@ -124,6 +154,8 @@ def table_stream(params: TableStreamParams, seed: int) -> Stream:
 
 
 def _scaled(x: torch.Tensor, train: np.ndarray, on: bool) -> tuple[torch.Tensor, Standardizer | None]:
+    if not x.is_floating_point():  # token ids of a text column
+        return x, None
     scale = Standardizer.fit(x[torch.from_numpy(train)]) if on else None
     return (x if scale is None else scale.encode(x)).float(), scale
 
@@ -167,7 +199,8 @@ def _by_column(params: TableStreamParams, table: TableParams, frame: Any, path: 
         except DataError as e:
             raise DataError(f"table {path}: experience {i} ({params.by} = {values[k]!r}): {e}") from None
     info.update({"order": [values[k] for k in order], "rows": {str(values[k]): int((codes == k).sum()) for k in order},
-                 "standardisation": f"fitted on the training rows of {params.by} = {values[order[0]]!r}"})
+                 "standardisation": TOKENS if params.text else
+                 f"fitted on the training rows of {params.by} = {values[order[0]]!r}"})
     return Stream("table", scenario, tuple(experiences), info)
 
 
@@ -194,7 +227,8 @@ def _by_classes(params: TableStreamParams, path: Path, x: torch.Tensor, labelled
     first = rows["train"][np.isin(labels[rows["train"]], groups[0])]
     x, scale = _scaled(x, first, params.standardize)
     info.update({"order": [names[c] for c in order],
-                 "standardisation": f"fitted on the training rows of classes {[names[c] for c in groups[0]]}"})
+                 "standardisation": TOKENS if params.text else
+                 f"fitted on the training rows of classes {[names[c] for c in groups[0]]}"})
     stream = class_splits("table", x, labels, rows, groups, params.scenario or "class", info, names)
     return replace(stream, experiences=tuple(
         replace(e, suite=replace(e.suite, input_scale=scale)) for e in stream.experiences))

@@ -9,9 +9,11 @@ Rehearsal (``buffer``: the one memory of rows; ``rehearsal``: filling it and rea
 
 Optimisers: ``tag`` (TAG-RMSProp: each experience's accumulated gradients scale the step).
 
+Structure: ``rank_updates`` (each experience adds low-rank factors to every Linear layer; per-task selectors).
+
 Prompting: ``l2p`` (a pool of prompts selected by key-query matching on a frozen pretrained ``hf`` encoder).
 """
 
-from polytask.continual.strategies import agem, der, er_ace, ewc, gdumb, l2p, lwf, mas, replay, si, tag
+from polytask.continual.strategies import agem, der, er_ace, ewc, gdumb, l2p, lwf, mas, rank_updates, replay, si, tag
 
-__all__ = ["agem", "der", "er_ace", "ewc", "gdumb", "l2p", "lwf", "mas", "replay", "si", "tag"]
+__all__ = ["agem", "der", "er_ace", "ewc", "gdumb", "l2p", "lwf", "mas", "rank_updates", "replay", "si", "tag"]

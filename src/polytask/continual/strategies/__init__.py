@@ -7,6 +7,9 @@ online), ``si``, ``mas``; distillation: ``lwf``.
 Rehearsal (``buffer``: the one memory of rows; ``rehearsal``: filling it and reading it at every step): ``replay``,
 ``der`` (DER and DER++), ``er_ace``, ``agem``; ``gdumb`` trains from scratch on its memory alone.
 
+Task-id prediction: ``hat`` (hard attention masks on the hidden units per task, task-incremental); ``tpl`` (HAT task
+learners with replay, the task predicted by a likelihood ratio, class-incremental).
+
 Optimisers: ``tag`` (TAG-RMSProp: each experience's accumulated gradients scale the step).
 
 Structure: ``rank_updates`` (each experience adds low-rank factors to every Linear layer; per-task selectors).
@@ -14,6 +17,22 @@ Structure: ``rank_updates`` (each experience adds low-rank factors to every Line
 Prompting: ``l2p`` (a pool of prompts selected by key-query matching on a frozen pretrained ``hf`` encoder).
 """
 
-from polytask.continual.strategies import agem, der, er_ace, ewc, gdumb, l2p, lwf, mas, rank_updates, replay, si, tag
+from polytask.continual.strategies import (
+    agem,
+    der,
+    er_ace,
+    ewc,
+    gdumb,
+    hat,
+    l2p,
+    lwf,
+    mas,
+    rank_updates,
+    replay,
+    si,
+    tag,
+    tpl,
+)
 
-__all__ = ["agem", "der", "er_ace", "ewc", "gdumb", "l2p", "lwf", "mas", "rank_updates", "replay", "si", "tag"]
+__all__ = ["agem", "der", "er_ace", "ewc", "gdumb", "hat", "l2p", "lwf", "mas", "rank_updates", "replay", "si",
+           "tag", "tpl"]

@@ -12,6 +12,7 @@ forward's autocast (the methods' validation batches too); evaluation runs in ful
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -201,11 +202,12 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, An
         if h.name in clocks:
             h.load_timing(clocks[h.name])
 
+    writer = checkpoint.BackgroundWriter()
+
     def save_checkpoint() -> None:
-        checkpoint.save(policy.last, state.tree())
         measured = {h.name: t for h in hooks if (t := h.timing()) is not None}
-        atomic_write_json(policy.timing, {"elapsed": elapsed + time.perf_counter() - t0,
-                                          **({"hooks": measured} if measured else {})}, durable=False)
+        timing = {"elapsed": elapsed + time.perf_counter() - t0, **({"hooks": measured} if measured else {})}
+        writer.save(policy.last, state.tree(), lambda: atomic_write_json(policy.timing, timing, durable=False))
 
     @torch.no_grad()
     def val_losses() -> Tensor:
@@ -225,67 +227,75 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, An
     pos = state.position
     reporter.start(spec.name, spec.epochs * steps, pos.epoch * steps + pos.step)
     t0 = time.perf_counter()
-    model.train()
-    while pos.epoch < spec.epochs:
-        epoch = pos.epoch
-        batches = data.epoch(seed, epoch)
-        acc = state.totals
-        while pos.step < steps:
-            micro = [batches[i] for i in range(pos.step * n_micro, min((pos.step + 1) * n_micro, n_batches))]
-            view = StepView(epoch, pos.step, pos.global_step, merge_batches(micro))
-            ctx = StepContext(pos.global_step, epoch, None, val_losses if method.needs_val else None, steps,
-                              step_generator(seed, pos.global_step))
+    try:
+        model.train()
+        while pos.epoch < spec.epochs:
+            epoch = pos.epoch
+            batches = data.epoch(seed, epoch)
+            acc = state.totals
+            while pos.step < steps:
+                micro = [batches[i] for i in range(pos.step * n_micro, min((pos.step + 1) * n_micro, n_batches))]
+                view = StepView(epoch, pos.step, pos.global_step, merge_batches(micro))
+                ctx = StepContext(pos.global_step, epoch, None, val_losses if method.needs_val else None, steps,
+                                  step_generator(seed, pos.global_step))
+                for h in hooks:
+                    h.on_step(run, view)
+                losses, weights, state.method = accumulated_step(
+                    model, method, state.method, [(b.sources, b.rows) for b in micro], tasks, opt, ctx, task_losses,
+                    extra=(lambda view=view: extra_loss(hooks, run, view)) if hooks else None, precision=spec.precision,
+                    before_update=(lambda view=view: before_update(hooks, run, view)) if hooks else None)
+                losses = losses.detach().double().cpu()
+                if not math.isfinite(float(losses.sum())):  # one reduction a step; the check names the task
+                    check_finite(spec.name, tasks, losses, "training", epoch + 1,
+                                 f", step {pos.step + 1} of {steps} (global step {pos.global_step + 1})")
+                acc.loss += losses
+                if weights is not None:
+                    acc.weight += weights.double().cpu()
+                    acc.nw += 1
+                acc.n += 1
+                pos.step += 1
+                pos.global_step += 1
+                reporter.advance()
+                faults.hit("step")
+                if policy.every and pos.global_step % policy.every == 0 and pos.step < steps:
+                    save_checkpoint()
+            if sched is not None:
+                sched.step()
+            val_scores = evaluate(model, data.split("val"), tasks, spec.eval_batch_size)
+            check_finite(spec.name, [t for t in tasks if t.name in val_scores],
+                         torch.tensor([val_scores[t.name]["loss"] for t in tasks if t.name in val_scores]),
+                         "validation", epoch + 1)
+            train_scores = {t.name: {"loss": float(acc.loss[k] / acc.n)} for k, t in enumerate(tasks)}
+            weights_now = {t.name: {"weight": float(acc.weight[k] / acc.nw)} for k, t in enumerate(tasks) if acc.nw}
+            state.history += _records(spec.name, epoch + 1, pos.global_step, "train", train_scores, weights_now)
+            state.history += _records(spec.name, epoch + 1, pos.global_step, "val", val_scores)
+            score = selection_score(val_scores)
+            if spec.select == "last":
+                state.best = Best(score, epoch + 1, val_scores)  # "best" is the last epoch; no weights copied
+            elif score < state.best.score:
+                state.best = Best(score, epoch + 1, val_scores, {k: v.clone() for k, v in model.state_dict().items()})
+            reporter.log(f"[{spec.name}] epoch {epoch + 1}/{spec.epochs} " + " ".join(
+                f"{t}.{m}={v:.4f}" for t, s in val_scores.items() for m, v in s.items() if m != "loss"))
             for h in hooks:
-                h.on_step(run, view)
-            losses, weights, state.method = accumulated_step(
-                model, method, state.method, [(b.sources, b.rows) for b in micro], tasks, opt, ctx, task_losses,
-                extra=(lambda view=view: extra_loss(hooks, run, view)) if hooks else None, precision=spec.precision,
-                before_update=(lambda view=view: before_update(hooks, run, view)) if hooks else None)
-            losses = losses.detach().double().cpu()
-            check_finite(spec.name, tasks, losses, "training", epoch + 1,
-                         f", step {pos.step + 1} of {steps} (global step {pos.global_step + 1})")
-            acc.loss += losses
-            if weights is not None:
-                acc.weight += weights.double().cpu()
-                acc.nw += 1
-            acc.n += 1
-            pos.step += 1
-            pos.global_step += 1
-            reporter.advance()
-            faults.hit("step")
-            if policy.every and pos.global_step % policy.every == 0 and pos.step < steps:
-                save_checkpoint()
-        if sched is not None:
-            sched.step()
-        val_scores = evaluate(model, data.split("val"), tasks, spec.eval_batch_size)
-        check_finite(spec.name, [t for t in tasks if t.name in val_scores],
-                     torch.tensor([val_scores[t.name]["loss"] for t in tasks if t.name in val_scores]),
-                     "validation", epoch + 1)
-        train_scores = {t.name: {"loss": float(acc.loss[k] / acc.n)} for k, t in enumerate(tasks)}
-        weights_now = {t.name: {"weight": float(acc.weight[k] / acc.nw)} for k, t in enumerate(tasks) if acc.nw}
-        state.history += _records(spec.name, epoch + 1, pos.global_step, "train", train_scores, weights_now)
-        state.history += _records(spec.name, epoch + 1, pos.global_step, "val", val_scores)
-        score = selection_score(val_scores)
-        if spec.select == "last":
-            state.best = Best(score, epoch + 1, val_scores)  # "best" is the last epoch; no weights copied
-        elif score < state.best.score:
-            state.best = Best(score, epoch + 1, val_scores, {k: v.clone() for k, v in model.state_dict().items()})
-        reporter.log(f"[{spec.name}] epoch {epoch + 1}/{spec.epochs} " + " ".join(
-            f"{t}.{m}={v:.4f}" for t, s in val_scores.items() for m, v in s.items() if m != "loss"))
-        for h in hooks:
-            h.on_epoch(run, epoch + 1)
-        pos.epoch += 1
-        pos.step = 0
-        state.totals = EpochTotals.zeros(len(tasks))
-        save_checkpoint()
+                h.on_epoch(run, epoch + 1)
+            pos.epoch += 1
+            pos.step = 0
+            state.totals = EpochTotals.zeros(len(tasks))
+            save_checkpoint()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the first error is the one to see; the write in flight still lands
+            writer.close()
+        raise
     reporter.finish()
+    writer.close()
 
     if spec.select == "best":
         model.load_state_dict(state.best.model)
-    weights_cpu = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(policy.best, checkpoint.tensors_to_bytes(
-        weights_cpu, {"job": spec.name, "epoch": str(state.best.epoch)}))
-    test_scores = evaluate(model, data.split("test"), tasks, spec.eval_batch_size)
+    test_scores: dict[str, dict[str, float]] = {}
+    if spec.final:
+        atomic_write_bytes(policy.best, checkpoint.tensors_to_bytes(
+            model.state_dict(), {"job": spec.name, "epoch": str(state.best.epoch)}))
+        test_scores = evaluate(model, data.split("test"), tasks, spec.eval_batch_size)
     return {
         "job": spec.name, "method": method.name, "tasks": [t.name for t in tasks],
         "best_epoch": state.best.epoch, "val": state.best.val, "test": test_scores,

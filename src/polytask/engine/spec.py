@@ -66,7 +66,9 @@ class TrainSpec:
 
     ``select``: which weights the job ends with (and writes to ``best.safetensors``): ``best``, those of the epoch
     with the best validation score, or ``last``, those after the last epoch (continual learning hands the last
-    weights of one experience to the next; no copy of the best weights is kept).
+    weights of one experience to the next; no copy of the best weights is kept). ``final``: at the end, write
+    ``best.safetensors`` and score the test split (the result's ``test``); False skips both, for a flow that keeps
+    the weights and scores them itself (continual learning's ``end.safetensors`` and accuracy matrix).
     """
 
     name: str
@@ -85,6 +87,7 @@ class TrainSpec:
     precision: str = "fp32"
     accumulate: int = 1
     select: str = "best"
+    final: bool = True
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

@@ -17,6 +17,7 @@ inside an experience from the job's checkpoint (the strategy's state included), 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import zlib
@@ -77,37 +78,47 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
     steps = range(1) if strategy.joint else range(len(stream.experiences))
     rows: list[list[float]] = []
     seconds = 0.0
-    for i in steps:
-        d = job_dir / ("all" if strategy.joint else f"e{i}")
-        if (d / DONE).is_file():
-            saved = checkpoint.load(d / END)
-            model.load_state_dict(saved["model"])
-            strategy.load_state_dict(saved["strategy"])
-            done = json.loads((d / DONE).read_text())
-            rows.append(done["accuracy"])
-            seconds += done["wall_time_s"]
-            continue
-        strategy.begin(stream, i)
-        suite = union(f"{stream.name}/all", [e.suite for e in stream.experiences]) if strategy.joint \
-            else strategy.train_suite(stream, i)
-        d.mkdir(parents=True, exist_ok=True)
-        spec = TrainSpec(
-            name=f"{entry.label}-s{seed}/{d.name}", tasks=suite.tasks, model=model, optimizer=optimizer_of(tc),
-            scheduler=scheduler_of(tc), method=build_method(config.method, [t.name for t in suite.tasks]),
-            data=batch_source(suite.splits, tc.batch_size), epochs=tc.epochs,
-            checkpoint=CheckpointPolicy(d, tc.checkpoint_every), seed=(seed + zlib.crc32(d.name.encode())) % 2**32,
-            device=device, hooks=(strategy,), eval_batch_size=tc.eval_batch_size, precision=tc.precision,
-            accumulate=tc.accumulate, select="last")
-        t0 = time.perf_counter()
-        result = train_job(spec, reporter)
-        strategy.end(model, stream, i, device)
-        row = _row(model, stream, tc.eval_batch_size)
-        wall = result["wall_time_s"] + time.perf_counter() - t0
-        checkpoint.save(d / END, {"model": model.state_dict(), "strategy": strategy.state_dict()})
-        atomic_write_json(d / DONE, {"accuracy": row, "steps": result["steps"], "wall_time_s": wall})
-        rows.append(row)
-        seconds += wall
-        reporter.log(f"[{entry.label} s{seed}] after {d.name}: " + " ".join(f"{v:.3f}" for v in row))
+    writer = checkpoint.BackgroundWriter()
+    try:
+        for i in steps:
+            d = job_dir / ("all" if strategy.joint else f"e{i}")
+            if (d / DONE).is_file():
+                saved = checkpoint.load(d / END)
+                model.load_state_dict(saved["model"])
+                strategy.load_state_dict(saved["strategy"])
+                done = json.loads((d / DONE).read_text())
+                rows.append(done["accuracy"])
+                seconds += done["wall_time_s"]
+                continue
+            strategy.begin(stream, i)
+            suite = union(f"{stream.name}/all", [e.suite for e in stream.experiences]) if strategy.joint \
+                else strategy.train_suite(stream, i)
+            d.mkdir(parents=True, exist_ok=True)
+            spec = TrainSpec(
+                name=f"{entry.label}-s{seed}/{d.name}", tasks=suite.tasks, model=model, optimizer=optimizer_of(tc),
+                scheduler=scheduler_of(tc), method=build_method(config.method, [t.name for t in suite.tasks]),
+                data=batch_source(suite.splits, tc.batch_size), epochs=tc.epochs,
+                checkpoint=CheckpointPolicy(d, tc.checkpoint_every), seed=(seed + zlib.crc32(d.name.encode())) % 2**32,
+                device=device, hooks=(strategy,), eval_batch_size=tc.eval_batch_size, precision=tc.precision,
+                accumulate=tc.accumulate, select="last", final=False)
+            t0 = time.perf_counter()
+            result = train_job(spec, reporter)
+            strategy.end(model, stream, i, device)
+            row = _row(model, stream, tc.eval_batch_size)
+            wall = result["wall_time_s"] + time.perf_counter() - t0
+            done = {"accuracy": row, "steps": result["steps"], "wall_time_s": wall}
+            # written while the next experience trains: end.safetensors, then done.json (a kill between the two, or
+            # before either lands, redoes the experience's end from its last checkpoint, which gives the same bytes)
+            writer.save(d / END, {"model": model.state_dict(), "strategy": strategy.state_dict()},
+                        lambda d=d, done=done: atomic_write_json(d / DONE, done))
+            rows.append(row)
+            seconds += wall
+            reporter.log(f"[{entry.label} s{seed}] after {d.name}: " + " ".join(f"{v:.3f}" for v in row))
+    except BaseException:
+        with contextlib.suppress(Exception):  # the first error is the one to see; the write in flight still lands
+            writer.close()
+        raise
+    writer.close()
     return {"strategy": entry.name, "label": entry.label, "seed": seed, "joint": strategy.joint,
             "accuracy": rows, "initial": initial, "wall_time_s": seconds,
             "state_numel": _numel(strategy.state_dict())}

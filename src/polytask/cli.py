@@ -236,6 +236,9 @@ def continual(
     list_: Annotated[bool, typer.Option("--list", help="list the streams and strategies with their parameters")]
     = False,
     quiet: QuietOpt = False,
+    search_schedule: Annotated[Optional[int], typer.Option(
+        "--search-schedule", metavar="N", help="search a replay schedule by MCTS with N rollouts on the validation "
+        "splits (the config's replay_schedule entry, first seed) instead of running the study")] = None,
 ) -> None:
     """Learn a stream of experiences with every strategy and seed: accuracy matrix, BWT, FWT, forgetting."""
     if list_:
@@ -257,6 +260,18 @@ def continual(
         from polytask.flows import Reporter
 
         cfg = None if config is None else load_continual_config(config, set_)
+        if search_schedule is not None:
+            if cfg is None:
+                raise PolytaskError("--search-schedule searches for a config; give CONFIG, not --resume")
+            import json
+
+            from polytask.continual.schedule_search import search_schedule as search
+
+            found = search(cfg, search_schedule, reporter=Reporter(quiet=quiet))
+            typer.echo(f"best schedule (validation reward {found['best']['reward']:.4f}): "
+                       f"{json.dumps(found['best']['schedule'])}")
+            typer.echo(f"search directory: {found['directory']}  (search-mcts.json)")
+            return
         from polytask.flows.continual import continual as continual_flow
 
         run_dir, summary = continual_flow(cfg, resume=resume, reporter=Reporter(quiet=quiet))

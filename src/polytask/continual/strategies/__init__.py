@@ -5,7 +5,9 @@ Regularisation (``regularization``: the shared quadratic penalty and per-example
 online), ``si``, ``mas``; distillation: ``lwf``.
 
 Rehearsal (``buffer``: the one memory of rows; ``rehearsal``: filling it and reading it at every step): ``replay``,
-``der`` (DER and DER++), ``er_ace``, ``agem``; ``gdumb`` trains from scratch on its memory alone.
+``der`` (DER and DER++), ``er_ace``, ``agem``; ``gdumb`` trains from scratch on its memory alone; ``replay_schedule``
+replays a memory composed over earlier experiences by a replay schedule (searched in
+:mod:`polytask.continual.schedule_search`).
 
 Task-id prediction: ``hat`` (hard attention masks on the hidden units per task, task-incremental); ``tpl`` (HAT task
 learners with replay, the task predicted by a likelihood ratio, class-incremental).
@@ -29,10 +31,11 @@ from polytask.continual.strategies import (
     mas,
     rank_updates,
     replay,
+    replay_schedule,
     si,
     tag,
     tpl,
 )
 
-__all__ = ["agem", "der", "er_ace", "ewc", "gdumb", "hat", "l2p", "lwf", "mas", "rank_updates", "replay", "si",
-           "tag", "tpl"]
+__all__ = ["agem", "der", "er_ace", "ewc", "gdumb", "hat", "l2p", "lwf", "mas", "rank_updates", "replay",
+           "replay_schedule", "si", "tag", "tpl"]

@@ -149,16 +149,21 @@ class Rehearsal(Strategy):
         self.rng = _rng(torch.device(run.device))
         n = self.params.batch_size or getattr(run.data, "batch_size", None) or sum(len(r) for r in step.batch.rows)
         self.batches = []
-        if len(self.buffer):
-            for k in range(self.draws):
-                s = self.buffer.sample(n, self.seed, self.index, step.global_step, k)
-                assert s is not None
-                self.batches.append(s.to(run.device))
+        for k in range(self.draws):
+            s = self.draw(n, step.global_step, k)
+            if s is None:
+                break
+            self.batches.append(s.to(run.device))
         if self.params.update == "step" and step.epoch == 0:
             assert self.stream is not None
             outputs = model_outputs(run.model, run.device) if self.stores_outputs else None
             for src, rows in zip(step.batch.sources, step.batch.rows, strict=True):
                 self.buffer.offer(src.take(rows), self.index, self.stream.tasks, self.seed, outputs)
+
+    def draw(self, n: int, global_step: int, k: int) -> Sample | None:
+        """Buffer batch ``k`` of a step: ``n`` rows without replacement, a pure function of (seed, experience, step,
+        k); None while the buffer is empty. A strategy that replays from part of the buffer overrides it."""
+        return self.buffer.sample(n, self.seed, self.index, global_step, k)
 
     def end(self, model: nn.Module, stream: Stream, index: int, device: torch.device) -> None:
         self.batches = []

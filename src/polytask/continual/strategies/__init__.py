@@ -14,7 +14,8 @@ learners with replay, the task predicted by a likelihood ratio, class-incrementa
 
 Optimisers: ``tag`` (TAG-RMSProp: each experience's accumulated gradients scale the step).
 
-Structure: ``rank_updates`` (each experience adds low-rank factors to every Linear layer; per-task selectors).
+Structure: ``rank_updates`` (each experience adds low-rank factors to every Linear layer; per-task selectors);
+``tame`` (task-agnostic experts: a loss-shift test picks the expert that trains, a selector routes at inference).
 
 Prompting: ``l2p`` (a pool of prompts selected by key-query matching on a frozen pretrained ``hf`` encoder).
 """
@@ -34,8 +35,9 @@ from polytask.continual.strategies import (
     replay_schedule,
     si,
     tag,
+    tame,
     tpl,
 )
 
 __all__ = ["agem", "der", "er_ace", "ewc", "gdumb", "hat", "l2p", "lwf", "mas", "rank_updates", "replay",
-           "replay_schedule", "si", "tag", "tpl"]
+           "replay_schedule", "si", "tag", "tame", "tpl"]

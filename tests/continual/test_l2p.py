@@ -207,10 +207,14 @@ def test_a_run_trains_prompts_keys_and_heads_and_never_the_encoder(tmp_path, tab
     assert len(summary["results"]["l2p"][0]["accuracy"]) == 2
 
 
-@pytest.mark.parametrize("scenario", ["task", "domain"])
-def test_it_runs_in_the_task_and_domain_scenarios(tmp_path, table, bert, scenario):
+@pytest.mark.parametrize("scenario", ["task", "domain", "multitask"])
+def test_it_runs_in_the_task_domain_and_multitask_scenarios(tmp_path, table, bert, scenario):
     extra = {"scenario": "task"} if scenario == "task" else {"by": "source"}
     cfg = run_config(tmp_path, table, bert, scenario, [{"name": "l2p", "params": SMALL}], **extra)
+    if scenario == "multitask":  # the text suite's two target columns, one per experience
+        cfg["stream"] = {"name": "suite", "params": {"name": "text", "params": {
+            "path": str(table), "text": "text", "targets": ["label", "source"], "tokenizer": str(bert),
+            "max_length": 16}}}
     cfg["train"]["epochs"] = 1
     _, summary = flow.continual(ContinualConfig.model_validate(cfg))
     assert summary["stream"]["scenario"] == scenario

@@ -138,7 +138,8 @@ def step_grads(stream, strategy, index, n_rows=12, seed=3):
     step = StepView(0, 0, 0, Batch([src], [torch.arange(n_rows)]))
     strategy.on_step(run, step)
     model.zero_grad()
-    task_losses(model, [src], step.batch.rows, run.tasks).sum().backward()
+    trained = strategy.train_batch(run, step) or step.batch  # as the engine does
+    task_losses(model, trained.sources, trained.rows, run.tasks).sum().backward()
     extra = strategy.extra_loss(run, step)
     if extra is not None:
         extra.backward()
@@ -160,13 +161,15 @@ def assert_close(a, b):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("scenario", ["class", "task"])
-def test_replay_steps_on_the_concatenated_batch(scenario):
+@pytest.mark.parametrize(("scenario", "weight"), [("class", 1.0), ("class", 0.5), ("task", 1.0), ("task", 0.5)])
+def test_replay_steps_on_the_concatenated_batch(scenario, weight):
     """ER's step is one step on the mean loss of the current batch and the buffer batch concatenated, each buffered
-    row through its own task's head (in the task scenario, an earlier experience's)."""
+    row through its own task's head (in the task scenario, an earlier experience's), a buffered row weighing λ; both
+    ways of taking it (rows joined to the batch: class, λ = 1; the method's gradient scaled: the others)."""
     stream = build_stream("split-digits", {"scenario": scenario}, 0)
-    replay = build_strategy("replay", {"size": 40}, "p")
+    replay = build_strategy("replay", {"size": 40, "weight": weight}, "p")
     got, model, src, step, run = step_grads(stream, replay, 2)
+    assert replay.joined == (scenario == "class" and weight == 1.0)
     sample = replay.batches[0]
     assert set(sample.experience.tolist()) <= {0, 1} and len(sample.data) == 12
     terms, n = [], 0
@@ -179,8 +182,9 @@ def test_replay_steps_on_the_concatenated_batch(scenario):
         if y is None or not (~torch.isnan(y)).any():
             continue
         m = ~torch.isnan(y)
-        terms.append(F.cross_entropy(model(sample.data.x[m], [t.name])[t.name], y[m].long(), reduction="sum"))
-        n += int(m.sum())
+        terms.append(weight * F.cross_entropy(model(sample.data.x[m], [t.name])[t.name], y[m].long(),
+                                              reduction="sum"))
+        n += weight * int(m.sum())
     assert_close(got, grads_of(model, sum(terms) / n))
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from polytask.config import MethodConfig
-from polytask.engine.data import TensorBatches
+from polytask.engine.data import Batch, TensorBatches
 from polytask.engine.hooks import Hook
 from polytask.engine.loop import train_job
 from polytask.engine.optim import optimizer
@@ -153,6 +153,38 @@ def test_extra_loss_gradient_is_added_to_the_methods_gradient(tmp_path, method):
         moved[name] = _shared(model).detach()
     torch.testing.assert_close(moved["tilted"] - moved["plain"], torch.full_like(moved["plain"], -0.1 * 0.25),
                                rtol=0, atol=1e-6)
+
+
+class Swap(Hook):
+    """Trains every step on other rows than its batch (the first half of the rows, then again the first row)."""
+
+    name = "swap"
+
+    def train_batch(self, run, step):
+        (src,), (rows,) = step.batch.sources, step.batch.rows
+        self.seen = rows.clone()
+        return Batch([src], [torch.cat([rows[: len(rows) // 2], rows[:1]])])
+
+
+def test_a_hook_that_replaces_the_batch_trains_the_step_on_its_rows(tmp_path):
+    """One SGD step with the hook equals one step without it on the rows the hook gave (a batch of 9 rows, one of
+    them twice), and the hook saw the step's own batch (all 16 rows)."""
+    out = {}
+    for name, hooks in (("swapped", [Swap()]), ("direct", [])):
+        s = spec(tmp_path / name, hooks, method=MethodConfig(name="equal"),
+                 opt=optimizer("sgd", {"lr": 0.1, "momentum": 0.0}), epochs=1)
+        torch.manual_seed(0)
+        model = build_model(s.tasks, (6,), "mlp", {"hidden": [16]})  # no dropout: the rows' order cannot matter
+        train = s.data.splits["train"][0].take(torch.arange(16))
+        if name == "direct":  # the rows the hook picks from this one batch of 16, in its order
+            train = train.take(torch.cat([hooks_seen[: 8], hooks_seen[:1]]))
+        one_batch = TensorBatches({**s.data.splits, "train": [train]}, 16)
+        train_job(TrainSpec(**{**vars(s), "model": model, "data": one_batch}))
+        if name == "swapped":
+            hooks_seen = hooks[0].seen
+            assert sorted(hooks_seen.tolist()) == list(range(16))
+        out[name] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(out["swapped"], out["direct"], rtol=0, atol=1e-6)
 
 
 def test_hook_names_must_be_unique(tmp_path):

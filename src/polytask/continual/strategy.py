@@ -192,6 +192,14 @@ class Composite(Strategy):
         for p in self.parts:
             p.on_step(run, step)
 
+    def train_batch(self, run: Any, step: Any) -> Any:
+        out = None
+        for p in self.parts:
+            b = p.train_batch(run, step)
+            if b is not None:
+                out = b
+        return out
+
     def extra_loss(self, run: Any, step: Any) -> torch.Tensor | None:
         terms = [t for p in self.parts if (t := p.extra_loss(run, step)) is not None]
         return sum(terms[1:], terms[0]) if terms else None

@@ -1,8 +1,9 @@
 """Hooks: the one extension point of the training loop.
 
 A hook rides on a job: ``init`` when the job starts or resumes, ``on_step`` before each optimiser step (it sees
-the step's batch), ``extra_loss`` for a term added to what the step minimises, ``before_update`` with the step's
-gradients set (it may change them), ``on_epoch`` after each epoch's validation. Its ``state_dict`` is checkpointed
+the step's batch), ``train_batch`` to train the step on other rows, ``extra_loss`` for a term added to what the step
+minimises, ``before_update`` with the step's gradients set (it may change them), ``on_epoch`` after each epoch's
+validation. Its ``state_dict`` is checkpointed
 under its ``name`` with the job and handed back to ``load_state_dict`` on resume, so a stateful hook resumes exactly;
 its wall-clock times (``timing``) go into ``timing.json`` beside the checkpoint, never into the checkpoint
 (identical runs write identical bytes). Relation probes, loggers and continual-learning strategies are hooks; the
@@ -64,6 +65,12 @@ class Hook:
     def on_step(self, run: Run, step: StepView) -> None:
         """Called before each optimiser step, on the step's batch (the model is in train mode)."""
 
+    def train_batch(self, run: Run, step: StepView) -> Batch | None:
+        """The rows the step trains on instead of its batch (replay joins buffered rows to it, for one forward and
+        backward of the concatenation), or None to keep it; asked after ``on_step``. The step then trains on the
+        returned batch as one micro-batch. Hooks still see the step's own batch in ``step``."""
+        return None
+
     def extra_loss(self, run: Run, step: StepView) -> Tensor | None:
         """A scalar added to what the step minimises (its gradient is added to every parameter it reaches, after
         the method has set the task gradients); None adds nothing."""
@@ -99,6 +106,16 @@ def check_hooks(hooks: Sequence[Hook]) -> None:
             raise ConfigError(f"hook {n!r}: a hook needs a non-empty string name (it keys its checkpointed state)")
         if names.count(n) > 1:
             raise ConfigError(f"hooks: two hooks are named {n!r}; give each its own name (it keys its state)")
+
+
+def train_batch(hooks: Sequence[Hook], run: Run, step: StepView) -> Batch | None:
+    """The batch the step trains on when a hook replaces it (the last hook that does wins), else None."""
+    out = None
+    for h in hooks:
+        b = h.train_batch(run, step)
+        if b is not None:
+            out = b
+    return out
 
 
 def extra_loss(hooks: Sequence[Hook], run: Run, step: StepView) -> Tensor | None:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from polytask.engine import checkpoint, faults
 from polytask.engine.data import Batch
-from polytask.engine.hooks import Run, StepView, before_update, check_hooks, extra_loss
+from polytask.engine.hooks import Run, StepView, before_update, check_hooks, extra_loss, train_batch
 from polytask.engine.progress import Reporter
 from polytask.engine.spec import TrainSpec
 from polytask.engine.state import Best, EpochTotals, LoopState, Position, seed_everything
@@ -51,7 +51,10 @@ def task_losses(model: MultiTaskModel, sources: Sequence[TaskData], rows: Sequen
         preds = model(src.x[r], names)
         for t in tasks:
             if t.name in src.y:
-                out[t.name] = masked_loss(t, preds[t.name], src.y[t.name][r])
+                y, pred = src.y[t.name][r], preds[t.name]
+                out[t.name] = t.mean_loss(pred, y) if src.complete(t.name) else masked_loss(t, pred, y)
+    if len(tasks) == 1:  # one node fewer to build and to run backward through than a stack
+        return out[tasks[0].name].unsqueeze(0)
     return torch.stack([out[t.name] for t in tasks])
 
 
@@ -240,8 +243,10 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, An
                                   step_generator(seed, pos.global_step))
                 for h in hooks:
                     h.on_step(run, view)
+                joined = train_batch(hooks, run, view) if hooks else None
+                pairs = [(b.sources, b.rows) for b in micro] if joined is None else [(joined.sources, joined.rows)]
                 losses, weights, state.method = accumulated_step(
-                    model, method, state.method, [(b.sources, b.rows) for b in micro], tasks, opt, ctx, task_losses,
+                    model, method, state.method, pairs, tasks, opt, ctx, task_losses,
                     extra=(lambda view=view: extra_loss(hooks, run, view)) if hooks else None, precision=spec.precision,
                     before_update=(lambda view=view: before_update(hooks, run, view)) if hooks else None)
                 losses = losses.detach().double().cpu()

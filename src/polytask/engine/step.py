@@ -293,7 +293,7 @@ def weighted_backward(method: Method, state: State, losses: Tensor, ctx: StepCon
     """A loss weighting's step: K weights from the detached losses, then one backward of Σ w_k L_k (gradients
     added into ``.grad``). Returns (weights, new state)."""
     weights, state = method.impl.update(state, losses.detach(), _with_losses(ctx, losses))
-    (weights * losses).sum().backward()
+    torch.dot(weights.to(losses.dtype), losses).backward()  # Σ_k w_k L_k in one node
     return weights, state
 
 

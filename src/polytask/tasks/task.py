@@ -211,6 +211,14 @@ class TaskData:
     def __len__(self) -> int:
         return len(self.x)
 
+    def complete(self, task: str) -> bool:
+        """Whether every row is labelled for ``task`` (checked once per source and task, then remembered: a step
+        on such a source needs no mask). The targets are not to be changed in place after the first call."""
+        known = self.__dict__.setdefault("_complete", {})
+        if task not in known:
+            known[task] = bool(Task.mask(self.y[task]).all())
+        return known[task]
+
     def to(self, device: torch.device | str) -> TaskData:
         """The same data on ``device`` (no copy when already there)."""
         return TaskData(self.x.to(device), {k: v.to(device) for k, v in self.y.items()}, self.index)

@@ -3,16 +3,21 @@ Rolnick et al. 2019, "Experience Replay for Continual Learning".
 
 Each step trains on the current batch B_n concatenated with a batch B_M drawn from the buffer: one SGD step on the
 mean loss of the concatenation, ``L = (n_cur L_cur + λ n_buf L_buf) / (n_cur + λ n_buf)`` (n: labels in each part;
-the buffer is updated after the step, so B_M never holds the step's own rows), i.e. ``(1 − c) L_cur + c L_buf`` with
-``c = λ n_buf / (n_cur + λ n_buf)``. The engine's step has already put the gradient of ``L_cur`` (the job's method's
-objective) in ``.grad`` when the extra loss is asked for; replay scales those gradients by ``1 − c`` there and
-returns ``c L_buf``, whose gradient the engine adds: the step's gradient is that of the concatenated batch (to float
-rounding) without computing the current batch twice. With another method than ``equal`` it is the method's update
-scaled by ``1 − c`` plus ``c ∇L_buf``. ``λ`` (``weight``) weighs a buffered row against a current one: 1 is the
-paper, 0 is ``naive`` (no term at all, bit for bit). The buffer batch is forwarded with the random state that
-follows the current batch's forward (forked, so the rest of training draws the same numbers): its dropout masks are
-those a forward of the concatenation would draw. The current and the buffer batch are forwarded separately (mammoth's
-``er`` and Avalanche forward the concatenation at once: a batch-norm model sees other batch statistics there).
+the buffer is updated after the step, so B_M never holds the step's own rows). ``λ`` (``weight``) weighs a buffered
+row against a current one: 1 is the paper, 0 is ``naive`` (no term at all, bit for bit). Two ways, one gradient:
+
+- Joined (one task in the job, λ = 1, buffered rows labelled for that task only: the class and domain scenarios):
+  the buffered rows join the step's batch (``train_batch``), one forward and backward of the concatenation, as the
+  paper, mammoth's ``er`` and Avalanche do; the job's method weighs the concatenated batch's loss, and a batch-norm
+  model normalises the concatenation.
+- Otherwise (the task scenario, λ ≠ 1): ``L = (1 − c) L_cur + c L_buf`` with ``c = λ n_buf / (n_cur + λ n_buf)``.
+  The engine's step has put the gradient of ``L_cur`` (the method's objective) in ``.grad`` when the extra loss is
+  asked for; replay scales those gradients by ``1 − c`` there and returns ``c L_buf``, whose gradient the engine
+  adds: the concatenated batch's gradient (to float rounding; with another method than ``equal``, the method's
+  update scaled by ``1 − c`` plus ``c ∇L_buf``) without computing the current batch twice. The buffer batch is
+  forwarded on its own (its batch-norm statistics its own) with the random state that follows the current batch's
+  forward, forked: its dropout masks are those a forward of the concatenation would draw, and the rest of training
+  draws the same numbers.
 
 Where the buffer is filled: ``update: experience`` by default (Avalanche's ReplayPlugin, with which the issue's
 reference numbers were measured, adds an experience's rows once it is trained; its buffer is experience-balanced,
@@ -30,6 +35,8 @@ from torch import Tensor
 
 from polytask.continual.strategies.rehearsal import Rehearsal, RehearsalParams, labels, same_draws, sample_loss
 from polytask.continual.strategy import STRATEGIES, Strategy
+from polytask.engine.data import Batch
+from polytask.tasks.task import TaskData
 
 
 class ReplayParams(RehearsalParams):
@@ -47,9 +54,23 @@ class Replay(Rehearsal):
     def __init__(self, params: ReplayParams) -> None:
         super().__init__(params)
         self.weight = params.weight
+        self.joined = False  # this step trains on the concatenation (train_batch), so no extra term
+
+    def train_batch(self, run: Any, step: Any) -> Batch | None:
+        self.joined = False
+        if not self.batches or self.weight != 1 or len(run.tasks) != 1 or len(step.batch.sources) != 1:
+            return None
+        name, buffered = run.tasks[0].name, self.batches[0].data
+        src, rows = step.batch.sources[0], step.batch.rows[0]
+        if set(buffered.y) != {name} or name not in src.y:
+            return None
+        joined = TaskData(torch.cat([src.x[rows], buffered.x]),
+                          {name: torch.cat([src.y[name][rows], buffered.y[name]])})
+        self.joined = True
+        return Batch([joined], [torch.arange(len(joined), device=joined.x.device)])
 
     def extra_loss(self, run: Any, step: Any) -> Tensor | None:
-        if not self.batches or self.weight == 0:
+        if not self.batches or self.weight == 0 or self.joined:
             return None
         with same_draws(run):
             replayed, n_buf = sample_loss(run.model, self.batches[0], self.tasks)

@@ -18,13 +18,14 @@ For ``replay`` (polytask's ``replay`` with ``size: 200, batch_size: 32`` and its
 the protocol of Avalanche's ReplayPlugin) the plain loop keeps a reservoir buffer of 200 rows (Vitter's algorithm R,
 the experience's training rows offered in a random order once it is trained) and trains each step on the current
 batch concatenated with 32 rows drawn from the buffer without replacement (one forward, the mean cross-entropy of
-the 64 rows: the loss polytask's replay reproduces with separate forward passes, see its docstring).
+the 64 rows: polytask's replay joins its buffered rows to the batch in the same way, see its docstring).
 
 Every round times each variant once, back to back, in an order rotated from round to round, on two clocks: wall
 time and this process's CPU time (which ignores waits on the disk and other processes on a shared machine). The
 ratios polytask / plain are paired within each round; the JSON gives medians and spread (quartiles, min, max). The
-target (issue 10): median ratio <= 1.1. ``memory`` gives every registered strategy's state (``state_numel``, the
-entries of the tensors it checkpoints) beside the model's parameter count.
+target (issue 10): median ratio <= 1.1. ``memory`` gives every registered strategy's memory (``state_numel``, the
+entries of the tensors it checkpoints, and ``added_numel``, what it adds to the model) beside the model's parameter
+count.
 
 Prints one JSON object. Usage: python benchmarks/continual_overhead.py [--epochs 10] [--rounds 7] [--seed 0]
 [--strategies naive replay] [--tmp DIR]
@@ -61,6 +62,7 @@ BATCH, LR, MOMENTUM = 32, 0.01, 0.9
 BUFFER, REPLAY_BATCH = 200, 32
 # parameters of the registered strategies for the memory table (those without defaults) and the benchmark
 PARAMS: dict[str, dict[str, Any]] = {"compose": {"strategies": ["naive", "cumulative"]}}
+NEEDS_ENCODER = {"l2p": "needs a pretrained hf encoder: see benchmarks/l2p_text.py (its pool is M L_p D + M D numbers)"}
 
 Variant = Callable[[], dict[str, Any]]
 
@@ -104,7 +106,8 @@ def polytask_variant(stream: Stream, strategy: str, params: dict[str, Any], epoc
             r = run_strategy(cfg, stream, StrategyConfig(name=strategy, params=params), seed, job,
                              Reporter(quiet=True))
             steps = sum(json.loads(f.read_text())["steps"] for f in job.glob("*/done.json"))
-        return {"final": r["accuracy"][-1], "steps": steps, "state_numel": r["state_numel"]}
+        return {"final": r["accuracy"][-1], "steps": steps, "state_numel": r["state_numel"],
+                "added_numel": r["added_numel"]}
     return fn
 
 
@@ -205,20 +208,31 @@ def interleaved(variants: dict[str, Variant], rounds: int) -> tuple[dict[str, li
     return times, outputs
 
 
-def memory(stream: Stream, seed: int, tmp: str | None) -> dict[str, Any]:
-    """Every registered strategy's state after the stream (one epoch per experience) beside the model's size."""
-    model = plain_model(stream.input_shape[0], stream.tasks[0].n_outputs)
-    n_params = sum(p.numel() for p in model.parameters())
-    out: dict[str, Any] = {"model_parameters": n_params, "strategies": {}}
+def memory(seed: int, tmp: str | None) -> dict[str, Any]:
+    """Every registered strategy's memory after the stream (one epoch per experience) beside the model's size, on
+    split-digits in the class scenario, or the task scenario for a strategy that needs the task id."""
+    streams = {sc: build_stream("split-digits", {"scenario": sc}, seed) for sc in ("class", "task")}
+    out: dict[str, Any] = {"model_parameters": {}, "strategies": {}}
+    for sc, stream in streams.items():
+        model = plain_model(stream.input_shape[0], stream.tasks[0].n_outputs)
+        out["model_parameters"][sc] = sum(p.numel() for p in model.parameters()) * (len(stream.tasks) if sc == "task"
+                                                                                    else 1)
     for name in STRATEGIES.names():
         params = (replay_params() if name == "replay" else None) or PARAMS.get(name, {})
+        built = STRATEGIES.build(name, params, where=name)
+        if name in NEEDS_ENCODER:
+            out["strategies"][name] = NEEDS_ENCODER[name]
+            continue
+        sc = "class" if "class" in built.scenarios else "task"
         try:
-            r = polytask_variant(stream, name, params, 1, seed, tmp)()
+            r = polytask_variant(streams[sc], name, params, 1, seed, tmp)()
         except Exception as e:  # report, don't hide
             out["strategies"][name] = f"error: {type(e).__name__}: {e}"
             continue
-        out["strategies"][name] = {"params": params, "state_numel": r["state_numel"],
-                                   "state_vs_model": round(r["state_numel"] / n_params, 4)}
+        n_params = out["model_parameters"][sc]
+        out["strategies"][name] = {"scenario": sc, "params": params, "state_numel": r["state_numel"],
+                                   "added_numel": r["added_numel"],
+                                   "memory_vs_model": round((r["state_numel"] + r["added_numel"]) / n_params, 4)}
     return out
 
 
@@ -279,7 +293,7 @@ def main() -> None:
                 m: summary([a[j] / b[j] for a, b in zip(times[f"{s}/polytask-nofsync"], times[f"{s}/plain+save"],
                                                         strict=True)]) for j, m in enumerate(("wall", "cpu"))}
         out["results"][s] = row
-    out["memory"] = memory(stream, args.seed, args.tmp)
+    out["memory"] = memory(args.seed, args.tmp)
     print(json.dumps(out, indent=1))
 
 

@@ -13,6 +13,10 @@ Each experience is one job of the engine (``select="last"``: the weights after i
 experience), with the strategy riding on it as a hook and a fresh optimiser. A run killed anywhere resumes exactly:
 inside an experience from the job's checkpoint (the strategy's state included), between experiences from the last
 ``end.safetensors``. Every strategy of a seed starts from the same initial model and sees the same batches.
+
+A strategy's memory is what it keeps beside the model (``state_numel``: buffers, Fisher matrices, old weights, the
+entries of every tensor of its checkpointed state) plus what it adds to the model (``added_numel``: prompt pools,
+low-rank factors, experts, task statistics), against the architecture's own model (``model_numel``).
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
     seed_everything(seed)
     model = build_model(stream.tasks, stream.input_shape, mc.backbone, mc.backbone_params, mc.architecture,
                         mc.architecture_params)
+    base_numel = _numel(model.state_dict())
     model = strategy.wrap(model, stream).to(device)
     initial = _row(model, stream, tc.eval_batch_size)
     steps = range(1) if strategy.joint else range(len(stream.experiences))
@@ -121,7 +126,8 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
     writer.close()
     return {"strategy": entry.name, "label": entry.label, "seed": seed, "joint": strategy.joint,
             "accuracy": rows, "initial": initial, "wall_time_s": seconds,
-            "state_numel": _numel(strategy.state_dict())}
+            "state_numel": _numel(strategy.state_dict()), "model_numel": base_numel,
+            "added_numel": _numel(model.state_dict()) - base_numel}
 
 
 def _numel(tree: Any) -> int:

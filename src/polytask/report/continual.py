@@ -23,7 +23,7 @@ def _mean(results: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
 def metric_rows(summary: Mapping[str, Any]) -> list[tuple[str, dict[str, tuple[float, float | None] | None], float,
                                                            int]]:
     """Per strategy label: each metric's mean and std over seeds (std None for one seed; None where undefined), the
-    mean wall time and the mean size of the strategy's state (numbers)."""
+    mean wall time and the mean size of the strategy's memory (numbers: its state plus what it added to the model)."""
     rows = []
     for label, results in summary["results"].items():
         stats: dict[str, tuple[float, float | None] | None] = {}
@@ -31,7 +31,7 @@ def metric_rows(summary: Mapping[str, Any]) -> list[tuple[str, dict[str, tuple[f
             vals = [r["metrics"][key] for r in results if r["metrics"].get(key) is not None]
             stats[key] = None if not vals else (float(np.mean(vals)), float(np.std(vals)) if len(vals) > 1 else None)
         rows.append((label, stats, float(np.mean([r["wall_time_s"] for r in results])),
-                     int(np.mean([r["state_numel"] for r in results]))))
+                     int(np.mean([r["state_numel"] + r.get("added_numel", 0) for r in results]))))
     return rows
 
 
@@ -41,7 +41,7 @@ def _pm(mean: float, std: float | None) -> str:
 
 def format_continual_table(summary: Mapping[str, Any]) -> str:
     """The metrics of every strategy as a plain-text table (what the CLI prints)."""
-    header = ["strategy", *(n for _, n in _METRICS), "time (s)", "state"]
+    header = ["strategy", *(n for _, n in _METRICS), "time (s)", "memory"]
     lines = [[label, *("-" if stats[k] is None else _pm(*stats[k]) for k, _ in _METRICS), f"{seconds:.1f}",
               str(numel)] for label, stats, seconds, numel in metric_rows(summary)]
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
@@ -105,7 +105,7 @@ def continual_section(summary: Mapping[str, Any]) -> str:
             f"({escape(str(stream.get('scenario', '')))}-incremental, {len(names)} experiences, "
             f"seeds {', '.join(map(str, seeds))})</p>"
             "<div class='scroll'><table class='results'><thead><tr><th class='label'>strategy</th>"
-            f"{head}<th>time (s)</th><th>state (numbers)</th></tr></thead><tbody>{''.join(body)}</tbody></table></div>"
+            f"{head}<th>time (s)</th><th>memory (numbers)</th></tr></thead><tbody>{''.join(body)}</tbody></table></div>"
             f"<p class='note'>Score: {escape(str(summary.get('score', 'accuracy')))}. BWT and FWT after "
             "Lopez-Paz &amp; Ranzato (2017); forgetting and intransigence after Chaudhry et al. (2018), "
             "intransigence against the cumulative strategy of the same seed. Mean ± std over seeds.</p>"

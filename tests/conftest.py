@@ -14,4 +14,13 @@ def _isolated_cache(tmp_path, monkeypatch):
     yield
 
 
+@pytest.fixture(scope="session")
+def bert(tmp_path_factory):
+    """A tiny randomly initialised BERT and its tokenizer as a local Hugging Face directory (tests/tiny_bert.py),
+    written once per session; no test may change it."""
+    from tiny_bert import write_tiny_bert
+
+    return write_tiny_bert(tmp_path_factory.mktemp("hf") / "tiny-bert")
+
+
 os.environ.setdefault("PYTHONHASHSEED", "0")

@@ -23,7 +23,6 @@ from polytask.continual.strategies.l2p import L2P, L2PModel, L2PParams, batch_vo
 from polytask.errors import ConfigError
 from polytask.flows import continual as flow
 from polytask.models import build_model
-from tiny_bert import write_tiny_bert
 
 ROOT = Path(__file__).resolve().parents[2]
 TOPICS = {"sport": ["match", "team", "goal"], "music": ["album", "song", "band"], "film": ["movie", "actor", "scene"]}
@@ -44,11 +43,6 @@ def texts(n: int, seed: int = 0) -> pd.DataFrame:
             text = f"the {rng.choice(TOPICS[label])} was {rng.choice(['', 'not ', 'really '])}{rng.choice(ADJECTIVES)}"
         rows.append({"text": " ".join(text.split()), "label": label, "source": "a" if (i // 4) % 2 else "b"})
     return pd.DataFrame(rows)
-
-
-@pytest.fixture(scope="module")
-def bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_bert(tmp_path_factory.mktemp("hf") / "tiny-bert")
 
 
 @pytest.fixture(scope="module")

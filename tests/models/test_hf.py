@@ -24,7 +24,6 @@ from polytask.errors import ConfigError, DataError
 from polytask.flows.jobs import Job, spec_from_config
 from polytask.models import build_backbone, build_model
 from polytask.tasks import build_suite
-from tiny_bert import write_tiny_bert
 
 ROOT = Path(__file__).resolve().parents[2]
 NOUNS = {"sport": ["match", "team", "goal"], "music": ["album", "song", "band"], "film": ["movie", "actor", "scene"]}
@@ -41,11 +40,6 @@ def text_table(n: int, seed: int) -> pd.DataFrame:
         text = " ".join(f"the {words[0]} was {words[1]} {words[2]}".split())
         rows.append({"id": i, "review": text, "topic": topic, "mood": None if i % 5 == 0 else mood})
     return pd.DataFrame(rows)
-
-
-@pytest.fixture(scope="module")
-def bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_bert(tmp_path_factory.mktemp("hf") / "tiny-bert")
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,19 @@ conversion would, so no widened copy of a model is made. A tensor is merged bloc
 base, their sparsification, weighting and combination all happen on the block, so no task vector is stored
 whole; only a trim first reads each model's whole tensor, to rank it. Temporaries live in per-thread
 workspaces that are reused (a fresh large allocation costs a page fault per 4 KiB, which on a VM is more
-than the arithmetic done on it), and the work is split between worker threads that run torch's kernels
-on one thread each (:func:`kernel_threads`).
+than the arithmetic done on it; a narrower model is widened into a workspace explicitly, as ``torch.sub``
+with mixed dtypes would allocate a widened copy per call), and the work is split between worker threads
+that run torch's kernels on one thread each (:func:`kernel_threads`). A block's masks (DARE's drop, the
+band of breadcrumbs) are made with numpy's integer kernels, which cost a third of a torch call to launch and
+have the unsigned comparisons and mixed-type products that make a mask in fewer passes; its floating-point
+arithmetic stays torch's, whose choice among two NaN operands (their sign and payload) numpy does not share.
 
 Trims keep an exact number of entries. A trim threshold of one tensor is an exact order statistic of the
 magnitudes (``numpy.partition`` on their float32 bit patterns, in place in a workspace); over a whole
 model (``trim_scope: model``) it comes from two histogram passes over every tensor (:class:`RadixSelect`).
-Entries tied with the threshold are kept in index order until exactly k are kept (``first``, the default),
-or all of them (``all``, the official TIES code's ``>= kthvalue``).
+Entries tied with the threshold are kept in index order until exactly k are kept (``first``, the default:
+located in a copy of the keys in index order, a second workspace), or all of them (``all``, the official
+TIES code's ``>= kthvalue``).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from torch import Tensor
 
 CHUNK = 1 << 20  # elements per chunk of the whole-tensor work of one model (selection keys, trims, DARE masks)
 BLOCK = 1 << 16  # entries per block of the combine: a block of every model's task vector stays in a core's cache
+PIECE = 1 << 18  # entries per piece of one model's whole-tensor passes (magnitude keys): few calls, in cache
 _caches: dict[int, dict[tuple[str, torch.dtype], Tensor]] = {}
 R = TypeVar("R")
 
@@ -297,9 +303,9 @@ def scan_finder(keys: np.ndarray) -> Finder:
 
     def find(key: int, left: int) -> tuple[int, int]:
         seen = 0
-        eq = np.empty(min(len(keys), BLOCK), dtype=bool)
-        for s in range(0, len(keys), BLOCK):
-            piece = keys[s:s + BLOCK]
+        eq = np.empty(min(len(keys), PIECE), dtype=bool)
+        for s in range(0, len(keys), PIECE):
+            piece = keys[s:s + PIECE]
             equal = np.equal(piece, key, out=eq[:len(piece)])
             c = int(np.count_nonzero(equal))
             if seen + c >= left:
@@ -567,8 +573,10 @@ class Sparsify:
     def resolve(self, x: Tensor, base: Tensor | None) -> None:
         """Decide each trim on this tensor: ``x`` (flat) minus ``base`` (flat, or None: ``x`` is the task
         vector) with the steps before the trim, ranked whole. Magnitude keys are written piece by piece into
-        this thread's workspace and partitioned there; tied entries are then located by making the keys
-        again, piece by piece in cache, up to the last tie kept (cheaper than keeping a copy in memory)."""
+        this thread's workspace and partitioned there. With the ``first`` tie rule, tied entries are located
+        in index order in a copy of the keys, written while each piece is in cache (a second workspace of n
+        keys: scanning it costs a fraction of making the keys again); a model-wide trim, which has no keys of
+        its own, makes them again piece by piece up to the last tie kept."""
         keys_t = workspace(self.n, torch.int32, "keys") if self.n else torch.empty(0, dtype=torch.int32)
         for j in self.ranked:
             if self.trim is not None and not self.trim.needs_keys():
@@ -578,41 +586,48 @@ class Sparsify:
             if ranks is None or ranks[0] <= 0:
                 self.trims[j] = None if ranks is None else TensorTrim(None)
                 continue
-            find = self._finder(j, x, base)
             if self.trim is not None:
-                self.trims[j] = self.trim.on(find, self.n)
+                self.trims[j] = self.trim.on(self._finder(j, x, base), self.n)
                 continue
-            for _ in self._keys(j, x, base, keys_t):
+            copy_t = workspace(self.n, torch.int32, "keys copy") if self.rule == "first" and self.n else None
+            for _ in self._keys(j, x, base, keys_t, copy_t):
                 pass
-            if len(needed_ranks(*ranks, self.rule)) > 1:  # two edges to locate: one copy beats making keys twice
-                copy_t = workspace(self.n, torch.int32, "keys copy").copy_(keys_t)
-                find = scan_finder(copy_t.numpy())
+            # the rule "all" never locates a tie (its edges take every tied entry, or none)
+            find = scan_finder(copy_t.numpy()) if copy_t is not None else self._finder(j, x, base)
             self.trims[j] = tensor_trim(keys_t.numpy(), self.steps[j], self.density, self.gamma, self.rule, find)
 
-    def _keys(self, j: int, x: Tensor, base: Tensor | None, out: Tensor | None = None
+    def _keys(self, j: int, x: Tensor, base: Tensor | None, out: Tensor | None = None, copy: Tensor | None = None
               ) -> Iterator[tuple[int, Tensor]]:
         """The magnitude keys of the task vector before step ``j``, piece by piece in order: written into
-        ``out`` (all n), or into a reused buffer (read each piece before the next)."""
+        ``out`` (all n; and into ``copy`` too, if given), or into a reused buffer (read each piece before the
+        next)."""
         gens = self.streams(0)
-        step = min(BLOCK, max(self.n, 1))
-        work = workspace(step, x.dtype if base is None else base.dtype, "piece")
+        step = min(PIECE, max(self.n, 1))
+        dtype = x.dtype if base is None else base.dtype
+        # float32 task vectors are made in the keys' own memory (same size), their keys then written over them
+        direct = out is not None and dtype == torch.float32
+        work = out.view(dtype) if direct else workspace(step, dtype, "piece")  # type: ignore[union-attr]
         keys = workspace(step, torch.int32, "piece keys") if out is None else None
         for s in range(0, self.n, step):
-            c = work[:min(step, self.n - s)]
+            c = work[s:s + step] if direct else work[:min(step, self.n - s)]
             if base is None:
                 c.copy_(x[s:s + step])
             else:
-                torch.sub(x[s:s + step], base[s:s + step], out=c)
+                _difference(x[s:s + step], base[s:s + step], c)
             self.apply(c, s, gens, upto=j)
-            yield s, magnitude_keys(c, out=keys[:len(c)] if out is None else out[s:s + len(c)])
+            piece = magnitude_keys(c, out=keys[:len(c)] if out is None else out[s:s + len(c)])
+            if copy is not None:
+                copy[s:s + len(c)].copy_(piece)
+            yield s, piece
 
     def _finder(self, j: int, x: Tensor, base: Tensor | None) -> Finder:
         """A :data:`Finder` over the keys of :meth:`_keys`, made again on each call."""
 
         def find(key: int, left: int) -> tuple[int, int]:
             seen = 0
+            eq = np.empty(min(PIECE, self.n), dtype=bool)  # reused: a fresh temporary per piece costs page faults
             for s, piece in self._keys(j, x, base):
-                equal = np.equal(piece.numpy(), key)
+                equal = np.equal(piece.numpy(), key, out=eq[:len(piece)])
                 c = int(np.count_nonzero(equal))
                 if seen + c >= left:
                     return s + int(np.flatnonzero(equal)[left - seen - 1]) + 1, left
@@ -634,81 +649,114 @@ class Sparsify:
                     trim.apply(c, start, workspace(3 * len(c), torch.int32, "trim"))
 
 
-def _sparsify_rows(taus: Tensor, models: Sequence[Sparsify], start: int,
+@dataclass(frozen=True)
+class _Rows:
+    """A K x m block as a tensor and as a numpy array (for the masks), with the tensor's rows: views made once
+    per worker (a view costs microseconds, as much as a kernel call on a small block)."""
+
+    t: Tensor
+    a: np.ndarray
+    rows_t: tuple[Tensor, ...]
+
+    @classmethod
+    def of(cls, t: Tensor) -> _Rows:
+        return cls(t, t.numpy(), t.unbind(0))
+
+
+def _sparsify_rows(taus: _Rows, models: Sequence[Sparsify], start: int,
                    gens: Sequence[dict[int, np.random.PCG64]]) -> None:
     """:meth:`Sparsify.apply` on a block of every model's task vector (the rows of ``taus``, K x m, models
     with the same steps), with the DARE masks of models that share a drop rate made by a few kernels over the
     whole block instead of a few per model."""
+    m = taus.a.shape[1]
     for j, step in enumerate(models[0].steps):
         if step == "random":
             keeps = {_keep_of(sp.drop_rate) for sp in models}
             keep = keeps.pop()
-            if not keeps and 0 < keep < 65536 and taus.shape[1]:
+            if not keeps and 0 < keep < 65536 and m:
                 _drop_rows(taus, keep, [g[j] for g in gens], models[0].rescale)
             else:
                 for i, sp in enumerate(models):
-                    random_drop(taus[i], sp.drop_rate, gens[i][j], rescale=sp.rescale, inplace=True)
+                    random_drop(taus.rows_t[i], sp.drop_rate, gens[i][j], rescale=sp.rescale, inplace=True)
         elif step in TRIM_STEPS:
             trims = [sp.trims[j] for sp in models]
             if any(t is not None and t.drop is not None for t in trims):
                 _band_rows(taus, trims, start)
                 continue
-            ws = workspace(3 * taus.shape[1], torch.int32, "trim")
-            for i, trim in enumerate(trims):
+            ws = workspace(3 * m, torch.int32, "trim")
+            for row, trim in zip(taus.rows_t, trims, strict=True):
                 if trim is not None:
-                    trim.apply(taus[i], start, ws)
+                    trim.apply(row, start, ws)
 
 
-def _band_rows(taus: Tensor, trims: Sequence[TensorTrim | None], start: int) -> None:
+def _band_rows(taus: _Rows, trims: Sequence[TensorTrim | None], start: int) -> None:
     """:meth:`TensorTrim.apply` on every row of ``taus`` (K x m, at position ``start``) with a few kernels
-    over the whole block: int32 masks from each row's key thresholds on this block; a row whose edge cuts
-    its tied entries inside the block is then corrected on the part past (keep) or before (drop) the cut."""
-    k, m = taus.shape
-    ws = workspace(3 * k * m, torch.int32, "band").view(3, k, m)
-    keys, inside, outside = magnitude_keys(taus, out=ws[0]), ws[1], ws[2]
-    keep, drop, fixes = [], [], []
+    over the whole block: each row keeps the entries whose magnitude key k lies in its band [lo, lo + width),
+    one unsigned comparison ``(k - lo) mod 2^32 < width``; a row whose edge cuts its tied entries inside the
+    block is corrected on the part past (keep) or before (drop) the cut, by the keys the entries had before
+    any mask (as the band's own mask, applied last)."""
+    k, m = taus.a.shape
+    keys = workspace(k * m, torch.int32, "band").view(k, m).numpy().view(np.uint32)
+    inside = workspace(k * m, torch.bool, "band inside").view(k, m).numpy()
+    lo, width, fixes = [], [], []
     for i, t in enumerate(trims):
         if t is None:  # keeps everything
-            keep.append(0)
-            drop.append(MAX_KEY + 1)
+            lo.append(0)
+            width.append(MAX_KEY + 1)
             continue
         if t.keep is None:  # keeps nothing
-            keep.append(MAX_KEY + 1)
-            drop.append(MAX_KEY + 1)
+            lo.append(0)
+            width.append(0)
             continue
         # keep: ties before the cut are in, so a cut inside the block keeps them here and fixes the rest after
-        keep.append(t.keep.key if t.keep.index > start else t.keep.key + 1)
+        keep = t.keep.key if t.keep.index > start else t.keep.key + 1
         if start < t.keep.index < start + m:
             fixes.append((i, t.keep.index - start, m, t.keep.key + 1, False))
-        if t.drop is None:
-            drop.append(MAX_KEY + 1)
-            continue
-        # drop: ties before the cut are dropped; a cut inside the block drops only the larger keys here
-        drop.append(t.drop.key if t.drop.index >= start + m else t.drop.key + 1)
-        if start < t.drop.index < start + m:
-            fixes.append((i, 0, t.drop.index - start, t.drop.key, True))
-    for thresholds, out in ((keep, inside), (drop, outside)):  # as _at_least, row by row (K - 1 fits in int32)
-        torch.sub(torch.tensor([t - 1 for t in thresholds], dtype=torch.int32)[:, None], keys, out=out)
-        out.bitwise_right_shift_(31)
-    _and_mask(taus, inside.bitwise_and_(outside.bitwise_not_()))
-    for i, a, b, key, dropping in fixes:
-        bits = _at_least(keys[i, a:b], key, inside[i, a:b])
-        _and_mask(taus[i, a:b], bits.bitwise_not_() if dropping else bits)
+        drop = MAX_KEY + 1
+        if t.drop is not None:
+            # drop: ties before the cut are dropped; a cut inside the block drops only the larger keys here
+            drop = t.drop.key if t.drop.index >= start + m else t.drop.key + 1
+            if start < t.drop.index < start + m:
+                fixes.append((i, 0, t.drop.index - start, t.drop.key, True))
+        lo.append(keep)
+        width.append(max(0, drop - keep))
+    if taus.a.dtype == np.float32:
+        np.bitwise_and(taus.a.view(np.int32), MAX_KEY, out=keys.view(np.int32))
+    else:
+        magnitude_keys(taus.t, out=torch.from_numpy(keys.view(np.int32)))
+    np.subtract(keys, np.array(lo, dtype=np.uint32)[:, None], out=keys)  # wraps below lo: then >= 2^31 >= width
+    np.less(keys, np.array(width, dtype=np.uint32)[:, None], out=inside)
+    for i, a, b, key, dropping in fixes:  # by the keys before any mask (masks commute: each zeroes an entry)
+        at_least = np.greater_equal(keys[i, a:b] + np.uint32(lo[i]), key)  # the keys again: (k - lo) + lo
+        kept = np.logical_not(at_least) if dropping else at_least
+        _and_mask(taus.rows_t[i][a:b], torch.from_numpy(kept).to(torch.int32).neg_())
+    _keep_rows(taus, inside)
 
 
-def _drop_rows(taus: Tensor, keep: int, gens: Sequence[np.random.PCG64], rescale: bool) -> None:
+def _drop_rows(taus: _Rows, keep: int, gens: Sequence[np.random.PCG64], rescale: bool) -> None:
     """:func:`random_drop` of each row of ``taus`` (K x m, each row with its own stream, all with the same
     ``keep``), in place."""
-    k, m = taus.shape
+    k, m = taus.a.shape
     q = (m + 3) // 4
     raw = workspace(k * q, torch.int64, "draws").view(k, q).numpy().view(np.uint64)
     for i, g in enumerate(gens):
         raw[i] = g.random_raw(q)
-    mask = workspace(k * m, torch.int32, "masks").view(k, m)
-    mask.copy_(torch.from_numpy(raw.view(np.uint16)[:, :m]))  # as random_drop: kept where u < keep
-    _and_mask(taus, mask.sub_(keep).bitwise_right_shift_(31))
+    kept = workspace(k * m, torch.bool, "kept").view(k, m).numpy()
+    np.less(raw.view(np.uint16)[:, :m], keep, out=kept)  # as random_drop: kept where u < keep
+    _keep_rows(taus, kept)
     if rescale:
-        taus.mul_(65536 / keep)
+        taus.t.mul_(65536 / keep)
+
+
+def _keep_rows(taus: _Rows, kept: np.ndarray) -> None:
+    """:func:`_and_mask` of the block ``taus`` by the boolean ``kept`` (K x m): float32 entries are multiplied
+    as int32 bit patterns by 1 or 0 (the entry or +0, as the AND with -1 or 0, one pass); other dtypes go
+    through :func:`_and_mask` itself."""
+    if taus.a.dtype == np.float32:
+        bits = taus.a.view(np.int32)
+        np.multiply(bits, kept, out=bits)
+    else:
+        _and_mask(taus.t, torch.from_numpy(kept).to(torch.int32).neg_())
 
 
 def _resolve(models: Sequence[Sparsify], xs: Sequence[Tensor], base: Tensor) -> None:
@@ -773,17 +821,18 @@ class _Combine:
         return cls(w, consensus, normalize, lam, count, scale)
 
 
-def _combine_block(base: Tensor, taus: Tensor, plan: _Combine, work: Tensor) -> None:
+def _combine_block(base: Tensor, taus: Tensor, plan: _Combine, work: Tensor,
+                   views: tuple[_Rows, _Rows] | None = None) -> None:
     """Merge one block in place: ``base += lam * combine(taus)`` for ``taus`` (K x m, the block of each model's
     weighted task vector, overwritten), where combine is their sum, divided by the summed weights if
     ``normalize``; with ``consensus`` only the entries that agree with the elected sign count (the disjoint
     mean of TIES). Sums run over the models in order, as mergekit's ``sum(dim=0)`` over stacked tensors.
-    ``work``: 4 x m scratch."""
-    k = taus.shape[0]
+    ``work``: 4 x m scratch; ``views``: ``taus`` and ``work`` with their rows (made when not given)."""
+    t, w = views if views is not None else (_Rows.of(taus), _Rows.of(work))
     if not plan.consensus:
-        mixed = taus[0]
-        for i in range(1, k):
-            mixed += taus[i]
+        mixed = t.rows_t[0]
+        for row in t.rows_t[1:]:
+            mixed += row
         total_w = float(sum(plan.weights))
         if plan.normalize and abs(total_w) >= 1e-8:
             mixed /= total_w
@@ -794,13 +843,13 @@ def _combine_block(base: Tensor, taus: Tensor, plan: _Combine, work: Tensor) -> 
     # Sign election with every entry turned positive: x_k = t_k * sgn > 0 exactly where t_k agrees with the
     # elected sign sgn (+1 where the sum is >= 0); the sum of the agreeing entries is sgn * sum_k max(x_k, 0),
     # bit for bit the sum of the agreeing t_k (multiplying by +-1 and adding zeros are exact).
-    total, sgn, mixed, divisor = work
-    _sum_rows(taus, total)
+    total, sgn, mixed, divisor = w.rows_t
+    _sum_rows(t.rows_t, total)
     torch.copysign(sgn.fill_(1), total, out=sgn)
     taus.mul_(sgn).clamp_(min=0)
-    _sum_rows(taus, mixed)
+    _sum_rows(t.rows_t, mixed)
     if plan.normalize:
-        w = plan.weights
+        ws = plan.weights
         taus.sign_()  # 1 where the model agrees, else 0
         if plan.count is not None:
             torch.sum(taus, 0, out=divisor)  # small integers: exact in any order
@@ -809,11 +858,11 @@ def _combine_block(base: Tensor, taus: Tensor, plan: _Combine, work: Tensor) -> 
             elif plan.scale != 1:
                 divisor *= plan.scale
         else:
-            torch.mul(taus[0], w[0], out=divisor)
-            for i in range(1, k):
-                divisor.add_(taus[i], alpha=w[i])
-        if min(w) > 0:  # a zero divisor has a zero sum over it; any positive stand-in gives 0 there
-            divisor.clamp_(min=min(w))
+            torch.mul(t.rows_t[0], ws[0], out=divisor)
+            for i in range(1, len(ws)):
+                divisor.add_(t.rows_t[i], alpha=ws[i])
+        if min(ws) > 0:  # a zero divisor has a zero sum over it; any positive stand-in gives 0 there
+            divisor.clamp_(min=min(ws))
         else:
             divisor += divisor == 0
         mixed /= divisor
@@ -823,14 +872,41 @@ def _combine_block(base: Tensor, taus: Tensor, plan: _Combine, work: Tensor) -> 
     base += mixed
 
 
-def _sum_rows(rows: Tensor, out: Tensor) -> None:
+def _sum_rows(rows: Sequence[Tensor], out: Tensor) -> None:
     """``out = rows[0] + rows[1] + ...``, added in order."""
-    if rows.shape[0] == 1:
+    if len(rows) == 1:
         out.copy_(rows[0])
         return
     torch.add(rows[0], rows[1], out=out)
-    for i in range(2, rows.shape[0]):
-        out += rows[i]
+    for row in rows[2:]:
+        out += row
+
+
+def _widens(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether ``src`` converts to ``dst`` exactly and is what ``torch.sub`` of the two computes in (``src``
+    narrower or the same)."""
+    return torch.promote_types(src, dst) == dst
+
+
+def _difference(x: Tensor, base: Tensor, out: Tensor) -> Tensor:
+    """``out = x - base`` in ``out``'s dtype (``base``'s). A narrower ``x`` (bfloat16) is widened into ``out`` and
+    the base subtracted in place: the values ``torch.sub`` gives (it widens exactly too), without the temporary
+    it allocates for the widened copy (a fresh buffer costs page faults)."""
+    if x.dtype != out.dtype and _widens(x.dtype, out.dtype):
+        return out.copy_(x).sub_(base)
+    return torch.sub(x, base, out=out)
+
+
+def _differences(xs: Sequence[Tensor], base: Tensor, taus: _Rows) -> None:
+    """``taus[i] = xs[i] - base`` for a block (``taus``: K x m): rows widened one by one, then one subtraction
+    of the base from every row (see :func:`_difference`)."""
+    if all(x.dtype != taus.t.dtype and _widens(x.dtype, taus.t.dtype) for x in xs):
+        for row, x in zip(taus.rows_t, xs, strict=True):
+            row.copy_(x)
+        taus.t.sub_(base)
+        return
+    for row, x in zip(taus.rows_t, xs, strict=True):
+        _difference(x, base, row)
 
 
 def _combine(out: Tensor, xs: Sequence[Tensor], models: Sequence[Sparsify], plan: _Combine) -> None:
@@ -843,22 +919,26 @@ def _combine(out: Tensor, xs: Sequence[Tensor], models: Sequence[Sparsify], plan
     step = min(BLOCK, n)
     bounds = _ranges(n)
     sparse = any(s != "none" for s in models[0].steps)
+    weights = None if all(w == 1 for w in plan.weights) else torch.tensor(plan.weights, dtype=out.dtype)[:, None]
 
     def run(p: int) -> None:
-        gens = [m.streams(bounds[p]) for m in models]
+        lo, hi = bounds[p], bounds[p + 1]
+        gens = [m.streams(lo) for m in models]
         work = workspace((k + 4) * step, out.dtype, "combine")
         stack, scratch = work[:k * step].view(k, step), work[k * step:].view(4, step)
-        weights = None if all(w == 1 for w in plan.weights) else torch.tensor(plan.weights, dtype=out.dtype)[:, None]
-        for s in range(bounds[p], bounds[p + 1], step):
-            e = min(s + step, n)
-            block, taus = out[s:e], stack[:, :e - s]
-            for i, x in enumerate(xs):
-                torch.sub(x[s:e], block, out=taus[i])
+        # the views of every block made in a few calls up front (a view costs as much as a kernel on a block)
+        pieces = [x[lo:hi].split(step) for x in xs]
+        full = (_Rows.of(stack), _Rows.of(scratch))
+        for b, block in enumerate(out[lo:hi].split(step)):
+            m = len(block)
+            taus, w = full if m == step else (_Rows.of(stack[:, :m]), _Rows.of(scratch[:, :m]))
+            start = lo + b * step
+            _differences([piece[b] for piece in pieces], block, taus)
             if sparse:
-                _sparsify_rows(taus, models, s, gens)
+                _sparsify_rows(taus, models, start, gens)
             if weights is not None:
-                taus.mul_(weights)
-            _combine_block(block, taus, plan, scratch[:, :e - s])
+                taus.t.mul_(weights)
+            _combine_block(block, taus.t, plan, w.t, (taus, w))
 
     parallel(run, len(bounds) - 1)
 

@@ -8,20 +8,20 @@ add ``lambda`` times the result to the base. :func:`generalized_task_arithmetic`
 shape of mergekit's "generalized task arithmetic"); the named methods in
 :mod:`polytask.merging.methods` only fix its parts.
 
-Every function here is pure unless called with ``inplace=True``/``consume=True``, which lets the
-streaming merge reuse the buffers it has just read instead of allocating copies. The models may stay in
-their stored dtype (e.g. bfloat16): kernels that mix dtypes widen them as they read, exactly as a
-conversion would, so no widened copy of a model is made. A tensor is merged block by block
+Every function here is pure unless called with ``inplace=True``/``consume=True``, which lets the streaming
+merge reuse the buffers it has just read instead of allocating copies. The models may stay in their stored
+dtype (e.g. bfloat16): they are widened block by block (exactly, as a conversion would) into the workspace
+where their task vectors are made, so no widened copy of a model is made. A tensor is merged block by block
 (:data:`BLOCK` entries of every model, small enough to stay in a core's cache): the differences from the
 base, their sparsification, weighting and combination all happen on the block, so no task vector is stored
 whole; only a trim first reads each model's whole tensor, to rank it. Temporaries live in per-thread
 workspaces that are reused (a fresh large allocation costs a page fault per 4 KiB, which on a VM is more
-than the arithmetic done on it; a narrower model is widened into a workspace explicitly, as ``torch.sub``
-with mixed dtypes would allocate a widened copy per call), and the work is split between worker threads
-that run torch's kernels on one thread each (:func:`kernel_threads`). A block's masks (DARE's drop, the
-band of breadcrumbs) are made with numpy's integer kernels, which cost a third of a torch call to launch and
-have the unsigned comparisons and mixed-type products that make a mask in fewer passes; its floating-point
-arithmetic stays torch's, whose choice among two NaN operands (their sign and payload) numpy does not share.
+than the arithmetic done on it; ``torch.sub`` of a narrower model would allocate a widened copy per call),
+and the work is split between worker threads that run torch's kernels on one thread each
+(:func:`kernel_threads`). A block's masks (DARE's drop, the band of breadcrumbs) are made with numpy's
+integer kernels, which cost a third of a torch call to launch and have the unsigned comparisons and
+mixed-type products that make a mask in fewer passes; its floating-point arithmetic stays torch's, whose
+choice among two NaN operands (their sign and payload) numpy does not share.
 
 Trims keep an exact number of entries. A trim threshold of one tensor is an exact order statistic of the
 magnitudes (``numpy.partition`` on their float32 bit patterns, in place in a workspace); over a whole
@@ -309,11 +309,24 @@ def scan_finder(keys: np.ndarray) -> Finder:
             equal = np.equal(piece, key, out=eq[:len(piece)])
             c = int(np.count_nonzero(equal))
             if seen + c >= left:
-                return s + int(np.flatnonzero(equal)[left - seen - 1]) + 1, left
+                return s + _nth_true(equal, left - seen) + 1, left
             seen += c
         return len(keys), seen
 
     return find
+
+
+def _nth_true(mask: np.ndarray, nth: int) -> int:
+    """The index of the ``nth`` (1-based) True of ``mask``, which has at least that many: found by counting
+    small chunks first (the indices of every True of a large piece would be a large temporary)."""
+    step = 8192
+    for s in range(0, len(mask), step):
+        chunk = mask[s:s + step]
+        c = int(np.count_nonzero(chunk))
+        if nth <= c:
+            return s + int(np.flatnonzero(chunk)[nth - 1])
+        nth -= c
+    raise ValueError("the mask has fewer True entries than asked for")
 
 
 @dataclass
@@ -630,7 +643,7 @@ class Sparsify:
                 equal = np.equal(piece.numpy(), key, out=eq[:len(piece)])
                 c = int(np.count_nonzero(equal))
                 if seen + c >= left:
-                    return s + int(np.flatnonzero(equal)[left - seen - 1]) + 1, left
+                    return s + _nth_true(equal, left - seen) + 1, left
                 seen += c
             return self.n, seen
 

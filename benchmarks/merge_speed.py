@@ -18,14 +18,25 @@ budget (read-ahead, and idle buffers kept for reuse).
 
     python benchmarks/merge_speed.py [--dir /tmp/merge-speed] [--n 8] [--rounds 3] [--methods ties dare_ties]
                                      [--dtype bfloat16] [--mergekit /tmp/mkvenv/bin/mergekit-yaml] [--keep]
+
+``--kernels`` measures the merge kernels alone instead: the CPU nanoseconds per model entry of each method on a
+few tensors of the family held in memory (the input embedding and layer 0's up and query projections by
+default, ``--tensors``), in this process with ``--threads`` worker threads (default 1: the cost of the work,
+not of a busy machine), round after round. With ``--baseline-ops FILE`` (another version of
+``polytask/merging/ops.py``, e.g. ``git show REV:src/polytask/merging/ops.py > /tmp/ops_before.py``) each round
+times both implementations in alternating order and checks that they give the same bytes:
+
+    python benchmarks/merge_speed.py --dir /tmp/ms --kernels --baseline-ops /tmp/ops_before.py --rounds 9 --keep
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import mmap
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -123,11 +134,89 @@ def child(argv: list[str]) -> None:
         print(json.dumps({"import_s": t_imported - T_START}))
         return
     cpu = time.process_time()
+    before = resource.getrusage(resource.RUSAGE_SELF)
     s = merge_checkpoints(a.base, a.models, a.method, a.out, PARAMS[a.method],
                           options={"prefetch": a.prefetch}, copy_files=False)
+    after = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"import_s": t_imported - T_START, "merge_s": time.perf_counter() - t_imported,
-                      "merge_cpu_s": time.process_time() - cpu,
+                      "merge_cpu_s": time.process_time() - cpu, "merge_sys_s": after.ru_stime - before.ru_stime,
                       "input_bytes": s["input_bytes"], "output_bytes": s["output_bytes"]}))
+
+
+def load_ops(path: str) -> object:
+    """Another version of ``polytask.merging.ops`` loaded from ``path`` as its own module."""
+    spec = importlib.util.spec_from_file_location("polytask_baseline_ops", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--baseline-ops: cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+def kernels(args: argparse.Namespace, base: Path, variants: list[Path], params_total: int) -> dict[str, object]:
+    """CPU ns per model entry of each method's merge of ``args.tensors`` held in memory (see the module doc)."""
+    import torch
+
+    from polytask.merging import methods, open_checkpoint
+    from polytask.merging import ops as current
+
+    torch.set_num_threads(1)
+    impls = {"current": current}
+    if args.baseline_ops:
+        impls["baseline"] = load_ops(args.baseline_ops)
+    n = max(args.n)
+    ckpts = [open_checkpoint(p) for p in [base, *variants[:n]]]
+    data = {name: [c.load(name) for c in ckpts] for name in args.tensors}
+    for c in ckpts:
+        c.close()
+    entries = sum(data[name][0].numel() for name in args.tensors) * n
+
+    bases = {name: torch.empty(data[name][0].shape) for name in args.tensors}  # the merge writes into the base
+
+    def once(module: object, method: str) -> tuple[float, list[bytes]]:
+        methods.ops = module  # type: ignore[assignment]  # the methods call ops.<function> at call time
+        entry, p, mp, w = methods.data_free_setup(method, PARAMS[method], None, None, n)
+        for name in args.tensors:
+            bases[name].copy_(data[name][0])
+        outs, seconds = [], 0.0
+        with module.kernel_threads(args.threads):  # type: ignore[attr-defined]
+            for name in args.tensors:
+                inp = methods.MergeInputs(name, bases[name], data[name][1:], w, p, mp, 0, None, consume=True,
+                                          dtype=torch.float32)
+                cpu = time.process_time()
+                out = entry.build(inp)
+                seconds += time.process_time() - cpu
+                outs.append(out.numpy().tobytes())
+        return seconds / entries * 1e9, outs
+
+    result: dict[str, object] = {}
+    try:
+        for method in args.methods:
+            times: dict[str, list[float]] = {k: [] for k in impls}
+            loads = []
+            for r in range(args.rounds):
+                loads.append(os.getloadavg()[0])
+                order = list(impls) if r % 2 == 0 else list(impls)[::-1]
+                got = {}
+                for label in order:
+                    ns, got[label] = once(impls[label], method)
+                    times[label].append(ns)
+                if len(got) > 1 and got["current"] != got["baseline"]:
+                    raise SystemExit(f"{method}: the current and baseline ops give different bytes")
+            row: dict[str, object] = {k: spread(v) for k, v in times.items()}
+            if "baseline" in times:
+                ratio = statistics.median(times["current"]) / statistics.median(times["baseline"])
+                row["current_over_baseline"] = ratio
+                row["same_bytes"] = True
+            row["load_average_1min"] = loads
+            result[method] = row
+            print(json.dumps({"method": method, **row}), file=sys.stderr, flush=True)
+    finally:
+        methods.ops = current
+    return {"benchmark": "merge_speed --kernels", "tensors": args.tensors, "models": n, "entries": entries,
+            "threads": args.threads, "model_parameters": params_total, "params": {m: PARAMS[m] for m in args.methods},
+            "cpu_ns_per_model_entry": result, "baseline_ops": args.baseline_ops}
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -152,6 +241,11 @@ def main() -> None:
     ap.add_argument("--mergekit", default=None, help="path of mergekit-yaml to time on the same jobs")
     ap.add_argument("--prefetch", default="512MiB")
     ap.add_argument("--keep", action="store_true", help="keep the built models for another run")
+    ap.add_argument("--kernels", action="store_true", help="time the merge kernels in memory (see the module doc)")
+    ap.add_argument("--baseline-ops", default=None, help="with --kernels: an ops.py to interleave with the current")
+    ap.add_argument("--threads", type=int, default=1, help="with --kernels: merge worker threads")
+    ap.add_argument("--tensors", nargs="*", default=["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight",
+                                                      "model.layers.0.self_attn.q_proj.weight"])
     args = ap.parse_args()
 
     import torch
@@ -180,6 +274,11 @@ def main() -> None:
         sizes = {n: c.info(n).nbytes for n in c.names()}
         params = sum(c.info(n).numel for n in c.names())
     largest_compute = max(sizes.values()) * 4 // torch.empty((), dtype=dtype).element_size()
+    if args.kernels:
+        print(json.dumps(kernels(args, base, variants, params), indent=2))
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+        return
 
     can_drop = drop_caches()
     speed = None if can_drop else direct_read_speed(weight_files([base])[0])
@@ -201,6 +300,7 @@ def main() -> None:
             ([f"mergekit:{m}" for m in args.methods if m in MERGEKIT] if args.mergekit else [])
         times: dict[str, list[float]] = {k: [] for k in labels}
         cpus: dict[str, list[float]] = {k: [] for k in labels}
+        syss: dict[str, list[float]] = {k: [] for k in labels}
         loads: list[float] = []
         rss: dict[str, list[int]] = {k: [] for k in labels}
         ratios: dict[str, list[float]] = {k: [] for k in labels[1:]}
@@ -228,6 +328,7 @@ def main() -> None:
                     seconds = json.loads(out)["merge_s"] if rc == 0 else None
                     if rc == 0:
                         cpus[label].append(json.loads(out)["merge_cpu_s"])
+                        syss[label].append(json.loads(out)["merge_sys_s"])
                 else:
                     mk_method, mk_params = MERGEKIT[method]
                     cfg = {"merge_method": mk_method, "dtype": args.dtype,
@@ -262,6 +363,7 @@ def main() -> None:
             if cpus[label]:  # CPU seconds of the merge (all its threads): less sensitive to a busy machine
                 entry["cpu_seconds"] = spread(cpus[label])
                 entry["cpu_ns_per_model_entry"] = statistics.median(cpus[label]) / (params * n) * 1e9
+                entry["sys_cpu_seconds"] = spread(syss[label])  # the kernel's share: reads, page faults, writes
             if rss[label]:
                 entry["peak_rss_bytes"] = max(rss[label])
                 if label.startswith("polytask"):

@@ -265,7 +265,7 @@ def continual(
                 raise PolytaskError("--search-schedule searches for a config; give CONFIG, not --resume")
             import json
 
-            from polytask.continual.schedule_search import search_schedule as search
+            from polytask.flows.schedule_search import search_schedule as search
 
             found = search(cfg, search_schedule, reporter=Reporter(quiet=quiet))
             typer.echo(f"best schedule (validation reward {found['best']['reward']:.4f}): "

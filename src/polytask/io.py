@@ -14,21 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from polytask.errors import RunLockedError, StorageError
-
-# safetensors' dtype codes (the header's "dtype" field) and the torch dtypes they name
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
-                     ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        DTYPES[_name] = getattr(torch, _attr)
-CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 try:
     import fcntl

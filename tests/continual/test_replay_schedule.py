@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from polytask.continual import STRATEGIES, Stream, build_strategy, build_stream
 from polytask.continual.config import ContinualConfig
-from polytask.continual.schedule_search import (
+from polytask.flows.schedule_search import (
     Node,
     action_count,
     action_space,

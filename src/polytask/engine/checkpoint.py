@@ -17,9 +17,21 @@ import torch
 from safetensors import safe_open
 
 from polytask.errors import CheckpointError
-from polytask.io import CODES, atomic_write_bytes
+from polytask.io import atomic_write_bytes
 
 _KEY = "polytask"
+
+# safetensors' dtype codes (the header's "dtype" field) and the torch dtypes they name
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
+                     ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        DTYPES[_name] = getattr(torch, _attr)
+CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 
 def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:

@@ -21,9 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from polytask.engine.checkpoint import CODES, DTYPES
 from polytask.errors import CheckpointError
-from polytask.io import CODES, DTYPES
-
 
 MAX_HEADER = 100 * 1024 * 1024
 _MAX_IO = 1 << 30  # bytes per read/write call (Linux caps one call near 2 GiB)

@@ -7,7 +7,7 @@ online), ``si``, ``mas``; distillation: ``lwf``.
 Rehearsal (``buffer``: the one memory of rows; ``rehearsal``: filling it and reading it at every step): ``replay``,
 ``der`` (DER and DER++), ``er_ace``, ``agem``; ``gdumb`` trains from scratch on its memory alone; ``replay_schedule``
 replays a memory composed over earlier experiences by a replay schedule (searched in
-:mod:`polytask.continual.schedule_search`).
+:mod:`polytask.flows.schedule_search`).
 
 Task-id prediction: ``hat`` (hard attention masks on the hidden units per task, task-incremental); ``tpl`` (HAT task
 learners with replay, the task predicted by a likelihood ratio, class-incremental).

@@ -8,7 +8,7 @@ the memory of experience t holds ``m_j ≈ p_t,j · M`` rows of experience j. Ea
 concatenated with a batch drawn from that memory, as experience replay does (``replay``'s loss; with ``weight``
 λ = 1 the mean over the concatenated batch, as the official ``train_batch``). The default schedule is the paper's
 equal task schedule (ETS): ``p_t,j = 1/t``. The schedule that does best is searched for by Monte Carlo tree search
-(:mod:`polytask.continual.schedule_search`).
+(:mod:`polytask.flows.schedule_search`).
 
 How it maps to the code: the store is the rehearsal :class:`~polytask.continual.strategies.buffer.Buffer` (``size``
 rows, ``policy`` class-balanced by default: the official code keeps the same number of rows per class), filled once

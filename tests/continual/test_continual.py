@@ -182,10 +182,15 @@ def first_scenario(strategy):
     return "class" if "class" in built.scenarios else built.scenarios[0]
 
 
+# the kill between experiences exercises the flow's end-of-experience bookkeeping: a buffer filled at the end, Fisher
+# matrices measured there, experts and a selector trained there
+BETWEEN = {"replay", "ewc", "tame"}
+
+
 @pytest.mark.parametrize("strategy", [s for s in STATEFUL_FIRST if s not in OWN_RESUME_TEST])
 def test_sigkills_inside_and_between_experiences_resume_bit_identically(tmp_path, strategy):
-    """Every registered strategy: a run killed mid-experience, then again at the end of an experience (after its
-    weights are saved, before its row is), resumes to the same weights and matrix as a run that never stopped."""
+    """Every registered strategy: a run SIGKILLed mid-experience (and, for a few, again at the end of an experience,
+    before its weights land) resumes to the same weights and matrix as a run that never stopped."""
     cfg = small_config(tmp_path, [{"name": strategy, "params": EXAMPLE_PARAMS.get(strategy, {})}],
                        scenario=first_scenario(strategy), name="straight", epochs=1)
     straight, _ = continual(ContinualConfig.model_validate(cfg))
@@ -194,8 +199,9 @@ def test_sigkills_inside_and_between_experiences_resume_bit_identically(tmp_path
     killed = tmp_path / "killed"
     out = _cli(["continual", str(path), "--quiet"], {"POLYTASK_KILL_AT": "step:5"})  # inside an experience
     assert out.returncode == -9, out.stderr
-    out = _cli(["continual", "--resume", str(killed), "--quiet"], {"POLYTASK_KILL_AT": "write:end.safetensors:1"})
-    assert out.returncode == -9, out.stderr  # between experiences: weights written, the matrix row not yet
+    if strategy in BETWEEN:
+        out = _cli(["continual", "--resume", str(killed), "--quiet"], {"POLYTASK_KILL_AT": "write:end.safetensors:1"})
+        assert out.returncode == -9, out.stderr  # between experiences: its end state not written yet
     continual(None, resume=killed)
     for d in sorted((straight / "jobs").glob("*/*")):
         twin = killed / "jobs" / d.parent.name / d.name

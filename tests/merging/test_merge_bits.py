@@ -4,7 +4,6 @@ are pinned to what the implementation gave before the merge kernels were made fa
 any block size and number of worker threads."""
 
 import hashlib
-import json
 
 import pytest
 import torch
@@ -35,10 +34,6 @@ CASES = [
 WEIGHTS = [1.0, -0.5, 2.0]
 
 
-def key(params: dict) -> str:
-    return json.dumps(params, sort_keys=True)
-
-
 def inputs(kind: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """A base and three models: bfloat16 models with their differences on a coarse grid (ties), signed zeros
     in base and models, or a few NaN and inf entries."""
@@ -63,6 +58,7 @@ def inputs(kind: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
 
 
 def merged(method: str, params: dict, kind: str, compute: str) -> torch.Tensor:
+    """One merge of :func:`inputs` (models bfloat16, or float64 with the base for float64 compute)."""
     base, models = inputs(kind)
     dtype = getattr(torch, compute)
     weights = None if method == "average" and kind == "nonfinite" else WEIGHTS
@@ -71,10 +67,12 @@ def merged(method: str, params: dict, kind: str, compute: str) -> torch.Tensor:
 
 
 def digest(t: torch.Tensor) -> str:
+    """The first 16 hex digits of the SHA-256 of the tensor's bytes."""
     return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
 
 
-# (index in CASES, compute dtype) -> digests with each of BLOCKS, computed with the code of commit 821f90d
+# (index in CASES, compute dtype) -> digests with each of BLOCKS, computed by run_all with commit 821f90d's
+# ops.py standing in for polytask.merging.ops (here and in polytask.merging.methods)
 GOLDEN: dict[tuple[int, str], str] = {
     (0, 'float32'): 'b8b5c5f8f4def9b2/b8b5c5f8f4def9b2/b8b5c5f8f4def9b2',
     (0, 'float64'): '08bcb47cb34a81fc/08bcb47cb34a81fc/08bcb47cb34a81fc',
@@ -115,8 +113,11 @@ def run_all(method: str, params: dict, kind: str, compute: str, monkeypatch: pyt
     out = []
     for block, workers in zip(BLOCKS, (2, 1, 2), strict=True):
         monkeypatch.setattr(ops, "BLOCK", block)
-        if hasattr(ops, "PIECE"):  # pieces of the whole-tensor passes as long as the blocks: a narrowing kernel
-            monkeypatch.setattr(ops, "PIECE", block)  # (NaN payloads) ends each piece alike (as 2^16 and 2^18 do)
+        # the whole-tensor passes in pieces as long as the blocks: float64 keys narrow a NaN's payload in one way
+        # in a kernel's vector body and another in its tail, so pieces must end where the blocks did (as the
+        # default 2^18 and 2^16 both do, at multiples of every vector width)
+        if hasattr(ops, "PIECE"):
+            monkeypatch.setattr(ops, "PIECE", block)
         with ops.kernel_threads(workers):
             out.append(digest(merged(method, params, kind, compute)))
     return out

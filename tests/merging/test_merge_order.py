@@ -10,6 +10,7 @@ from polytask.merging.stream import merge_order
 
 
 def test_large_tensors_of_one_shape_are_merged_one_after_the_other():
+    """A tensor taking half the budget or more pulls the later ones of its dtype, shape and size up behind it."""
     f32 = torch.float32
     out = {"embed": (f32, (30, 4)), "a": (f32, (4, 4)), "b": (f32, (30, 4)), "c": (f32, (4, 4)), "head": (f32, (30, 4)),
            "norm": (f32, (4,))}

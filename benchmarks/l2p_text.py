@@ -33,6 +33,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from text_encoder import BAD, CLOSERS, GOOD, OPENERS  # the same words as the multi-task text benchmark
 
 from polytask.continual import STRATEGIES, build_stream
 from polytask.continual.config import ContinualConfig
@@ -49,11 +50,7 @@ NOUNS = {
     "garden": "rose lawn hedge tulip compost greenhouse shrub orchard",
     "finance": "bank loan mortgage budget invoice pension salary stock",
 }
-GOOD = ["great", "wonderful", "excellent", "brilliant", "superb", "lovely", "fantastic", "impressive"]
-BAD = ["awful", "boring", "terrible", "dull", "disappointing", "poor", "mediocre", "weak"]
 VERBS = ["was", "felt", "seemed", "looked", "will be", "is going to be"]
-OPENERS = ["", "honestly,", "i think", "in my view", "frankly,", "to be fair,"]
-CLOSERS = ["", ", as expected", " this year", " overall", " again", " for sure"]
 
 
 def reviews(topics: list[str], per_topic: int, seed: int) -> pd.DataFrame:

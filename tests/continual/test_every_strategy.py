@@ -40,3 +40,17 @@ def test_every_strategy_runs_where_it_applies_and_names_the_scenario_where_not(t
         assert len(rows) == (1 if r["joint"] else 2), n
         assert all(len(row) == 2 and all(0 <= a <= 1 and not math.isnan(a) for a in row) for row in rows), n
         assert r["state_numel"] >= 0 and isinstance(r["added_numel"], int), n
+
+
+@pytest.mark.parametrize("other", ["ewc", "lwf", "si", "mas"])
+def test_rank_updates_composes_with_the_regularisers(tmp_path, other):
+    """Incremental rank updates freeze earlier experiences' weights; a regulariser beside it protects what still
+    trains (the frozen part cannot move) instead of failing on it, and earlier tasks keep their accuracy."""
+    cfg = {"seeds": [0], "stream": {"name": "split-digits", "params": {"scenario": "task", "classes_per_experience": 5}},
+           "model": {"backbone": "mlp", "backbone_params": {"hidden": [16]}},
+           "train": {"epochs": 1, "batch_size": 64, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}},
+           "strategies": [{"name": "compose", "params": {"strategies": ["rank_updates", other]}}],
+           "output": {"dir": str(tmp_path), "name": other}}
+    _, summary = continual(ContinualConfig.model_validate(cfg))
+    ((r,),) = summary["results"].values()
+    assert r["accuracy"][1][0] == r["accuracy"][0][0]  # the first task's outputs did not change

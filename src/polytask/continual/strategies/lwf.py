@@ -98,6 +98,8 @@ class LwF(Strategy):
         now = model(x, names)
         total = None
         for n, classes in self.targets.items():
+            if not now[n].requires_grad:  # a frozen head and features (incremental rank updates): nothing to keep
+                continue
             if classes is None:
                 term = self.tasks[n].loss(now[n], before[n]).mean()
             elif len(classes) < 2:

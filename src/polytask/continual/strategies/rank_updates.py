@@ -36,9 +36,9 @@ here: an encoder with any other module holding parameters is refused. The base m
 with several tasks (a polytask stream may have one; the paper has one task per increment) gives them one new
 factor pair together and a selector, biases and head each. ``features`` encodes the input once per task (each
 task reads its own representation), so representation-mode and aggregator steps cost one encoder pass per task of
-the stream. Composing with a strategy that protects old weights or outputs adds nothing (they are frozen) and does
-not run: ``ewc`` keys its penalty by the parameters that train, which change every experience, and ``lwf``'s
-distillation of frozen outputs has no gradient; rehearsal composes (``replay`` was run). The paper's equation
+the stream. Composing with a strategy that protects old weights or outputs adds nothing for the frozen part (the
+regularisers and ``lwf`` leave frozen weights and outputs out) and protects what still trains (tested with ``ewc``,
+``si``, ``mas``, ``lwf``); rehearsal composes (``replay`` was run). The paper's equation
 numbers could not be checked here (its text was not available); the formula above is read off the reference code.
 """
 

@@ -30,8 +30,9 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def snapshot(model: nn.Module, names: Sequence[str] | None = None) -> Params:
-    """Detached copies of the trainable parameters (of ``names`` only when given): an anchor θ*."""
-    params = trainable(model)
+    """Detached copies of the trainable parameters, or of the parameters ``names`` (trainable or not: an importance
+    may outlive the experience that trained a weight now frozen): an anchor θ*."""
+    params = trainable(model) if names is None else dict(model.named_parameters())
     return {n: params[n].detach().clone() for n in (names if names is not None else params)}
 
 
@@ -43,10 +44,14 @@ def nonzero(importance: Mapping[str, Tensor]) -> Params:
 def quadratic_penalty(params: Mapping[str, Tensor], terms: Sequence[tuple[Mapping[str, Tensor],
                                                                         Mapping[str, Tensor]]]) -> Tensor:
     """``Σ_k Σ_i Ω_k,i (θ_i − θ*_k,i)²`` over the (importance Ω_k, anchor θ*_k) pairs ``terms``, for the current
-    parameters ``params`` (its gradient is ``2 Σ_k Ω_k (θ − θ*_k)``); names absent from an importance count zero."""
+    parameters ``params`` (its gradient is ``2 Σ_k Ω_k (θ − θ*_k)``); names absent from an importance count zero, and
+    names absent from ``params`` (parameters frozen now, as a strategy that freezes earlier experiences' weights does:
+    they cannot move, their terms are constant) are left out."""
     total: Tensor | None = None
     for importance, anchor in terms:
         for n, omega in importance.items():
+            if n not in params:
+                continue
             term = (omega * (params[n] - anchor[n]).pow(2)).sum()
             total = term if total is None else total + term
     if total is None:
@@ -122,7 +127,8 @@ class Quadratic(Strategy):
         if not self.terms:
             return None
         self.terms = to_device(self.terms, run.device)
-        return self.coefficient * quadratic_penalty(trainable(run.model), self.terms)
+        penalty = quadratic_penalty(trainable(run.model), self.terms)
+        return self.coefficient * penalty if penalty.requires_grad else None  # None: every protected weight frozen
 
     def extra_state(self) -> dict[str, Any]:
         """What a subclass keeps besides the pairs."""

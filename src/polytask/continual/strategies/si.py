@@ -39,9 +39,12 @@ def path_step(omega: Params, grad: Params, before: Params, after: Params) -> Par
 
 
 def consolidate(big_omega: Params, omega: Params, start: Params, end: Params, xi: float) -> Params:
-    """Eq. 5 with the official clamp: ``Ω ← max(0, Ω + ω / ((θ_end − θ_start)² + ξ))``."""
-    return {n: torch.clamp(big_omega.get(n, torch.zeros_like(w)) + w / ((end[n] - start[n]).pow(2) + xi), min=0)
-            for n, w in omega.items()}
+    """Eq. 5 with the official clamp: ``Ω ← max(0, Ω + ω / ((θ_end − θ_start)² + ξ))`` for the weights that trained
+    (in ``end``); the importance of a weight frozen since (absent from ``end``) is kept as it was."""
+    out = {n: v for n, v in big_omega.items() if n not in end}
+    out.update({n: torch.clamp(big_omega.get(n, torch.zeros_like(w)) + w / ((end[n] - start[n]).pow(2) + xi), min=0)
+                for n, w in omega.items() if n in end})
+    return out
 
 
 class SIParams(BaseModel):
@@ -66,9 +69,11 @@ class SI(Quadratic):
         self.pending: dict[str, Params] | None = None
 
     def init(self, run: Any) -> None:
-        if not self.start:  # the first experience's job (a resumed one then loads its saved state over this)
-            self.start = snapshot(run.model)
-            self.omega = {n: torch.zeros_like(v) for n, v in self.start.items()}
+        # the first experience's job, or weights that train from this experience on (a strategy that unfreezes new
+        # ones, as incremental rank updates do); a resumed job then loads its saved state over this
+        for n, v in snapshot(run.model).items():
+            if n not in self.start:
+                self.start[n], self.omega[n] = v, torch.zeros_like(v)
 
     def _flush(self, model: nn.Module) -> None:
         """Add the last step's term now that its parameter change is known."""
@@ -95,7 +100,7 @@ class SI(Quadratic):
         big_omega = self.terms[0][0] if self.terms else {}
         importance = nonzero(consolidate(to_device(big_omega, device), to_device(self.omega, device),
                                          to_device(self.start, device), now, self.params.xi))
-        self.terms = [(importance, {n: now[n] for n in importance})] if importance else []
+        self.terms = [(importance, snapshot(model, list(importance)))] if importance else []
         self.start = now
         self.omega = {n: torch.zeros_like(v) for n, v in now.items()}
 

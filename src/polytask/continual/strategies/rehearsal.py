@@ -98,14 +98,6 @@ def sample_loss(model: nn.Module, sample: Sample, tasks: dict[str, Task]) -> tup
     return (losses * (counts / counts.sum()).to(losses)).sum(), int(counts.sum())
 
 
-def step_loss(run: Any, step: Any) -> tuple[Tensor, int]:
-    """The step's loss recomputed as the ``equal`` method takes it (the sum of the job's task losses on the step's
-    batch) and the number of its labels."""
-    names = [t.name for t in run.tasks]
-    losses = task_losses(run.model, step.batch.sources, step.batch.rows, run.tasks)
-    return losses.sum(), labels(step.batch.sources, step.batch.rows, names)
-
-
 def model_outputs(model: nn.Module, device: torch.device, chunk: int = 1024) -> OutputFn:
     """The model's outputs of given rows and tasks, in eval mode without gradients, on the rows' device (the outputs
     DER stores: eval mode, so no dropout draws and no batch-norm statistics move)."""

@@ -7,6 +7,7 @@ skeleton kept in the safetensors header, so loading never unpickles anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -149,6 +150,17 @@ class BackgroundWriter:
             if self._pool is not None:
                 self._pool.shutdown()
                 self._pool = None
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
+        """Close; when the block raised, its error is the one to see (the write in flight still lands)."""
+        if kind is None:
+            self.close()
+        else:
+            with contextlib.suppress(Exception):
+                self.close()
 
 
 def load(path: str | os.PathLike[str]) -> Any:

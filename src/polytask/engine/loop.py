@@ -12,7 +12,6 @@ forward's autocast (the methods' validation batches too); evaluation runs in ful
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -230,7 +229,7 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, An
     pos = state.position
     reporter.start(spec.name, spec.epochs * steps, pos.epoch * steps + pos.step)
     t0 = time.perf_counter()
-    try:
+    with writer:
         model.train()
         while pos.epoch < spec.epochs:
             epoch = pos.epoch
@@ -287,12 +286,7 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, An
             pos.step = 0
             state.totals = EpochTotals.zeros(len(tasks))
             save_checkpoint()
-    except BaseException:
-        with contextlib.suppress(Exception):  # the first error is the one to see; the write in flight still lands
-            writer.close()
-        raise
     reporter.finish()
-    writer.close()
 
     if spec.select == "best":
         model.load_state_dict(state.best.model)

@@ -21,7 +21,6 @@ low-rank factors, experts, task statistics), against the architecture's own mode
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 import zlib
@@ -83,8 +82,7 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
     steps = range(1) if strategy.joint else range(len(stream.experiences))
     rows: list[list[float]] = []
     seconds = 0.0
-    writer = checkpoint.BackgroundWriter()
-    try:
+    with checkpoint.BackgroundWriter() as writer:
         for i in steps:
             d = job_dir / ("all" if strategy.joint else f"e{i}")
             if (d / DONE).is_file():
@@ -119,11 +117,6 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
             rows.append(row)
             seconds += wall
             reporter.log(f"[{entry.label} s{seed}] after {d.name}: " + " ".join(f"{v:.3f}" for v in row))
-    except BaseException:
-        with contextlib.suppress(Exception):  # the first error is the one to see; the write in flight still lands
-            writer.close()
-        raise
-    writer.close()
     return {"strategy": entry.name, "label": entry.label, "seed": seed, "joint": strategy.joint,
             "accuracy": rows, "initial": initial, "wall_time_s": seconds,
             "state_numel": _numel(strategy.state_dict()), "model_numel": base_numel,

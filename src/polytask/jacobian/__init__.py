@@ -111,19 +111,25 @@ def gramian(blocks: Sequence[Tensor]) -> Tensor:
     small eigenvalues of G, which decide MGDA, IMTL-G, Nash-MTL, ConFIG and the dual-cone projections, are
     below float32's rounding of the large ones (a float32 product gave cosines 0.6-0.95 to the exact
     direction, and ConFIG a zero update). On the CPU the upcast goes by cache-sized chunks of columns
-    (~64K values), which makes it 2-3x cheaper than upcasting a whole block; elsewhere one block at a time."""
+    (~64K values) into one reused buffer, each chunk's product added in place: at K = 10 and 131K columns
+    0.77x the time of one chunk-sized temporary per chunk and 0.93x upcasting whole blocks (the upcast, not
+    the product, is the cost); elsewhere one block at a time."""
     k = blocks[0].shape[0]
     out = torch.zeros(k, k, dtype=torch.float64, device=blocks[0].device)
-    step = max(2048, 65536 // max(k, 1))
+    step = max(256, 65536 // max(k, 1))
+    work: Tensor | None = None
     for b in blocks:
         m = b.reshape(k, -1)
         if m.device.type != "cpu" or m.dtype == torch.float64:
             m = m.to(torch.float64)
-            out += m @ m.T
+            out.addmm_(m, m.T)
             continue
+        if work is None:
+            work = torch.empty(k * step, dtype=torch.float64)
         for start in range(0, m.shape[1], step):
-            c = m[:, start:start + step].to(torch.float64)
-            out += c @ c.T
+            c = m[:, start:start + step]
+            w = work[:c.numel()].view(c.shape).copy_(c)
+            out.addmm_(w, w.T)
     return out
 
 

@@ -279,3 +279,20 @@ def test_representation_mode_without_shared_features_is_refused():
     with pytest.raises(ConfigError, match="shared features"):
         train_step(model, method, method.init(), src, [torch.arange(2)], tasks,
                    torch.optim.SGD(model.parameters(), lr=0.0), StepContext(0, 0), linear_losses)
+
+
+@pytest.mark.parametrize("method", ["equal", "upgrad"])
+def test_an_architectures_aux_loss_is_added_after_the_method(method):
+    """``aux_loss()`` (e.g. a load-balancing term) adds its gradient to whatever the method set, in both kinds."""
+    model, src, rows = setup()
+    m = build_method(MethodConfig(name=method), [t.name for t in TASKS])
+    train_step(model, m, m.init(), src, rows, TASKS, torch.optim.SGD(model.parameters(), lr=0.0), StepContext(0, 0),
+               task_losses)
+    without = {n: p.grad.clone() for n, p in model.named_parameters()}
+    first = next(model.encoder.parameters())
+    model.aux_loss = lambda: (first ** 2).sum() * 0.5  # gradient: the weight itself
+    train_step(model, m, m.init(), src, rows, TASKS, torch.optim.SGD(model.parameters(), lr=0.0), StepContext(0, 0),
+               task_losses)
+    for n, p in model.named_parameters():
+        want = without[n] + (first.detach() if p is first else 0)
+        torch.testing.assert_close(p.grad, want, msg=n)

@@ -355,7 +355,7 @@ def train_step(model: MultiTaskModel, method: Method, state: State, sources: Seq
     if method.kind == "weighting":
         losses = loss_fn(model, sources, rows, tasks)
         weights, state = weighted_backward(method, state, losses, ctx)
-        _update(opt, extra, before_update)
+        _update(opt, model, extra, before_update)
         if method.impl.after_step is not None:
             with torch.no_grad():
                 new = loss_fn(model, sources, rows, tasks)
@@ -369,7 +369,7 @@ def train_step(model: MultiTaskModel, method: Method, state: State, sources: Seq
         tg, blocks = parameter_grads(model, sources, rows, tasks, loss_fn, method.chunk, cast)
     weights, state = aggregated_backward(method, state, tg, blocks, shared, ctx,
                                          lambda: loss_fn(model, sources, rows, tasks))
-    _update(opt, extra, before_update)
+    _update(opt, model, extra, before_update)
     return tg.losses.detach(), None if weights is None else weights.detach().float(), state
 
 
@@ -380,12 +380,13 @@ def _need_features(tg: TaskGrads | None, model: MultiTaskModel) -> TaskGrads:
     return tg
 
 
-def _update(opt: torch.optim.Optimizer, extra: Callable[[], Tensor | None] | None,
+def _update(opt: torch.optim.Optimizer, model: MultiTaskModel, extra: Callable[[], Tensor | None] | None,
             before_update: Callable[[], None] | None) -> None:
-    """The end of every step: the hooks' extra loss terms backward, the hooks' gradient changes, the optimiser."""
-    term = extra() if extra is not None else None
-    if term is not None:
-        term.backward()
+    """The end of every step: the architecture's auxiliary loss and the hooks' extra loss terms backward (added
+    to the method's gradients, outside the weighting or aggregation), the hooks' gradient changes, the optimiser."""
+    terms = [t for t in (model.aux_loss(), extra() if extra is not None else None) if t is not None]
+    if terms:
+        (terms[0] if len(terms) == 1 else torch.stack(terms).sum()).backward()
     if before_update is not None:
         before_update()
     opt.step()
@@ -468,7 +469,7 @@ def accumulated_step(model: MultiTaskModel, method: Method, state: State,
             _set_rng(rngs[m], device)
             (weights * _scaled(loss_fn(model, sources, rows, tasks), frac[m])).sum().backward()
             faults.hit("micro")
-        _update(opt, extra, before_update)
+        _update(opt, model, extra, before_update)
         if method.impl.after_step is not None:
             with torch.no_grad():
                 new = sum(_scaled(loss_fn(model, s, r, tasks), frac[m]) for m, (s, r) in enumerate(micro))
@@ -515,5 +516,5 @@ def accumulated_step(model: MultiTaskModel, method: Method, state: State,
 
     weights, state = aggregated_backward(method, state, effective, blocks, shared, ctx,
                                          push=push if representation else None)
-    _update(opt, extra, before_update)
+    _update(opt, model, extra, before_update)
     return total_losses, None if weights is None else weights.detach().float(), state

@@ -50,6 +50,13 @@ class MultiTaskModel(nn.Module):
         """Per-task outputs computed from ``features`` (what ``features`` returned, or detached copies of it)."""
         raise NotImplementedError(f"{type(self).__name__} has no shared features")
 
+    def aux_loss(self) -> Tensor | None:
+        """An auxiliary loss of the architecture itself (e.g. a mixture-of-experts load-balancing term), added to
+        the step's loss after the method's weighting or aggregation; None: none. It is computed from the
+        parameters when called (the engine calls it once per step, after the task gradients, when the forward's
+        graph may be gone), never from a forward's activations."""
+        return None
+
 
 def make_head(task: Task, in_dim: int) -> nn.Module:
     """A task's head: optional hidden Linear+ReLU layers, then a linear output layer."""

@@ -10,7 +10,7 @@ from polytask.errors import ConfigError
 from polytask.registry import suggest
 
 NAMES: dict[str, tuple[str, ...]] = {
-    "suite": ("digit-attributes", "multidigits", "multimnist", "synthetic", "table", "text"),
+    "suite": ("correlated", "digit-attributes", "multidigits", "multimnist", "synthetic", "table", "text"),
     "backbone": ("hf", "lenet", "mlp"),
     "architecture": ("hard",),
     "method": ("aligned_mtl", "cagrad", "coba", "config", "dbmtl", "dualproj", "dwa", "equal", "fairgrad", "famo",

@@ -166,6 +166,26 @@ def report(run_dirs: Annotated[list[Path], typer.Argument(help="one or more run 
 
 
 @app.command()
+def front(run_dirs: Annotated[list[Path], typer.Argument(help="finished run directories with the same tasks")],
+          out: Annotated[Optional[Path], typer.Option(help="output HTML file (default: the first run's "
+                                                           "front.html)")] = None,
+          normalise: Annotated[Optional[bool], typer.Option(
+              "--normalise/--raw", help="score tasks relative to the single-task row, as Δm% does (default: when a "
+                                        "run has one), or keep raw scores")] = None) -> None:
+    """The Pareto front over every method of several runs: prints JSON (non-dominated methods, hypervolume,
+    reference point) and writes an HTML page."""
+    import json
+
+    try:
+        from polytask.flows.front import front as front_flow
+
+        _, data = front_flow(run_dirs, out, normalise)
+    except (PolytaskError, OSError) as e:
+        _fail(e)
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+@app.command()
 def predict(
     run_dir: Annotated[Path, typer.Argument(help="a run directory")],
     input_: Annotated[Path, typer.Option("--input", help="new rows: a CSV, TSV or Parquet file with exactly the "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from html import escape
 
@@ -42,8 +43,8 @@ def nice_ticks(lo: float, hi: float, count: int = 5, *, integer: bool = False) -
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"tick range must be finite, got [{lo}, {hi}]")
     lo, hi = min(lo, hi), max(lo, hi)
-    if hi == lo:
-        pad = 1.0 if integer else (abs(lo) * 0.1 or 1.0)
+    if (hi - lo) / max(count, 1) < sys.float_info.min:  # zero, or too narrow for a (normal) float step
+        pad = 1.0 if integer or abs(lo) * 0.1 / max(count, 1) < sys.float_info.min else abs(lo) * 0.1
         lo, hi = (lo - pad if lo - pad >= 0 or lo < 0 else 0.0), hi + pad
     raw = (hi - lo) / max(count, 1)
     magnitude = 10.0 ** math.floor(math.log10(raw))
@@ -217,3 +218,121 @@ def line_chart(
         )
     parts.append("</svg>")
     return "".join(parts)
+
+
+def scatter_chart(
+    points: Mapping[str, Point],
+    title: str,
+    xlabel: str = "",
+    ylabel: str = "",
+    *,
+    better: tuple[bool, bool] = (True, True),
+    front: Sequence[str] = (),
+    staircase: bool = True,
+    squares: Sequence[str] = (),
+    width: int = 540,
+    height: int = 360,
+    colors: Mapping[str, str] | None = None,
+) -> str:
+    """An inline ``<svg>`` scatter of labelled points, one marker per point (``data-label`` names it).
+
+    ``better`` says per axis whether higher is better; points named in ``front`` are filled (others hollow) and,
+    with ``staircase``, joined by the Pareto staircase that bounds the region they dominate (shaded, drawn to the
+    plot's worse corner). ``squares`` are drawn as squares (a single-task reference). Non-finite points are
+    skipped."""
+    clean = {n: (float(x), float(y)) for n, (x, y) in points.items() if math.isfinite(x) and math.isfinite(y)}
+    palette = dict(colors or {})
+    for i, name in enumerate(n for n in clean if n not in palette):
+        palette[name] = PALETTE[i % len(PALETTE)]
+    top, bottom, right = 34.0, 44.0, 24.0
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
+        f'height="{height}" role="img" font-family="{escape(_FONT)}" font-size="11" fill="{_TEXT}">',
+        f"<title>{escape(title)}</title>",
+    ]
+    if not clean:
+        parts.append(f'<text x="58" y="20" font-size="13" font-weight="600">{escape(title)}</text>')
+        parts.append(f'<text x="{width / 2:.1f}" y="{height / 2:.1f}" text-anchor="middle" fill="{_MUTED}">'
+                     "no data</text></svg>")
+        return "".join(parts)
+    xs = [x for x, _ in clean.values()]
+    ys = [y for _, y in clean.values()]
+    xticks, yticks = nice_ticks(min(xs), max(xs), 5), nice_ticks(min(ys), max(ys), 5)
+    ylabels = [format_tick(t, yticks) for t in yticks]
+    left = max(58.0, 28 + 6 + _CHAR_W * max(len(s) for s in ylabels))
+    plot_w, plot_h = width - left - right, height - top - bottom
+    x0, x1, y0, y1 = xticks[0], xticks[-1], yticks[0], yticks[-1]
+
+    def px(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * plot_w
+
+    def py(y: float) -> float:
+        return top + plot_h - (y - y0) / (y1 - y0) * plot_h
+
+    base = top + plot_h
+    parts.append(f'<text x="{_num(left)}" y="20" font-size="13" font-weight="600">{escape(title)}</text>')
+    for t, label in zip(yticks, ylabels, strict=True):
+        parts.append(f'<line x1="{_num(left)}" x2="{_num(left + plot_w)}" y1="{_num(py(t))}" y2="{_num(py(t))}" '
+                     f'stroke="{_GRID}"/>')
+        parts.append(f'<text x="{_num(left - 6)}" y="{_num(py(t) + 3.5)}" text-anchor="end" fill="{_MUTED}">'
+                     f"{escape(label)}</text>")
+    for t in xticks:
+        parts.append(f'<line x1="{_num(px(t))}" x2="{_num(px(t))}" y1="{base}" y2="{base + 4}" stroke="{_AXIS}"/>')
+        parts.append(f'<text x="{_num(px(t))}" y="{base + 16}" text-anchor="middle" fill="{_MUTED}">'
+                     f"{escape(format_tick(t, xticks))}</text>")
+    parts.append(f'<path d="M{_num(left)} {top}V{base}H{_num(left + plot_w)}" fill="none" stroke="{_AXIS}"/>')
+    if xlabel:
+        parts.append(f'<text x="{_num(left + plot_w / 2)}" y="{height - 8}" text-anchor="middle" '
+                     f'fill="{_MUTED}">{escape(xlabel)}</text>')
+    if ylabel:
+        cy = _num(top + plot_h / 2)
+        parts.append(f'<text x="14" y="{cy}" transform="rotate(-90 14 {cy})" text-anchor="middle" '
+                     f'fill="{_MUTED}">{escape(ylabel)}</text>')
+    on_front = [clean[n] for n in front if n in clean]
+    if staircase and on_front:
+        corner = (x0 if better[0] else x1, y0 if better[1] else y1)
+        coords = [f"{_num(px(x))} {_num(py(y))}" for x, y in _staircase(on_front, better, corner)]
+        parts.append(f'<path d="M{"L".join(coords)}Z" fill="{PALETTE[0]}" fill-opacity="0.08" stroke="none"/>')
+        parts.append(f'<path d="M{"L".join(coords[:-1])}" fill="none" stroke="{_MUTED}" stroke-width="1.5" '
+                     f'stroke-dasharray="4 3"/>')
+    placed: list[tuple[float, float]] = []
+    for name, (x, y) in clean.items():
+        color = palette[name]
+        fill = color if name in front else "#fff"
+        tip = f"<title>{escape(f'{name}: ({x:.4g}, {y:.4g})')}</title>"
+        cx, cy = px(x), py(y)
+        if name in squares:
+            parts.append(f'<rect data-label="{escape(name)}" x="{_num(cx - 5)}" y="{_num(cy - 5)}" width="10" '
+                         f'height="10" fill="{fill}" stroke="{color}" stroke-width="2">{tip}</rect>')
+        else:
+            parts.append(f'<circle data-label="{escape(name)}" cx="{_num(cx)}" cy="{_num(cy)}" r="5" '
+                         f'fill="{fill}" stroke="{color}" stroke-width="2">{tip}</circle>')
+        anchor = "end" if cx > left + plot_w * 0.75 else "start"
+        dx = -8 if anchor == "end" else 8
+        ly = cy - 7
+        while any(abs(ly - py_) < 12 and abs(cx - px_) < _CHAR_W * _MAX_LABEL for px_, py_ in placed):
+            ly += 12  # a label near another point's label moves down a line instead of overprinting it
+        placed.append((cx, ly))
+        parts.append(f'<text x="{_num(cx + dx)}" y="{_num(ly)}" text-anchor="{anchor}">'
+                     f"{escape(_short(name))}</text>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _staircase(front: Sequence[Point], better: tuple[bool, bool], corner: Point) -> list[Point]:
+    """The closed outline of the region ``front`` dominates, up to the plot's worse ``corner``: from the corner's
+    y at the best-x point, stepping through the points in order of x (best first), out to the corner's x."""
+    sx = -1.0 if better[0] else 1.0
+    sy = -1.0 if better[1] else 1.0
+    pts = sorted(set(front), key=lambda p: (sx * p[0], sy * p[1]))
+    steps: list[Point] = []
+    for x, y in pts:  # keep the 2-D front: each next point must improve y
+        if not steps or sy * y < sy * steps[-1][1]:
+            steps.append((x, y))
+    path: list[Point] = [(steps[0][0], corner[1])]
+    for i, (x, y) in enumerate(steps):
+        if i:
+            path.append((x, steps[i - 1][1]))
+        path.append((x, y))
+    path += [(corner[0], steps[-1][1]), corner]
+    return path

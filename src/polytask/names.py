@@ -12,7 +12,7 @@ from polytask.registry import suggest
 NAMES: dict[str, tuple[str, ...]] = {
     "suite": ("correlated", "digit-attributes", "multidigits", "multimnist", "synthetic", "table", "text"),
     "backbone": ("hf", "lenet", "mlp"),
-    "architecture": ("dselect_k", "dtrn", "hard", "mmoe", "moore", "task_moe"),
+    "architecture": ("adatt", "cgc", "dselect_k", "dtrn", "hard", "mmoe", "moore", "ple", "task_moe"),
     "method": ("aligned_mtl", "cagrad", "coba", "config", "dbmtl", "dualproj", "dwa", "equal", "fairgrad", "famo",
                "gls", "graddrop", "gradnorm", "gradvac", "imtl_g", "imtl_l", "mean", "mgda", "nashmtl", "pcgrad",
                "rlw", "static", "sum", "upgrad", "uw"),

@@ -34,7 +34,9 @@ SETUPS: dict[str, tuple[str, dict[str, Any], tuple[int, ...]]] = {
 }
 DEFAULT_SETUP = ("mlp", {"hidden": [8, 5]}, (6,))
 # name -> small architecture params (the defaults are sized for real data)
-PARAMS: dict[str, dict[str, Any]] = {}
+PARAMS: dict[str, dict[str, Any]] = {
+    "ple": {"levels": 3, "expert_hidden": [16]},  # three levels: the lower levels' experts read stacked inputs
+}
 # joint methods run on every architecture, each in the gradient modes listed
 JOINT = [("equal", "params"), ("famo", "params"), ("upgrad", "params"), ("upgrad", "representation"),
          ("pcgrad", "representation")]

@@ -78,6 +78,9 @@ class ModelConfig(_Strict):
     backbone_params: dict[str, Any] = Field(default_factory=dict)
     architecture: str = Field("hard", description="multi-task architecture")
     architecture_params: dict[str, Any] = Field(default_factory=dict)
+    embedding_dim: int | None = Field(None, ge=1, le=4096, description="width of every categorical column's "
+                                      "embedding (a table's categorical features); none: min(16, round(1.6 * "
+                                      "codes ** 0.56)) per column")
     init_from: str = Field("", description="safetensors file of starting weights (e.g. a pretrained encoder); "
                            "tensors whose names and shapes match the model are loaded, the rest keep their init")
     factory: str = Field("", pattern=FACTORY, description="your own model instead of backbone and architecture: "

@@ -101,23 +101,27 @@ class Predictor:
     ``model`` is the network (outputs on the training scale: logits, standardised values); ``tasks`` the
     job's tasks with their class labels and target scaling; ``features`` the input columns it reads (None
     when the run's inputs were not table columns: then ``predict`` takes a tensor of raw inputs); ``text`` how a
-    ``text`` run tokenizes its text column (``column``, ``tokenizer`` directory, ``max_length``; None otherwise).
+    ``text`` run tokenizes its text column (``column``, ``tokenizer`` directory, ``max_length``; None otherwise);
+    ``categories`` the categories fitted in training of each categorical feature column (column -> sorted
+    categories; a value not among them is code 0, unknown).
     """
 
     def __init__(self, run_dir: Path, job: TrainedJob, model: MultiTaskModel, tasks: list[Task],
                  features: list[str] | None, input_scale: Standardizer | None, targets: list[str],
-                 batch_size: int = 1024, text: dict[str, Any] | None = None) -> None:
+                 batch_size: int = 1024, text: dict[str, Any] | None = None,
+                 categories: dict[str, list[str]] | None = None) -> None:
         self.run_dir, self.job, self.model, self.tasks = run_dir, job, model, tasks
         self.features, self.input_scale, self.targets, self.batch_size = features, input_scale, targets, batch_size
-        self.text = text
+        self.text, self.categories = text, categories
 
     def __repr__(self) -> str:
         return f"Predictor(run={str(self.run_dir)!r}, job={self.job.id!r}, tasks={[t.name for t in self.tasks]})"
 
     def inputs(self, data: pd.DataFrame | Tensor | str | os.PathLike[str]) -> Tensor:
         """The model's input tensor for ``data``: a table (a DataFrame, or a CSV/TSV/Parquet file) with exactly
-        the run's feature columns, or a tensor of raw inputs; standardised as in training. A ``text`` run reads
-        the table's text column only and tokenizes it as in training (a tensor is taken as token ids and masks)."""
+        the run's feature columns, or a tensor of raw inputs (category codes in categorical columns); standardised
+        and categorical columns coded as in training. A ``text`` run reads the table's text column only and
+        tokenizes it as in training (a tensor is taken as token ids and masks)."""
         import torch
 
         from polytask.tasks.suites.table import encode_features, read_table
@@ -140,7 +144,7 @@ class Predictor:
 
             return encode_text(frame, self.text["column"], self.text["tokenizer"], self.text["max_length"], path)
         assert self.features is not None
-        return encode_features(frame, self.features, self.input_scale, path, self.targets)
+        return encode_features(frame, self.features, self.input_scale, path, self.targets, self.categories)
 
     def outputs(self, x: Tensor) -> dict[str, Tensor]:
         """The network's per-task outputs for model inputs ``x`` (already standardised), in batches, on the CPU."""
@@ -206,7 +210,7 @@ def load(run_dir: str | os.PathLike[str], job: str | None = None, device: str | 
 
     from polytask.config import load_config
     from polytask.models import build_model
-    from polytask.tasks.task import Standardizer, Task
+    from polytask.tasks.task import Standardizer, Task, categorical_from_json
 
     run_dir = check_run(run_dir)
     pre_path = run_dir / PREPROCESSING
@@ -223,7 +227,8 @@ def load(run_dir: str | os.PathLike[str], job: str | None = None, device: str | 
     if shape is None:
         raise CheckpointError(f"{pre_path} holds no input_shape (a run from an older polytask): train it again")
     model = build_model(tasks, tuple(shape), config.model.backbone, config.model.backbone_params,
-                        config.model.architecture, config.model.architecture_params)
+                        config.model.architecture, config.model.architecture_params,
+                        categorical_from_json(pre.get("categorical")), config.model.embedding_dim)
     weights_path = found.dir / BEST
     try:
         weights = load_file(weights_path)
@@ -236,7 +241,7 @@ def load(run_dir: str | os.PathLike[str], job: str | None = None, device: str | 
     model.to(device).eval()
     scale = pre.get("input_standardize")
     return Predictor(run_dir, found, model, tasks, features, None if scale is None else Standardizer.from_json(scale),
-                     list(saved_tasks), config.train.eval_batch_size, pre.get("text"))
+                     list(saved_tasks), config.train.eval_batch_size, pre.get("text"), pre.get("categories"))
 
 
 def _kind(path: Path) -> tuple[str, bool]:

@@ -75,7 +75,7 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
     device = resolve_device(tc.device, tc.deterministic)
     seed_everything(seed)
     model = build_model(stream.tasks, stream.input_shape, mc.backbone, mc.backbone_params, mc.architecture,
-                        mc.architecture_params)
+                        mc.architecture_params, stream.experiences[0].suite.categorical, mc.embedding_dim)
     base_numel = _numel(model.state_dict())
     model = strategy.wrap(model, stream).to(device)
     initial = _row(model, stream, tc.eval_batch_size)

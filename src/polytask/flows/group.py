@@ -60,7 +60,8 @@ def _ensemble_scores(config: Config, suite: TaskSuite, run_dir: Path, jobs: list
     models = []
     for job, cfg in jobs:
         model = build_model(list(suite.tasks), suite.input_shape, cfg.model.backbone, cfg.model.backbone_params,
-                            cfg.model.architecture, cfg.model.architecture_params)
+                            cfg.model.architecture, cfg.model.architecture_params, suite.categorical,
+                            cfg.model.embedding_dim)
         model.load_state_dict(load_file(job_dir_of(run_dir, job) / "best.safetensors"))
         models.append(model)
     ens = MembershipEnsemble(models, membership, list(suite.tasks))

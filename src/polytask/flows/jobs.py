@@ -63,7 +63,7 @@ def spec_from_config(job: Job, suite: TaskSuite, config: Config, job_dir: Path,
 
     def build() -> torch.nn.Module:
         model = build_model(tasks, suite.input_shape, mc.backbone, mc.backbone_params, mc.architecture,
-                            mc.architecture_params)
+                            mc.architecture_params, suite.categorical, mc.embedding_dim)
         if mc.init_from:
             load_matching(model, mc.init_from)
         return model

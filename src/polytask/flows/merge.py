@@ -98,7 +98,8 @@ def run_merge_experiment(cfg: ExperimentConfig, reporter: Reporter | None = None
     tasks = [full.task(t) for t in names]
     seed_everything(cfg.seed)
     model = build_model(tasks, full.input_shape, cfg.model.backbone, cfg.model.backbone_params,
-                        cfg.model.architecture, cfg.model.architecture_params)
+                        cfg.model.architecture, cfg.model.architecture_params, full.categorical,
+                        cfg.model.embedding_dim)
     if not hasattr(model, "encoder") or not hasattr(model, "heads"):
         raise ConfigError("model.architecture: merging needs a shared encoder with one head per task (hard)")
     pretrained = strip_prefix(load_file(pre_dir / "best.safetensors"), ENCODER)
@@ -106,7 +107,8 @@ def run_merge_experiment(cfg: ExperimentConfig, reporter: Reporter | None = None
     heads = []
     for t, s in zip(names, ft_states, strict=True):
         head = build_model([full.task(t)], full.input_shape, cfg.model.backbone, cfg.model.backbone_params,
-                           cfg.model.architecture, cfg.model.architecture_params).heads[t]
+                           cfg.model.architecture, cfg.model.architecture_params, full.categorical,
+                           cfg.model.embedding_dim).heads[t]
         head.load_state_dict(strip_prefix(s, f"heads.{t}."))
         heads.append(head)
     n = cfg.data.n_examples

@@ -37,7 +37,8 @@ def source_outputs(config: Config, suite: TaskSuite, run_dir: Path, reporter: Re
         execute(job, suite, config, run_dir, reporter)
         t0 = time.perf_counter()
         model = build_model([task], suite.input_shape, config.model.backbone, config.model.backbone_params,
-                            config.model.architecture, config.model.architecture_params)
+                            config.model.architecture, config.model.architecture_params, suite.categorical,
+                            config.model.embedding_dim)
         model.load_state_dict(load_file(job_dir_of(run_dir, job) / "best.safetensors"))
         model.eval()
         with torch.no_grad():

@@ -5,7 +5,7 @@ and aggregation methods never need to know the architecture.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from pydantic import BaseModel
 from torch import Tensor, nn
@@ -110,10 +110,18 @@ def build_model(
     backbone_params: dict | BaseModel | None = None,
     architecture: str = "hard",
     architecture_params: dict | BaseModel | None = None,
+    categorical: Mapping[int, int] | None = None,
+    embedding_dim: int | None = None,
 ) -> MultiTaskModel:
     """Build a multi-task model for ``tasks`` on inputs of ``input_shape``. A ``backbone`` named
     ``package.module:function`` is the user's whole model (``model.factory``): called with ``tasks``,
-    ``input_shape`` and ``backbone_params`` as keywords, its module replaces backbone and architecture."""
+    ``input_shape`` and ``backbone_params`` as keywords, its module replaces backbone and architecture.
+
+    ``categorical`` (``TaskSuite.categorical``: input column -> number of codes) puts an
+    :class:`~polytask.models.embedding.Embedded` front in the encoder: the backbone is built for the embedded width
+    and the architecture receives embeddings + backbone as its (shared) encoder; ``embedding_dim`` is every
+    column's embedding width (None: a width by the column's codes). A user's whole model reads the codes as they
+    are (it is given ``input_shape``, and ``categorical`` is not applied)."""
     from polytask.config import import_factory, is_import_path
 
     if is_import_path(backbone):
@@ -122,6 +130,15 @@ def build_model(
         kwargs = backbone_params.model_dump() if isinstance(backbone_params, BaseModel) else backbone_params or {}
         return as_multitask(import_factory(backbone, "model.factory")(list(tasks), tuple(input_shape), **kwargs),
                             tasks)
-    encoder, rep_dim = build_backbone(backbone, backbone_params or {}, input_shape)
+    if categorical:
+        from polytask.models.embedding import Embedded, embedded_width
+        from polytask.tasks.task import check_categorical
+
+        check_categorical(dict(categorical), input_shape, "model")
+        width = embedded_width(input_shape[0], categorical, embedding_dim)
+        backbone_module, rep_dim = build_backbone(backbone, backbone_params or {}, (width,))
+        encoder: nn.Module = Embedded(backbone_module, input_shape[0], categorical, embedding_dim)
+    else:
+        encoder, rep_dim = build_backbone(backbone, backbone_params or {}, input_shape)
     params = ARCHITECTURES.params_for(architecture, architecture_params, "model.architecture_params")
     return ARCHITECTURES.get(architecture).build(encoder, rep_dim, tasks, params)

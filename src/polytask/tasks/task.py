@@ -239,6 +239,23 @@ class TaskData:
 SPLITS = ("train", "val", "test")
 
 
+def check_categorical(categorical: dict[int, int], input_shape: Sequence[int], where: str) -> None:
+    """A DataError naming ``where`` unless ``categorical`` (column -> codes, unknown included) marks columns of 1-D
+    inputs of ``input_shape`` with at least one code each."""
+    if len(input_shape) != 1:
+        raise DataError(f"{where}: categorical columns need inputs of one dimension (rows x columns), got input "
+                        f"shape {tuple(input_shape)}")
+    for column, codes in categorical.items():
+        if not 0 <= column < input_shape[0] or codes < 1:
+            raise DataError(f"{where}: categorical column {column} with {codes} code(s) does not fit inputs of "
+                            f"{input_shape[0]} column(s) (need 0 <= column < {input_shape[0]} and codes >= 1)")
+
+
+def categorical_from_json(data: dict[str, Any] | None) -> dict[int, int]:
+    """The ``categorical`` map that ``TaskSuite.preprocessing()`` wrote (JSON keys are text; None: none)."""
+    return {int(k): int(v) for k, v in (data or {}).items()}
+
+
 @dataclass
 class TaskSuite:
     """Tasks over data with train/val/test splits.
@@ -247,7 +264,9 @@ class TaskSuite:
     multi-input suite has one source per task (or per group of tasks). Every task needs at least one
     labelled row in every split (else its validation or test score is undefined). ``info`` holds what the
     suite knows about itself, e.g. the planted grouping of the synthetic suite; ``input_scale`` is the
-    standardisation the inputs were given (None: raw).
+    standardisation the inputs were given (None: raw). ``categorical`` marks the input columns (of 1-D inputs) that
+    hold category codes rather than numbers: column index -> number of codes, the unknown code 0 included (a model
+    embeds them, :class:`polytask.models.embedding.Embedded`; ``input_scale`` leaves them as they are).
     """
 
     name: str
@@ -255,6 +274,7 @@ class TaskSuite:
     splits: dict[str, tuple[TaskData, ...]]
     info: dict[str, Any] = field(default_factory=dict)
     input_scale: Standardizer | None = None
+    categorical: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = [t.name for t in self.tasks]
@@ -285,6 +305,8 @@ class TaskSuite:
         shapes = {tuple(src.x.shape[1:]) for sources in self.splits.values() for src in sources}
         if len(shapes) != 1:
             raise DataError(f"suite {self.name!r}: inputs have different shapes {sorted(shapes)}")
+        if self.categorical:
+            check_categorical(self.categorical, self.input_shape, f"suite {self.name!r}")
 
     @property
     def task_names(self) -> list[str]:
@@ -327,6 +349,8 @@ class TaskSuite:
             "features": self.info.get("features"),
             "text": self.info.get("text"),
             "input_standardize": None if self.input_scale is None else self.input_scale.to_json(),
+            "categorical": {str(i): n for i, n in sorted(self.categorical.items())} or None,
+            "categories": self.info.get("categories"),
             "tasks": {t.name: t.preprocessing() for t in self.tasks},
         }
 
@@ -342,4 +366,5 @@ class TaskSuite:
             ],
             "sizes": {s: [len(src) for src in srcs] for s, srcs in self.splits.items()},
             "multi_input": self.multi_input,
+            "categorical": {str(i): n for i, n in sorted(self.categorical.items())},
         }

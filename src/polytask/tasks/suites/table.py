@@ -1,10 +1,21 @@
 """``table``: the columns of a user's CSV or Parquet file as tasks on the other columns.
 
 Each target column is one task labelled on every row (empty cells are missing labels, NaN);
-features must be numeric and complete. Rows are shuffled into train/val/test with the seed. Features
+numeric features must be complete. Rows are shuffled into train/val/test with the seed. Features
 and regression targets are standardised with train statistics only, so nothing leaks from val or test
 and a target of 6000 ± 2100 trains on the same scale as a cross-entropy; metrics stay in the original
 units (``Task.scores``), and ``TaskSuite.preprocessing()`` holds the fitted maps and class labels.
+
+Categorical features (``categorical``: the columns named, or by default every feature column of text, no cell of
+which is a number) are read as category codes: the column's values on the training rows, as text
+(:func:`category_keys`), sorted, are codes 1..K; a value the training rows lack and a missing cell are code 0,
+"unknown" (so validation, test and new rows at predict time never fail on a new value, and no val/test value leaks
+into the codes). The input tensor holds the code (an exact float32 integer) in the column's place, left out of the
+standardisation; ``TaskSuite.categorical`` tells the model each such column and its K + 1 codes, and the model
+embeds them (:class:`polytask.models.embedding.Embedded`). The categories are saved in ``preprocessing.json``
+(``categories``), so ``polytask predict`` codes new rows the same way. A column mixing numbers and text is an error
+naming a text cell (a typo in a numeric column is more likely than a categorical column of numbers and words);
+name it in ``categorical`` to read it as categories.
 
 Tables larger than memory: ``stream: true`` (off by default; never chosen by size, because the streamed batch order
 differs from the in-memory one, so a run's numbers must not change when its file grows past a threshold) reads the
@@ -52,6 +63,11 @@ class TableParams(BaseModel):
     val_fraction: float = Field(0.2, gt=0, lt=1, description="share of rows in validation")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="share of rows in test")
     standardize: bool = Field(True, description="standardise features with train mean and std")
+    categorical: list[str] | None = Field(
+        None, description="feature columns read as categories (codes fitted on the training rows, embedded by the "
+        "model; unseen or missing values are code 0, unknown); by default every feature column of text (no cell a "
+        "number); [] reads every feature as a number"
+    )
     standardize_targets: bool = Field(
         True, description="train regression targets standardised with train mean and std (metrics are "
         "reported in the original units either way)"
@@ -90,6 +106,16 @@ class TableParams(BaseModel):
             both = [c for c in self.features if c in targets]
             if both:
                 raise ValueError(f"column(s) {both} are both features and targets")
+        if self.categorical:
+            if len(set(self.categorical)) != len(self.categorical):
+                raise ValueError(f"categorical repeats a column: {self.categorical}")
+            both = [c for c in self.categorical if c in targets]
+            if both:
+                raise ValueError(f"categorical column(s) {both} are targets; a categorical column is a feature")
+            if self.features is not None:
+                outside = [c for c in self.categorical if c not in self.features]
+                if outside:
+                    raise ValueError(f"categorical column(s) {outside} are not among the features {self.features}")
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must be below 1")
         return self
@@ -151,9 +177,10 @@ def _feature_names(params: TableParams, columns: Sequence[str], path: Path) -> l
     return features
 
 
-def _features(frame: pd.DataFrame, names: Sequence[str], path: Path, offset: int = 0) -> np.ndarray:
+def _features(frame: pd.DataFrame, names: Sequence[str], path: Path, offset: int = 0, hint: str = "") -> np.ndarray:
     """The feature columns as float64, or an error naming the first bad column and row (``offset``: the file row
-    of the frame's first row, when the frame is one chunk of the file)."""
+    of the frame's first row, when the frame is one chunk of the file; ``hint`` ends the message of a cell that is
+    not a number)."""
     import pandas as pd
 
     columns = []
@@ -165,7 +192,7 @@ def _features(frame: pd.DataFrame, names: Sequence[str], path: Path, offset: int
             row = int(np.argmax(bad))
             raise DataError(
                 f"table {path}: feature column {name!r} is not numeric "
-                f"(row {offset + row}, counting data rows from 0, holds {column.iloc[row]!r})"
+                f"(row {offset + row}, counting data rows from 0, holds {column.iloc[row]!r}){hint}"
             )
         if not np.isfinite(values).all():
             row = offset + int(np.argmax(~np.isfinite(values)))
@@ -174,13 +201,97 @@ def _features(frame: pd.DataFrame, names: Sequence[str], path: Path, offset: int
                 f"{row} (counting data rows from 0); features must be numeric and complete"
             )
         columns.append(values)
-    return np.stack(columns, axis=1)
+    return np.stack(columns, axis=1) if columns else np.empty((len(frame), 0))
+
+
+_CATEGORICAL_HINT = "; name the column in suite.params.categorical to read it as categories"
+
+
+def _is_text(column: pd.Series) -> bool:
+    """Whether ``column`` is a column of text: not numeric or boolean, some cell filled, and no cell a number (what
+    the ``table`` suite reads as categorical unless ``categorical`` is given)."""
+    import pandas as pd
+    from pandas.api.types import is_bool_dtype, is_numeric_dtype
+
+    if is_bool_dtype(column) or is_numeric_dtype(column):
+        return False
+    column, present = _labelled(column)
+    return bool(present.any()) and not pd.to_numeric(column[present], errors="coerce").notna().any()
+
+
+def categorical_names(params: TableParams, frame: pd.DataFrame, features: Sequence[str]) -> list[str]:
+    """The feature columns read as categories, in feature order: those ``params.categorical`` names (checked against
+    the features), by default the columns of text."""
+    if params.categorical is None:
+        return [f for f in features if _is_text(frame[f])]
+    outside = [c for c in params.categorical if c not in features]
+    if outside:
+        raise DataError(f"table {params.path}: categorical column(s) {outside} are not feature columns; features: "
+                        f"{', '.join(map(repr, features))}")
+    return [f for f in features if f in params.categorical]
+
+
+def _category_key(value: Any) -> str | None:
+    """One cell as the text its category is named by (None: missing): a whole number as an integer (``3`` and
+    ``3.0`` are one category, so a column read as floats because of a blank codes like one read as integers),
+    another number by ``repr``, a boolean as ``True``/``False``, text as written (blank text is missing)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if not np.isfinite(v):
+            return repr(v)
+        return str(int(v)) if v == round(v) else repr(v)
+    text = str(value)
+    return text if text.strip() else None
+
+
+def category_keys(column: pd.Series) -> np.ndarray:
+    """The cells of ``column`` as category names (an object array of text, None where missing): each distinct value
+    is named once (:func:`_category_key`), then spread back over the rows."""
+    import pandas as pd
+
+    codes, uniques = pd.factorize(column, use_na_sentinel=True)
+    names = np.array([_category_key(u) for u in uniques] + [None], dtype=object)
+    return names[codes]  # the sentinel -1 picks the trailing None
+
+
+def fit_categories(keys: np.ndarray) -> list[str]:
+    """The sorted distinct category names among ``keys`` (the training rows'), missing cells left out."""
+    return sorted({k for k in keys if k is not None})
+
+
+def encode_categories(keys: np.ndarray, categories: Sequence[str]) -> np.ndarray:
+    """Codes of ``keys`` as float64: 1 + the position in the sorted ``categories``; 0 for a name not among them
+    (unseen in training) or a missing cell."""
+    index = {c: i + 1 for i, c in enumerate(categories)}
+    return np.fromiter((index.get(k, 0) for k in keys), dtype=np.float64, count=len(keys))
+
+
+def _inputs(frame: pd.DataFrame, features: list[str], categories: dict[str, list[str]], path: Path,
+            hint: str = "") -> np.ndarray:
+    """The feature columns as float64 in ``features`` order: numbers (``_features``'s checks, ``hint`` ending the
+    message of a cell that is not a number), and the codes of the columns in ``categories`` (column -> its fitted
+    categories)."""
+    numeric = [f for f in features if f not in categories]
+    x = np.empty((len(frame), len(features)))
+    x[:, [features.index(f) for f in numeric]] = _features(frame, numeric, path, hint=hint)
+    for name, fitted in categories.items():
+        x[:, features.index(name)] = encode_categories(category_keys(frame[name]), fitted)
+    return x
 
 
 def encode_features(frame: pd.DataFrame, features: Sequence[str], scale: Standardizer | None,
-                    path: Path | str, targets: Sequence[str] = ()) -> torch.Tensor:
+                    path: Path | str, targets: Sequence[str] = (),
+                    categories: dict[str, list[str]] | None = None) -> torch.Tensor:
     """New rows as a model trained on this suite reads them: the training feature columns (in any order in
-    ``frame``), numeric and complete, standardised with the training split's statistics, as float32.
+    ``frame``), numeric and complete, standardised with the training split's statistics, as float32; a
+    categorical column (``categories``: column -> the categories fitted in training) as its codes, 0 for a value
+    training never saw or a missing cell.
 
     ``frame`` must hold exactly those columns: missing or extra ones are one DataError naming them and
     ``path`` (extra columns that are the run's ``targets`` say so), so a model never reads a column by
@@ -199,7 +310,7 @@ def encode_features(frame: pd.DataFrame, features: Sequence[str], scale: Standar
                             + (f" ({names(known)}: target column(s) of the run; drop them)" if known else ""))
         raise DataError(f"table {path}: {'; '.join(problems)}; the model reads exactly the feature columns "
                         f"{names(list(features))}")
-    x = torch.from_numpy(_features(frame, features, Path(path)))
+    x = torch.from_numpy(_inputs(frame, list(features), categories or {}, Path(path)))
     return (x if scale is None else scale.encode(x)).float()
 
 
@@ -320,8 +431,9 @@ def _tasks(labelled: dict[str, tuple[Kind, np.ndarray, list[Any] | None]], train
 
 def _suite(params: TableParams, features: list[str], tasks: list[Task], targets: dict[str, torch.Tensor],
            rows: list[torch.Tensor], inputs: Sequence[Any], input_scale: Standardizer | None,
-           info: dict[str, Any] | None = None) -> TaskSuite:
-    """The suite: one multi-target source per split (``inputs[k]``: the inputs of split k's ``rows[k]``)."""
+           info: dict[str, Any] | None = None, categorical: dict[int, int] | None = None) -> TaskSuite:
+    """The suite: one multi-target source per split (``inputs[k]``: the inputs of split k's ``rows[k]``;
+    ``categorical``: the columns holding category codes, with their number of codes)."""
     info = {
         "params": params.model_dump(mode="json"),
         "features": features,
@@ -332,13 +444,22 @@ def _suite(params: TableParams, features: list[str], tasks: list[Task], targets:
         split: (TaskData(x, {name: t[r] for name, t in targets.items()}, r),)
         for split, x, r in zip(SPLITS, inputs, rows, strict=True)
     }
-    return TaskSuite("table", tuple(tasks), splits, info, input_scale)
+    return TaskSuite("table", tuple(tasks), splits, info, input_scale, categorical or {})
+
+
+def _input_scale(x: torch.Tensor, categorical: Sequence[int]) -> Standardizer:
+    """``Standardizer.fit`` of the (training) inputs ``x``, with the identity (mean 0, std 1) on the ``categorical``
+    columns: their codes pass through unchanged."""
+    fitted = Standardizer.fit(x)
+    keep = set(categorical)
+    return Standardizer(tuple(0.0 if j in keep else m for j, m in enumerate(fitted.mean)),
+                        tuple(1.0 if j in keep else s for j, s in enumerate(fitted.std)))
 
 
 @SUITES.register(
     "table",
     params=TableParams,
-    summary="columns of a CSV/Parquet file as tasks on the other (numeric) columns",
+    summary="columns of a CSV/Parquet file as tasks on the other columns (numeric or categorical)",
 )
 def build(params: TableParams, seed: int) -> TaskSuite:
     """One multi-target source per split; labels of each target column, NaN where blank. With ``stream``, the
@@ -350,14 +471,19 @@ def build(params: TableParams, seed: int) -> TaskSuite:
     path = Path(params.path).expanduser()
     frame = read_table(path)
     features = _feature_names(params, list(frame.columns), path)
-    x = torch.from_numpy(_features(frame, features, path))
     rows = [torch.from_numpy(r.astype(np.int64)) for r in
             _split_rows(len(frame), params, np.random.default_rng(seed), path)]
+    train = rows[0].numpy()
+    categories = {name: fit_categories(category_keys(frame[name].iloc[train]))
+                  for name in categorical_names(params, frame, features)}
+    x = torch.from_numpy(_inputs(frame, features, categories, path, _CATEGORICAL_HINT))
     labelled = {name: _target(frame[name], requested, params.max_classes, path)
                 for name, requested in params.target_kinds().items()}
     tasks, targets = _tasks(labelled, rows[0], params)
-    input_scale = Standardizer.fit(x[rows[0]]) if params.standardize else None
+    categorical = {features.index(name): len(fitted) + 1 for name, fitted in categories.items()}
+    input_scale = _input_scale(x[rows[0]], list(categorical)) if params.standardize else None
     if input_scale is not None:
         x = input_scale.encode(x)
     x = x.float()
-    return _suite(params, features, tasks, targets, rows, [x[r] for r in rows], input_scale)
+    info = {"categories": categories} if categories else None
+    return _suite(params, features, tasks, targets, rows, [x[r] for r in rows], input_scale, info, categorical)

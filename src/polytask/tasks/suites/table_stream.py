@@ -14,6 +14,9 @@ Rows are split by ``table._split_rows`` over the row count, so a streamed suite 
 which the engine's :class:`~polytask.engine.data.StreamBatches` serves in a shuffled order that is a pure function
 of (seed, epoch, step).
 
+Categorical features are not streamed: ``categorical`` with ``stream: true`` is a ConfigError, and a text feature
+column is the numeric reader's error, naming the cell and the in-memory table.
+
 A chunk is a Parquet row group. A CSV/TSV has no random access, so it is first rewritten, once, into a Parquet
 cache of the feature and target columns with row groups of ``chunk_rows`` rows (features as float64, targets as
 text, parsed as numbers when every labelled cell is one); so is a Parquet file whose row groups exceed
@@ -46,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from polytask.errors import DataError
+from polytask.errors import ConfigError, DataError
 from polytask.io import atomic_write_json, cache_dir, remove_stale_temporaries, temporary_of
 from polytask.tasks.suites.table import (
     TableParams,
@@ -69,6 +72,8 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 CACHE_VERSION = 1
+STREAM_HINT = ("; stream: true reads numeric features only (a column of categories needs the in-memory table, "
+               "stream: false)")
 
 
 # ---------------------------------------------------------------- reading a row group
@@ -88,7 +93,7 @@ def chunk_features(table: pa.Table, features: list[str] | tuple[str, ...], path:
             x[:, j] = c.to_numpy()
         if np.isfinite(x).all():
             return x
-    return _features(table.select(list(features)).to_pandas(), features, Path(path), offset)
+    return _features(table.select(list(features)).to_pandas(), features, Path(path), offset, STREAM_HINT)
 
 
 _TRUE, _FALSE = {"True", "TRUE", "true"}, {"False", "FALSE", "false"}  # what pandas' CSV reader takes for booleans
@@ -379,7 +384,7 @@ def _write_cache(path: Path, features: list[str], targets: list[str], params: Ta
                 offset = 0
                 with pq.ParquetWriter(f, schema) as w:
                     for frame in reader:
-                        x = _features(frame, features, path, offset)
+                        x = _features(frame, features, path, offset, STREAM_HINT)
                         arrays = [pa.array(x[:, j]) for j in range(len(features))]
                         for t in targets:
                             text = frame[t]
@@ -425,6 +430,9 @@ def build_streamed(params: TableParams, seed: int) -> TaskSuite:
     """The ``table`` suite of ``params`` with inputs streamed from disk (see the module docstring)."""
     import pyarrow.parquet as pq
 
+    if params.categorical:
+        raise ConfigError(f"suite.params.categorical: stream: true reads numeric features only, so categorical "
+                          f"columns {params.categorical} need the in-memory table (stream: false)")
     path = Path(params.path).expanduser()
     if not path.is_file():
         raise DataError(f"table {path} does not exist")

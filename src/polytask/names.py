@@ -10,7 +10,8 @@ from polytask.errors import ConfigError
 from polytask.registry import suggest
 
 NAMES: dict[str, tuple[str, ...]] = {
-    "suite": ("correlated", "digit-attributes", "multidigits", "multimnist", "synthetic", "table", "text"),
+    "suite": ("correlated", "digit-attributes", "multidigits", "multimnist", "recommender", "synthetic", "table",
+              "text"),
     "backbone": ("hf", "lenet", "mlp"),
     "architecture": ("adatt", "cgc", "cross_stitch", "dselect_k", "dtrn", "hard", "mmoe", "moore", "mtan", "ple",
                      "task_moe"),

@@ -297,6 +297,9 @@ def check(config: Config) -> Config:
                          "model.architecture_params")
         for i, m in enumerate(config.methods):
             load_all().params_for(m.name, m.params, f"methods.{i}.params")
+            if load_all().get(m.name).extra.get("pareto") and (m.grad_mode != "params" or m.sam_rho):
+                raise ConfigError(f"methods.{i}: {m.name} differentiates its multi-forward losses (no shared "
+                                  "features, no F-MTL); use grad_mode: params and sam_rho: 0")
         load_all().params_for(config.relate.method.name, config.relate.method.params, "relate.method.params")
     except ConfigError as e:
         raise ConfigError(str(e)) from None

@@ -16,8 +16,8 @@ NAMES: dict[str, tuple[str, ...]] = {
     "architecture": ("adatt", "cgc", "cross_stitch", "dselect_k", "dtrn", "hard", "mmoe", "moore", "mtan", "ple",
                      "task_moe"),
     "method": ("aligned_mtl", "cagrad", "coba", "config", "dbmtl", "dualproj", "dwa", "equal", "fairgrad", "famo",
-               "gls", "graddrop", "gradnorm", "gradvac", "imtl_g", "imtl_l", "mean", "mgda", "nashmtl", "pcgrad",
-               "rlw", "static", "sum", "upgrad", "uw"),
+               "gls", "graddrop", "gradnorm", "gradvac", "imtl_g", "imtl_l", "mean", "mgda", "nashmtl", "pamal",
+               "pcgrad", "rlw", "static", "sum", "upgrad", "uw"),
 }
 
 

@@ -185,6 +185,7 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, An
     device = torch.device(spec.device)
     data = spec.data.to(device)
     seed, method, hooks, policy = spec.seed, spec.method, list(spec.hooks), spec.checkpoint
+    loss_fn = spec.losses or task_losses
 
     seed_everything(seed)
     model = (spec.model if isinstance(spec.model, torch.nn.Module) else spec.model()).to(device)
@@ -218,7 +219,7 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, An
         model.eval()
         try:
             with cast():
-                return full(task_losses(model, batch.sources, batch.rows, tasks))
+                return full(loss_fn(model, batch.sources, batch.rows, tasks))
         finally:
             model.train()
 
@@ -245,7 +246,7 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, An
                 joined = train_batch(hooks, run, view) if hooks else None
                 pairs = [(b.sources, b.rows) for b in micro] if joined is None else [(joined.sources, joined.rows)]
                 losses, weights, state.method = accumulated_step(
-                    model, method, state.method, pairs, tasks, opt, ctx, task_losses,
+                    model, method, state.method, pairs, tasks, opt, ctx, loss_fn,
                     extra=(lambda view=view: extra_loss(hooks, run, view)) if hooks else None, precision=spec.precision,
                     before_update=(lambda view=view: before_update(hooks, run, view)) if hooks else None)
                 losses = losses.detach().double().cpu()

@@ -16,7 +16,7 @@ import torch
 from polytask.engine.data import BatchSource
 from polytask.engine.hooks import Hook
 from polytask.engine.optim import OptimizerFactory, SchedulerFactory
-from polytask.engine.step import PRECISIONS, Method
+from polytask.engine.step import PRECISIONS, LossFn, Method
 from polytask.errors import ConfigError
 from polytask.tasks.task import Task
 
@@ -69,6 +69,10 @@ class TrainSpec:
     weights of one experience to the next; no copy of the best weights is kept). ``final``: at the end, write
     ``best.safetensors`` and score the test split (the result's ``test``); False skips both, for a flow that keeps
     the weights and scores them itself (continual learning's ``end.safetensors`` and accuracy matrix).
+
+    ``losses``: the K per-task losses of a training step (and of the validation batches of methods that watch
+    validation), ``(model, sources, rows, tasks) -> K-vector``; None: ``engine.loop.task_losses``. PaMaL's
+    multi-forward loss is one (``polytask.models.pareto.pamal_losses``); evaluation always uses the plain losses.
     """
 
     name: str
@@ -88,6 +92,7 @@ class TrainSpec:
     accumulate: int = 1
     select: str = "best"
     final: bool = True
+    losses: LossFn | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

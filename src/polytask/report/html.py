@@ -14,6 +14,7 @@ from typing import Any
 from polytask.errors import CheckpointError, DataError, PolytaskError
 from polytask.report.console import Grid, layout, number, tabulate_results, task_metrics
 from polytask.report.continual import continual_section
+from polytask.report.front import front_section
 from polytask.report.pareto import build_front, front_summary, has_front, pareto_section
 from polytask.report.relations import has_relations, relations_section
 from polytask.report.svg import PALETTE, Point, line_chart
@@ -284,7 +285,7 @@ def _section(run_dir: Path, summary: Mapping[str, Any]) -> str:
         f"{_verdict(summary)}"
         f"{_meta(summary, task_metrics(summary))}"
         f"<h2>Results</h2>{_tables(grids)}{how}"
-        f"{_pareto(summary, run_id)}"
+        f"{_pareto(summary, run_id)}{front_section(run_dir, summary)}"
         f"<h2>Training curves</h2>"
         + "".join(f"<p class='note'>{escape(n)}</p>" for n in notes)
         + (_charts(summary, records) if records else "")

@@ -26,7 +26,7 @@ from polytask.tasks import Task, TaskData
 from polytask.weighting import StepContext
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = load_all().names()
+METHODS = [n for n in load_all().names() if not load_all().get(n).extra.get("pareto")]  # ensembles: run only
 TASKS = [Task("a", "classification", 3), Task("b", "regression", 1), Task("c", "classification", 2)]
 NAMES = [t.name for t in TASKS]
 # parameters that make a method act within three steps (CoBa adjusts after warm-up; static needs its weights)
@@ -326,3 +326,16 @@ def test_example_joint_step_loop_runs(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     first, last = (json.loads(line) for line in (out.splitlines()[0], out.splitlines()[-1]))
     assert last["loss"] < first["loss"]  # the user's loop trains
+
+
+def test_a_weight_ensemble_method_is_refused_outside_a_run():
+    """PaMaL wraps the job's model and sets its losses, which only a run's jobs do: JointStep and fit say so
+    instead of silently training its inner weighting."""
+    from polytask import JointStep
+    from polytask.errors import ConfigError
+
+    pareto = [n for n in load_all().names() if load_all().get(n).extra.get("pareto")]
+    assert pareto
+    for name in pareto:
+        with pytest.raises(ConfigError, match=f"{name} trains a weight ensemble"):
+            JointStep(name, ["a", "b"])

@@ -109,6 +109,10 @@ def build_method(cfg: MethodConfig, task_names: Sequence[str]) -> Method:
     naming ``methods.<label>``."""
     registry = load_all()
     entry = registry.get(cfg.name)
+    if entry.extra.get("pareto"):
+        raise ConfigError(f"methods.{cfg.label}: {cfg.name} trains a weight ensemble (a model wrapper and its own "
+                          "losses, built by a run's jobs): use it in `polytask run` / polytask.run, not in fit, "
+                          "JointStep or a continual stream")
     kind = entry.extra.get("kind", "weighting")
     impl = registry.build(cfg.name, cfg.params, list(task_names), where=f"methods.{cfg.label}.params")
     method = Method(cfg.name, kind, impl, bool(entry.extra.get("weights_heads")), bool(entry.extra.get("needs_val")),

@@ -206,9 +206,11 @@ def load(run_dir: str | os.PathLike[str], job: str | None = None, device: str | 
     The network is rebuilt from the run's ``config.yaml`` and ``preprocessing.json`` and given the job's
     best-validation weights (``jobs/<job>/best.safetensors``); every tensor must match, or a CheckpointError
     names the file."""
+    import torch
     from safetensors.torch import load_file
 
     from polytask.config import load_config
+    from polytask.methods import load_all
     from polytask.models import build_model
     from polytask.tasks.task import Standardizer, Task, categorical_from_json
 
@@ -226,9 +228,19 @@ def load(run_dir: str | os.PathLike[str], job: str | None = None, device: str | 
     shape = pre.get("input_shape") or ([len(features)] if features else None)
     if shape is None:
         raise CheckpointError(f"{pre_path} holds no input_shape (a run from an older polytask): train it again")
-    model = build_model(tasks, tuple(shape), config.model.backbone, config.model.backbone_params,
-                        config.model.architecture, config.model.architecture_params,
-                        categorical_from_json(pre.get("categorical")), config.model.embedding_dim)
+    def build() -> torch.nn.Module:
+        return build_model(tasks, tuple(shape), config.model.backbone, config.model.backbone_params,
+                           config.model.architecture, config.model.architecture_params,
+                           categorical_from_json(pre.get("categorical")), config.model.embedding_dim)
+
+    method = next((m for m in config.methods if m.label == found.id), None)
+    if method is not None and load_all().get(method.name).extra.get("pareto"):
+        from polytask.models.pareto import ParetoEnsemble  # PaMaL: the ensemble, at the simplex centre it reports
+
+        with torch.random.fork_rng(devices=[]):
+            model: torch.nn.Module = ParetoEnsemble(build, len(tasks), "same")
+    else:
+        model = build()
     weights_path = found.dir / BEST
     try:
         weights = load_file(weights_path)

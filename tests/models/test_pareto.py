@@ -316,6 +316,25 @@ def test_a_run_writes_a_front_whose_ends_trade_the_tasks_off(straight: Path):
     assert "pamal front (11 weightings)" in page and "data-label=\"equal\"" in page
 
 
+def test_load_gives_the_ensemble_at_the_reported_centre(straight: Path):
+    """``polytask.load`` rebuilds a PaMaL job as its ensemble at the simplex centre: its test MSE is the row the run
+    reports."""
+    from polytask import load
+    from polytask.engine.loop import evaluate
+    from polytask.models.pareto import ParetoEnsemble
+
+    predictor = load(straight, "pamal")
+    assert isinstance(predictor.model, ParetoEnsemble)
+    result = json.loads((straight / "jobs" / "pamal" / "result.json").read_text())
+    from polytask.config import load_config
+    from polytask.flows.runner import run_suite
+
+    suite = run_suite(load_config(straight / "config.yaml"), straight)
+    got = evaluate(predictor.model, suite.splits["test"], list(suite.tasks))
+    for task, scores in result["test"].items():
+        assert got[task]["mse"] == pytest.approx(scores["mse"], rel=1e-6), task
+
+
 def test_sigkill_mid_run_resumes_to_identical_weights_and_front(straight: Path, tmp_path: Path):
     cfg = write_config(tmp_path)
     killed = cli("run", str(cfg), "--quiet", env={"POLYTASK_KILL_AT": "step:13"})  # epoch 2, after step 10's save

@@ -20,6 +20,7 @@ FORBIDDEN_FOR_ENGINE = ("polytask.relations", "polytask.merging", "polytask.repo
 FLOWS = ("polytask.flows", "polytask.experiment", "polytask.cli")
 PENDING: dict[str, str] = {}
 CLI_MAY_IMPORT = ("polytask.config", "polytask.errors", "polytask.registry", "polytask.tasks", "polytask.methods",
+                  "polytask.models",
                   "polytask.merging", "polytask.merging.config", "polytask.continual", "polytask.continual.config")
 
 

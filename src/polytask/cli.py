@@ -120,6 +120,19 @@ def methods() -> None:
 
 
 @app.command()
+def architectures() -> None:
+    """List the registered multi-task architectures, each with its paper and parameters."""
+    from polytask.models import ARCHITECTURES
+
+    for entry in ARCHITECTURES:
+        typer.echo(f"{entry.name:12s} {entry.summary}")
+        if entry.paper:
+            typer.echo(f"{'':12s} paper: {entry.paper}")
+        for line in describe_params(entry.params):
+            typer.echo(f"{'':12s} {line}")
+
+
+@app.command()
 def relate(config: ConfigArg = None, set_: SetOpt = [], resume: ResumeOpt = None,  # noqa: B006
            quiet: QuietOpt = False) -> None:
     """Estimate task-affinity matrices (relate.estimators); write affinity_*.json, heatmaps and the report."""

@@ -87,6 +87,12 @@ def test_listings():
     assert "left (classification, 10)" in r.stdout
     r = polytask("methods")
     assert r.returncode == 0 and "equal" in r.stdout and "paper:" in r.stdout
+    r = polytask("architectures")
+    from polytask.models import ARCHITECTURES
+
+    assert r.returncode == 0 and r.stdout.count("paper:") == len(ARCHITECTURES.names())
+    for name in ARCHITECTURES.names():
+        assert f"\n{name} " in "\n" + r.stdout, name
 
 
 def test_report_of_missing_run_is_an_error(tmp_path):

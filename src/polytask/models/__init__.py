@@ -3,6 +3,7 @@
 from polytask.models import adatt as adatt  # registers the adatt architecture
 from polytask.models import cross_stitch as cross_stitch  # registers the cross_stitch architecture
 from polytask.models import dselect_k as dselect_k  # registers the dselect_k architecture
+from polytask.models import dsmtl as dsmtl  # registers the dsmtl architecture
 from polytask.models import dtrn as dtrn  # registers the dtrn architecture
 from polytask.models import hf as hf  # registers the hf backbone (transformers is imported only when one is built)
 from polytask.models import mmoe as mmoe  # registers the mmoe architecture

@@ -254,18 +254,22 @@ def test_the_front_grid():
 def test_the_method_entry():
     entry = load_all().get("pamal")
     assert entry.extra == {"kind": "weighting", "pareto": True} and "Dimitriadis" in entry.paper
-    m = build_method(MethodConfig(name="pamal"), ["a", "b"])  # outside a run: the inner weighting (equal)
-    w, _ = m.impl.update(m.init(), torch.tensor([1.0, 2.0]), None)
+    with pytest.raises(ConfigError, match="pamal trains a weight ensemble"):  # outside a run: refused
+        build_method(MethodConfig(name="pamal"), ["a", "b"])
+
+    def inner(params):  # what a run's job builds: the entry's inner method
+        return load_all().build("pamal", params, ["a", "b"])
+
+    w, _ = inner({}).update(inner({}).init(), torch.tensor([1.0, 2.0]), None)
     assert torch.equal(w, torch.ones(2))
     with pytest.raises(ConfigError, match="pcgard"):
-        build_method(MethodConfig(name="pamal", params={"inner": "pcgard"}), ["a", "b"])
+        inner({"inner": "pcgard"})
     with pytest.raises(ConfigError, match=r"inner.*trains a weight ensemble itself"):
-        build_method(MethodConfig(name="pamal", params={"inner": "pamal"}), ["a", "b"])
+        inner({"inner": "pamal"})
     with pytest.raises(ConfigError, match="tempreature"):
-        build_method(MethodConfig(name="pamal", params={"inner": "dwa", "inner_params": {"tempreature": 2}}),
-                     ["a", "b"])
+        inner({"inner": "dwa", "inner_params": {"tempreature": 2}})
     with pytest.raises(ConfigError, match="JointStep"):
-        build_method(MethodConfig(name="pamal", params={"inner": "upgrad"}), ["a", "b"])
+        inner({"inner": "upgrad"})
 
 
 # ---------------------------------------------------------------- a run through the CLI

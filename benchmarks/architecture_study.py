@@ -20,7 +20,9 @@ For every architecture and seed one ``polytask run`` (flow ``compare``) trains e
 baselines are trained once per seed with the ``hard`` architecture (one network per task), so every architecture is
 measured against the same reference. Reported per architecture x method: per-task test metrics (mean over seeds),
 Δm% against the single-task baselines (mean ± std over seeds), and how many tasks end worse than single-task (mean
-over seeds of the per-task Δ% being > 0), with the wall time.
+over seeds of the per-task Δ% being > 0), with the wall time; and the first seed's Pareto front over every
+architecture x method beside the single-task row (``polytask front``: ``OUT/front-<study>-s<seed>.html``, with
+hypervolume and the tasks each point is worse than single-task on).
 
     python benchmarks/architecture_study.py --study recommender [--archs hard mmoe ...] [--seeds 0 1 2]
                                             [--epochs 10] [--out /tmp/arch-study]
@@ -159,6 +161,15 @@ def main() -> None:
                     cell[arch][label]["mse"] = mean_std([mean_mse(t) for t in rec["tasks"]])
                     cell[arch][label]["mse_per_seed"] = [round(mean_mse(t), 5) for t in rec["tasks"]]
         cell["stl"] = {"test": mean_tasks(list(stl.values()))}
+        if not correlation_study:  # the first seed's front: every architecture x method beside the single-task row
+            from polytask.flows.front import front
+
+            runs = out / "runs"
+            seed = args.seeds[0]
+            _, data = front([runs / f"{args.study}-{corr}-stl-s{seed}",
+                                *(runs / f"{args.study}-{corr}-{arch}-s{seed}" for arch in archs)],
+                               out / f"front-{args.study}-s{seed}.html")
+            cell["front"] = {k: data[k] for k in data if k != "points"}
         if correlation_study and {"hard", "mmoe"} <= set(archs):
             label = methods[0].get("label", methods[0]["name"])
             gaps = [h - m for h, m in zip(cell["hard"][label]["mse_per_seed"], cell["mmoe"][label]["mse_per_seed"],

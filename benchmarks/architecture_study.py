@@ -67,7 +67,7 @@ def suite_for(study: str, out: Path, correlation: float, n_train: int) -> dict[s
         return {"name": "recommender", "params": {}}
     path = stackoverflow_csv(out)
     return {"name": "table", "params": {"path": str(path), "targets": {t: "classification" for t in SO_TARGETS},
-                                        "categorical": ["Country", "Remote"]}}
+                                        "categorical": ["Country", "Remote"], "auc": True}}
 
 
 def config(study: str, arch: str, seed: int, args: argparse.Namespace, out: Path, correlation: float,

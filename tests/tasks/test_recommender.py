@@ -16,8 +16,7 @@ from polytask.engine.progress import Reporter
 from polytask.errors import ConfigError
 from polytask.flows.run import run
 from polytask.tasks.registry import build_suite
-from polytask.tasks.suites.recommender import _auc
-from polytask.tasks.task import SPLITS
+from polytask.tasks.task import SPLITS, _auc
 
 SMALL = {"n_train": 3000, "n_val": 1000, "n_test": 1000}
 

@@ -167,3 +167,28 @@ def test_cli_prints_one_error_line_for_bad_data_and_seeds(csv: Path, tmp_path: P
         result = CliRunner().invoke(app, ["run", str(config), "--quiet", *args])
         lines = result.output.strip().splitlines()
         assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith(start), result.output
+
+
+def test_two_class_targets_can_be_scored_by_auc(tmp_path: Path) -> None:
+    """``auc: true`` adds ROC AUC after accuracy for every two-class target (not for regression or 3+ classes); its
+    value is scikit-learn's on the same scores."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    n = 300
+    x = rng.normal(size=n)
+    frame = pd.DataFrame({"x": x, "rare": (x + rng.normal(size=n) > 1.5).astype(int),
+                          "three": rng.integers(0, 3, n), "value": x * 2.0})
+    path = tmp_path / "t.csv"
+    frame.to_csv(path, index=False)
+    targets = {"rare": "classification", "three": "classification", "value": "regression"}
+    plain = build_suite("table", {"path": str(path), "targets": targets}, 0)
+    suite = build_suite("table", {"path": str(path), "targets": targets, "auc": True}, 0)
+    names = {t.name: [m.name for m in t.metrics] for t in suite.tasks}
+    assert names == {"rare": ["accuracy", "auc"], "three": ["accuracy"], "value": ["mse", "mae"]}
+    assert [m.name for m in plain.task("rare").metrics] == ["accuracy"]
+    test = suite.splits["test"][0]
+    out = torch.randn(len(test.x), 2, generator=torch.Generator().manual_seed(1))
+    y = test.y["rare"]
+    got = suite.task("rare").scores(out, y)["auc"]
+    assert got == pytest.approx(roc_auc_score(y.numpy(), (out[:, 1] - out[:, 0]).numpy()), abs=1e-12)

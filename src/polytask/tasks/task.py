@@ -50,6 +50,27 @@ MSE = Metric("mse", False, _mse)
 MAE = Metric("mae", False, _mae)
 
 
+def _auc(output: Tensor, target: Tensor) -> Tensor:
+    """ROC AUC of a two-class output (the logit difference as score) against 0/1 labels: the Mann-Whitney U
+    statistic with tied scores given their average rank, in float64; NaN when one class is absent."""
+    score = (output[:, 1] - output[:, 0] if output.dim() == 2 else output.reshape(-1)).double()
+    y = target.reshape(-1).long()
+    n1 = int(y.sum())
+    n0 = len(y) - n1
+    if n1 == 0 or n0 == 0:
+        return torch.tensor(float("nan"), dtype=torch.float64)
+    order = torch.argsort(score)
+    _, counts = torch.unique_consecutive(score[order], return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    average = torch.repeat_interleave(ends - (counts.double() - 1) / 2, counts)  # 1-based average rank of each tie
+    ranks = torch.empty_like(average)
+    ranks[order] = average
+    return (ranks[y == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+
+AUC = Metric("auc", True, _auc)  # two-class targets with rare labels, where accuracy says little
+
+
 @dataclass(frozen=True)
 class Standardizer:
     """Per-column affine map to zero mean and unit variance, fitted on a training split.

@@ -46,10 +46,9 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor
 
 from polytask.tasks.registry import SUITES
-from polytask.tasks.task import SPLITS, Metric, Standardizer, Task, TaskData, TaskSuite
+from polytask.tasks.task import AUC, SPLITS, Standardizer, Task, TaskData, TaskSuite
 
 DEVICES = ("desktop", "mobile", "tablet")
 DEVICE_P = (0.35, 0.55, 0.10)
@@ -80,25 +79,6 @@ class RecommenderParams(BaseModel):
     dwell: Literal["log", "seconds"] = Field("log", description="the dwell target: log seconds or seconds")
 
 
-def _auc(output: Tensor, target: Tensor) -> Tensor:
-    """ROC AUC of a two-class output (the logit difference as score) against 0/1 labels: the Mann-Whitney U
-    statistic with tied scores given their average rank, in float64; NaN when one class is absent."""
-    score = (output[:, 1] - output[:, 0] if output.dim() == 2 else output.reshape(-1)).double()
-    y = target.reshape(-1).long()
-    n1 = int(y.sum())
-    n0 = len(y) - n1
-    if n1 == 0 or n0 == 0:
-        return torch.tensor(float("nan"), dtype=torch.float64)
-    order = torch.argsort(score)
-    _, counts = torch.unique_consecutive(score[order], return_counts=True)
-    ends = torch.cumsum(counts, 0).double()
-    average = torch.repeat_interleave(ends - (counts.double() - 1) / 2, counts)  # 1-based average rank of each tie
-    ranks = torch.empty_like(average)
-    ranks[order] = average
-    return (ranks[y == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
-
-
-AUC = Metric("auc", True, _auc)
 
 
 def _popularity(n: int, exponent: float, rng: np.random.Generator) -> np.ndarray:

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from polytask.errors import DataError
 from polytask.tasks.registry import SUITES
-from polytask.tasks.task import SPLITS, Kind, Standardizer, Task, TaskData, TaskSuite
+from polytask.tasks.task import ACCURACY, AUC, SPLITS, Kind, Standardizer, Task, TaskData, TaskSuite
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -71,6 +71,10 @@ class TableParams(BaseModel):
     standardize_targets: bool = Field(
         True, description="train regression targets standardised with train mean and std (metrics are "
         "reported in the original units either way)"
+    )
+    auc: bool = Field(
+        False, description="also score every two-class target by ROC AUC (after accuracy; for rare labels, "
+        "where accuracy says little)"
     )
     max_classes: int = Field(
         20, ge=2, description="auto: an integer-valued column with at most this many distinct "
@@ -424,7 +428,8 @@ def _tasks(labelled: dict[str, tuple[Kind, np.ndarray, list[Any] | None]], train
         if kind == "regression" and params.standardize_targets:
             scale = Standardizer.fit(y[train])
             y = scale.encode(y)
-        tasks.append(Task(name, kind, len(names) if names else 1, classes=tuple(names or ()), scale=scale))
+        metrics = (ACCURACY, AUC) if params.auc and kind == "classification" and len(names or ()) == 2 else ()
+        tasks.append(Task(name, kind, len(names) if names else 1, metrics, classes=tuple(names or ()), scale=scale))
         targets[name] = y.float()
     return tasks, targets
 

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from architecture_study import finished  # benchmarks/ is on the path of a script run from there
+
 METHODS = {"equal": {"name": "equal"},
            "upgrad_rep": {"name": "upgrad", "grad_mode": "representation", "label": "upgrad_rep"}}
 SUITE = {"d": 16, "hidden": 32, "groups": [3], "unrelated": 2, "conflicting_pairs": 1, "noise": 0.1,
@@ -57,20 +59,6 @@ def config(arch: str, seed: int, args: argparse.Namespace, methods: list[dict[st
             "methods": methods, "baselines": {"single_task": single_task, "cache": False},
             "output": {"dir": str(Path(args.out) / "runs"), "name": name}}
     return check(validate_model(Config, data))
-
-
-def finished(cfg: Any, out: Path) -> tuple[Path, dict[str, Any]]:
-    """The run of ``cfg``: read when it has finished, resumed when it has started, else run."""
-    from polytask.engine.progress import Reporter
-    from polytask.flows.run import run
-
-    run_dir = out / "runs" / cfg.output.name
-    if (run_dir / "summary.json").is_file():
-        return run_dir, json.loads((run_dir / "summary.json").read_text())
-    quiet = Reporter(quiet=True)
-    if run_dir.is_dir():
-        return run(resume=run_dir, reporter=quiet, report=False)
-    return run(cfg, reporter=quiet, report=False)
 
 
 def gates(run_dir: Path, label: str, scale: float) -> dict[str, float] | None:

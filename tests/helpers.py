@@ -21,3 +21,32 @@ methods: [equal, {{name: static, params: {{weights: {{g0_t0: 1.0, g0_t1: 0.5, u0
 output: {{dir: {out_dir}, name: {name}}}
 {extra}
 """
+
+
+def assert_summing_aggregator_gives_summed_loss(model, sources, rows, tasks, mode="representation"):
+    """An architecture's per-task gradients are exact: ``outputs(features(x))`` is its forward bit for bit (where it
+    has features), and a summing aggregator over the per-task gradients (parameter Jacobian, or feature blocks
+    pushed back) gives the gradient of the summed loss plus its ``aux_loss``."""
+    import torch
+
+    from polytask.aggregators.base import stateless
+    from polytask.engine.loop import task_losses
+    from polytask.engine.step import Method, train_step
+    from polytask.weighting import StepContext
+
+    feats = model.features(sources[0].x)
+    if feats is not None:
+        for a, b in zip(model.outputs(feats).values(), model(sources[0].x).values(), strict=True):
+            assert torch.equal(a, b)
+    summed = Method("sum", "aggregator", stateless(lambda g: torch.ones(g.shape[0], dtype=g.dtype), "gramian"),
+                    mode=mode)
+    train_step(model, summed, summed.init(), sources, rows, tasks, torch.optim.SGD(model.parameters(), lr=0.0),
+               StepContext(0, 0), task_losses)
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    total = task_losses(model, sources, rows, tasks).sum()
+    aux = model.aux_loss()
+    (total if aux is None else total + aux).backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from polytask.aggregators.base import stateless
+from helpers import assert_summing_aggregator_gives_summed_loss
 from polytask.config import MethodConfig
 from polytask.engine import checkpoint
 from polytask.engine.loop import task_losses
@@ -145,20 +145,8 @@ def test_shared_features_give_the_forward(name):
 def test_a_summing_aggregator_gives_the_summed_loss_gradient(name, mode):
     """The per-task gradients (parameter Jacobian, or feature blocks pushed back) are exact: summing them gives
     the gradient of the summed loss, in both modes."""
-    model = build(name)
     src, rows = data(name)
-    summed = Method("sum", "aggregator", stateless(lambda g: torch.ones(g.shape[0], dtype=g.dtype), "gramian"),
-                    mode=mode)
-    train_step(model, summed, summed.init(), src, rows, TASKS, torch.optim.SGD(model.parameters(), lr=0.0),
-               StepContext(0, 0), task_losses)
-    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    total = task_losses(model, src, rows, TASKS).sum()
-    aux = model.aux_loss()
-    (total if aux is None else total + aux).backward()
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{name} {n}: {m}")
+    assert_summing_aggregator_gives_summed_loss(build(name), src, rows, TASKS, mode)
 
 
 @pytest.mark.parametrize(("method", "mode"), JOINT)

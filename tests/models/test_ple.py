@@ -8,15 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from polytask.aggregators.base import stateless
+from helpers import assert_summing_aggregator_gives_summed_loss
 from polytask.config import load_config
-from polytask.engine.loop import task_losses
-from polytask.engine.step import Method, train_step
 from polytask.errors import ConfigError
 from polytask.models import build_model
 from polytask.models.ple import CGC, PLE
 from polytask.tasks import Task, TaskData
-from polytask.weighting import StepContext
 
 TASKS = [Task("a", "classification", 3), Task("b", "regression", 1), Task("c", "classification", 2)]
 NAMES = [t.name for t in TASKS]
@@ -179,17 +176,7 @@ def test_representation_mode_is_exact(name, params):
     gradients gives the summed loss's gradient."""
     model = make(name, params)
     src, rows = batch()
-    assert all(torch.equal(a, b) for a, b in zip(model.outputs(model.features(src[0].x)).values(),
-                                                  model(src[0].x).values(), strict=True))
-    summed = Method("sum", "aggregator", stateless(lambda g: torch.ones(g.shape[0], dtype=g.dtype), "gramian"),
-                    mode="representation")
-    train_step(model, summed, summed.init(), src, rows, TASKS, torch.optim.SGD(model.parameters(), lr=0.0),
-               StepContext(0, 0), task_losses)
-    got = {k: p.grad.clone() for k, p in model.named_parameters()}
-    model.zero_grad()
-    task_losses(model, src, rows, TASKS).sum().backward()
-    for k, p in model.named_parameters():
-        torch.testing.assert_close(got[k], p.grad, rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    assert_summing_aggregator_gives_summed_loss(model, src, rows, TASKS)
 
 
 def test_built_from_yaml_and_bad_params_named(tmp_path):

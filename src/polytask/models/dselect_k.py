@@ -35,7 +35,7 @@ Deliberate differences:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 import torch
@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from polytask.errors import ConfigError
-from polytask.models.experts import StackedExperts, mix
+from polytask.models.experts import GatedExperts, StackedExperts, mix
 from polytask.models.sharing import ARCHITECTURES, MultiTaskModel, make_head
 from polytask.tasks.task import Task
 
@@ -123,7 +123,7 @@ class DSelectGate(nn.Module):
         return dselect_weights(*self.selector_weights(h))
 
 
-class DSelectK(MultiTaskModel):
+class DSelectK(GatedExperts):
     """Shared experts on the encoder's output h, one DSelect-k gate and one tower per task (Hazimeh et al. 2021).
 
     Shared features: per-example gates [h, F] (the gates read h), static gates [F]; F = (f_1(h) .. f_n(h)) as
@@ -155,10 +155,6 @@ class DSelectK(MultiTaskModel):
         (experts,) = features
         return {t: self.heads[t](mix(self.gates[t](), experts)) for t in (tasks or self.task_names)}
 
-    def forward(self, x: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
-        """``outputs(features(x), tasks)``."""
-        return self.outputs(self.features(x), tasks)
-
     def aux_loss(self) -> Tensor | None:
         """Static gates only (parameter-only terms): entropy_reg * the selectors' entropy, plus, when the number of
         experts is not a power of two, the reference's penalty on selectors that weigh codes of no expert; None
@@ -173,15 +169,6 @@ class DSelectK(MultiTaskModel):
             terms.append(torch.stack([unused_code_penalty(r) for r in rs]).sum())
         return torch.stack(terms).sum()
 
-    def shared_parameters(self) -> Iterator[nn.Parameter]:
-        """The encoder's trainable parameters and the experts'."""
-        yield from (p for p in self.encoder.parameters() if p.requires_grad)
-        yield from self.experts.parameters()
-
-    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
-        """``task``'s gate and tower."""
-        yield from self.gates[task].parameters()
-        yield from self.heads[task].parameters()
 
 
 class DSelectKParams(BaseModel):

@@ -6,10 +6,12 @@ batched matrix product per layer), never with a Python loop over experts or samp
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from polytask.models.sharing import MultiTaskModel
 
 
 class StackedExperts(nn.Module):
@@ -50,3 +52,28 @@ def mix(weights: Tensor, experts: Tensor) -> Tensor:
     broadcast product and a sum over E: with a few experts about 3x faster on the CPU than the batched (1 x E)(E x d)
     products an einsum becomes."""
     return (weights.unsqueeze(-1) * experts).sum(-2)
+
+
+class GatedExperts(MultiTaskModel):
+    """Base of the architectures made of a shared encoder, shared ``experts``, one gate (``gates[t]``) and one tower
+    (``heads[t]``) per task (MMoE, DSelect-k): the parameter partition and the forward are the same for all of them;
+    a subclass says its ``features`` and ``outputs``."""
+
+    encoder: nn.Module
+    experts: nn.Module
+    gates: nn.ModuleDict
+    heads: nn.ModuleDict
+
+    def forward(self, x: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """``outputs(features(x), tasks)``."""
+        return self.outputs(self.features(x), tasks)
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        """The encoder's trainable parameters and the experts'."""
+        yield from (p for p in self.encoder.parameters() if p.requires_grad)
+        yield from self.experts.parameters()
+
+    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
+        """``task``'s gate and tower."""
+        yield from self.gates[task].parameters()
+        yield from self.heads[task].parameters()

@@ -17,14 +17,14 @@ Deliberate differences from the paper:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Annotated
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from polytask.models.experts import StackedExperts, mix
+from polytask.models.experts import GatedExperts, StackedExperts, mix
 from polytask.models.sharing import ARCHITECTURES, MultiTaskModel, make_head
 from polytask.tasks.task import Task
 
@@ -42,7 +42,7 @@ class MMoEParams(BaseModel):
                                        "(default [64])")
 
 
-class MMoE(MultiTaskModel):
+class MMoE(GatedExperts):
     """Multi-gate mixture-of-experts (Ma et al. 2018, KDD, Section 4.2) on the output h of ``encoder``.
 
     Shared features: [h, F] with F = (f_1(h) .. f_E(h)) stacked as (N, E, d); every task reads both (its gate
@@ -72,19 +72,6 @@ class MMoE(MultiTaskModel):
         h, experts = features
         return {t: self.heads[t](mix(self.gate(t, h), experts)) for t in (tasks or self.task_names)}
 
-    def forward(self, x: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
-        """``outputs(features(x), tasks)``."""
-        return self.outputs(self.features(x), tasks)
-
-    def shared_parameters(self) -> Iterator[nn.Parameter]:
-        """The encoder's trainable parameters and the experts'."""
-        yield from (p for p in self.encoder.parameters() if p.requires_grad)
-        yield from self.experts.parameters()
-
-    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
-        """``task``'s gate and tower."""
-        yield from self.gates[task].parameters()
-        yield from self.heads[task].parameters()
 
 
 @ARCHITECTURES.register("mmoe", params=MMoEParams,

@@ -233,3 +233,13 @@ def test_no_method_with_every_score_is_an_error_naming_the_runs():
     data = summary({"a": {"left": 0.9}, "b": {"right": 0.8}})
     with pytest.raises(DataError, match=r"no method of 'r' has a finite test score on every task \(left, right\)"):
         build_front([("r", data)])
+
+
+def test_a_studys_run_labels_leave_out_what_every_run_id_shares():
+    from polytask.report.html import _without_common_ends
+
+    ids = ["recommender-0.0-stl-s0", "recommender-0.0-adatt-s0", "recommender-0.0-cgc-s0"]
+    assert _without_common_ends(ids) == ["stl", "adatt", "cgc"]
+    assert _without_common_ends(["a", "c"]) == ["a", "c"]
+    assert _without_common_ends(["run-1", "run-1x"]) == ["1", "1x"]
+    assert _without_common_ends(["same-x", "same-x"]) == ["same-x", "same-x"]  # nothing left to tell them apart

@@ -358,7 +358,9 @@ def _page(title: str, body: str, version: Any, sources: Sequence[str]) -> str:
 
 
 def _run_names(summaries: Sequence[tuple[Path, Mapping[str, Any]]]) -> list[str]:
-    """Each run's id (its directory's name without one), made unique with ``#2``, ``#3`` where repeated."""
+    """Each run's id (its directory's name without one), made unique with ``#2``, ``#3`` where repeated; with
+    several runs, the prefix and suffix all ids share (cut at a ``-``, ``_`` or ``.``) are left out, so the labels of
+    a study's runs (``study-adatt-s0``, ``study-cgc-s0``, ...) read ``adatt``, ``cgc``."""
     names: list[str] = []
     for d, s in summaries:
         base = str(s.get("run_id") or d.name)
@@ -367,7 +369,28 @@ def _run_names(summaries: Sequence[tuple[Path, Mapping[str, Any]]]) -> list[str]
             n += 1
             name = f"{base}#{n}"
         names.append(name)
-    return names
+    return _without_common_ends(names) if len(names) > 1 else names
+
+
+def _without_common_ends(names: Sequence[str]) -> list[str]:
+    """``names`` less their common prefix and suffix, each cut just after (before) a separator, where every name
+    keeps at least one character and the results stay distinct."""
+    seps = "-_."
+    prefix = _common_start(names)
+    cut = max((i + 1 for i, c in enumerate(prefix) if c in seps), default=0)
+    suffix = _common_start([n[cut:][::-1] for n in names])[::-1]
+    back = max((len(suffix) - i for i, c in enumerate(suffix) if c in seps), default=0)
+    out = [n[cut:len(n) - back] for n in names]
+    return out if all(out) and len(set(out)) == len(out) else list(names)
+
+
+def _common_start(texts: Sequence[str]) -> str:
+    """The characters every one of ``texts`` starts with."""
+    first = min(texts, key=len)
+    for i, c in enumerate(first):
+        if any(t[i] != c for t in texts):
+            return first[:i]
+    return first
 
 
 def render_front(run_dirs: Sequence[Path], normalise: bool | None = None) -> tuple[str, dict[str, Any]]:

@@ -50,3 +50,26 @@ def assert_summing_aggregator_gives_summed_loss(model, sources, rows, tasks, mod
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def three_task_batch(n=16, d=6, seed=0):
+    """A batch for the tasks a (3 classes), b (regression), c (2 classes) on ``d`` features: (sources, rows)."""
+    import torch
+
+    from polytask.tasks import TaskData
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = {"a": torch.randint(0, 3, (n,), generator=g).float(), "b": torch.randn(n, generator=g),
+         "c": torch.randint(0, 2, (n,), generator=g).float()}
+    return [TaskData(x, y)], [torch.arange(n)]
+
+
+def expert_by_hand(bank, e, x):
+    """Expert ``e`` of a stacked expert bank (``models.experts.StackedExperts``), by hand: its Linear+ReLU layers one
+    after the other."""
+    import torch
+
+    for w, b in zip(bank.weights, bank.biases, strict=True):
+        x = torch.relu(x @ w[e] + b[e])
+    return x

@@ -9,30 +9,19 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import assert_summing_aggregator_gives_summed_loss
+from helpers import assert_summing_aggregator_gives_summed_loss, expert_by_hand, three_task_batch
 from polytask.config import load_config
 from polytask.errors import ConfigError
 from polytask.models import build_model
 from polytask.models.adatt import AdaTT
-from polytask.tasks import Task, TaskData
+from polytask.tasks import Task
 
 TASKS = [Task("a", "classification", 3), Task("b", "regression", 1), Task("c", "classification", 2)]
 NAMES = [t.name for t in TASKS]
 
 
-def batch(n: int = 16, d: int = 6, seed: int = 0) -> tuple[list[TaskData], list[torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g)
-    y = {"a": torch.randint(0, 3, (n,), generator=g).float(), "b": torch.randn(n, generator=g),
-         "c": torch.randint(0, 2, (n,), generator=g).float()}
-    return [TaskData(x, y)], [torch.arange(n)]
-
-
-def expert(bank: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
-    """Expert ``e`` of a stacked bank, by hand: its Linear+ReLU layers one after the other."""
-    for w, b in zip(bank.weights, bank.biases, strict=True):
-        x = torch.relu(x @ w[e] + b[e])
-    return x
+batch = three_task_batch
+expert = expert_by_hand
 
 
 def by_hand(model: AdaTT, x: torch.Tensor) -> dict[str, torch.Tensor]:

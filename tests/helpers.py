@@ -73,3 +73,22 @@ def expert_by_hand(bank, e, x):
     for w, b in zip(bank.weights, bank.biases, strict=True):
         x = torch.relu(x @ w[e] + b[e])
     return x
+
+
+def tasks_reaching(model, x, names):
+    """For every trainable parameter of ``model``, the tasks among ``names`` whose (random projection of the)
+    output on ``x`` reaches it."""
+    import torch
+
+    out = model(x)
+    g = torch.Generator().manual_seed(1)
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    hits = {k: set() for k, _ in named}
+    for n in names:
+        loss = (out[n] * torch.randn(out[n].shape, generator=g)).sum()
+        grads = torch.autograd.grad(loss, [p for _, p in named], retain_graph=True, allow_unused=True,
+                                    materialize_grads=True)
+        for (k, _), gr in zip(named, grads, strict=True):
+            if gr.abs().sum() > 0:
+                hits[k].add(n)
+    return hits

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import assert_summing_aggregator_gives_summed_loss, expert_by_hand, three_task_batch
+from helpers import assert_summing_aggregator_gives_summed_loss, expert_by_hand, tasks_reaching, three_task_batch
 from polytask.config import load_config
 from polytask.errors import ConfigError
 from polytask.models import build_model
@@ -112,18 +112,7 @@ def test_a_gate_saturated_on_one_expert_gives_that_expert():
 
 def reached(model: PLE, x: torch.Tensor) -> dict[str, set[str]]:
     """For every trainable parameter, the tasks whose (random projection of the) output reaches it."""
-    out = model(x)
-    g = torch.Generator().manual_seed(1)
-    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
-    hits: dict[str, set[str]] = {k: set() for k, _ in named}
-    for n in NAMES:
-        loss = (out[n] * torch.randn(out[n].shape, generator=g)).sum()
-        grads = torch.autograd.grad(loss, [p for _, p in named], retain_graph=True, allow_unused=True,
-                                    materialize_grads=True)
-        for (k, _), gr in zip(named, grads, strict=True):
-            if gr.abs().sum() > 0:
-                hits[k].add(n)
-    return hits
+    return tasks_reaching(model, x, NAMES)
 
 
 @pytest.mark.parametrize(("name", "params"), VARIANTS)

@@ -17,6 +17,7 @@ SHRINK = {
     "polytask relate examples/synthetic_groups.yaml": ["--set", "relate.estimators=[lookahead,grad_cosine]",
                                                        "--set", "train.epochs=2", "--set", "group.seeds=[0]",
                                                        "--set", "group.random_groupings=1"],
+    "polytask run examples/recommender.yaml": ["--set", "train.epochs=1", "--set", "suite.params.n_train=1000"],
 }
 
 

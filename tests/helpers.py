@@ -92,3 +92,33 @@ def tasks_reaching(model, x, names):
             if gr.abs().sum() > 0:
                 hits[k].add(n)
     return hits
+
+
+def assert_well_formed(page):
+    """Every non-void element of the HTML ``page`` is closed, in order."""
+    from html.parser import HTMLParser
+
+    class Strict(HTMLParser):
+        VOID = frozenset({"meta", "br", "hr", "img", "input", "link", "path", "line", "circle", "rect", "polyline"})
+
+        def __init__(self):
+            super().__init__()
+            self.stack = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag not in self.VOID:
+                self.stack.append(tag)
+
+        def handle_startendtag(self, tag, attrs):
+            pass
+
+        def handle_endtag(self, tag):
+            if tag in self.VOID:
+                return
+            assert self.stack and self.stack[-1] == tag, f"unbalanced </{tag}> in {self.stack[-3:]}"
+            self.stack.pop()
+
+    parser = Strict()
+    parser.feed(page)
+    parser.close()
+    assert parser.stack == []

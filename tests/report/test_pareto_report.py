@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import re
-from html.parser import HTMLParser
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 
+from helpers import assert_well_formed
 from polytask.errors import DataError
 from polytask.report.html import render_front, render_report, write_front
 from polytask.report.pareto import build_front, front_charts, front_summary, has_front
@@ -45,31 +44,7 @@ def write(tmp_path: Path, name: str, data: dict) -> Path:
     return run
 
 
-class StrictParser(HTMLParser):
-    """Every non-void element closes in order."""
-
-    VOID: ClassVar[set[str]] = {"meta", "br", "path", "line", "circle", "rect", "polyline"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stack: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list) -> None:
-        if tag not in self.VOID:
-            self.stack.append(tag)
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in self.VOID:
-            return
-        assert self.stack and self.stack[-1] == tag, f"unbalanced </{tag}> in {self.stack[-3:]}"
-        self.stack.pop()
-
-
-def well_formed(page: str) -> None:
-    parser = StrictParser()
-    parser.feed(page)
-    parser.close()
-    assert parser.stack == []
+well_formed = assert_well_formed
 
 
 def pareto_part(page: str) -> str:

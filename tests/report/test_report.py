@@ -5,14 +5,13 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from html.parser import HTMLParser
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from helpers import assert_well_formed
 from polytask.errors import PolytaskError
 from polytask.report import (
     format_results,
@@ -111,41 +110,6 @@ def run_dir(tmp_path: Path) -> Path:
     return run
 
 
-class _StrictParser(HTMLParser):
-    """Checks that every non-void element is closed in order."""
-
-    VOID: ClassVar[set[str]] = {
-        "meta",
-        "br",
-        "hr",
-        "img",
-        "input",
-        "link",
-        "path",
-        "line",
-        "circle",
-        "rect",
-        "polyline",
-    }
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stack: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list) -> None:
-        if tag not in self.VOID:
-            self.stack.append(tag)
-
-    def handle_startendtag(self, tag: str, attrs: list) -> None:
-        pass
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in self.VOID:
-            return
-        assert self.stack and self.stack[-1] == tag, f"unbalanced </{tag}> in {self.stack[-3:]}"
-        self.stack.pop()
-
-
 def test_write_report_is_self_contained_and_complete(run_dir: Path) -> None:
     path = write_report([run_dir])
     assert path == run_dir / "report.html"
@@ -157,10 +121,7 @@ def test_write_report_is_self_contained_and_complete(run_dir: Path) -> None:
     assert page.count("<svg") == 2 * len(TASKS)
     assert not re.search(r"""(src|href)\s*=\s*["']?https?://""", page)
     assert "<script" not in page
-    parser = _StrictParser()
-    parser.feed(page)
-    parser.close()
-    assert parser.stack == []
+    assert_well_formed(page)
     assert "1 unreadable line" in page
     assert not list(run_dir.glob("*.tmp"))
 

@@ -18,6 +18,9 @@ NAMES: dict[str, tuple[str, ...]] = {
     "method": ("aligned_mtl", "cagrad", "coba", "config", "dbmtl", "dualproj", "dwa", "equal", "fairgrad", "famo",
                "gls", "graddrop", "gradnorm", "gradvac", "imtl_g", "imtl_l", "mean", "mgda", "nashmtl", "pamal",
                "pcgrad", "rlw", "static", "sum", "upgrad", "uw"),
+    "function_class": ("decision_tree", "linear_regression", "noisy_linear_regression", "relu_2nn_regression",
+                       "sparse_linear_regression"),
+    "token_task": ("cipher", "copy", "lookup", "reverse", "successor"),
 }
 
 

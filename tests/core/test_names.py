@@ -11,11 +11,14 @@ from polytask.names import NAMES
 
 
 def test_index_equals_the_registries():
+    from polytask.icl.discrete import TOKEN_TASKS
+    from polytask.icl.functions import FUNCTION_CLASSES
     from polytask.methods import load_all
     from polytask.models import ARCHITECTURES, BACKBONES
     from polytask.tasks import SUITES
 
-    registries = {"suite": SUITES, "backbone": BACKBONES, "architecture": ARCHITECTURES, "method": load_all()}
+    registries = {"suite": SUITES, "backbone": BACKBONES, "architecture": ARCHITECTURES, "method": load_all(),
+                  "function_class": FUNCTION_CLASSES, "token_task": TOKEN_TASKS}
     assert {k: sorted(v) for k, v in NAMES.items()} == {k: r.names() for k, r in registries.items()}
 
 

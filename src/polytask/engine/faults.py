@@ -4,6 +4,7 @@
 over the whole run, across jobs); ``"write:last.safetensors:3"`` kills it on the 3rd write of that file,
 after the temporary file is complete and before it is renamed into place; ``"start:1"`` kills it right after
 the run directory and its config are written, before any data is read. Unset, these are no-ops.
+``POLYTASK_KILL_RANK=1`` limits the kill to that torchrun rank (``RANK``); the others run on.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ def hit(kind: str, name: str = "") -> None:
     """Count an event; SIGKILL this process if ``POLYTASK_KILL_AT`` names this occurrence."""
     spec = _spec()
     if not spec or not spec.startswith(kind + ":"):
+        return
+    only = os.environ.get("POLYTASK_KILL_RANK")
+    if only is not None and only != os.environ.get("RANK", "0"):
         return
     key = f"{kind}:{name}" if name else kind
     _counts[key] += 1

@@ -8,6 +8,10 @@ because batch order is a pure function of (seed, epoch, step) and every RNG is r
 step: with ``accumulate`` > 1 it takes that many consecutive batches of the source, and checkpoints fall only
 between optimiser steps (a job killed between micro-batches redoes that step). ``precision`` sets the training
 forward's autocast (the methods' validation batches too); evaluation runs in full precision.
+
+Under torchrun (``WORLD_SIZE`` > 1) a job trains data-parallel (:mod:`polytask.engine.distributed`): every rank
+draws the same global batches, trains on its share of their rows and takes the same step; validation and test are
+scored on every rank (the same numbers), and rank 0 alone writes the checkpoints and the weights.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from polytask.engine import checkpoint, faults
+from polytask.engine import checkpoint, distributed, faults
 from polytask.engine.data import Batch
 from polytask.engine.hooks import Run, StepView, before_update, check_hooks, extra_loss, train_batch
 from polytask.engine.progress import Reporter
@@ -51,7 +55,7 @@ def task_losses(model: MultiTaskModel, sources: Sequence[TaskData], rows: Sequen
         for t in tasks:
             if t.name in src.y:
                 y, pred = src.y[t.name][r], preds[t.name]
-                out[t.name] = t.mean_loss(pred, y) if src.complete(t.name) else masked_loss(t, pred, y)
+                out[t.name] = t.mean_loss(pred, y) if src.complete(t.name) and len(r) else masked_loss(t, pred, y)
     if len(tasks) == 1:  # one node fewer to build and to run backward through than a stack
         return out[tasks[0].name].unsqueeze(0)
     return torch.stack([out[t.name] for t in tasks])
@@ -179,7 +183,9 @@ def _timing(path: Path) -> dict[str, Any]:
 def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, Any]:
     """Train ``spec`` (resuming from its checkpoint directory if that holds a checkpoint); returns its result:
     the best-validation epoch, its validation and test scores, steps, wall time and the per-epoch history."""
-    reporter = reporter or Reporter(quiet=True)
+    comm = distributed.init_from_env()
+    writes = comm is None or comm.rank == 0
+    reporter = reporter if reporter is not None and writes else Reporter(quiet=True)
     check_hooks(spec.hooks)
     tasks = list(spec.tasks)
     device = torch.device(spec.device)
@@ -208,6 +214,8 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, An
     writer = checkpoint.BackgroundWriter()
 
     def save_checkpoint() -> None:
+        if not writes:
+            return
         measured = {h.name: t for h in hooks if (t := h.timing()) is not None}
         timing = {"elapsed": elapsed + time.perf_counter() - t0, **({"hooks": measured} if measured else {})}
         writer.save(policy.last, state.tree(), lambda: atomic_write_json(policy.timing, timing, durable=False))
@@ -248,7 +256,7 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, An
                 losses, weights, state.method = accumulated_step(
                     model, method, state.method, pairs, tasks, opt, ctx, loss_fn,
                     extra=(lambda view=view: extra_loss(hooks, run, view)) if hooks else None, precision=spec.precision,
-                    before_update=(lambda view=view: before_update(hooks, run, view)) if hooks else None)
+                    before_update=(lambda view=view: before_update(hooks, run, view)) if hooks else None, comm=comm)
                 losses = losses.detach().double().cpu()
                 if not math.isfinite(float(losses.sum())):  # one reduction a step; the check names the task
                     check_finite(spec.name, tasks, losses, "training", epoch + 1,
@@ -292,9 +300,10 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, An
     if spec.select == "best":
         model.load_state_dict(state.best.model)
     test_scores: dict[str, dict[str, float]] = {}
-    if spec.final:
+    if spec.final and writes:
         atomic_write_bytes(policy.best, checkpoint.tensors_to_bytes(
             model.state_dict(), {"job": spec.name, "epoch": str(state.best.epoch)}))
+    if spec.final:
         test_scores = evaluate(model, data.split("test"), tasks, spec.eval_batch_size)
     return {
         "job": spec.name, "method": method.name, "tasks": [t.name for t in tasks],

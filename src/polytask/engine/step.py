@@ -39,6 +39,7 @@ from torch import Tensor
 
 from polytask.config import MethodConfig
 from polytask.engine import faults
+from polytask.engine.distributed import Collective, check_method, shard
 from polytask.errors import ConfigError
 from polytask.jacobian import batched_grads, combine, feature_jacobians, flat, gramian, split, through
 from polytask.methods import load_all
@@ -138,13 +139,25 @@ def _set_grads(params: Sequence[torch.nn.Parameter], grads: Sequence[Tensor]) ->
         p.grad = g if p.grad is None else p.grad + g
 
 
-def _aggregate(method: Method, state: State, blocks: Sequence[Tensor], ctx: StepContext
-               ) -> tuple[list[Tensor], Tensor | None, State]:
-    """Aggregate per-task gradient blocks (each K x ...) into one direction per block."""
+def _aggregate(method: Method, state: State, blocks: Sequence[Tensor], ctx: StepContext,
+               comm: Collective | None = None) -> tuple[list[Tensor], Tensor | None, State]:
+    """Aggregate per-task gradient blocks (each K x ...) into one direction per block.
+
+    ``comm`` (data-parallel representation mode): the blocks are this rank's rows of K x rows x ... blocks whose
+    rows are spread over the ranks; the Gramian is then the sum of the ranks' Gramians (no cross terms between
+    rows), and a Jacobian-reading aggregator sees every rank's rows (``engine.distributed``)."""
     agg = method.impl
     if agg.input == "gramian":  # float64 Gramian of the blocks; the update J^T w in the gradients' dtype
-        weights, state = agg.update(state, gramian(blocks), replace(ctx, grad_dtype=blocks[0].dtype))
+        g = gramian(blocks)
+        if comm is not None:
+            (g,) = comm.sum([g])
+        weights, state = agg.update(state, g, replace(ctx, grad_dtype=blocks[0].dtype))
         return combine(weights, blocks), weights, state
+    if comm is not None:
+        full, starts = comm.gather_rows(blocks)
+        direction, state = agg.update(state, flat(full), ctx)
+        return [d[s0:s0 + b.shape[1]] for d, s0, b in zip(split(direction, full), starts, blocks, strict=True)], \
+            None, state
     direction, state = agg.update(state, flat(blocks), ctx)
     return split(direction, blocks), None, state
 
@@ -305,18 +318,20 @@ def aggregated_backward(method: Method, state: State, tg: TaskGrads, blocks: Seq
                         shared: Sequence[torch.nn.Parameter], ctx: StepContext,
                         closure: Callable[[], Tensor] | None = None,
                         below: Sequence[torch.nn.Parameter] | None = None,
-                        push: Callable[[list[Tensor]], None] | None = None) -> tuple[Tensor | None, State]:
+                        push: Callable[[list[Tensor]], None] | None = None,
+                        comm: Collective | None = None) -> tuple[Tensor | None, State]:
     """A gradient aggregator's step from per-task gradients: the aggregated direction into the shared part, each
     head's own gradient (scaled by its task weight where the method says so) into the heads; gradients are added
     into ``.grad``. ``representation`` mode aggregates ``tg.z_blocks`` and pushes the direction back from
     ``tg.zs`` (into ``below`` only, when given); ``params`` mode aggregates ``blocks`` (K x parameter shape, one
     per ``shared`` parameter). F-MTL (``sam_rho``) recomputes the K losses with ``closure``. ``push`` (representation
     mode) replaces the backward from ``tg.zs``: it gets the aggregated directions (gradient accumulation recomputes
-    the representations). Returns (K weights or None for per-coordinate methods, new state)."""
+    the representations). ``comm``: representation mode in data-parallel training (``tg.z_blocks`` hold this rank's
+    rows; :func:`_aggregate`). Returns (K weights or None for per-coordinate methods, new state)."""
     ctx = _with_losses(ctx, tg.losses)
     head_grads = tg.head_grads
     if method.mode == "representation":
-        directions, weights, state = _aggregate(method, state, tg.z_blocks, ctx)
+        directions, weights, state = _aggregate(method, state, tg.z_blocks, ctx, comm)
         if push is not None:
             push(directions)
         elif any(z.requires_grad for z in tg.zs):  # else the features of a frozen encoder: nothing below trains
@@ -403,7 +418,7 @@ def _with_losses(ctx: StepContext, losses: Tensor) -> StepContext:
 def masked_loss(task: Task, pred: Tensor, y: Tensor) -> Tensor:
     """Mean loss over the labelled rows; a batch with no label gives a zero that still has a graph."""
     m = Task.mask(y)
-    if bool(m.all()):
+    if bool(m.all()) and len(m):
         return task.mean_loss(pred, y)
     return task.mean_loss(pred[m], y[m]) if m.any() else pred.sum() * 0.0
 
@@ -411,13 +426,19 @@ def masked_loss(task: Task, pred: Tensor, y: Tensor) -> Tensor:
 def task_fractions(micro: Sequence[tuple[Sequence[TaskData], Sequence[Tensor]]], tasks: Sequence[Task]) -> Tensor:
     """N x K (float64): the share of task k's labelled rows of the effective batch that micro-batch m holds, so
     that Σ_m f_mk L_mk is the effective batch's mean loss (zero where a task has no label in the batch)."""
+    counts = label_counts(micro, tasks)
+    return counts / counts.sum(0).clamp_min(1.0)
+
+
+def label_counts(micro: Sequence[tuple[Sequence[TaskData], Sequence[Tensor]]], tasks: Sequence[Task]) -> Tensor:
+    """N x K (float64): how many rows of micro-batch m are labelled for task k."""
     counts = torch.zeros(len(micro), len(tasks), dtype=torch.float64)
     for m, (sources, rows) in enumerate(micro):
         for src, r in zip(sources, rows, strict=True):
             for k, t in enumerate(tasks):
                 if t.name in src.y:
                     counts[m, k] += float(Task.mask(src.y[t.name][r]).sum())
-    return counts / counts.sum(0).clamp_min(1.0)
+    return counts
 
 
 def _rng(device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -443,40 +464,64 @@ def accumulated_step(model: MultiTaskModel, method: Method, state: State,
                      micro: Sequence[tuple[Sequence[TaskData], Sequence[Tensor]]], tasks: Sequence[Task],
                      opt: torch.optim.Optimizer, ctx: StepContext, loss_fn: LossFn,
                      extra: Callable[[], Tensor | None] | None = None, precision: str = "fp32",
-                     before_update: Callable[[], None] | None = None) -> tuple[Tensor, Tensor | None, State]:
+                     before_update: Callable[[], None] | None = None,
+                     comm: Collective | None = None) -> tuple[Tensor, Tensor | None, State]:
     """One optimiser step over the micro-batches ``micro`` (each ``(sources, rows)``), the method seeing the
     effective batch (module docstring); one micro-batch is :func:`train_step`. Returns what it returns, the losses
     being the effective batch's. ``faults.hit("micro")`` counts each micro-batch done (the kill-and-resume tests
-    stop a run between two of them)."""
-    if len(micro) == 1:
+    stop a run between two of them).
+
+    ``comm``: data-parallel training (:mod:`polytask.engine.distributed`): ``micro`` is the global step's
+    micro-batches, this rank trains on its share of each, and the per-task quantities are summed across ranks before
+    the method sees them, so every rank takes the same step."""
+    if comm is None and len(micro) == 1:
         return train_step(model, method, state, micro[0][0], micro[0][1], tasks, opt, ctx, loss_fn, extra, precision,
                           before_update)
     if method.sam_rho:
+        if comm is not None:
+            check_method(method.name, method.sam_rho)
         raise ConfigError(f"method {method.name!r}: F-MTL (sam_rho) cannot accumulate gradients over micro-batches "
                           "(it recomputes the whole batch's losses at perturbed parameters); use train.accumulate: 1")
     device = _device_of(model)
     cast = autocast(precision, device)
     loss_fn = _cast_losses(loss_fn, cast)
-    frac = task_fractions(micro, tasks)
+    if comm is None:
+        frac = task_fractions(micro, tasks)
+    else:  # rank r's share of each task's labelled rows of the global batch: Σ_r Σ_m f_rmk L_rmk is its mean loss
+        total = label_counts(micro, tasks).sum(0).clamp_min(1.0)
+        micro = [shard(m, comm) for m in micro]
+        frac = label_counts(micro, tasks) / total
     opt.zero_grad(set_to_none=True)
 
     if method.kind == "weighting":
-        rngs, losses = [], None
-        with torch.no_grad():
-            for m, (sources, rows) in enumerate(micro):
-                rngs.append(_rng(device))
-                part = _scaled(loss_fn(model, sources, rows, tasks), frac[m])
-                losses = part if losses is None else losses + part
+        rngs, losses, graphs = [], None, None
+        if comm is not None and len(micro) == 1:  # the weights need the global losses: keep this one graph
+            graphs = [_scaled(loss_fn(model, micro[0][0], micro[0][1], tasks), frac[0])]
+            losses = graphs[0].detach()
+        else:
+            with torch.no_grad():
+                for m, (sources, rows) in enumerate(micro):
+                    rngs.append(_rng(device))
+                    part = _scaled(loss_fn(model, sources, rows, tasks), frac[m])
+                    losses = part if losses is None else losses + part
         assert losses is not None
+        if comm is not None:
+            (losses,) = comm.sum([losses])
         weights, state = method.impl.update(state, losses.detach(), _with_losses(ctx, losses))
         for m, (sources, rows) in enumerate(micro):
-            _set_rng(rngs[m], device)
-            (weights * _scaled(loss_fn(model, sources, rows, tasks), frac[m])).sum().backward()
+            if graphs is None:
+                _set_rng(rngs[m], device)
+            part = graphs[m] if graphs is not None else _scaled(loss_fn(model, sources, rows, tasks), frac[m])
+            (weights * part).sum().backward()
             faults.hit("micro")
+        if comm is not None:
+            comm.sum_grads(list(model.parameters()))
         _update(opt, model, extra, before_update)
         if method.impl.after_step is not None:
             with torch.no_grad():
                 new = sum(_scaled(loss_fn(model, s, r, tasks), frac[m]) for m, (s, r) in enumerate(micro))
+            if comm is not None:
+                (new,) = comm.sum([new])
             state = method.impl.after_step(state, new, ctx)
         return losses.detach(), weights.detach(), state
 
@@ -489,12 +534,15 @@ def accumulated_step(model: MultiTaskModel, method: Method, state: State,
     z_parts: list[list[Tensor]] = []
     rngs = []
     representation = method.mode == "representation"
+    kept: list[Tensor] = []  # one micro-batch (data-parallel): push from its representation, no recomputation
     for m, (sources, rows) in enumerate(micro):
         f = frac[m]
         if representation:
             rngs.append(_rng(device))
             tg = _need_features(representation_grads(model, sources, rows, tasks, cast), model)
             z_parts.append([_scaled(b, f) for b in tg.z_blocks])
+            if len(micro) == 1:
+                kept = tg.zs
         else:
             tg, part = parameter_grads(model, sources, rows, tasks, loss_fn, method.chunk, cast)
             blocks = _add(blocks, [_scaled(b, f) for b in part])
@@ -504,7 +552,11 @@ def accumulated_step(model: MultiTaskModel, method: Method, state: State,
         del tg
         faults.hit("micro")
     assert total_losses is not None and head_grads is not None
-    effective = TaskGrads(total_losses, [], [torch.cat(col, dim=1) for col in zip(*z_parts, strict=True)]
+    if comm is not None:  # J = Σ_r J_r: sum the Jacobian (params mode), never the aggregated directions
+        summed = comm.sum([total_losses, *head_grads, *(blocks or [])])
+        total_losses, head_grads, blocks = summed[0], summed[1:1 + len(head_grads)], \
+            summed[1 + len(head_grads):] if blocks is not None else None
+    effective = TaskGrads(total_losses, kept, [torch.cat(col, dim=1) for col in zip(*z_parts, strict=True)]
                           if representation else [], [p for h in heads for p in h], head_grads, owner)
 
     def push(directions: list[Tensor]) -> None:
@@ -519,6 +571,9 @@ def accumulated_step(model: MultiTaskModel, method: Method, state: State,
                 torch.autograd.backward(zs, parts)
 
     weights, state = aggregated_backward(method, state, effective, blocks, shared, ctx,
-                                         push=push if representation else None)
+                                         push=push if representation and not kept else None,
+                                         comm=comm if representation else None)
+    if comm is not None and representation:  # each rank pushed its own rows' direction through the encoder
+        comm.sum_grads(shared)
     _update(opt, model, extra, before_update)
     return total_losses, None if weights is None else weights.detach().float(), state

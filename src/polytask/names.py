@@ -21,6 +21,7 @@ NAMES: dict[str, tuple[str, ...]] = {
     "function_class": ("decision_tree", "linear_regression", "noisy_linear_regression", "relu_2nn_regression",
                        "sparse_linear_regression"),
     "token_task": ("cipher", "copy", "lookup", "reverse", "successor"),
+    "baseline": ("averaging", "decision_tree", "knn", "lasso", "least_squares", "ridge"),
 }
 
 

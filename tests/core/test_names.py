@@ -11,6 +11,7 @@ from polytask.names import NAMES
 
 
 def test_index_equals_the_registries():
+    from polytask.icl.baselines import BASELINES
     from polytask.icl.discrete import TOKEN_TASKS
     from polytask.icl.functions import FUNCTION_CLASSES
     from polytask.methods import load_all
@@ -18,7 +19,8 @@ def test_index_equals_the_registries():
     from polytask.tasks import SUITES
 
     registries = {"suite": SUITES, "backbone": BACKBONES, "architecture": ARCHITECTURES, "method": load_all(),
-                  "function_class": FUNCTION_CLASSES, "token_task": TOKEN_TASKS}
+                  "function_class": FUNCTION_CLASSES, "token_task": TOKEN_TASKS,
+                  "baseline": BASELINES}
     assert {k: sorted(v) for k, v in NAMES.items()} == {k: r.names() for k, r in registries.items()}
 
 

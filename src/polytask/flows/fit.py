@@ -3,7 +3,8 @@
 It runs on the engine's seam (:func:`polytask.engine.loop.train_job` with a
 :class:`~polytask.engine.data.DatasetBatches` source) and writes a run directory like the CLI's: the job's
 checkpoints under ``jobs/<name>/`` (calling ``fit`` again on the same ``run_dir`` resumes exactly), ``metrics.jsonl``,
-``summary.json`` and ``report.html``.
+``summary.json`` and ``report.html``. Under torchrun it trains data-parallel (:mod:`polytask.engine.distributed`):
+every rank calls ``fit`` with the same arguments, rank 0 names, locks and writes the run directory.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from polytask.config import MethodConfig
+from polytask.engine import distributed
 from polytask.engine.data import DatasetBatches
 from polytask.engine.loop import resolve_device, train_job
 from polytask.engine.optim import optimizer as registered_optimizer
@@ -86,14 +88,19 @@ def fit(model: nn.Module, tasks: Iterable[TaskLike], train: Any, val: Any, test:
     wrapped = UserModel(model, task_list, heads) if encoder is None else \
         EncodedUserModel(model, task_list, heads or {}, encoder)
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock_run(run_dir)  # one process per run directory (RunLockedError naming the other), given up on return
+    comm = distributed.init_from_env()
+    writes = comm is None or comm.rank == 0
+    if comm is not None:  # the ranks' clocks may name different default directories: rank 0's name wins
+        run_dir = Path(comm.broadcast(str(run_dir)))
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     meta = run_dir / "run.json"
-    if meta.exists():
-        started = json.loads(meta.read_text()).get("started", started)
-    atomic_write_json(meta, {"started": started, "fit": {"tasks": names, "method": cfg.name, "mode": cfg.grad_mode,
-                                                         "epochs": epochs, "seed": seed}})
+    if writes:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock_run(run_dir)  # one process per run directory (RunLockedError naming the other), given up on return
+        if meta.exists():
+            started = json.loads(meta.read_text()).get("started", started)
+        atomic_write_json(meta, {"started": started, "fit": {"tasks": names, "method": cfg.name,
+                                                             "mode": cfg.grad_mode, "epochs": epochs, "seed": seed}})
     data = DatasetBatches(task_list, train, val, test, batch_size, steps_per_epoch)
     spec = TrainSpec(
         name=name, tasks=task_list, model=wrapped,
@@ -104,8 +111,10 @@ def fit(model: nn.Module, tasks: Iterable[TaskLike], train: Any, val: Any, test:
         accumulate=accumulate)
     spec.checkpoint.dir.mkdir(parents=True, exist_ok=True)
     result = {"kind": "joint", **train_job(spec, Reporter(quiet=quiet))}
-    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in result["history"]))
     summary = _summary(task_list, result, run_dir.name, started, seed)
+    if not writes:
+        return FitResult(model, run_dir, result, summary)
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in result["history"]))
     atomic_write_json(run_dir / "summary.json", summary)
     if report:
         from polytask.report.html import write_report

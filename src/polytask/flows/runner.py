@@ -16,6 +16,10 @@ Layout of a run directory::
 The directory and its ``config.yaml`` exist from the start (before any data is read), so a run killed at
 any moment can be resumed; a directory in which nothing has trained yet (e.g. the data failed to load) is
 started again, with the new config, by a plain run with the same ``output.name``.
+
+Under torchrun (data-parallel training, :mod:`polytask.engine.distributed`) rank 0 opens, locks and writes the run
+directory and decides what each job needs (read back, copied from the cache, or trained); the other ranks follow its
+decisions (broadcast), train every job with it, and write nothing.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch
 
 import polytask
 from polytask.config import Config, MethodConfig, check, dump_config, load_config
-from polytask.engine import faults
+from polytask.engine import distributed, faults
 from polytask.engine.hooks import Hook, Run
 from polytask.engine.progress import Reporter
 from polytask.engine.spec import CHECKPOINT
@@ -200,17 +204,23 @@ def execute(job: Job, suite: TaskSuite, config: Config, run_dir: Path, reporter:
     training seeds)."""
     job_dir = job_dir_of(run_dir, job)
     done = job_dir / "result.json"
+    comm = distributed.current()
+    writes = comm is None or comm.rank == 0
     cached = None
-    if job.kind == "single_task" and config.baselines.cache and not done.exists():
+    if writes and job.kind == "single_task" and config.baselines.cache and not done.exists():
         cached = cache_dir() / "stl" / result_cache_key(job, suite, config, split_seed)
     if cached is not None and (cached / "result.json").exists():
         _copy_result(cached, job_dir)
         reporter.log(f"[{job.id}] single-task result reused from cache {cached}")
-    if done.exists():
-        return json.loads(done.read_text())
+    finished = json.loads(done.read_text()) if writes and done.exists() else None
+    if comm is not None:  # every rank trains the job, or none does: rank 0 decides
+        finished = comm.broadcast(finished)
+    if finished is not None:
+        return finished
     job_dir.mkdir(parents=True, exist_ok=True)
     result = train_configured(job, suite, config, job_dir, reporter, hooks)
-    atomic_write_json(done, result)
+    if writes:
+        atomic_write_json(done, result)
     if cached is not None:
         _copy_result(job_dir, cached)
     return result
@@ -313,7 +323,13 @@ def open_run(config: Config | None, resume: str | os.PathLike[str] | None) -> tu
     """A new run directory for ``config`` (its resolved config saved), or the existing one at ``resume``
     with its saved config; returns (run directory, config, run state). The directory is locked for this
     process until its flow ends (``releases_run_locks``); a resumed one loses the temporaries of killed
-    writers. The config is saved before any data is read, so a run killed at any moment can be resumed."""
+    writers. The config is saved before any data is read, so a run killed at any moment can be resumed.
+
+    Under torchrun, rank 0 does this and the other ranks open the directory it names (any error it met is raised on
+    every rank)."""
+    comm = distributed.init_from_env()
+    if comm is not None and comm.rank != 0:
+        return _follow_run(comm)
     run_dir = Path(resume) if resume is not None else None
     try:
         if run_dir is not None:
@@ -327,20 +343,37 @@ def open_run(config: Config | None, resume: str | os.PathLike[str] | None) -> tu
             state = {}
         state.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         atomic_write_json(run_dir / "run.json", state)
-    except BaseException:
+    except BaseException as e:
         if run_dir is not None:
             close_run(run_dir)
+        if comm is not None:
+            comm.broadcast(e)
         raise
+    if comm is not None:
+        comm.broadcast(str(run_dir))
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     faults.hit("start")
     return run_dir, config, state
 
 
+def _follow_run(comm: distributed.Collective) -> tuple[Path, Config, dict[str, Any]]:
+    """A non-zero rank's :func:`open_run`: the directory rank 0 opened, read without locking or writing."""
+    opened = comm.broadcast(None)
+    if isinstance(opened, BaseException):
+        raise opened
+    run_dir = Path(opened)
+    config = load_config(run_dir / "config.yaml")
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    return run_dir, config, json.loads((run_dir / "run.json").read_text())
+
+
 def run_suite(config: Config, run_dir: Path) -> TaskSuite:
     """The configured suite, its fitted preprocessing (scalers, class labels) saved beside config.yaml."""
     suite = build_suite(config.suite.name, config.suite.params, config.seed)
-    atomic_write_json(run_dir / "preprocessing.json", suite.preprocessing())
+    if distributed.is_writer():
+        atomic_write_json(run_dir / "preprocessing.json", suite.preprocessing())
     return suite
 
 

@@ -233,6 +233,29 @@ class OutputConfig(_Strict):
     name: str = Field("", description="run directory name (default: suite and time)")
 
 
+class MlflowTrackConfig(_Strict):
+    """``track.mlflow:`` log every job to MLflow (pip install 'polytask[track]')."""
+
+    uri: str = Field(min_length=1, description="a tracking URI (http://..., sqlite:///..., file:///...) or a local "
+                     "directory (MLflow's file store)")
+    experiment: str = Field("polytask", min_length=1, description="the MLflow experiment (created if missing)")
+
+
+class TensorBoardTrackConfig(_Strict):
+    """``track.tensorboard:`` write TensorBoard event files (pip install 'polytask[track]')."""
+
+    dir: str = Field(min_length=1, description="parent folder: <dir>/<run>/<job> per job, <dir>/<run>/_run for "
+                     "the config and summary")
+
+
+class TrackConfig(_Strict):
+    """``track:`` experiment trackers riding on every job of ``polytask run`` (:mod:`polytask.tracking`): the
+    config, per-epoch per-task losses, metrics and weights, and the summary. Both off by default."""
+
+    mlflow: MlflowTrackConfig | None = Field(None, description="{uri: ..., experiment: ...}")
+    tensorboard: TensorBoardTrackConfig | None = Field(None, description="{dir: ...}")
+
+
 class Config(_Strict):
     """An experiment (``polytask run / relate / group``): suite, model, training, methods and baselines, plus the
     relate and group sections. Validated before any work starts; an unknown key is an error that names it.
@@ -250,6 +273,7 @@ class Config(_Strict):
                                         min_length=1, description="at least one; leave out for the default set")
     baselines: BaselineConfig = Field(default_factory=BaselineConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    track: TrackConfig = Field(default_factory=TrackConfig, description="experiment trackers (off by default)")
     relate: RelateConfig = Field(default_factory=RelateConfig)
     group: GroupConfig = Field(default_factory=GroupConfig)
 

@@ -61,6 +61,9 @@ def test_least_squares_is_exact_from_d_examples():
     err = (LeastSquares()(p) - p.ys).square().mean(0) / d
     assert (err[d:] < 1e-10).all()
     assert (err[1:d] > 1e-2).all()  # underdetermined before d points
+    # Under a curriculum (last coordinates zeroed: a rank-deficient X), the active dimension's examples suffice.
+    q = LinearRegression(dim=8).sample(gen(1), 32, 6, dim=3)
+    assert ((LeastSquares()(q) - q.ys).square().mean(0)[3:] / 3 < 1e-10).all()
 
 
 def test_least_squares_is_the_minimum_norm_fit_when_underdetermined():

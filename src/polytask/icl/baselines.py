@@ -2,12 +2,12 @@
 ``src/models.py``; Raventós et al. 2023, NeurIPS, for the posterior mean over a finite pool of tasks).
 
 Every baseline is a predictor: a callable ``Prompts -> B x n`` whose column i is the prediction of y_i from the
-points 1..i-1 of the same prompt (0 where no point is seen, as theirs). Least squares, ridge, averaging, k-NN and the
-pool posterior are vectorised over the batch and the prefixes; Lasso and the tree learner fit scikit-learn models
-prompt by prompt, prefix by prefix, as theirs.
+points 1..i-1 of the same prompt (0 where no point is seen, as theirs). Averaging, k-NN and the pool posterior are
+vectorised over the batch and the prefixes, least squares and ridge over the batch (one batched solve per prefix);
+Lasso and the tree learner fit scikit-learn models prompt by prompt, prefix by prefix, as theirs.
 
-Deliberate differences from Garg et al.'s code: least squares uses the pseudo-inverse of the zero-padded prefix
-(the same minimum-norm solution as their ``torch.linalg.lstsq`` on CPU) in float64 for all prefixes at once; ridge
+Deliberate differences from Garg et al.'s code: least squares runs in float64 (their float32), off the CPU through
+the pseudo-inverse (their CUDA path moves to the CPU first); ridge
 (not in their baselines) is added as the Bayes-optimal learner of noisy linear regression; Lasso does not stop on a
 convergence warning (theirs raises); the tree learner fixes ``random_state=0`` so it is deterministic; their
 XGBoost and gradient-descent network baselines are left out (XGBoost is not a dependency).
@@ -39,17 +39,27 @@ def prefix_mask(n: int) -> Tensor:
     return torch.ones(n, n, dtype=torch.bool).tril(-1)
 
 
-def padded_prefixes(prompts: Prompts) -> tuple[Tensor, Tensor]:
-    """For every position i, the prompt's points before i with the others zeroed: xs B x n(i) x n(j) x d and
-    ys B x n x n, in float64. A zero row changes neither a least-squares solution nor a Gram matrix."""
-    mask = prefix_mask(prompts.xs.shape[1]).to(prompts.xs.device)
-    xs = prompts.xs.double()[:, None] * mask[None, :, :, None]
-    return xs, prompts.ys.double()[:, None] * mask[None]
+def prefix_fits(prompts: Prompts, fit: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """Per-position weights B x n x d: ``fit(X, y)`` (float64, X B x i x d, y B x i) on the points before each
+    position i >= 1, zero at position 0; batched over the prompts, one fit per position (memory O(B n d))."""
+    xs, ys = prompts.xs.double(), prompts.ys.double()
+    w = torch.zeros_like(xs)
+    for i in range(1, xs.shape[1]):
+        w[:, i] = fit(xs[:, :i], ys[:, :i])
+    return w
 
 
 def predict_linear(prompts: Prompts, w: Tensor) -> Tensor:
     """x_i . w_i for per-position weights ``w`` (B x n x d), in the prompts' dtype."""
     return torch.einsum("bnd,bnd->bn", prompts.xs.double(), w).to(prompts.ys.dtype)
+
+
+def min_norm_fit(xs: Tensor, ys: Tensor) -> Tensor:
+    """The minimum-norm least-squares solution X^+ y for batched X (B x m x d), y (B x m): LAPACK's gelsy on CPU (the
+    driver Garg et al.'s ``torch.linalg.lstsq`` call uses there, rank-revealing), the pseudo-inverse elsewhere."""
+    if xs.device.type == "cpu":
+        return torch.linalg.lstsq(xs, ys.unsqueeze(-1), driver="gelsy").solution.squeeze(-1)
+    return (torch.linalg.pinv(xs) @ ys.unsqueeze(-1)).squeeze(-1)
 
 
 @dataclass(frozen=True)
@@ -61,9 +71,7 @@ class LeastSquares:
 
     def __call__(self, prompts: Prompts) -> Tensor:
         """Predictions for every prefix (0 at the first point)."""
-        xs, ys = padded_prefixes(prompts)
-        w = (torch.linalg.pinv(xs) @ ys.unsqueeze(-1)).squeeze(-1)
-        return predict_linear(prompts, w)
+        return predict_linear(prompts, prefix_fits(prompts, min_norm_fit))
 
 
 def ridge_weights(xs: Tensor, ys: Tensor, lam: float) -> Tensor:
@@ -93,8 +101,7 @@ class Ridge:
         if self.lam <= 0:
             raise ConfigError(f"baseline 'ridge': noise_std / prior_std must be > 0 (got {self.noise_std} / "
                               f"{self.prior_std}); use least_squares for noiseless labels")
-        xs, ys = padded_prefixes(prompts)
-        return predict_linear(prompts, ridge_weights(xs, ys, self.lam))
+        return predict_linear(prompts, prefix_fits(prompts, lambda x, y: ridge_weights(x, y, self.lam)))
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,10 @@ reads back what the tracker already holds and leaves that out (the epoch logged 
 checkpoint that would have recorded it; a job finished or taken from the single-task cache in an earlier process).
 Resumed runs train bit for bit as uninterrupted ones, so a value left out equals the one that would be logged.
 
+Where jobs train in other processes (the Ray executor pickles hooks to its workers), a hook's copy opens its own
+MLflow client or TensorBoard writer there (backends pickle without them) and logs the epochs; the process that holds
+the run logs each finished job's test scores (and anything missing) and the summary.
+
 Deliberate choices: TensorBoard scalars are written as double-precision tensors (``new_style=True,
 double_precision=True``) so they read back exactly (the classic ``simple_value`` is float32); a local MLflow
 directory is MLflow's file store, which MLflow 3 keeps in maintenance mode behind ``MLFLOW_ALLOW_FILE_STORE``:
@@ -220,6 +224,7 @@ class MLflowBackend:
 
     def log(self, job: str, metrics: Mapping[int, Mapping[str, float]]) -> None:
         """One ``log_batch`` (per 1000 values) of the values with their steps."""
+        self.open_job(job, {})  # a copy of this backend in another process finds the child run
         now, entities = int(time.time() * 1000), _require("mlflow.entities", "track.mlflow")
         items = [entities.Metric(k, v, now, s) for s, row in metrics.items() for k, v in row.items()]
         for i in range(0, len(items), 1000):
@@ -317,6 +322,7 @@ class TensorBoardBackend:
 
     def log(self, job: str, metrics: Mapping[int, Mapping[str, float]]) -> None:
         """Each value as a double-precision scalar at its step, then flushed (a kill loses nothing logged)."""
+        self.open_job(job, {})  # a copy of this backend in another process opens its own writer
         w = self.writers[job]
         for s, row in metrics.items():
             for k, v in row.items():

@@ -55,6 +55,7 @@ def trained(case: str, out: Path, epochs: int = 2) -> dict[str, torch.Tensor]:
     model = build_model(s.tasks, (6,), "mlp", {"hidden": [16]})
     result = train_job(replace(s, model=model, select="last"))
     assert result["steps"] > 0
+    assert result.get("world_size", 1) == int(os.environ.get("WORLD_SIZE", "1")), "not data-parallel"
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 

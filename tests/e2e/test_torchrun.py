@@ -58,6 +58,7 @@ def test_rank_zero_alone_writes_and_prints(runs):
     lines = (tmp / "ddp" / "metrics.jsonl").read_text().splitlines()
     alone = (tmp / "alone" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len(alone)  # one record per job, epoch, split and task: not one per rank
+    assert json.loads((tmp / "ddp" / "jobs" / "famo" / "result.json").read_text())["world_size"] == 2
 
 
 def test_other_commands_refuse_to_run_under_torchrun(tmp_path):
@@ -65,3 +66,66 @@ def test_other_commands_refuse_to_run_under_torchrun(tmp_path):
     done = polytask(["relate", str(tmp_path / "c.yaml")], tmp_path, world=2)
     assert done.returncode != 0
     assert "under torchrun only `polytask run`" in done.stderr
+
+
+FIT = """
+import sys
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+from polytask import fit
+
+torch.set_num_threads(1)
+gen = torch.Generator().manual_seed(0)
+x = torch.randn(90, 5, generator=gen)
+data = TensorDataset(x, x[:, 0] > 0, 2 * x[:, 1])  # (x, cls, reg): a custom model on a plain Dataset
+val = TensorDataset(x[:30], x[:30, 0] > 0, 2 * x[:30, 1])
+
+
+class Pairs(torch.utils.data.Dataset):
+    def __init__(self, d):
+        self.d = d
+
+    def __len__(self):
+        return len(self.d)
+
+    def __getitem__(self, i):
+        x, c, r = self.d[i]
+        return x, {"cls": int(c), "reg": float(r)}
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(5, 16), nn.ReLU())
+        self.cls, self.reg = nn.Linear(16, 2), nn.Linear(16, 1)
+
+    def forward(self, x):
+        z = self.trunk(x)
+        return {"cls": self.cls(z), "reg": self.reg(z).squeeze(-1)}
+
+
+torch.manual_seed(0)
+net = Net()
+out = fit(net, [("cls", "classification", 2), ("reg", "regression", 1)], Pairs(data), Pairs(val), method="upgrad",
+          epochs=2, batch_size=20, run_dir=sys.argv[1], heads={"cls": net.cls, "reg": net.reg}, seed=3, report=False)
+print("world size", out.result.get("world_size", 1))
+"""
+
+
+def test_fit_under_torchrun_equals_fit_alone(tmp_path):
+    script = tmp_path / "fit_script.py"
+    script.write_text(FIT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for world, name in ((1, "alone"), (2, "ddp")):
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] if world > 1 else []
+        done = subprocess.run([sys.executable, *launcher, str(script), str(tmp_path / name)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"world size {world}" in done.stdout
+    one = json.loads((tmp_path / "alone" / "summary.json").read_text())["results"]["upgrad"]["tasks"]
+    two = json.loads((tmp_path / "ddp" / "summary.json").read_text())["results"]["upgrad"]["tasks"]
+    assert one.keys() == two.keys() == {"cls", "reg"}
+    for task, scores in one.items():
+        for metric, value in scores.items():
+            assert two[task][metric] == pytest.approx(value, rel=1e-4, abs=1e-6), (task, metric)

@@ -309,5 +309,6 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, An
         "job": spec.name, "method": method.name, "tasks": [t.name for t in tasks],
         "best_epoch": state.best.epoch, "val": state.best.val, "test": test_scores,
         "steps": pos.global_step, "wall_time_s": elapsed + time.perf_counter() - t0,
+        **({"world_size": comm.world} if comm is not None else {}),
         "history": state.history + _records(spec.name, state.best.epoch, pos.global_step, "test", test_scores),
     }

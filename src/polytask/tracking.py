@@ -426,7 +426,9 @@ class Trackers:
 def open_trackers(config: Any, run_dir: Path, started: str) -> Trackers:
     """The trackers of a run's ``track`` section (:class:`polytask.config.TrackConfig`; none: a ``Trackers``
     that does nothing), each started with the run's config: the run in ``run_dir``, started at ``started`` (a run
-    directory emptied and started again is another tracked run), whose resolved config is ``run_dir/config.yaml``."""
+    directory emptied and started again is another tracked run), whose resolved config is ``run_dir/config.yaml``.
+    Under torchrun only the process that writes the run's files (rank 0) tracks; the other ranks get a ``Trackers``
+    that does nothing."""
     track, backends = config.track, []
     if (track.mlflow is None and track.tensorboard is None) or not is_writer():  # torchrun: rank 0 logs
         return Trackers([])

@@ -254,6 +254,12 @@ def test_probe_runs_every_measurement_and_is_deterministic(model_dirs):
     assert [m["counts"] for m in out["superposition"]] == [[3, 0], [2, 1]]
     assert json.loads(json.dumps(out)) == out
     assert probe(model_dirs["gpt2"], tasks, **kwargs) == out
+    fixed = probe(model_dirs["gpt2"], [Cipher(alphabet=10, per_prompt=False)], batch=8, n_examples=3, ltv_steps=0)
+    assert "cipher" not in fixed["tasks"]["cipher"] and "ltv" not in fixed["tasks"]["cipher"]
+    per_prompt = probe(model_dirs["gpt2"], [Cipher(alphabet=10)], batch=8, n_examples=3, ltv_steps=0)
+    assert set(per_prompt["tasks"]["cipher"]["cipher"]) == {"bijective", "non_bijective", "gap"}
+    with pytest.raises(ConfigError, match="twice"):
+        probe(model_dirs["gpt2"], [Cipher(alphabet=10), Cipher(alphabet=10, per_prompt=False)], ltv_steps=0)
     with pytest.raises(ConfigError, match="needs a vocabulary"):
         probe(model_dirs["gpt2"], [Successor(alphabet=26)], ltv_steps=0)
     with pytest.raises(ConfigError, match="model_dir"):

@@ -313,7 +313,9 @@ def probe_task(model: nn.Module, task: SymbolTask, generator: torch.Generator, b
     """Every representation measurement on one token task: the task-vector layer sweep on dev and on test prompts,
     the layer chosen on dev and the test accuracies there (ICL, task vector, zero-shot: Hendel et al. Table 1's
     columns), and (``ltv_steps`` > 0) a learnable task vector fitted on zero-shot train prompts (head means from
-    their ICL version) and its zero-shot test accuracy. Same ``generator`` state, same numbers."""
+    their ICL version) and its zero-shot test accuracy; for a cipher drawn per prompt, :func:`cipher_probe` (a fixed
+    cipher is skipped: its bijective version may be memorised, which the probe would mistake for task learning).
+    Same ``generator`` state, same numbers."""
     _check_vocab(model, task)
     dev, test, train = (task.sample(generator, batch, n_examples) for _ in range(3))
     dev_rows = task_vector_sweep(model, dev, n_avg=n_avg)
@@ -328,7 +330,7 @@ def probe_task(model: nn.Module, task: SymbolTask, generator: torch.Generator, b
         out["ltv"] = {"accuracy": ltv_accuracy(model, zero_shot(test), ltv), "train_loss_first": ltv.losses[0],
                       "train_loss_last": ltv.losses[-1], "steps": ltv_steps,
                       "weights": [[round(float(w), 4) for w in row] for row in ltv.weights]}
-    if isinstance(task, Cipher):
+    if isinstance(task, Cipher) and task.per_prompt:
         out["cipher"] = cipher_probe(model, task, generator, batch=batch, n_examples=n_examples)
     return out
 
@@ -343,6 +345,10 @@ def probe(model_dir: str | Path, tasks: Sequence[SymbolTask | str], seed: int = 
     built = [_task(t) for t in tasks]
     if not built:
         raise ConfigError("probe.tasks: give at least one token task")
+    names = [t.name for t in built]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"probe.tasks: task name {name!r} appears twice (results are keyed by name)")
     generator = torch.Generator().manual_seed(seed)
     out: dict[str, object] = {"model_dir": str(model_dir), "layers": num_layers(model), "seed": seed,
                               "tasks": {t.name: probe_task(model, t, generator, batch=batch, n_examples=n_examples,

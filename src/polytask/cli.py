@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
 import sys
 import traceback
@@ -47,37 +48,57 @@ def _fail(e: BaseException) -> None:
 
 
 def _flow(fn: Callable[..., Any] | str, config: Optional[Path], set_: list[str], resume: Optional[Path],
-          quiet: bool) -> Any:
+          quiet: bool, executor: Optional[str] = None) -> Any:
     """Run a run-directory flow (run, relate, group) with the shared config/override/resume handling.
 
     ``fn`` may be named as ``"module:function"``: it is imported only after the config is valid, so a typo is
-    reported before torch loads."""
+    reported before torch loads. ``executor`` sets ``executor.name`` (of a resumed run too: it never changes
+    results)."""
     from polytask.config import load_config
     from polytask.flows import Reporter
 
     try:
+        if _world() > 1 and fn != "polytask.flows.run:run":
+            raise PolytaskError("under torchrun only `polytask run` trains data-parallel (and polytask.fit); run this "
+                                "command in one process")
         if resume is not None and (config is not None or set_):
             raise PolytaskError("--resume continues a run with its saved config; drop CONFIG and --set")
-        cfg = None if resume is not None else load_config(config, set_)
+        overrides = [*set_, f"executor.name={executor}"] if executor is not None else set_
+        cfg = None if resume is not None else load_config(config, overrides)
         if isinstance(fn, str):
             module, _, name = fn.partition(":")
             fn = getattr(importlib.import_module(module), name)
-        return fn(cfg, resume=resume, reporter=Reporter(quiet=quiet))
+        extra = {"executor": executor} if resume is not None and executor is not None else {}
+        return fn(cfg, resume=resume, reporter=Reporter(quiet=quiet or _rank() != 0), **extra)
     except (PolytaskError, OSError) as e:
         _fail(e)
+
+
+def _rank() -> int:
+    """This process's torchrun rank (0 alone): only rank 0 prints progress and results."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 ConfigArg = Annotated[Optional[Path], typer.Argument(help="experiment YAML (none: the default experiment)")]
 SetOpt = Annotated[list[str], typer.Option("--set", help="override a key, e.g. --set relate.every=5")]
 ResumeOpt = Annotated[Optional[Path], typer.Option(help="continue the run in this directory")]
 QuietOpt = Annotated[bool, typer.Option(help="no progress output")]
+ExecutorOpt = Annotated[Optional[str], typer.Option(
+    "--executor", help="where independent jobs train: sequential (in this process) or ray (Ray tasks; pip install "
+                       "'polytask[ray]'); sets executor.name")]
 
 
 @app.command()
 def run(config: ConfigArg = None, set_: SetOpt = [], resume: ResumeOpt = None,  # noqa: B006
-        quiet: QuietOpt = False) -> None:
+        quiet: QuietOpt = False, executor: ExecutorOpt = None) -> None:
     """Train the single-task baselines and every configured method; write summary.json and report.html."""
-    run_dir, summary = _flow("polytask.flows.run:run", config, set_, resume, quiet)
+    run_dir, summary = _flow("polytask.flows.run:run", config, set_, resume, quiet, executor)
+    if _rank() != 0:
+        return
     from polytask.flows.text import format_results
 
     typer.echo(format_results(summary, width=max(80, shutil.get_terminal_size((120, 24)).columns)))
@@ -134,9 +155,9 @@ def architectures() -> None:
 
 @app.command()
 def relate(config: ConfigArg = None, set_: SetOpt = [], resume: ResumeOpt = None,  # noqa: B006
-           quiet: QuietOpt = False) -> None:
+           quiet: QuietOpt = False, executor: ExecutorOpt = None) -> None:
     """Estimate task-affinity matrices (relate.estimators); write affinity_*.json, heatmaps and the report."""
-    run_dir, affinities = _flow("polytask.flows.relate:relate", config, set_, resume, quiet)
+    run_dir, affinities = _flow("polytask.flows.relate:relate", config, set_, resume, quiet, executor)
     for name, aff in affinities.items():
         typer.echo(f"{name} affinity (row i -> column j), cost {aff.cost}")
         width = max(len(t) for t in aff.tasks)
@@ -148,9 +169,9 @@ def relate(config: ConfigArg = None, set_: SetOpt = [], resume: ResumeOpt = None
 
 @app.command()
 def group(config: ConfigArg = None, set_: SetOpt = [], resume: ResumeOpt = None,  # noqa: B006
-          quiet: QuietOpt = False) -> None:
+          quiet: QuietOpt = False, executor: ExecutorOpt = None) -> None:
     """Choose task groups under a budget (group.*) and prove them by training against the alternatives."""
-    run_dir, summary = _flow("polytask.flows.group:group", config, set_, resume, quiet)
+    run_dir, summary = _flow("polytask.flows.group:group", config, set_, resume, quiet, executor)
     from polytask.flows.text import networks_text
 
     g = summary["grouping"]
@@ -229,6 +250,7 @@ def merge(
     set_: Annotated[list[str], typer.Option("--set", help="override a key, e.g. --set params.density=0.3")] = [],  # noqa: B006
     list_methods: Annotated[bool, typer.Option("--list", help="list the merge methods and their parameters")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress output")] = False,
+    executor: ExecutorOpt = None,
 ) -> None:
     """Merge models: checkpoints tensor by tensor, or pretrain / fine-tune / merge / evaluate on a suite."""
     from polytask.flows import Reporter
@@ -245,6 +267,11 @@ def merge(
         if config is None:
             raise PolytaskError("give a merge config (see `polytask merge --list` for the methods)")
         cfg = load_merge_config(config, set_, output)
+        if executor is not None:
+            if not isinstance(cfg, ExperimentConfig):
+                raise PolytaskError("--executor: a checkpoint merge trains no jobs; it applies to merge experiments "
+                                    "(configs with 'suite:')")
+            cfg = load_merge_config(config, [*set_, f"executor.name={executor}"], output)
         from polytask.flows.merge import merge as merge_flow
 
         out, summary = merge_flow(cfg, Reporter(quiet=quiet))

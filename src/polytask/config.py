@@ -226,6 +226,20 @@ class GroupConfig(_Strict):
     random_groupings: int = Field(3, ge=0, description="random groupings (same budget) per seed")
 
 
+class ExecutorConfig(_Strict):
+    """``executor:`` where the independent jobs of run, relate, group and merge experiments train
+    (:mod:`polytask.flows.executor`); ``executor: ray`` is short for ``{name: ray}``. Results are the same either
+    way."""
+
+    name: Literal["sequential", "ray"] = Field("sequential", description="sequential: one after another in this "
+                                               "process; ray: as Ray tasks (pip install 'polytask[ray]')")
+    address: str = Field("", description="ray: '' starts a local cluster in this process; 'auto' or "
+                         "ray://host:port joins a running one (the run directory must be on a shared file system)")
+    workers: int = Field(0, ge=0, description="ray: jobs in flight at once (0: as many as the cluster's CPUs)")
+    max_retries: int = Field(3, ge=0, description="ray: times a job whose worker died is started again (it resumes "
+                             "from its checkpoint)")
+
+
 class OutputConfig(_Strict):
     """``output:`` where the run directory goes."""
 
@@ -276,11 +290,22 @@ class Config(_Strict):
     track: TrackConfig = Field(default_factory=TrackConfig, description="experiment trackers (off by default)")
     relate: RelateConfig = Field(default_factory=RelateConfig)
     group: GroupConfig = Field(default_factory=GroupConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
 
     @field_validator("methods", mode="before")
     @classmethod
     def _names_as_methods(cls, v: Any) -> Any:
         return names_as_methods(v)
+
+    @field_validator("executor", mode="before")
+    @classmethod
+    def _name_as_executor(cls, v: Any) -> Any:
+        return executor_by_name(v)
+
+
+def executor_by_name(v: Any) -> Any:
+    """Let ``executor: ray`` stand for ``executor: {name: ray}``."""
+    return {"name": v} if isinstance(v, str) else v
 
 
 def names_as_methods(v: Any) -> Any:

@@ -1,6 +1,9 @@
 """``polytask group``: estimate affinity, choose networks within the budget (:func:`choose_groups`, pure, in
 :mod:`polytask.relations.workflow`), and prove them by training them against all-in-one, independent models and
-random groupings over ``group.seeds``; writes ``groups.json`` and the report.
+random groupings over ``group.seeds``; writes ``groups.json`` and the report. The models of that comparison (every
+strategy x seed) are independent jobs that ``config.executor`` runs (one after another, or as Ray tasks:
+:mod:`polytask.flows.executor`); the affinity's own jobs follow :mod:`polytask.flows.relate`, and listed networks
+measured by training them (``measured``) train one at a time in this process, as the solver asks for them.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from safetensors.torch import load_file
 from polytask.config import Config, MethodConfig
 from polytask.engine.loop import evaluate
 from polytask.engine.progress import Reporter
+from polytask.flows.executor import Work, execute_all, with_executor
 from polytask.flows.jobs import Job
 from polytask.flows.relate import estimate, group_job
 from polytask.flows.runner import execute, job_dir_of, open_run, releases_run_locks, run_suite
@@ -68,40 +72,50 @@ def _ensemble_scores(config: Config, suite: TaskSuite, run_dir: Path, jobs: list
     return {split: evaluate(ens, suite.splits[split], list(suite.tasks), config.train.eval_batch_size)
             for split in ("val", "test")}
 
-def _run_strategy(config: Config, suite: TaskSuite, run_dir: Path, reporter: Reporter, st: Strategy,
-                  seed: int) -> dict[str, dict[str, float]]:
-    """Train a strategy's networks at ``seed``; per task: validation loss and test metrics of what serves it."""
-    tasks = suite.task_names
+def _strategy_work(config: Config, suite: TaskSuite, st: Strategy, seed: int) -> list[Work]:
+    """The models a strategy trains at training seed ``seed`` (the suite's split stays the one drawn with
+    ``config.seed``): its networks, or STG-MTL's soft form's one model per cluster on every task."""
     cfg = config.model_copy(update={"seed": seed})
     if st.membership is not None:
-        jobs = []
-        for c, weights in enumerate(cluster_weights(st.membership, tasks)):
-            job = Job(f"s{seed}/stg-soft/cluster-{c}", tuple(tasks), MethodConfig(name="static",
-                                                                                 params={"weights": weights}), "joint")
-            execute(job, suite, cfg, run_dir, reporter, split_seed=config.seed)
-            jobs.append((job, cfg))
-        scores = _ensemble_scores(cfg, suite, run_dir, jobs, st.membership)
-        return {t: {"val_loss": scores["val"][t]["loss"], **scores["test"][t]} for t in tasks}
-    results = []
+        return [Work(Job(f"s{seed}/stg-soft/cluster-{c}", tuple(suite.task_names),
+                         MethodConfig(name="static", params={"weights": weights}), "joint"), cfg, config.seed)
+                for c, weights in enumerate(cluster_weights(st.membership, suite.task_names))]
+    out = []
     for net in st.networks:
         job, ncfg = network_job(net, cfg)
-        # the suite's split was drawn with the run's seed; only the training seed is ``seed``
-        results.append(execute(_seeded(job, seed), suite, ncfg, run_dir, reporter, split_seed=config.seed))
+        out.append(Work(_seeded(job, seed), ncfg, config.seed))
+    return out
+
+def _strategy_scores(config: Config, suite: TaskSuite, run_dir: Path, st: Strategy, work: list[Work],
+                     results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per task: validation loss and test metrics of what serves it in a strategy whose models (``work``) are
+    trained (``results``)."""
+    tasks = suite.task_names
+    if st.membership is not None:
+        scores = _ensemble_scores(config, suite, run_dir, [(w.job, w.config or config) for w in work], st.membership)
+        return {t: {"val_loss": scores["val"][t]["loss"], **scores["test"][t]} for t in tasks}
+    trained = [results[w.job.id] for w in work]
     serve = st.serve if st.serve is not None else {t: next(i for i, g in enumerate(st.groups) if t in g)
                                                    for t in tasks}
-    return {t: {"val_loss": results[serve[t]]["val"][t]["loss"], **results[serve[t]]["test"][t]} for t in tasks}
+    return {t: {"val_loss": trained[serve[t]]["val"][t]["loss"], **trained[serve[t]]["test"][t]} for t in tasks}
 
 def compare_groupings(config: Config, suite: TaskSuite, run_dir: Path, reporter: Reporter,
                       chosen: Any) -> dict[str, Any]:
     """Train the chosen networks and, under the same budget, all-in-one, independent and random groupings,
     over ``config.group.seeds``; every task is scored by the network that serves it (STG-MTL's soft form: by the
-    membership-weighted ensemble of the cluster models)."""
+    membership-weighted ensemble of the cluster models). Every model of every strategy and seed is independent:
+    ``config.executor`` trains them all (a model two strategies share trains once)."""
     tasks = suite.task_names
     out: dict[str, Any] = {"strategies": {}, "tasks": tasks}
-    for name, st in strategies(config, suite, chosen).items():
+    candidates = strategies(config, suite, chosen)
+    plans = {(name, s): _strategy_work(config, suite, st, s) for name, st in candidates.items()
+             for s in config.group.seeds}
+    results = execute_all([w for work in plans.values() for w in work], suite, config, run_dir, reporter)
+    for name, st in candidates.items():
         per_seed = []
         for s in config.group.seeds:
-            per_task = _run_strategy(config, suite, run_dir, reporter, st, s)
+            cfg = config.model_copy(update={"seed": s})
+            per_task = _strategy_scores(cfg, suite, run_dir, st, plans[name, s], results)
             per_seed.append({"seed": s, "tasks": per_task,
                              "total_val_loss": float(sum(v["val_loss"] for v in per_task.values()))})
         totals = np.array([p["total_val_loss"] for p in per_seed])
@@ -136,10 +150,12 @@ def study(config: Config, suite: TaskSuite, run_dir: Path,
 
 @releases_run_locks
 def group(config: Config | None = None, resume: str | None = None,
-          reporter: Reporter | None = None) -> tuple[Path, dict[str, Any]]:
-    """Estimate affinity, choose networks within the budget, prove them by training; write groups.json."""
+          reporter: Reporter | None = None, executor: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """Estimate affinity, choose networks within the budget, prove them by training; write groups.json.
+    ``executor`` (sequential or ray) overrides ``config.executor.name`` (also of a resumed run)."""
     reporter = reporter or Reporter()
     run_dir, config, _ = open_run(config, resume)
+    config = with_executor(config, executor)
     _, summary = study(config, run_suite(config, run_dir), run_dir, reporter)
     write_report([run_dir])
     return run_dir, summary

@@ -1,6 +1,8 @@
 """``polytask merge`` on a suite: pretrain a shared backbone, fine-tune one model per task from it (jobs of the
 shared runner, ``model.init_from``), merge the fine-tuned encoders with every listed method (each task keeps its own
-head), and evaluate every task; a checkpoint merge config goes to :func:`polytask.merging.run_merge_config`.
+head), and evaluate every task; a checkpoint merge config goes to :func:`polytask.merging.run_merge_config`. The
+per-task fine-tunes are independent: ``executor`` runs them (one after another, or as Ray tasks:
+:mod:`polytask.flows.executor`); the pretraining, the merges and the evaluation run in this process.
 
 Layout of the run directory::
 
@@ -28,6 +30,7 @@ from polytask.engine.loop import evaluate
 from polytask.engine.progress import Reporter
 from polytask.engine.state import seed_everything
 from polytask.errors import ConfigError
+from polytask.flows.executor import execute_all
 from polytask.flows.jobs import Job
 from polytask.flows.runner import execute, job_dir_of
 from polytask.io import atomic_write_json, atomic_write_text
@@ -56,7 +59,16 @@ def _engine_config(cfg: ExperimentConfig, epochs: int, lr: float | None, init_fr
         train = train.model_copy(update={"optimizer": train.optimizer.model_copy(update={"lr": lr})})
     model = cfg.model.model_copy(update={"init_from": init_from})
     # the fine-tuned models depend on the backbone file: no shared single-task cache
-    return Config(seed=cfg.seed, suite=cfg.suite, model=model, train=train, baselines=BaselineConfig(cache=False))
+    return Config(seed=cfg.seed, suite=cfg.suite, model=model, train=train, baselines=BaselineConfig(cache=False),
+                  executor=cfg.executor)
+
+def _same_experiment(saved: str, text: str) -> bool:
+    """Whether a run directory's saved config is this experiment's; the executor may differ (it never changes
+    results, so a run started sequentially may be finished on Ray)."""
+    a, b = yaml.safe_load(saved) or {}, yaml.safe_load(text)
+    a.pop("executor", None)
+    b.pop("executor", None)
+    return a == b
 
 def run_merge_experiment(cfg: ExperimentConfig, reporter: Reporter | None = None,
                          run_dir: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
@@ -79,7 +91,7 @@ def run_merge_experiment(cfg: ExperimentConfig, reporter: Reporter | None = None
     run_dir = Path(run_dir)
     saved = run_dir / "config.yaml"
     text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-    if saved.exists() and saved.read_text() != text:
+    if saved.exists() and not _same_experiment(saved.read_text(), text):
         raise ConfigError(f"run directory {run_dir} holds another experiment; set output.name")
     atomic_write_text(saved, text)
 
@@ -89,11 +101,9 @@ def run_merge_experiment(cfg: ExperimentConfig, reporter: Reporter | None = None
     execute(pretrain, pre_suite, pre_cfg, run_dir, reporter)
     pre_dir = job_dir_of(run_dir, pretrain)
     ft_cfg = _engine_config(cfg, cfg.finetune.epochs, cfg.finetune.lr, str(pre_dir / "best.safetensors"))
-    ft_states = []
-    for t in names:
-        finetune = Job(f"finetune/{t}", (t,), MethodConfig(name="equal"), "single_task")
-        execute(finetune, ft_suite, ft_cfg, run_dir, reporter)
-        ft_states.append(load_file(job_dir_of(run_dir, finetune) / "best.safetensors"))
+    finetunes = [Job(f"finetune/{t}", (t,), MethodConfig(name="equal"), "single_task") for t in names]
+    execute_all(finetunes, ft_suite, ft_cfg, run_dir, reporter)  # independent of each other: cfg.executor runs them
+    ft_states = [load_file(job_dir_of(run_dir, job) / "best.safetensors") for job in finetunes]
 
     tasks = [full.task(t) for t in names]
     seed_everything(cfg.seed)

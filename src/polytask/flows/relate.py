@@ -2,8 +2,10 @@
 
 Every estimator writes ``affinity_<name>.json`` (matrix, task names, estimator, cost) and
 ``affinity_<name>.svg`` (a heatmap) into the run directory. The probes (lookahead, grad_cosine, datamap)
-share one joint training run (a hook on it); pairwise transfer trains every single task and every pair; the
-transferability scores read the single-task models' frozen features (:mod:`polytask.flows.transfer`).
+share one joint training run (a hook on it, trained in this process whatever the executor: its probes' state is
+read here); pairwise transfer trains every single task and every pair, independent jobs that ``config.executor``
+runs (one after another, or as Ray tasks: :mod:`polytask.flows.executor`); the transferability scores read the
+single-task models' frozen features (:mod:`polytask.flows.transfer`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from polytask.config import Config
 from polytask.engine import checkpoint
 from polytask.engine.progress import Reporter
 from polytask.engine.spec import CHECKPOINT, TIMING
+from polytask.flows.executor import execute_all, with_executor
 from polytask.flows.jobs import Job
 from polytask.flows.runner import execute, job_dir_of, open_run, releases_run_locks, run_suite, single_task_job
 from polytask.flows.transfer import TRANSFER_ESTIMATORS, transferability
@@ -86,14 +89,18 @@ def _probe_affinities(config: Config, suite: TaskSuite, run_dir: Path, reporter:
 
 def pairwise(config: Config, suite: TaskSuite, run_dir: Path, reporter: Reporter) -> AffinityMatrix:
     """Pairwise transfer (Standley et al. 2020): train every task alone and every pair together;
-    affinity i->j = (L_j(alone) - L_j(with i)) / L_j(alone), validation loss at the best epoch."""
+    affinity i->j = (L_j(alone) - L_j(with i)) / L_j(alone), validation loss at the best epoch. The K + K(K-1)/2
+    models are independent: ``config.executor`` trains them (one after another, or as Ray tasks)."""
     t0 = time.perf_counter()
     names = suite.task_names
-    single = {t: execute(single_task_job(t), suite, config, run_dir, reporter)["val"][t]["loss"] for t in names}
+    singles = {t: single_task_job(t) for t in names}
+    pairs = {(a, b): group_job((a, b), config, "pair") for a, b in itertools.combinations(names, 2)}
+    results = execute_all([*singles.values(), *pairs.values()], suite, config, run_dir, reporter)
+    single = {t: results[job.id]["val"][t]["loss"] for t, job in singles.items()}
     pair: dict[str, dict[str, float]] = {}
     steps = 0
-    for a, b in itertools.combinations(names, 2):
-        r = execute(group_job((a, b), config, "pair"), suite, config, run_dir, reporter)
+    for (a, b), job in pairs.items():
+        r = results[job.id]
         pair[f"{a}+{b}"] = {t: r["val"][t]["loss"] for t in (a, b)}
         steps += r["steps"]
     k = len(names)
@@ -129,10 +136,12 @@ def estimate(config: Config, suite: TaskSuite, run_dir: Path, reporter: Reporter
 
 @releases_run_locks
 def relate(config: Config | None = None, resume: str | None = None,
-           reporter: Reporter | None = None) -> tuple[Path, dict[str, AffinityMatrix]]:
-    """Estimate ``config.relate.estimators`` on the configured suite; returns the run directory and matrices."""
+           reporter: Reporter | None = None, executor: str | None = None) -> tuple[Path, dict[str, AffinityMatrix]]:
+    """Estimate ``config.relate.estimators`` on the configured suite; returns the run directory and matrices.
+    ``executor`` (sequential or ray) overrides ``config.executor.name`` (also of a resumed run)."""
     reporter = reporter or Reporter()
     run_dir, config, _ = open_run(config, resume)
+    config = with_executor(config, executor)
     suite = run_suite(config, run_dir)
     affinities = estimate(config, suite, run_dir, reporter, list(config.relate.estimators))
     write_report([run_dir])

@@ -26,7 +26,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
-from polytask.config import ModelConfig, SuiteConfig, TrainConfig, names_as_methods, read_yaml
+from polytask.config import (
+    ExecutorConfig,
+    ModelConfig,
+    SuiteConfig,
+    TrainConfig,
+    executor_by_name,
+    names_as_methods,
+    read_yaml,
+)
 from polytask.errors import ConfigError
 from polytask.merging.mergekit import from_mergekit, is_mergekit, mergekit_notes
 from polytask.merging.methods import METHODS, canonical_method, model_params_for, passes_of
@@ -138,11 +146,18 @@ class ExperimentConfig(_Strict):
     data: DataSpec = Field(default_factory=DataSpec)
     options: MergeOptions = Field(default_factory=MergeOptions)
     output: ExperimentOutput = Field(default_factory=ExperimentOutput)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig, description="where the per-task fine-tunes "
+                                     "train (sequential or ray; the backbone's pretraining comes first)")
 
     @field_validator("methods", mode="before")
     @classmethod
     def _names_as_methods(cls, v: Any) -> Any:
         return names_as_methods(v)
+
+    @field_validator("executor", mode="before")
+    @classmethod
+    def _name_as_executor(cls, v: Any) -> Any:
+        return executor_by_name(v)
 
 
 

@@ -13,6 +13,9 @@ What a run logs, in each tracker's own format and with its own writer (``mlflow.
 - the run's summary at the end: per method label, the test metrics, Δm% (overall and per task) and the mean rank
   (``summary/<label>/...``, step 0), and ``summary.json`` (an MLflow artifact; TensorBoard text ``summary``).
 
+``polytask continual`` logs the same way: a sub-run per experience's job (``<strategy>-s<seed>/e<i>``; its steps
+count from 0 in each experience, no test split), and the study's metrics per strategy and seed as its summary.
+
 Each tracker logs each (name, step) once, also across a kill and resume: a hook's checkpointed state is the last
 epoch it logged (epochs before the checkpoint are not logged again), and the first time a job logs in a process it
 reads back what the tracker already holds and leaves that out (the epoch logged just before a kill, ahead of the
@@ -78,9 +81,11 @@ def epoch_metrics(records: Iterable[Mapping[str, Any]]) -> dict[int, dict[str, f
 
 
 def summary_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
-    """The numbers of a run's ``summary.json``: per method label its test metrics, Δm% (overall and per task)
-    and mean rank, named ``summary/<label>/<task>/<metric>``, ``summary/<label>/delta_m``,
-    ``summary/<label>/<task>/delta_m`` and ``summary/<label>/mean_rank``."""
+    """The numbers of a run's ``summary.json`` (a continual study's: :func:`continual_summary_metrics`): per method
+    label its test metrics, Δm% (overall and per task) and mean rank, named ``summary/<label>/<task>/<metric>``,
+    ``summary/<label>/delta_m``, ``summary/<label>/<task>/delta_m`` and ``summary/<label>/mean_rank``."""
+    if summary.get("kind") == "continual":
+        return continual_summary_metrics(summary)
     out: dict[str, float] = {}
     for label, r in summary.get("results", {}).items():
         for task, scores in r.get("tasks", {}).items():
@@ -93,6 +98,15 @@ def summary_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
     for label, v in (summary.get("mean_rank") or {}).items():
         out[metric_name("summary", label, "mean_rank")] = float(v)
     return out
+
+
+def continual_summary_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers of a continual study's ``summary.json``: per strategy label and seed, the metrics of its accuracy
+    matrix (average accuracy, BWT, FWT, forgetting, intransigence: those it has), named
+    ``summary/<label>/s<seed>/<metric>``."""
+    return {metric_name("summary", label, f"s{r['seed']}", m): float(v)
+            for label, runs in summary.get("results", {}).items() for r in runs
+            for m, v in r.get("metrics", {}).items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:

@@ -213,3 +213,39 @@ def test_tracker_hooks_pickle_without_their_connections_and_log_to_the_same_sub_
     assert runs["j"][1] == {"val/t_1/loss": [(3, 0.1 + 0.2)], "val/t_1/acc": [(3, 1.0)]}
     assert runs["j"][0].data.params == {"job": "j"}
     assert tensorboard_runs(tmp_path / "tb" / "r")["j"] == {"val/t_1/loss": [(3, 0.1 + 0.2)], "val/t_1/acc": [(3, 1.0)]}
+
+
+def test_a_continual_study_logs_each_experience_and_its_metrics(tmp_path):
+    """``polytask continual``: a sub-run per experience's job holding the job's history (as its checkpoint keeps it),
+    and the study's metrics per strategy and seed as the summary."""
+    from polytask.continual.config import ContinualConfig
+    from polytask.engine import checkpoint
+    from polytask.flows.continual import continual
+
+    cfg = ContinualConfig.model_validate({
+        "seeds": [0], "stream": {"name": "split-digits", "params": {"scenario": "class"}},
+        "model": {"backbone": "mlp", "backbone_params": {"hidden": [32]}},
+        "train": {"epochs": 2, "batch_size": 64, "checkpoint_every": 0, "optimizer": {"name": "sgd", "lr": 0.1}},
+        "strategies": ["naive"], "output": {"dir": str(tmp_path), "name": "cl"},
+        "track": {"mlflow": {"uri": str(tmp_path / "mlruns"), "experiment": "tiny"},
+                  "tensorboard": {"dir": str(tmp_path / "tb")}}})
+    run_dir, summary = continual(cfg)
+    _, runs = mlflow_runs(tmp_path / "mlruns")
+    tb = tensorboard_runs(tmp_path / "tb" / "cl")
+    jobs = sorted(p.name for p in (run_dir / "jobs" / "naive-s0").iterdir())
+    assert jobs == ["e0", "e1", "e2", "e3", "e4"]
+    for e in jobs:
+        history = checkpoint.load(run_dir / "jobs" / "naive-s0" / e / "last.safetensors")["history"]
+        want: dict[str, list] = defaultdict(list)
+        for r in history:
+            for k, v in r.items():
+                if k not in ("job", "epoch", "step", "split", "task"):
+                    want[f"{r['split']}/{r['task']}/{k}"].append((r["step"], v))
+        assert {r["epoch"] for r in history} == {1, 2} and want
+        assert runs[f"naive-s0/{e}"][1] == want and runs[f"naive-s0/{e}"][0].info.status == "FINISHED"
+        assert tb[f"naive-s0__{e}"] == want
+    metrics = summary["results"]["naive"][0]["metrics"]
+    expected = {f"summary/naive/s0/{m}": [(0, v)] for m, v in metrics.items() if v is not None}
+    assert "summary/naive/s0/forgetting" in expected
+    assert runs["cl"][1] == expected
+    assert {k: v for k, v in tb["_run"].items() if not k.endswith("text_summary")} == expected

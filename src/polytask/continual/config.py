@@ -19,6 +19,7 @@ from polytask.config import (
     OptimizerConfig,
     OutputConfig,
     Seed,
+    TrackConfig,
     TrainConfig,
     _Strict,
     read_yaml,
@@ -62,6 +63,7 @@ class ContinualConfig(_Strict):
                                  description="the joint method of an experience with several tasks")
     strategies: list[StrategyConfig] = Field(default_factory=lambda: [StrategyConfig(name="naive")], min_length=1)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    track: TrackConfig = Field(default_factory=TrackConfig, description="experiment trackers (off by default)")
 
     @field_validator("strategies", mode="before")
     @classmethod

@@ -48,6 +48,7 @@ from polytask.flows.runner import lock_run, releases_run_locks, reopen_run, vers
 from polytask.io import atomic_write_json, atomic_write_text
 from polytask.models import build_model
 from polytask.tasks.task import TaskSuite
+from polytask.tracking import Trackers, open_trackers
 
 END, DONE = "end.safetensors", "done.json"
 
@@ -65,9 +66,11 @@ def _row(model: torch.nn.Module, stream: Stream, batch_size: int) -> list[float]
 
 
 def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig, seed: int, job_dir: Path,
-                 reporter: Reporter) -> dict[str, Any]:
+                 reporter: Reporter, trackers: Trackers | None = None) -> dict[str, Any]:
     """One strategy on ``stream`` for ``seed``: train every experience in turn (or once on all, for a joint
-    strategy), resuming what ``job_dir`` holds; returns its accuracy matrix, initial accuracies and times."""
+    strategy), resuming what ``job_dir`` holds; returns its accuracy matrix, initial accuracies and times.
+    ``trackers`` log each experience's job (:mod:`polytask.tracking`)."""
+    trackers = trackers or Trackers([])
     strategy: Strategy = build_strategy(entry.name, entry.params, f"strategies[{entry.label}].params")
     strategy.check(stream, entry.label)
     strategy.seed = seed
@@ -97,15 +100,19 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
             suite = union(f"{stream.name}/all", [e.suite for e in stream.experiences]) if strategy.joint \
                 else strategy.train_suite(stream, i)
             d.mkdir(parents=True, exist_ok=True)
+            name = f"{entry.label}-s{seed}/{d.name}"
+            tracked = trackers.hooks(name, {"job": name, "strategy": entry.name, "seed": str(seed),
+                                            "experience": d.name})
             spec = TrainSpec(
-                name=f"{entry.label}-s{seed}/{d.name}", tasks=suite.tasks, model=model, optimizer=optimizer_of(tc),
+                name=name, tasks=suite.tasks, model=model, optimizer=optimizer_of(tc),
                 scheduler=scheduler_of(tc), method=build_method(config.method, [t.name for t in suite.tasks]),
                 data=batch_source(suite.splits, tc.batch_size), epochs=tc.epochs,
                 checkpoint=CheckpointPolicy(d, tc.checkpoint_every), seed=(seed + zlib.crc32(d.name.encode())) % 2**32,
-                device=device, hooks=(strategy,), eval_batch_size=tc.eval_batch_size, precision=tc.precision,
+                device=device, hooks=(strategy, *tracked), eval_batch_size=tc.eval_batch_size, precision=tc.precision,
                 accumulate=tc.accumulate, select="last", final=False)
             t0 = time.perf_counter()
             result = train_job(spec, reporter)
+            trackers.job_done(name, result)
             strategy.end(model, stream, i, device)
             row = _row(model, stream, tc.eval_batch_size)
             wall = result["wall_time_s"] + time.perf_counter() - t0
@@ -187,6 +194,8 @@ def continual(config: ContinualConfig | None, resume: str | Path | None = None, 
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    # config.yaml is written once when the run starts: its time tells this run from one started again in its place
+    trackers = open_trackers(config, run_dir, str((run_dir / "config.yaml").stat().st_mtime_ns))
     results, description = [], None
     for seed in config.seeds:
         built = build_stream(config.stream.name, config.stream.params, seed) if stream is None \
@@ -194,12 +203,13 @@ def continual(config: ContinualConfig | None, resume: str | Path | None = None, 
         description = description or built.describe()
         for entry in config.strategies:
             results.append(run_strategy(config, built, entry, seed, run_dir / "jobs" / f"{entry.label}-s{seed}",
-                                        reporter))
+                                        reporter, trackers))
     summary = {"kind": "continual", "polytask_version": polytask.__version__, "run_id": run_dir.name,
                "started": started, "versions": versions(), "stream": description,
                "score": "first metric of each experience's tasks (accuracy for classification), averaged",
                "results": _by_label(summarize(results))}
     atomic_write_json(run_dir / "summary.json", summary)
+    trackers.finish(summary, run_dir / "summary.json")
     from polytask.report.html import write_report
 
     write_report([run_dir])

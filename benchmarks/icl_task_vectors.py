@@ -5,9 +5,10 @@ tasks against their mixture proportions (Xiong et al. 2024) and the cipher probe
 
 The model: with ``--model-dir``, any local Hugging Face causal LM (e.g. the one ``polytask icl`` saves) over the
 vocabulary of ``polytask.icl.prompts``; without it, this script trains one with a plain PyTorch loop (said so in
-the JSON, ``"trained_here": true``): a randomly initialised ``GPT2LMHeadModel`` (``--n-embd``, ``--n-layer``,
-``--n-head``), Adam at ``--lr``, ``--steps`` steps of ``--batch`` prompts, each batch an equal share of every task,
-``--n-examples`` demonstrations per prompt, the cross-entropy of every answer token given its prefix (each
+the JSON, ``"trained_here": true``): a randomly initialised ``GPT2LMHeadModel`` (or, ``--arch llama``, a
+``LlamaForCausalLM``: rotary positions instead of learned absolute ones; ``--n-embd``, ``--n-layer``,
+``--n-head``), Adam at ``--lr``, ``--steps`` steps of ``--batch`` prompts, each batch an equal share of every
+task, ``--n-examples`` demonstrations per prompt, the cross-entropy of every answer token given its prefix (each
 demonstration's answer is a prediction with fewer examples, as Garg et al. train every prefix; the first one is the
 zero-shot case), one thread. The tasks share inputs (single symbols of an alphabet of ``--alphabet``), so the
 query alone does not say which task is meant: successor (x + 1), copy (x), and a fixed substitution (the cipher
@@ -15,7 +16,7 @@ task with one permutation for every prompt: shown pi(x), answer x).
 
 Writes benchmarks/results/icl_task_vectors.json (and .html: the layer sweep per task, SVG charts drawn with
 polytask.report.svg) and prints the JSON. Usage: python benchmarks/icl_task_vectors.py [--steps 1500] [--seed 0]
-[--model-dir DIR] [--out benchmarks/results/icl_task_vectors.json]
+[--arch gpt2|llama] [--n-avg 2] [--model-dir DIR | --save-model DIR] [--out benchmarks/results/icl_task_vectors.json]
 """
 
 from __future__ import annotations
@@ -47,14 +48,21 @@ def tasks(alphabet: int) -> list:
 
 def train(tasks_: list, args: argparse.Namespace, out_dir: Path) -> dict:
     """Train a GPT-2 on the tasks with a plain loop; save it to ``out_dir``; return the training record."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(args.seed)
     vocab = max(t.vocab_size for t in tasks_)
     length = 4 * args.n_examples + 2
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=length, n_embd=args.n_embd,
-                                       n_layer=args.n_layer, n_head=args.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
-                                       attn_pdrop=0.0, bos_token_id=None, eos_token_id=None))
+    if args.arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=length, n_embd=args.n_embd,
+                                           n_layer=args.n_layer, n_head=args.n_head, resid_pdrop=0.0,
+                                           embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=args.n_embd,
+                                             intermediate_size=4 * args.n_embd, num_hidden_layers=args.n_layer,
+                                             num_attention_heads=args.n_head, num_key_value_heads=args.n_head,
+                                             max_position_embeddings=length, bos_token_id=None, eos_token_id=None,
+                                             pad_token_id=None))
     optimiser = torch.optim.Adam(model.parameters(), lr=args.lr)
     g = torch.Generator().manual_seed(args.seed)
     share = args.batch // len(tasks_)
@@ -74,8 +82,8 @@ def train(tasks_: list, args: argparse.Namespace, out_dir: Path) -> dict:
         losses.append(float(loss.detach()))
     seconds = time.perf_counter() - start
     model.save_pretrained(out_dir)
-    return {"trained_here": True, "steps": args.steps, "batch": args.batch, "lr": args.lr, "n_embd": args.n_embd,
-            "n_layer": args.n_layer, "n_head": args.n_head, "seconds": round(seconds, 1),
+    return {"trained_here": True, "arch": args.arch, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+            "n_embd": args.n_embd, "n_layer": args.n_layer, "n_head": args.n_head, "seconds": round(seconds, 1),
             "loss_first_50": sum(losses[:50]) / len(losses[:50]), "loss_last_50": sum(losses[-50:]) / 50}
 
 
@@ -98,6 +106,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=48)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2")
+    parser.add_argument("--save-model", type=Path, default=None, help="keep the model trained here in this folder")
+    parser.add_argument("--n-avg", type=int, default=2, help="dummy queries averaged per task vector")
     parser.add_argument("--n-embd", type=int, default=64)
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-head", type=int, default=4)
@@ -110,11 +121,11 @@ def main() -> None:
     tasks_ = tasks(args.alphabet)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model_dir or Path(tmp) / "model"
+        model_dir = args.model_dir or args.save_model or Path(tmp) / "model"
         training = {"trained_here": False} if args.model_dir else train(tasks_, args, model_dir)
         start = time.perf_counter()
         result = probe(model_dir, tasks_, seed=args.seed, batch=args.probe_batch, n_examples=args.n_examples,
-                       ltv_steps=args.ltv_steps)
+                       ltv_steps=args.ltv_steps, n_avg=args.n_avg)
         model = load_causal_lm(model_dir)
         g = torch.Generator().manual_seed(args.seed + 1)
         result["superposition"] = [superposition(model, tasks_[:2], p, g, batch=args.probe_batch,

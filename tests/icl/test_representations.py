@@ -25,6 +25,7 @@ from polytask.icl.prompts import ARROW, SYMBOLS, TokenPrompts
 from polytask.icl.representations import (
     answer_mass,
     cipher_probe,
+    dummy_rows,
     fit_ltv,
     ltv_accuracy,
     ltv_logits,
@@ -126,6 +127,15 @@ def test_zero_shot_and_query_replacement_follow_the_layout():
     swapped = with_queries(p, x.roll(1, dims=0))
     assert torch.equal(swapped[:, :-2], p.tokens[:, :-2])
     assert torch.equal(swapped[:, -2], p.tokens[:, -2].roll(1))
+
+
+def test_dummy_queries_come_from_other_prompts_with_other_inputs():
+    x = torch.tensor([[5], [5], [6], [7]])
+    rows = dummy_rows(x, 2)
+    assert rows.tolist() == [[2, 3], [2, 3], [3, 0], [0, 1]]  # row 0 skips row 1 (same input 5)
+    assert dummy_rows(torch.tensor([[5], [5]]), 2).tolist() == [[1, 1], [0, 0]]  # too few differ: equal ones
+    with pytest.raises(DataError, match="at least 2"):
+        dummy_rows(x[:1], 2)
 
 
 def test_layout_errors_name_the_problem():

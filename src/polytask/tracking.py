@@ -437,6 +437,14 @@ class Trackers:
             b.finish(summary, summary_path)
 
 
+def refuse_tracking(config: Any, flow: str) -> None:
+    """Trackers log ``polytask run`` and ``polytask continual``; another flow given a ``track`` section refuses it
+    (a ConfigError naming the key) rather than drop it silently."""
+    if config.track.mlflow is not None or config.track.tensorboard is not None:
+        raise ConfigError(f"track: {flow} does not log to trackers (polytask run and polytask continual do); remove "
+                          "the track section or run the jobs with polytask run")
+
+
 def open_trackers(config: Any, run_dir: Path, started: str) -> Trackers:
     """The trackers of a run's ``track`` section (:class:`polytask.config.TrackConfig`; none: a ``Trackers``
     that does nothing), each started with the run's config: the run in ``run_dir``, started at ``started`` (a run

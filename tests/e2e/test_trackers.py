@@ -249,3 +249,17 @@ def test_a_continual_study_logs_each_experience_and_its_metrics(tmp_path):
     assert "summary/naive/s0/forgetting" in expected
     assert runs["cl"][1] == expected
     assert {k: v for k, v in tb["_run"].items() if not k.endswith("text_summary")} == expected
+
+
+@pytest.mark.parametrize("flow", ["relate", "group", "advise"])
+def test_flows_that_do_not_track_refuse_a_track_section(tmp_path, flow):
+    """relate, group and the advise flow log to no tracker: a track section is refused with its key named, not
+    dropped silently."""
+    import polytask
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(config_yaml(tmp_path))
+    config = load_config(cfg, ["flow=advise"] if flow == "advise" else [])
+    call = polytask.run if flow == "advise" else getattr(polytask, flow)
+    with pytest.raises(ConfigError, match=rf"track: .*{flow}.* does not log to trackers"):
+        call(config, reporter=Reporter(quiet=True))

@@ -37,6 +37,7 @@ from polytask.relations.workflow import (
 )
 from polytask.report.html import write_report
 from polytask.tasks.task import TaskSuite
+from polytask.tracking import refuse_tracking
 
 
 def network_job(net: NetworkSpec, config: Config, prefix: str = "group") -> tuple[Job, Config]:
@@ -155,6 +156,7 @@ def group(config: Config | None = None, resume: str | None = None,
     ``executor`` (sequential or ray) overrides ``config.executor.name`` (also of a resumed run)."""
     reporter = reporter or Reporter()
     run_dir, config, _ = open_run(config, resume)
+    refuse_tracking(config, "polytask group")
     config = with_executor(config, executor)
     _, summary = study(config, run_suite(config, run_dir), run_dir, reporter)
     write_report([run_dir])

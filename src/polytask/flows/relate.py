@@ -34,6 +34,7 @@ from polytask.relations.probes import PROBES, Lookahead, ProbeSet
 from polytask.relations.workflow import nan_corr
 from polytask.report.html import write_report
 from polytask.tasks.task import TaskSuite
+from polytask.tracking import refuse_tracking
 
 
 def affinity_path(run_dir: Path, estimator: str) -> Path:
@@ -141,6 +142,7 @@ def relate(config: Config | None = None, resume: str | None = None,
     ``executor`` (sequential or ray) overrides ``config.executor.name`` (also of a resumed run)."""
     reporter = reporter or Reporter()
     run_dir, config, _ = open_run(config, resume)
+    refuse_tracking(config, "polytask relate")
     config = with_executor(config, executor)
     suite = run_suite(config, run_dir)
     affinities = estimate(config, suite, run_dir, reporter, list(config.relate.estimators))

@@ -33,7 +33,7 @@ from polytask.flows.runner import (
 from polytask.io import atomic_write_json, atomic_write_text
 from polytask.report.html import write_report
 from polytask.tasks.task import TaskSuite
-from polytask.tracking import open_trackers
+from polytask.tracking import open_trackers, refuse_tracking
 
 
 def plan(config: Config, suite: TaskSuite) -> list[Job]:
@@ -86,6 +86,7 @@ def run(config: Config | None = None, resume: str | os.PathLike[str] | None = No
     if config.flow == "advise":
         if distributed.current() is not None:
             raise ConfigError("flow: advise is not supported under torchrun; run it in one process")
+        refuse_tracking(config, "flow: advise")
         return advise(run_dir, config, state, suite, reporter, report)
     if distributed.current() is not None and config.executor.name != "sequential":
         raise ConfigError("executor.name: under torchrun the ranks train each job together; use the sequential "

@@ -4,7 +4,8 @@ checkpoint/resume.
 A Python user builds a spec from a model (or a function that builds it after the job's seed is set), an optimiser
 factory (:func:`optimizer`, or any callable of the parameters), a method (:func:`build_method`), a batch source
 (:class:`TensorBatches`, :class:`DatasetBatches`), a :class:`CheckpointPolicy` and any :class:`Hook`, then calls
-:func:`train_job`. The flows resolve experiment configs into the same specs (``polytask.flows.jobs``).
+:func:`train_job`. The flows resolve experiment configs into the same specs (``polytask.flows.jobs``). Under
+torchrun a job trains data-parallel (:class:`Collective`, ``polytask.engine.distributed``).
 """
 
 import typing
@@ -13,6 +14,7 @@ from polytask._lazy import lazy_exports as _lazy_exports
 
 if typing.TYPE_CHECKING:
     from polytask.engine.data import Batch, BatchSource, DatasetBatches, TensorBatches
+    from polytask.engine.distributed import Collective, init_from_env
     from polytask.engine.hooks import Hook, Run, StepView
     from polytask.engine.loop import train_job
     from polytask.engine.optim import OPTIMIZERS, SCHEDULERS, optimizer, scheduler
@@ -24,6 +26,7 @@ if typing.TYPE_CHECKING:
 # Imported on first use: polytask.engine.progress is imported by the CLI before torch is, and runs this file.
 _LAZY = {
     **{n: "polytask.engine.data" for n in ("Batch", "BatchSource", "DatasetBatches", "TensorBatches")},
+    **{n: "polytask.engine.distributed" for n in ("Collective", "init_from_env")},
     **{n: "polytask.engine.hooks" for n in ("Hook", "Run", "StepView")},
     "train_job": "polytask.engine.loop",
     **{n: "polytask.engine.optim" for n in ("OPTIMIZERS", "SCHEDULERS", "optimizer", "scheduler")},
@@ -38,6 +41,7 @@ __all__ = [
     "Batch",
     "BatchSource",
     "CheckpointPolicy",
+    "Collective",
     "DatasetBatches",
     "Hook",
     "LoopState",
@@ -48,6 +52,7 @@ __all__ = [
     "TensorBatches",
     "TrainSpec",
     "build_method",
+    "init_from_env",
     "optimizer",
     "scheduler",
     "train_job",

@@ -343,6 +343,34 @@ def continual(
     typer.echo(f"run directory: {run_dir}  (summary.json, report.html)")
 
 
+@app.command()
+def icl(
+    config: Annotated[Optional[Path], typer.Argument(help="icl YAML: families, model, regime, method, train, eval")]
+    = None,
+    set_: SetOpt = [],  # noqa: B006
+    resume: ResumeOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a small transformer on in-context task families, then its error vs number of examples (issue 13)."""
+    try:
+        if resume is not None and (config is not None or set_):
+            raise PolytaskError("--resume continues a run with its saved config; drop CONFIG and --set")
+        if resume is None and config is None:
+            raise PolytaskError("give an icl config (see examples/icl-linear.yaml)")
+        from polytask.flows import Reporter
+        from polytask.flows.icl import icl as icl_flow
+        from polytask.flows.icl import load_icl_config
+
+        cfg = None if config is None else load_icl_config(config, set_)
+        run_dir, results = icl_flow(cfg, resume=resume, reporter=Reporter(quiet=quiet))
+    except (PolytaskError, OSError) as e:
+        _fail(e)
+    from polytask.flows.icl import summary_text
+
+    typer.echo(summary_text(results))
+    typer.echo(f"run directory: {run_dir}  (results.json, report.html)")
+
+
 def entrypoint() -> None:
     try:
         app()

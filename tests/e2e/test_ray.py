@@ -16,7 +16,7 @@ from helpers import tiny_config_yaml
 from polytask.config import Config, load_config
 from polytask.engine.hooks import Hook
 from polytask.engine.progress import Reporter
-from polytask.errors import ConfigError
+from polytask.errors import ConfigError, DivergenceError
 from polytask.flows.executor import Work, as_work, with_executor, workers_of
 from polytask.flows.jobs import Job
 from polytask.flows.merge import run_merge_experiment
@@ -206,3 +206,26 @@ def test_work_items_keep_the_first_of_each_job_id_in_order_and_workers_fill_the_
     ex = Config().executor
     assert workers_of(ex, 8.0, 1) == 8 and workers_of(ex, 8.0, 3) == 2 and workers_of(ex, 1.0, 2) == 1
     assert workers_of(ex.model_copy(update={"workers": 5}), 2.0, 1) == 5
+
+
+def test_a_job_that_fails_in_a_worker_raises_its_own_error(tmp_path, cluster):
+    config = make_config(tmp_path, "diverged", "executor: ray\n").model_copy(deep=True)
+    config.train.optimizer.lr = 1e30
+    with pytest.raises(DivergenceError, match=r"job '[^']+' diverged: task"):
+        run(config, reporter=Reporter(quiet=True), report=False)
+
+
+def test_group_on_ray_equals_sequential(tmp_path, cluster):
+    from polytask.flows.group import group
+
+    extra = "group: {estimator: pairwise, budget: 2, seeds: [0], random_groupings: 1}\n"
+    summaries = {}
+    for name, executor in (("seq", "sequential"), ("ray", "ray")):
+        config = make_config(tmp_path, name, extra + f"executor: {executor}\n")
+        _, summary = group(config, reporter=Reporter(quiet=True))
+        summary.pop("affinity_cost")
+        summary["grouping"]["meta"].pop("seconds")  # the solver's time
+        summaries[name] = summary
+    assert summaries["seq"] == summaries["ray"]
+    assert {"chosen", "all-in-one", "independent", "random-0"} <= set(summaries["ray"]["strategies"])
+    assert job_results(tmp_path / "seq") == job_results(tmp_path / "ray")

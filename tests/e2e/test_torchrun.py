@@ -61,11 +61,14 @@ def test_rank_zero_alone_writes_and_prints(runs):
     assert json.loads((tmp / "ddp" / "jobs" / "famo" / "result.json").read_text())["world_size"] == 2
 
 
-def test_other_commands_refuse_to_run_under_torchrun(tmp_path):
+def test_other_commands_and_ray_refuse_to_run_under_torchrun(tmp_path):
     (tmp_path / "c.yaml").write_text(CONFIG.format(out=tmp_path, name="r"))
     done = polytask(["relate", str(tmp_path / "c.yaml")], tmp_path, world=2)
     assert done.returncode != 0
     assert "under torchrun only `polytask run`" in done.stderr
+    done = polytask(["run", str(tmp_path / "c.yaml"), "--executor", "ray"], tmp_path, world=2)
+    assert done.returncode != 0
+    assert "executor.name: under torchrun the ranks train each job together" in done.stderr
 
 
 FIT = """

@@ -33,7 +33,10 @@ def test_function_model_gives_one_prediction_per_point_and_family():
     assert set(model(x, ["sparse"])) == {"sparse"}
     shared = {id(p) for p in model.shared_parameters()}
     heads = {id(p) for t in model.task_names for p in model.task_parameters(t)}
-    assert not shared & heads and shared | heads == {id(p) for p in model.parameters()}
+    assert not shared & heads and shared | heads == {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for p in model.parameters() if not p.requires_grad} == {id(model.backbone.wte.weight)}
+    out["sparse"].square().mean().backward()  # every shared parameter is read: aggregators get full per-task rows
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.shared_parameters())
 
 
 @settings(max_examples=8, deadline=None)

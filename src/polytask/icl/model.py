@@ -74,6 +74,9 @@ class FunctionModel(MultiTaskModel):
         self.task_names = list(families)
         self.read_in = nn.Linear(dim, n_embd)
         self.backbone = GPT2Model(_gpt2_config(1, 2 * max_points, n_embd, n_layer, n_head))
+        # the token embedding is never read (the backbone reads ``inputs_embeds``): frozen, it is no shared parameter
+        # (an aggregator's per-task gradient rows of it would be empty)
+        self.backbone.wte.weight.requires_grad_(False)
         self.read_out = nn.ModuleDict({f: nn.Linear(n_embd, 1) for f in families})
 
     def features(self, x: Tensor) -> list[Tensor]:
@@ -93,9 +96,9 @@ class FunctionModel(MultiTaskModel):
         return self.outputs(self.features(x), tasks)
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
-        """Read-in and transformer: what every family trains."""
+        """Read-in and transformer (its unused token embedding left out): what every family trains."""
         yield from self.read_in.parameters()
-        yield from self.backbone.parameters()
+        yield from (p for p in self.backbone.parameters() if p.requires_grad)
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         """The family's read-out."""

@@ -85,3 +85,23 @@ def test_bad_configs_are_named_before_training(tmp_path):
         assert out.exit_code == 2, (text, out.output)
         assert message in out.output, (text, out.output)
     assert not list(tmp_path.glob("icl-*"))  # no run directory was opened
+
+
+def test_a_task_pool_is_scored_on_seen_and_unseen_tasks(tmp_path):
+    """Raventós et al.'s split: trained on a pool of 4 linear functions, the run scores the seen pool and fresh
+    functions; the pool's posterior mean (the memorising learner) is near exact on the seen tasks only."""
+    cfg = tmp_path / "pool.yaml"
+    cfg.write_text("families: [{name: linear_regression, params: {dim: 3}, pool: 4, label: lin}]\n"
+                   "model: {n_embd: 32, n_layer: 1, n_head: 2}\ncurriculum: {points: {end: 8}}\n"
+                   "train: {epochs: 1, steps: 3, batch_size: 8}\neval: {prompts: 64, ood: []}\n"
+                   f"output: {{dir: {tmp_path}, name: pool}}\n")
+    _, results = icl(load_icl_config(cfg))
+    lin = results["eval"]["lin"]
+    assert set(lin) == {"normaliser", "standard", "unseen"}
+    seen, unseen = lin["standard"]["pool_posterior"]["mean"], lin["unseen"]["pool_posterior"]["mean"]
+    assert seen[-1] < 0.05 and unseen[-1] > 10 * seen[-1]
+    assert lin["unseen"]["least_squares"]["mean"][-1] < 1e-6  # the generalising learner does not care
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"families: [{{name: successor, pool: 3}}]\noutput: {{dir: {tmp_path}}}\n")
+    out = CliRunner().invoke(app, ["icl", str(bad)])
+    assert out.exit_code == 2 and "families.0.pool" in out.output

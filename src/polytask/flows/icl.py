@@ -46,13 +46,19 @@ RESULTS, REPORT = "results.json", "report.html"
 def build_families(config: IclConfig) -> list[Any]:
     """The configured families (function classes or token tasks), each named by its label."""
     from polytask.icl.discrete import build_token_task
+    from polytask.icl.evaluate import TaskPool
     from polytask.icl.functions import build_function_class
 
-    out = []
+    out: list[Any] = []
     for i, f in enumerate(config.families):
         build = build_function_class if family_kind(f.name, f"families.{i}.name") == "function_class" \
             else build_token_task
-        out.append(replace(build(f.name, f.params, where=f"families.{i}.params"), name=f.label))
+        family = replace(build(f.name, f.params, where=f"families.{i}.params"), name=f.label)
+        if f.pool:
+            pool = TaskPool(family, f.pool, seed=config.seed * 1009 + i)
+            pool.name = f.label
+            family = pool
+        out.append(family)
     return out
 
 
@@ -91,27 +97,38 @@ def model_predictor(model: FunctionModel, family: str) -> Any:
 
 
 def function_curves(model: FunctionModel, family: Any, config: IclConfig, k: int) -> dict[str, Any]:
-    """Error vs number of examples of the model and the baselines, in distribution and under each shift."""
-    from polytask.icl.baselines import baselines_for, build_baseline
-    from polytask.icl.evaluate import error_curves, normaliser
+    """Error vs number of examples of the model and the baselines, in distribution and under each shift. A family
+    trained on a task pool (Raventós et al. 2023) is scored on its pool (``standard``, the seen tasks) and on fresh
+    functions (``unseen``), with the pool's posterior mean (the memorising learner) among the baselines of linear
+    classes (its noise std: the class's, 1 for a noiseless one); shifted inputs draw fresh functions."""
+    from polytask.icl.baselines import PoolPosterior, baselines_for, build_baseline
+    from polytask.icl.evaluate import TaskPool, error_curves, normaliser
     from polytask.icl.functions import SHIFTS, noisy_labels
 
     ec = config.eval
     n = config.curriculum.points.end
-    base = baselines_for(family) if ec.baselines is None else {b: build_baseline(b) for b in ec.baselines}
+    pool = family if isinstance(family, TaskPool) else None
+    fresh = pool.family if pool is not None else family  # shifted prompts draw fresh functions of the class
+    base = baselines_for(fresh) if ec.baselines is None else {b: build_baseline(b) for b in ec.baselines}
+    if pool is not None and pool.ws is not None:
+        base["pool_posterior"] = PoolPosterior(pool.ws, noise_std=getattr(fresh, "noise_std", 0.0) or 1.0)
     predictors = {"model": model_predictor(model, family.name), **base}
-    scale = normaliser(family)
+    scale = normaliser(fresh)
     out: dict[str, Any] = {"normaliser": scale}
     shifts = [("standard", None), *((s.label, s) for s in ec.ood if s.label != "standard")]
+    if pool is not None:
+        shifts.insert(1, ("unseen", None))
     for j, (label, shift) in enumerate(shifts):
         g = generator(ec.seed, k, j)
-        if shift is None or shift.name == "standard":
-            prompts: Any = family.sample(g, ec.prompts, n)
+        if label == "unseen":
+            prompts: Any = fresh.sample(g, ec.prompts, n)
+        elif shift is None or shift.name == "standard":
+            prompts = family.sample(g, ec.prompts, n)
         elif shift.name == "noisy_labels":
             prompts = noisy_labels(family.sample(g, ec.prompts, n), g, shift.std)
         else:
             make = SHIFTS[shift.name]
-            prompts = family.sample_split(g, ec.prompts, n, make(shift.factor) if shift.name == "scaled" else make())
+            prompts = fresh.sample_split(g, ec.prompts, n, make(shift.factor) if shift.name == "scaled" else make())
         curves = error_curves(predictors, prompts, scale, seed=ec.seed, trials=200)
         out[label] = {name: c.as_dict() for name, c in curves.items()}
     return out

@@ -25,6 +25,8 @@ class FamilyConfig(_Strict):
     name: str = Field(description="a registered function class or token task")
     params: dict[str, Any] = Field(default_factory=dict)
     label: str = Field("", description="name in results and in the model's outputs")
+    pool: int = Field(0, ge=0, description="function classes: train on a fixed pool of this many functions "
+                      "(Raventós et al. 2023's task diversity; evaluated on seen and unseen ones); 0: fresh ones")
 
     def model_post_init(self, __context: Any) -> None:
         if not self.label:
@@ -159,6 +161,9 @@ def check_names(config: IclConfig) -> IclConfig:
     if len(kinds) > 1:
         raise ConfigError("families: function classes and token tasks need separate runs (one model reads vectors, "
                           "the other tokens)")
+    for i, f in enumerate(config.families):
+        if f.pool and family_kind(f.name, f"families.{i}.name") == "token_task":
+            raise ConfigError(f"families.{i}.pool: a task pool is for function classes, not the token task {f.name!r}")
     labels = [f.label for f in config.families]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:

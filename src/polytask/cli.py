@@ -361,7 +361,7 @@ def icl(
         from polytask.flows.icl import icl as icl_flow
         from polytask.flows.icl import load_icl_config
 
-        cfg = None if config is None else load_icl_config(config, set_)
+        cfg = None if config is None else load_icl_config(config, set_, full=False)  # before torch loads
         run_dir, results = icl_flow(cfg, resume=resume, reporter=Reporter(quiet=quiet))
     except (PolytaskError, OSError) as e:
         _fail(e)

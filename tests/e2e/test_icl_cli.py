@@ -105,3 +105,14 @@ def test_a_task_pool_is_scored_on_seen_and_unseen_tasks(tmp_path):
     bad.write_text(f"families: [{{name: successor, pool: 3}}]\noutput: {{dir: {tmp_path}}}\n")
     out = CliRunner().invoke(app, ["icl", str(bad)])
     assert out.exit_code == 2 and "families.0.pool" in out.output
+
+
+def test_a_config_typo_is_reported_before_torch_is_imported(tmp_path):
+    cfg = tmp_path / "typo.yaml"
+    cfg.write_text("families: [{name: linear_regression, labl: x}]\n")
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "polytask.cli", "icl", str(cfg)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "unknown key 'families.0.labl' (did you mean 'label'?)" in out.stderr
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in out.stderr.splitlines()
+                if "import time:" in line}
+    assert "torch" not in imported and "polytask" in imported

@@ -22,23 +22,24 @@ import time
 from dataclasses import replace
 from html import escape
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file
+from typing import TYPE_CHECKING, Any
 
 import polytask
-from polytask.engine.loop import resolve_device, train_job
-from polytask.engine.optim import optimizer, scheduler
-from polytask.engine.progress import Reporter
-from polytask.engine.step import build_method
 from polytask.errors import ConfigError
-from polytask.flows.runner import lock_run, releases_run_locks, reopen_run, versions
-from polytask.icl.config import IclConfig, dump_icl_config, family_kind, load_icl_config
-from polytask.icl.model import FunctionModel, TokenModel, pack, predict_answers
-from polytask.icl.prompts import Prompts
-from polytask.icl.train import IclJob, Schedule, generator, icl_spec, is_token
+from polytask.icl.config import IclConfig, check_icl, dump_icl_config, family_kind, load_icl_config
 from polytask.io import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    import torch
+
+    from polytask.engine.progress import Reporter
+    from polytask.icl.model import FunctionModel, TokenModel
+    from polytask.icl.prompts import Prompts
+    from polytask.icl.train import IclJob, Schedule
+
+# torch and the engine are imported inside the functions: the CLI validates a config (load_icl_config) before
+# anything heavy loads, so a typo is answered at once.
+__all__ = ["icl", "load_icl_config", "summary_text"]
 
 RESULTS, REPORT = "results.json", "report.html"
 
@@ -63,11 +64,18 @@ def build_families(config: IclConfig) -> list[Any]:
 
 
 def _schedule(s: Any) -> Schedule:
+    from polytask.icl.train import Schedule
+
     return Schedule(s.start if s.start is not None else s.end, s.end, s.inc, s.interval)
 
 
 def job_of(config: IclConfig, families: list[Any], job_dir: Path) -> IclJob:
     """The engine job that ``config`` describes (checkpoints in ``job_dir``)."""
+    from polytask.engine.loop import resolve_device
+    from polytask.engine.optim import optimizer, scheduler
+    from polytask.engine.step import build_method
+    from polytask.icl.train import IclJob
+
     tc, mc, cc = config.train, config.model, config.curriculum
     o, s = tc.optimizer, tc.scheduler
     return IclJob(
@@ -88,11 +96,15 @@ def job_of(config: IclConfig, families: list[Any], job_dir: Path) -> IclJob:
 def model_predictor(model: FunctionModel, family: str) -> Any:
     """The trained model as an :mod:`polytask.icl.evaluate` predictor (Prompts -> B x n, column i from the points
     before i)."""
+    import torch
+
+    from polytask.icl.model import pack
+
     device = next(model.parameters()).device
 
-    @torch.no_grad()
     def predict(prompts: Prompts) -> torch.Tensor:
-        return model(pack(prompts.xs, prompts.ys, model.dim).to(device), [family])[family].cpu()
+        with torch.no_grad():
+            return model(pack(prompts.xs, prompts.ys, model.dim).to(device), [family])[family].cpu()
     return predict
 
 
@@ -104,6 +116,7 @@ def function_curves(model: FunctionModel, family: Any, config: IclConfig, k: int
     from polytask.icl.baselines import PoolPosterior, baselines_for, build_baseline
     from polytask.icl.evaluate import TaskPool, error_curves, normaliser
     from polytask.icl.functions import SHIFTS, noisy_labels
+    from polytask.icl.train import generator
 
     ec = config.eval
     n = config.curriculum.points.end
@@ -134,9 +147,11 @@ def function_curves(model: FunctionModel, family: Any, config: IclConfig, k: int
     return out
 
 
-@torch.no_grad()
 def token_curves(model: TokenModel, family: Any, config: IclConfig, k: int) -> dict[str, Any]:
     """Exact-match accuracy of the model's greedy answer vs number of demonstrations (0 .. the curriculum's end)."""
+    from polytask.icl.model import predict_answers
+    from polytask.icl.train import generator
+
     model.eval()
     device = next(model.parameters()).device
     ec, acc = config.eval, []
@@ -176,11 +191,14 @@ def render_report(results: dict[str, Any]) -> str:
 
 
 def _open(config: IclConfig | None, resume: str | Path | None) -> tuple[Path, IclConfig]:
+    from polytask.flows.runner import lock_run, reopen_run
+
     if resume is not None:
         run_dir = reopen_run(Path(resume))
         return run_dir, load_icl_config(run_dir / "config.yaml")
     if config is None:
         raise ConfigError("polytask icl needs a config (families, model, train); see examples/icl-linear.yaml")
+    check_icl(config)
     labels = "-".join(f.label for f in config.families[:3])
     name = config.output.name or f"icl-{labels}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(config.output.dir) / name
@@ -193,11 +211,26 @@ def _open(config: IclConfig | None, resume: str | Path | None) -> tuple[Path, Ic
     return run_dir, config
 
 
-@releases_run_locks
 def icl(config: IclConfig | None, resume: str | Path | None = None,
         reporter: Reporter | None = None) -> tuple[Path, dict[str, Any]]:
     """Train (or resume) and evaluate an in-context learning study; returns the run directory and its results (also
-    in results.json, with report.html beside it)."""
+    in results.json, with report.html beside it). The run directory's lock is given up when it returns or fails."""
+    from polytask.flows.runner import releases_run_locks
+
+    return releases_run_locks(_icl)(config, resume, reporter)
+
+
+def _icl(config: IclConfig | None, resume: str | Path | None,
+         reporter: Reporter | None) -> tuple[Path, dict[str, Any]]:
+    import torch
+    from safetensors.torch import load_file
+
+    from polytask.engine.loop import train_job
+    from polytask.engine.progress import Reporter
+    from polytask.flows.runner import versions
+    from polytask.icl.model import FunctionModel, TokenModel
+    from polytask.icl.train import icl_spec, is_token
+
     reporter = reporter or Reporter(quiet=True)
     run_dir, config = _open(config, resume)
     if config.train.threads:

@@ -9,9 +9,17 @@ both sides of a ratio; the JSON reports the median ratio and its spread (quartil
 
 ``--f32-gramian`` adds, for every Gramian aggregator, the same step with the Jacobian's Gramian multiplied in
 the gradients' dtype (float32, the old training path): the cost of the float64 Gramian is the ratio of the two.
+``--legacy-gramian`` adds the same step with the float64 Gramian as it was first built (the per-task feature
+gradients stacked into K x B x D, a fresh float64 buffer per call, the update J^T w from the stack), so the
+current path and the first float64 one are compared interleaved in one process.
+
+Every burst is timed twice: wall clock (``time.perf_counter``) and this thread's CPU time (``time.thread_time``),
+which leaves out the time the process waits for a core on a loaded machine (it still feels shared caches and memory
+bandwidth). The JSON holds both ratios, the machine's load average before and after, and is written to
+``--out`` (default ``benchmarks/results/step_time.json``).
 
 Prints one JSON object. Usage: python benchmarks/step_time.py [--ks 2 5 10] [--methods a b] [--rounds 15]
-[--steps-per-round 2] [--f32-gramian]
+[--steps-per-round 2] [--modes params representation] [--f32-gramian] [--legacy-gramian] [--out PATH]
 """
 
 from __future__ import annotations
@@ -19,10 +27,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import torch
 
@@ -30,6 +40,7 @@ import polytask.engine.step as step_module
 from polytask.config import MethodConfig
 from polytask.engine.loop import task_losses
 from polytask.engine.step import build_method, train_step
+from polytask.jacobian import dense
 from polytask.methods import load_all
 from polytask.models import build_model
 from polytask.tasks import Task, TaskData
@@ -66,11 +77,35 @@ def fresh_model(tasks: Sequence[Task]):
 
 def gramian_in_block_dtype(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
     """The old training path: each block's Gramian multiplied in the block's dtype, summed in float64."""
+    blocks = [dense(b) for b in blocks]
     k = blocks[0].shape[0]
     out = torch.zeros(k, k, dtype=torch.float64, device=blocks[0].device)
     for b in blocks:
         m = b.reshape(k, -1)
         out += (m @ m.T).double()
+    return out
+
+
+def legacy_gramian(blocks: Sequence) -> torch.Tensor:
+    """The first float64 training path: every block stacked (K x B x D in representation mode; the update J^T w
+    then reads the stack), upcast by chunks into a float64 buffer allocated per call."""
+    blocks = [dense(b) for b in blocks]
+    k = blocks[0].shape[0]
+    out = torch.zeros(k, k, dtype=torch.float64, device=blocks[0].device)
+    step = max(256, 65536 // max(k, 1))
+    work: torch.Tensor | None = None
+    for b in blocks:
+        m = b.reshape(k, -1)
+        if m.device.type != "cpu" or m.dtype == torch.float64:
+            m = m.to(torch.float64)
+            out.addmm_(m, m.T)
+            continue
+        if work is None:
+            work = torch.empty(k * step, dtype=torch.float64)
+        for start in range(0, m.shape[1], step):
+            c = m[:, start:start + step]
+            w = work[:c.numel()].view(c.shape).copy_(c)
+            out.addmm_(w, w.T)
     return out
 
 
@@ -149,14 +184,14 @@ def torchjd_step(k: int, name: str) -> Step | None:
     return fn
 
 
-def burst(fn: Step, steps: int) -> float:
-    """Seconds per step over ``steps`` consecutive steps."""
+def burst(fn: Step, steps: int) -> tuple[float, float]:
+    """Wall-clock and thread-CPU seconds per step over ``steps`` consecutive steps."""
     _sync()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.thread_time()
     for _ in range(steps):
         fn()
     _sync()
-    return (time.perf_counter() - t) / steps
+    return (time.perf_counter() - t) / steps, (time.thread_time() - c) / steps
 
 
 def quantile(xs: list[float], q: float) -> float:
@@ -172,9 +207,9 @@ def summary(xs: list[float], digits: int = 3) -> dict:
 
 
 def interleaved(variants: dict[str, Step], rounds: int, steps: int, warmup: int
-                ) -> tuple[dict[str, list[float]], dict[str, str]]:
-    """Per-round seconds per step of every variant, the order rotated each round, and the errors of the
-    variants that failed in warm-up (dropped from the rounds)."""
+                ) -> tuple[dict[str, list[tuple[float, float]]], dict[str, str]]:
+    """Per-round (wall, thread CPU) seconds per step of every variant, the order rotated each round, and the errors
+    of the variants that failed in warm-up (dropped from the rounds)."""
     errors: dict[str, str] = {}
     for name, fn in list(variants.items()):
         try:
@@ -184,7 +219,7 @@ def interleaved(variants: dict[str, Step], rounds: int, steps: int, warmup: int
             errors[name] = f"error: {type(e).__name__}: {e}"
             del variants[name]
     names = list(variants)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    times: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
     for r in range(rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
@@ -201,7 +236,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--f32-gramian", action="store_true",
                     help="also time each Gramian aggregator with a float32 Gramian (the old path), for its cost")
+    ap.add_argument("--legacy-gramian", action="store_true",
+                    help="also time each Gramian aggregator with the first float64 path (stacked blocks, fresh buffer)")
+    ap.add_argument("--modes", nargs="+", default=["params", "representation"],
+                    help="gradient modes of the aggregators to time")
     ap.add_argument("--device", default="cpu", help="cpu (the targets) or cuda")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "step_time.json"),
+                    help="where to write the JSON (also printed)")
     args = ap.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -210,15 +251,17 @@ def main() -> None:
     names = args.methods or registry.names()
     out: dict = {"setup": "MLP 784-512-512, K linear heads, batch 256, SGD, 1 thread; ratio = method / plain step, "
                           f"paired per round; {args.rounds} interleaved rounds of {args.steps_per_round} steps per "
-                          "variant, order rotated each round; median and spread (quartiles, min, max) over rounds",
+                          "variant, order rotated each round; median and spread (quartiles, min, max) over rounds; "
+                          "'results': wall-clock ratios, 'results_cpu': thread-CPU-time ratios",
                  "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
-                 "torch": torch.__version__, "gramian": "float64", "results": {}}
+                 "torch": torch.__version__, "gramian": "float64", "load_before": os.getloadavg(),
+                 "cpus": os.cpu_count(), "results": {}, "results_cpu": {}}
     for k in args.ks:
         variants: dict[str, Step] = {"plain": plain_step(k)}
         for name in names:
             entry = registry.get(name)
             kind = entry.extra.get("kind")
-            modes = ["params", "representation"] if kind == "aggregator" else ["params"]
+            modes = list(args.modes) if kind == "aggregator" else ["params"]
             for mode in modes:
                 key = name if kind != "aggregator" else f"{name}/{mode}"
                 try:
@@ -226,6 +269,8 @@ def main() -> None:
                     variants[key] = polytask_step(k, cfg)
                     if args.f32_gramian and kind == "aggregator" and takes_gramian(cfg, k):
                         variants[f"{key}+f32_gramian"] = polytask_step(k, cfg, gramian_in_block_dtype)
+                    if args.legacy_gramian and kind == "aggregator" and takes_gramian(cfg, k):
+                        variants[f"{key}+legacy_gramian"] = polytask_step(k, cfg, legacy_gramian)
                 except Exception as e:  # report, don't hide
                     variants[key] = _failing(e)
             if kind == "aggregator":
@@ -236,10 +281,13 @@ def main() -> None:
         if "plain" in errors:
             raise SystemExit(f"the plain step failed: {errors['plain']}")
         plain = times.pop("plain")
-        row: dict = {"plain_ms": summary([t * 1e3 for t in plain])}
-        row |= {key: summary([t / p for t, p in zip(ts, plain, strict=True)]) for key, ts in times.items()}
-        row |= errors
-        out["results"][f"K={k}"] = row
+        for which, col in (("results", 0), ("results_cpu", 1)):
+            row: dict = {"plain_ms": summary([t[col] * 1e3 for t in plain])}
+            row |= {key: summary([t[col] / p[col] for t, p in zip(ts, plain, strict=True)])
+                    for key, ts in times.items()}
+            row |= errors
+            out[which][f"K={k}"] = row
+    out["load_after"] = os.getloadavg()
     top = out["results"].get(f"K={max(args.ks)}", {})
     ratios = {key: v["median"] for key, v in top.items() if isinstance(v, dict) and key != "plain_ms"}
     out["targets_at_largest_K"] = {
@@ -251,7 +299,10 @@ def main() -> None:
                                 if key.endswith("/params") and key.replace("/params", "/torchjd") in ratios
                                 and v >= ratios[key.replace("/params", "/torchjd")]},
     }
-    print(json.dumps(out, indent=1))
+    text = json.dumps(out, indent=1)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text + "\n")
+    print(text)
 
 
 def takes_gramian(cfg: MethodConfig, k: int) -> bool:

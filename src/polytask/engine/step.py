@@ -41,7 +41,7 @@ from polytask.config import MethodConfig
 from polytask.engine import faults
 from polytask.engine.distributed import Collective, check_method, shard
 from polytask.errors import ConfigError
-from polytask.jacobian import batched_grads, combine, feature_jacobians, flat, gramian, split, through
+from polytask.jacobian import Block, Rows, batched_grads, combine, dense, feature_rows, flat, gramian, split, through
 from polytask.methods import load_all
 from polytask.models import MultiTaskModel
 from polytask.tasks.task import Task, TaskData
@@ -139,9 +139,10 @@ def _set_grads(params: Sequence[torch.nn.Parameter], grads: Sequence[Tensor]) ->
         p.grad = g if p.grad is None else p.grad + g
 
 
-def _aggregate(method: Method, state: State, blocks: Sequence[Tensor], ctx: StepContext,
+def _aggregate(method: Method, state: State, blocks: Sequence[Block], ctx: StepContext,
                comm: Collective | None = None) -> tuple[list[Tensor], Tensor | None, State]:
-    """Aggregate per-task gradient blocks (each K x ...) into one direction per block.
+    """Aggregate per-task gradient blocks (each K x ..., stacked or as :class:`polytask.jacobian.Rows`) into one
+    direction per block; a Gramian aggregator reads the rows where they lie, the others get them stacked.
 
     ``comm`` (data-parallel representation mode): the blocks are this rank's rows of K x rows x ... blocks whose
     rows are spread over the ranks; the Gramian is then the sum of the ranks' Gramians (no cross terms between
@@ -153,6 +154,7 @@ def _aggregate(method: Method, state: State, blocks: Sequence[Tensor], ctx: Step
             (g,) = comm.sum([g])
         weights, state = agg.update(state, g, replace(ctx, grad_dtype=blocks[0].dtype))
         return combine(weights, blocks), weights, state
+    blocks = [dense(b) for b in blocks]
     if comm is not None:
         full, starts = comm.gather_rows(blocks)
         direction, state = agg.update(state, flat(full), ctx)
@@ -166,17 +168,23 @@ def _aggregate(method: Method, state: State, blocks: Sequence[Tensor], ctx: Step
 class TaskGrads:
     """Per-task gradients of one batch.
 
-    ``zs``: the shared representations (graph attached), one per source; ``z_blocks``: K x B x D per source,
-    row k the per-sample gradient of task k's loss; ``heads``/``owner``: head parameters, each with its own
-    task's gradient and the index of that task.
+    ``zs``: the shared representations (graph attached), one per source; ``z_rows``: per source the K per-sample
+    gradients of the task losses (row k: task k's, B x D), kept apart; ``z_blocks``: the same stacked K x B x D
+    (built on first use); ``heads``/``owner``: head parameters, each with its own task's gradient and the index of
+    that task.
     """
 
     losses: Tensor
     zs: list[Tensor]
-    z_blocks: list[Tensor]
+    z_rows: list[Rows]
     heads: list[torch.nn.Parameter]
     head_grads: list[Tensor]
     owner: list[int]
+
+    @property
+    def z_blocks(self) -> list[Tensor]:
+        """The per-task feature gradients stacked, K x B x D per source."""
+        return [r.stack() for r in self.z_rows]
 
 
 def feature_task_grads(losses: Sequence[Tensor], zs: Sequence[Tensor], features: Sequence[Tensor],
@@ -185,7 +193,7 @@ def feature_task_grads(losses: Sequence[Tensor], zs: Sequence[Tensor], features:
     """Per-task gradients from given features: ``features[j]`` is read by the tasks whose ``reads`` name j and
     lands in the block of ``zs[into[j]]`` (the tensor the aggregated direction is pushed into); ``heads[k]`` are
     task k's own parameters. Shared by the engine's forward and :class:`polytask.JointStep`."""
-    blocks, head_grads = feature_jacobians(losses, features, reads, heads, into)
+    blocks, head_grads = feature_rows(losses, features, reads, heads, into)
     owner = [k for k, h in enumerate(heads) for _ in h]
     return TaskGrads(torch.stack(list(losses)), list(zs), blocks, [p for h in heads for p in h],
                      [g for hg in head_grads for g in hg], owner)
@@ -253,7 +261,9 @@ def representation_grads(model: MultiTaskModel, sources: Sequence[TaskData], row
                 read_here.add(j)
             with cast():
                 pred = model.outputs(mine, [t.name])[t.name]
-                losses[t.name] = full(masked_loss(t, pred, src.y[t.name][r]))
+                y = src.y[t.name][r]
+                losses[t.name] = full(t.mean_loss(pred, y) if src.complete(t.name) and len(r) else
+                                      masked_loss(t, pred, y))
         for j in sorted(set(range(len(fs))) - read_here):  # a feature no task reads: a zero block
             copies.append(fs[j].detach())
             into.append(base + j)
@@ -331,7 +341,7 @@ def aggregated_backward(method: Method, state: State, tg: TaskGrads, blocks: Seq
     ctx = _with_losses(ctx, tg.losses)
     head_grads = tg.head_grads
     if method.mode == "representation":
-        directions, weights, state = _aggregate(method, state, tg.z_blocks, ctx, comm)
+        directions, weights, state = _aggregate(method, state, tg.z_rows, ctx, comm)
         if push is not None:
             push(directions)
         elif any(z.requires_grad for z in tg.zs):  # else the features of a frozen encoder: nothing below trains
@@ -556,7 +566,7 @@ def accumulated_step(model: MultiTaskModel, method: Method, state: State,
         summed = comm.sum([total_losses, *head_grads, *(blocks or [])])
         total_losses, head_grads, blocks = summed[0], summed[1:1 + len(head_grads)], \
             summed[1 + len(head_grads):] if blocks is not None else None
-    effective = TaskGrads(total_losses, kept, [torch.cat(col, dim=1) for col in zip(*z_parts, strict=True)]
+    effective = TaskGrads(total_losses, kept, [Rows.of(torch.cat(col, dim=1)) for col in zip(*z_parts, strict=True)]
                           if representation else [], [p for h in heads for p in h], head_grads, owner)
 
     def push(directions: list[Tensor]) -> None:

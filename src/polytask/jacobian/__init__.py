@@ -13,7 +13,9 @@ gets the same per-task gradients (torchjd's ``mtl_backward`` is the model).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -37,16 +39,58 @@ def batched_grads(losses: Tensor, inputs: Sequence[Tensor], chunk: int = 0) -> l
     return [torch.cat(col) for col in zip(*parts, strict=True)] if len(parts) > 1 else parts[0]
 
 
-def feature_jacobians(losses: Sequence[Tensor], features: Sequence[Tensor], reads: Sequence[Sequence[int]],
-                      heads: Sequence[Sequence[Tensor]], into: Sequence[int] | None = None
-                      ) -> tuple[list[Tensor], list[list[Tensor]]]:
+@dataclass(eq=False)
+class Rows:
+    """One block of the K-row per-task Jacobian kept as its K rows, never stacked unless asked.
+
+    ``rows[k]``: task k's gradient with respect to the block's tensor (shape ``row_shape``), None where task k reads
+    none of it (a zero row). The engine's representation mode makes the K feature gradients come out of one backward
+    pass as K separate tensors; stacking them into K x B x D is a full copy that only the Jacobian-reading aggregators,
+    gradient accumulation and data-parallel gathering need (:meth:`stack`, remembered), while :func:`gramian` and
+    :func:`combine` read the rows where they are (and skip the zero ones)."""
+
+    rows: tuple[Tensor | None, ...]
+    row_shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+    _stacked: Tensor | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, block: Tensor) -> Rows:
+        """The rows of a stacked K x ... block (views; its stack is the block itself)."""
+        return cls(tuple(block.unbind(0)), block.shape[1:], block.dtype, block.device, block)
+
+    def stack(self) -> Tensor:
+        """The K x (row_shape) tensor, zeros in the missing rows (built once)."""
+        if self._stacked is None:
+            zero = None
+            full = []
+            for r in self.rows:
+                if r is None:
+                    zero = torch.zeros(self.row_shape, dtype=self.dtype, device=self.device) if zero is None else zero
+                full.append(zero if r is None else r)
+            self._stacked = torch.stack(full)
+        return self._stacked
+
+
+Block = Tensor | Rows
+
+
+def dense(block: Block) -> Tensor:
+    """A block as one K x ... tensor (a :class:`Rows` stacked)."""
+    return block.stack() if isinstance(block, Rows) else block
+
+
+def feature_rows(losses: Sequence[Tensor], features: Sequence[Tensor], reads: Sequence[Sequence[int]],
+                 heads: Sequence[Sequence[Tensor]], into: Sequence[int] | None = None
+                 ) -> tuple[list[Rows], list[list[Tensor]]]:
     """Per-task gradients of the K scalar ``losses`` with respect to the features each task reads, and each task's
     gradient with respect to its own head parameters.
 
     ``reads[k]``: indices into ``features`` that task k reads; ``heads[k]``: task k's own parameters. Returns
-    ``(blocks, head_grads)``: ``blocks[b]`` is K x (feature shape), row k = dL_k/d(the feature of block b that task
-    k reads), zero where task k reads none; features go to block ``into[j]`` (default: one block per feature; the
-    features of one block share a shape). ``head_grads[k][i]`` = dL_k/d heads[k][i].
+    ``(blocks, head_grads)``: ``blocks[b]`` is the :class:`Rows` of block b, row k = dL_k/d(the feature of block b
+    that task k reads), None where task k reads none; features go to block ``into[j]`` (default: one block per
+    feature; the features of one block share a shape). ``head_grads[k][i]`` = dL_k/d heads[k][i].
 
     When every feature is a leaf read by one task only (detached per-task copies of a shared representation, as
     the engine's forward arranges), one backward pass of the summed loss gives everything. Otherwise one pass per
@@ -62,8 +106,9 @@ def feature_jacobians(losses: Sequence[Tensor], features: Sequence[Tensor], read
     if len(set(readers)) == len(readers) and all(features[j].is_leaf for j in readers):
         wanted = [features[j] for j in readers] + [p for h in heads for p in h]
         live = [loss for loss in losses if loss.requires_grad]
-        grads = list(torch.autograd.grad(torch.stack(live).sum(), wanted, allow_unused=True,
-                                         materialize_grads=True)) if live else [torch.zeros_like(w) for w in wanted]
+        total = (live[0] if len(live) == 1 else torch.stack(live).sum()) if live else None
+        grads = list(torch.autograd.grad(total, wanted, allow_unused=True, materialize_grads=True)) \
+            if total is not None else [torch.zeros_like(w) for w in wanted]
         feats, rest = iter(grads[:len(readers)]), iter(grads[len(readers):])
         per_task = [([next(feats) for _ in reads[t]], [next(rest) for _ in heads[t]]) for t in range(k)]
     else:
@@ -78,12 +123,20 @@ def feature_jacobians(losses: Sequence[Tensor], features: Sequence[Tensor], read
             b = into[j]
             rows[b][t] = g if rows[b][t] is None else rows[b][t] + g
     like = [features[into.index(b)] for b in range(n_blocks)]
-    blocks = [torch.stack([r if r is not None else torch.zeros_like(z) for r in col]) for col, z in zip(rows, like,
-                                                                                                         strict=True)]
+    blocks = [Rows(tuple(col), z.shape, z.dtype, z.device) for col, z in zip(rows, like, strict=True)]
     return blocks, [hg for _, hg in per_task]
 
 
-def through(outputs: Sequence[Tensor], inputs: Sequence[Tensor], blocks: Sequence[Tensor], chunk: int = 0
+def feature_jacobians(losses: Sequence[Tensor], features: Sequence[Tensor], reads: Sequence[Sequence[int]],
+                      heads: Sequence[Sequence[Tensor]], into: Sequence[int] | None = None
+                      ) -> tuple[list[Tensor], list[list[Tensor]]]:
+    """:func:`feature_rows` with every block stacked into one K x (feature shape) tensor (zero where task k reads
+    none of the block)."""
+    blocks, head_grads = feature_rows(losses, features, reads, heads, into)
+    return [b.stack() for b in blocks], head_grads
+
+
+def through(outputs: Sequence[Tensor], inputs: Sequence[Tensor], blocks: Sequence[Block], chunk: int = 0
             ) -> list[Tensor]:
     """Push K row-gradients of ``outputs`` back to ``inputs`` in one batched vector-Jacobian product: for every
     row k, d(sum_o <outputs[o], blocks[o][k]>)/d inputs[i]; a list of (K, *inputs[i].shape) tensors.
@@ -91,6 +144,7 @@ def through(outputs: Sequence[Tensor], inputs: Sequence[Tensor], blocks: Sequenc
     With ``blocks`` the per-task feature gradients this is the exact per-task Jacobian of the parameters below the
     features, K backward passes vectorised; ``chunk`` > 0 does at most that many rows at a time. The graph is
     freed after the last chunk."""
+    blocks = [dense(b) for b in blocks]
     k = blocks[0].shape[0]
     step = chunk if chunk > 0 else k
     parts = [torch.autograd.grad(list(outputs), list(inputs), grad_outputs=[b[i:i + step] for b in blocks],
@@ -99,43 +153,114 @@ def through(outputs: Sequence[Tensor], inputs: Sequence[Tensor], blocks: Sequenc
     return list(parts[0]) if len(parts) == 1 else [torch.cat(col) for col in zip(*parts, strict=True)]
 
 
-def flat(grads: Sequence[Tensor]) -> Tensor:
+def flat(grads: Sequence[Block]) -> Tensor:
     """Concatenate (K, ...) gradient blocks into one K x P matrix."""
-    return torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
+    return torch.cat([g.reshape(g.shape[0], -1) for g in map(dense, grads)], dim=1)
 
 
-def gramian(blocks: Sequence[Tensor]) -> Tensor:
+_LOCAL = threading.local()
+_CHUNK = 65536  # float64 values per chunk of the CPU upcast (512 KB: stays in a core's L2 with its product)
+
+
+def _work(n: int) -> Tensor:
+    """A float64 CPU buffer of at least ``n`` values, one per thread, reused from call to call (a fresh 512 KB
+    buffer per step cost ~400 page faults a step)."""
+    buf = getattr(_LOCAL, "work", None)
+    if buf is None or buf.numel() < n:
+        buf = _LOCAL.work = torch.empty(n, dtype=torch.float64)
+    return buf
+
+
+def _gram_rows(out: Tensor, rows: Sequence[Tensor]) -> None:
+    """out += R R^T in float64 for the flat rows R (each a 1-D tensor of one length), upcast chunk by chunk.
+
+    On the CPU, rows not already float64 are copied by chunks of columns into one reused float64 buffer (one
+    ``_foreach_copy_`` per chunk: the K row pieces in one call), each chunk's product added in place; the chunk
+    (``_CHUNK`` values) stays in cache between the upcast and the product. Elsewhere the rows are stacked and upcast
+    whole."""
+    n = len(rows)
+    if rows[0].device.type != "cpu" or rows[0].dtype == torch.float64:
+        m = torch.stack(list(rows)).to(torch.float64)
+        out.addmm_(m, m.T)
+        return
+    step = max(256, _CHUNK // n)
+    work = _work(n * step)
+    parts = [r.split(step) for r in rows]
+    for c in range(len(parts[0])):
+        pieces = [p[c] for p in parts]
+        w = work[:n * pieces[0].numel()].view(n, -1)
+        torch._foreach_copy_(list(w.unbind(0)), pieces)
+        out.addmm_(w, w.T)
+
+
+def _gram_matrix(out: Tensor, m: Tensor) -> None:
+    """out += M M^T in float64 for a K x P matrix M (a stacked block), upcast chunk by chunk as :func:`_gram_rows`."""
+    if m.device.type != "cpu" or m.dtype == torch.float64:
+        m = m.to(torch.float64)
+        out.addmm_(m, m.T)
+        return
+    step = max(256, _CHUNK // m.shape[0])
+    work = _work(m.shape[0] * step)
+    for start in range(0, m.shape[1], step):
+        c = m[:, start:start + step]
+        w = work[:c.numel()].view(c.shape).copy_(c)
+        out.addmm_(w, w.T)
+
+
+def gramian(blocks: Sequence[Block]) -> Tensor:
     """G = J J^T in float64, summed over blocks of J's columns (no K x P concatenation).
 
     Every block is multiplied in float64, whatever the gradients' dtype: on nearly dependent gradients the
     small eigenvalues of G, which decide MGDA, IMTL-G, Nash-MTL, ConFIG and the dual-cone projections, are
     below float32's rounding of the large ones (a float32 product gave cosines 0.6-0.95 to the exact
-    direction, and ConFIG a zero update). On the CPU the upcast goes by cache-sized chunks of columns
-    (~64K values) into one reused buffer, each chunk's product added in place: at K = 10 and 131K columns
-    0.77x the time of one chunk-sized temporary per chunk and 0.93x upcasting whole blocks (the upcast, not
-    the product, is the cost); elsewhere one block at a time."""
-    k = blocks[0].shape[0]
-    out = torch.zeros(k, k, dtype=torch.float64, device=blocks[0].device)
-    step = max(256, 65536 // max(k, 1))
-    work: Tensor | None = None
+    direction, and ConFIG a zero update). A product of two float32 numbers is exact in float64, so G is the exact
+    Gramian up to float64 rounding of the sums. On the CPU the upcast goes by cache-sized chunks of columns
+    (``_CHUNK`` values) into one buffer reused across calls, each chunk's product added in place (the upcast, not
+    the product, is the cost; a fresh buffer a call cost page faults); elsewhere one block at a time.
+
+    A :class:`Rows` block is read row by row where its rows lie (no K x ... stack), and its zero rows are skipped
+    (their entries of G are zero). The full K x K product is formed: the upper triangle alone (three products of
+    half the rows) was measured no faster at K = 10, the products being bound by reading the chunk, not by
+    arithmetic."""
+    first = blocks[0]
+    k = len(first.rows) if isinstance(first, Rows) else first.shape[0]
+    out = torch.zeros(k, k, dtype=torch.float64, device=first.device)
     for b in blocks:
-        m = b.reshape(k, -1)
-        if m.device.type != "cpu" or m.dtype == torch.float64:
-            m = m.to(torch.float64)
-            out.addmm_(m, m.T)
-            continue
-        if work is None:
-            work = torch.empty(k * step, dtype=torch.float64)
-        for start in range(0, m.shape[1], step):
-            c = m[:, start:start + step]
-            w = work[:c.numel()].view(c.shape).copy_(c)
-            out.addmm_(w, w.T)
+        if isinstance(b, Rows) and b._stacked is None:
+            idx = [i for i, r in enumerate(b.rows) if r is not None]
+            if not idx:
+                continue
+            rows = [b.rows[i].reshape(-1) for i in idx]
+            if len(idx) == k:
+                _gram_rows(out, rows)
+            else:
+                part = torch.zeros(len(idx), len(idx), dtype=torch.float64, device=out.device)
+                _gram_rows(part, rows)
+                at = torch.tensor(idx, device=out.device)
+                out[at[:, None], at] += part
+        else:
+            _gram_matrix(out, dense(b).reshape(k, -1))
     return out
 
 
-def combine(weights: Tensor, blocks: Sequence[Tensor]) -> list[Tensor]:
-    """Σ_k w_k J_k for each block (the update direction J^T w, block by block)."""
-    return [torch.tensordot(weights.to(b.device, b.dtype), b, dims=1) for b in blocks]
+def combine(weights: Tensor, blocks: Sequence[Block]) -> list[Tensor]:
+    """Σ_k w_k J_k for each block (the update direction J^T w, block by block), in the blocks' dtype.
+
+    A :class:`Rows` block is summed row by row in place (``addcmul_``, no K x ... stack and no host sync), its zero
+    rows skipped; a stacked block in one ``tensordot``. Both round in the blocks' dtype (float32: the update is
+    applied in float32 anyway)."""
+    out = []
+    for b in blocks:
+        w = weights.to(b.device, b.dtype)
+        if isinstance(b, Rows) and b._stacked is None:
+            acc: Tensor | None = None
+            for i, r in enumerate(b.rows):
+                if r is not None:
+                    acc = r * w[i] if acc is None else acc.addcmul_(r, w[i])
+            out.append(acc if acc is not None else torch.zeros(b.row_shape, dtype=b.dtype, device=b.device))
+        else:
+            out.append(torch.tensordot(w, dense(b), dims=1))
+    return out
 
 
 def split(direction: Tensor, like: Sequence[Tensor]) -> list[Tensor]:

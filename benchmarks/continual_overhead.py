@@ -20,15 +20,25 @@ the experience's training rows offered in a random order once it is trained) and
 batch concatenated with 32 rows drawn from the buffer without replacement (one forward, the mean cross-entropy of
 the 64 rows: polytask's replay joins its buffered rows to the batch in the same way, see its docstring).
 
+What the sides do not share: polytask's per-epoch checkpoint also holds the RNG states, the data position, the
+history and the strategy's state, and is written atomically (temporary file, rename) and durably (fsync) off the
+training thread, so a SIGKILL or an OS crash at any point resumes exactly; ``plain+save``'s ``torch.save`` writes in
+place (a kill during the write leaves a cut file) and holds no RNG state. polytask also writes, per experience, the
+model and strategy state after it (``end.safetensors``) and ``done.json``. The batches are the same size and number
+on both sides, in different random orders (polytask's order is a pure function of (seed, epoch)).
+
 Every round times each variant once, back to back, in an order rotated from round to round, on two clocks: wall
-time and this process's CPU time (which ignores waits on the disk and other processes on a shared machine). The
+time and this process's CPU time (which ignores waits on the disk and other processes on a shared machine; it counts
+polytask's checkpoint-writer thread). Each run gets a fresh temporary directory, made and removed outside the timed
+region (deleting a finished run's files is not training). The
 ratios polytask / plain are paired within each round; the JSON gives medians and spread (quartiles, min, max). The
 target (issue 10): median ratio <= 1.1. ``memory`` gives every registered strategy's memory (``state_numel``, the
 entries of the tensors it checkpoints, and ``added_numel``, what it adds to the model) beside the model's parameter
 count.
 
-Prints one JSON object. Usage: python benchmarks/continual_overhead.py [--epochs 10] [--rounds 7] [--seed 0]
-[--strategies naive replay] [--tmp DIR]
+Prints one JSON object (with the load average before and after) and writes it to ``--out``. Usage: python
+benchmarks/continual_overhead.py [--epochs 10] [--rounds 7] [--seed 0] [--strategies naive replay] [--tmp DIR]
+[--out benchmarks/results/continual_overhead.json]
 """
 
 from __future__ import annotations
@@ -64,7 +74,7 @@ BUFFER, REPLAY_BATCH = 200, 32
 PARAMS: dict[str, dict[str, Any]] = {"compose": {"strategies": ["naive", "cumulative"]}}
 NEEDS_ENCODER = {"l2p": "needs a pretrained hf encoder: see benchmarks/l2p_text.py (its pool is M L_p D + M D numbers)"}
 
-Variant = Callable[[], dict[str, Any]]
+Variant = Callable[[Path], dict[str, Any]]  # called with a fresh, empty directory
 
 
 def config(epochs: int) -> ContinualConfig:
@@ -100,12 +110,12 @@ def polytask_variant(stream: Stream, strategy: str, params: dict[str, Any], epoc
                      tmp: str | None, durable: bool = True) -> Variant:
     cfg = config(epochs)
 
-    def fn() -> dict[str, Any]:
-        with tempfile.TemporaryDirectory(dir=tmp) as d, (nullcontext() if durable else no_fsync()):
-            job = Path(d) / "job"
+    def fn(d: Path) -> dict[str, Any]:
+        with nullcontext() if durable else no_fsync():
+            job = d / "job"
             r = run_strategy(cfg, stream, StrategyConfig(name=strategy, params=params), seed, job,
                              Reporter(quiet=True))
-            steps = sum(json.loads(f.read_text())["steps"] for f in job.glob("*/done.json"))
+        steps = sum(json.loads(f.read_text())["steps"] for f in job.glob("*/done.json"))
         return {"final": r["accuracy"][-1], "steps": steps, "state_numel": r["state_numel"],
                 "added_numel": r["added_numel"]}
     return fn
@@ -140,11 +150,11 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
     return float(F.cross_entropy(out, y)), float((out.argmax(1) == y).float().mean())
 
 
-def plain_variant(stream: Stream, epochs: int, seed: int, save: bool, replay: bool, tmp: str | None) -> Variant:
+def plain_variant(stream: Stream, epochs: int, seed: int, save: bool, replay: bool) -> Variant:
     data = tensors(stream)
     n_in, n_out = stream.input_shape[0], stream.tasks[0].n_outputs
 
-    def fn() -> dict[str, Any]:
+    def fn(folder: Path) -> dict[str, Any]:
         torch.manual_seed(seed)
         g = torch.Generator().manual_seed(seed)
         pick = random.Random(seed)
@@ -153,57 +163,64 @@ def plain_variant(stream: Stream, epochs: int, seed: int, save: bool, replay: bo
         steps, history = 0, []
         buf_x, buf_y = torch.empty(BUFFER, n_in), torch.empty(BUFFER, dtype=torch.long)
         filled = seen = 0
-        with tempfile.TemporaryDirectory(dir=tmp) as d:
-            for e in data:
-                opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-                x, y = e["train"]
-                for _ in range(epochs):
-                    total, n = 0.0, 0
-                    for idx in torch.randperm(len(x), generator=g).split(BATCH):
-                        xb, yb = x[idx], y[idx]
-                        if replay and filled:  # one batch: the current rows and REPLAY_BATCH buffered ones
-                            m = torch.randperm(filled, generator=g)[:REPLAY_BATCH]
-                            xb, yb = torch.cat([xb, buf_x[m]]), torch.cat([yb, buf_y[m]])
-                        opt.zero_grad()
-                        loss = F.cross_entropy(model(xb), yb)
-                        loss.backward()
-                        opt.step()
-                        total += loss.item()
-                        n += 1
-                        steps += 1
-                    history.append({"train": total / n, "val": accuracy(model, *e["val"])})
-                    if save:
-                        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()},
-                                   os.path.join(d, "last.pt"))
-                if replay:  # reservoir sampling (Vitter's algorithm R) of the experience's rows, in a random order
-                    for i in torch.randperm(len(x), generator=g).tolist():
-                        j = seen if seen < BUFFER else pick.randrange(seen + 1)
-                        seen += 1
-                        if j < BUFFER:
-                            buf_x[j], buf_y[j] = x[i], y[i]
-                            filled = min(seen, BUFFER)
-                rows = [accuracy(model, *d_["test"])[1] for d_ in data]
+        for e in data:
+            opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+            x, y = e["train"]
+            for _ in range(epochs):
+                total, n = 0.0, 0
+                for idx in torch.randperm(len(x), generator=g).split(BATCH):
+                    xb, yb = x[idx], y[idx]
+                    if replay and filled:  # one batch: the current rows and REPLAY_BATCH buffered ones
+                        m = torch.randperm(filled, generator=g)[:REPLAY_BATCH]
+                        xb, yb = torch.cat([xb, buf_x[m]]), torch.cat([yb, buf_y[m]])
+                    opt.zero_grad()
+                    loss = F.cross_entropy(model(xb), yb)
+                    loss.backward()
+                    opt.step()
+                    total += loss.item()
+                    n += 1
+                    steps += 1
+                history.append({"train": total / n, "val": accuracy(model, *e["val"])})
+                if save:
+                    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()},
+                               folder / "last.pt")
+            if replay:  # reservoir sampling (Vitter's algorithm R) of the experience's rows, in a random order
+                for i in torch.randperm(len(x), generator=g).tolist():
+                    j = seen if seen < BUFFER else pick.randrange(seen + 1)
+                    seen += 1
+                    if j < BUFFER:
+                        buf_x[j], buf_y[j] = x[i], y[i]
+                        filled = min(seen, BUFFER)
+            rows = [accuracy(model, *d_["test"])[1] for d_ in data]
         return {"final": rows, "steps": steps}
     return fn
 
 
-def timed(fn: Variant) -> tuple[float, float, dict[str, Any]]:
-    w, c = time.perf_counter(), time.process_time()
-    out = fn()
-    return time.perf_counter() - w, time.process_time() - c, out
+def run_in_tmp(fn: Variant, tmp: str | None) -> dict[str, Any]:
+    """``fn`` in a fresh temporary directory (removed afterwards); its outputs."""
+    with tempfile.TemporaryDirectory(dir=tmp) as d:
+        return fn(Path(d))
 
 
-def interleaved(variants: dict[str, Variant], rounds: int) -> tuple[dict[str, list[tuple[float, float]]],
-                                                                    dict[str, dict[str, Any]]]:
+def timed(fn: Variant, tmp: str | None) -> tuple[float, float, dict[str, Any]]:
+    """(wall, CPU) seconds of ``fn`` and its outputs; the directory is made and removed outside the clocks."""
+    with tempfile.TemporaryDirectory(dir=tmp) as d:
+        w, c = time.perf_counter(), time.process_time()
+        out = fn(Path(d))
+        return time.perf_counter() - w, time.process_time() - c, out
+
+
+def interleaved(variants: dict[str, Variant], rounds: int, tmp: str | None
+                ) -> tuple[dict[str, list[tuple[float, float]]], dict[str, dict[str, Any]]]:
     """(wall, CPU) seconds of every variant in every round, the order rotated each round, after one warm-up run of
     each (whose outputs are returned: final accuracies, steps, state size)."""
-    outputs = {k: fn() for k, fn in variants.items()}
+    outputs = {k: run_in_tmp(fn, tmp) for k, fn in variants.items()}
     keys = list(variants)
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in keys}
     for r in range(rounds):
         shift = r % len(keys)
         for k in keys[shift:] + keys[:shift]:
-            w, c, _ = timed(variants[k])
+            w, c, _ = timed(variants[k], tmp)
             times[k].append((w, c))
     return times, outputs
 
@@ -225,7 +242,7 @@ def memory(seed: int, tmp: str | None) -> dict[str, Any]:
             continue
         sc = "class" if "class" in built.scenarios else "task"
         try:
-            r = polytask_variant(streams[sc], name, params, 1, seed, tmp)()
+            r = run_in_tmp(polytask_variant(streams[sc], name, params, 1, seed, tmp), tmp)
         except Exception as e:  # report, don't hide
             out["strategies"][name] = f"error: {type(e).__name__}: {e}"
             continue
@@ -243,6 +260,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--strategies", nargs="+", default=["naive", "replay"], choices=["naive", "replay"])
     ap.add_argument("--tmp", default=None, help="where the temporary run directories go (default: the system's)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "continual_overhead.json"),
+                    help="where the JSON is also written ('' for nowhere)")
     ap.add_argument("--no-fsync-variant", action="store_true",
                     help="also time polytask with os.fsync a no-op (diagnostic: the cost of its durable writes)")
     args = ap.parse_args()
@@ -261,8 +280,10 @@ def main() -> None:
                                                                  durable=False)
         for save in (False, True):
             variants[f"{s}/plain" + ("+save" if save else "")] = plain_variant(
-                stream, args.epochs, args.seed, save, s == "replay", args.tmp)
-    times, outputs = interleaved(variants, args.rounds)
+                stream, args.epochs, args.seed, save, s == "replay")
+    load_before = os.getloadavg()
+    times, outputs = interleaved(variants, args.rounds, args.tmp)
+    load_after = os.getloadavg()
     tmp = args.tmp or tempfile.gettempdir()
     out: dict[str, Any] = {
         "setup": f"split-digits class-IL (5 x 2 classes), MLP 64-{'-'.join(map(str, HIDDEN))}-10, batch {BATCH}, "
@@ -271,7 +292,9 @@ def main() -> None:
                  "with per-epoch validation and the accuracy row after each experience; plain+save adds a "
                  f"torch.save of model+optimizer per epoch; {args.rounds} interleaved rounds (order rotated), "
                  "ratios paired per round",
-        "torch": torch.__version__, "tmp": tmp, "target_median_ratio": TARGET,
+        "torch": torch.__version__, "tmp": tmp, "target_median_ratio": TARGET, "cpus": os.cpu_count(),
+        "load_average_1_5_15": {"before": [round(x, 2) for x in load_before],
+                                "after": [round(x, 2) for x in load_after]},
         "headline": "ratio_vs_plain+save, wall clock", "results": {}, "notes": notes}
     for s in args.strategies:
         if f"{s}/polytask" not in times:
@@ -294,7 +317,11 @@ def main() -> None:
                                                         strict=True)]) for j, m in enumerate(("wall", "cpu"))}
         out["results"][s] = row
     out["memory"] = memory(args.seed, args.tmp)
-    print(json.dumps(out, indent=1))
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
 
 
 if __name__ == "__main__":

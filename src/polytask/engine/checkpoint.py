@@ -35,8 +35,18 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), (
 CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 
+_LEAVES = frozenset({type(None), bool, int, float, str})  # exact types: JSON stores them as they are
+
+
 def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if obj is None or isinstance(obj, (bool, int, float, str)):  # first: most nodes are numbers and names
+    kind = type(obj)
+    if kind in _LEAVES:  # first: most nodes are numbers and names
+        return obj
+    if kind is dict and all(type(k) is str for k in obj):
+        if all(type(v) in _LEAVES for v in obj.values()):  # a flat record (history, scores): no call per value
+            return {"__dict__": dict(obj)}
+        return {"__dict__": {k: _encode(v, tensors) for k, v in obj.items()}}
+    if isinstance(obj, (bool, int, float, str)):  # subclasses (numpy's float64, enums)
         return obj
     if isinstance(obj, torch.Tensor):
         name = f"t{len(tensors)}"

@@ -80,10 +80,12 @@ def evaluate(model: MultiTaskModel, sources: Sequence[TaskData], tasks: Sequence
         for t in tasks:
             if t.name not in outs:
                 continue
-            y = src.y[t.name]
-            m = Task.mask(y)
-            p = torch.cat(outs[t.name])[m]
-            scores[t.name] = {"loss": float(t.loss(p, y[m]).mean())} | t.scores(p, y[m])
+            y, parts = src.y[t.name], outs[t.name]
+            p = parts[0] if len(parts) == 1 else torch.cat(parts)
+            if not src.complete(t.name):  # masks only where labels are missing (remembered per source)
+                m = Task.mask(y)
+                p, y = p[m], y[m]
+            scores[t.name] = {"loss": float(t.loss(p, y).mean())} | t.scores(p, y)
     model.train(was_training)
     return scores
 
@@ -125,7 +127,8 @@ def resolve_device(name: str, deterministic: bool = True) -> torch.device:
 
 def selection_score(val: dict[str, dict[str, float]]) -> float:
     """Best-validation criterion: the mean over tasks of the validation loss (lower is better)."""
-    return float(np.mean([v["loss"] for v in val.values()]))
+    losses = [v["loss"] for v in val.values()]
+    return float(losses[0]) if len(losses) == 1 else float(np.mean(losses))  # one task: np.mean's value, no call
 
 
 def check_finite(job: str, tasks: Sequence[Task], losses: Tensor, split: str, epoch: int,
@@ -257,13 +260,13 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, An
                     model, method, state.method, pairs, tasks, opt, ctx, loss_fn,
                     extra=(lambda view=view: extra_loss(hooks, run, view)) if hooks else None, precision=spec.precision,
                     before_update=(lambda view=view: before_update(hooks, run, view)) if hooks else None, comm=comm)
-                losses = losses.detach().double().cpu()
-                if not math.isfinite(float(losses.sum())):  # one reduction a step; the check names the task
+                losses = losses.detach().cpu()
+                if not all(map(math.isfinite, losses.tolist())):  # one read a step; the check names the task
                     check_finite(spec.name, tasks, losses, "training", epoch + 1,
                                  f", step {pos.step + 1} of {steps} (global step {pos.global_step + 1})")
-                acc.loss += losses
+                acc.loss += losses  # float64 += float32 widens each loss exactly (no .double() copy)
                 if weights is not None:
-                    acc.weight += weights.double().cpu()
+                    acc.weight += weights.cpu()
                     acc.nw += 1
                 acc.n += 1
                 pos.step += 1
@@ -275,9 +278,10 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, An
             if sched is not None:
                 sched.step()
             val_scores = evaluate(model, data.split("val"), tasks, spec.eval_batch_size)
-            check_finite(spec.name, [t for t in tasks if t.name in val_scores],
-                         torch.tensor([val_scores[t.name]["loss"] for t in tasks if t.name in val_scores]),
-                         "validation", epoch + 1)
+            val_losses_now = [val_scores[t.name]["loss"] for t in tasks if t.name in val_scores]
+            if not all(map(math.isfinite, val_losses_now)):  # the check (a tensor) only when one is not finite
+                check_finite(spec.name, [t for t in tasks if t.name in val_scores],
+                             torch.tensor(val_losses_now, dtype=torch.float64), "validation", epoch + 1)
             train_scores = {t.name: {"loss": float(acc.loss[k] / acc.n)} for k, t in enumerate(tasks)}
             weights_now = {t.name: {"weight": float(acc.weight[k] / acc.nw)} for k, t in enumerate(tasks) if acc.nw}
             state.history += _records(spec.name, epoch + 1, pos.global_step, "train", train_scores, weights_now)

@@ -320,7 +320,8 @@ def weighted_backward(method: Method, state: State, losses: Tensor, ctx: StepCon
     """A loss weighting's step: K weights from the detached losses, then one backward of Σ w_k L_k (gradients
     added into ``.grad``). Returns (weights, new state)."""
     weights, state = method.impl.update(state, losses.detach(), _with_losses(ctx, losses))
-    torch.dot(weights.to(losses.dtype), losses).backward()  # Σ_k w_k L_k in one node
+    # the gradient of Σ_k w_k L_k is w: seed the backward with it (no dot node; the same gradients bit for bit)
+    losses.backward(weights.to(losses.dtype))
     return weights, state
 
 

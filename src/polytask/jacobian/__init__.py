@@ -172,20 +172,28 @@ def _work(n: int) -> Tensor:
 
 
 def _gram_rows(out: Tensor, rows: Sequence[Tensor]) -> None:
-    """out += R R^T in float64 for the flat rows R (each a 1-D tensor of one length), upcast chunk by chunk.
+    """out += R R^T in float64 for the rows R (tensors of one shape, each flattened), upcast chunk by chunk.
 
     On the CPU, rows not already float64 are copied by chunks of columns into one reused float64 buffer (one
     ``_foreach_copy_`` per chunk: the K row pieces in one call), each chunk's product added in place; the chunk
-    (``_CHUNK`` values) stays in cache between the upcast and the product. Elsewhere the rows are stacked and upcast
+    (``_CHUNK`` values) stays in cache between the upcast and the product. Rows that fit in one chunk are upcast
+    by one ``stack`` into the buffer (small models: the fewest calls). Elsewhere the rows are stacked and upcast
     whole."""
     n = len(rows)
     if rows[0].device.type != "cpu" or rows[0].dtype == torch.float64:
-        m = torch.stack(list(rows)).to(torch.float64)
+        m = torch.stack(list(rows)).reshape(n, -1).to(torch.float64)
         out.addmm_(m, m.T)
         return
     step = max(256, _CHUNK // n)
+    size = rows[0].numel()
+    if size <= step:
+        w = _work(n * size)[:n * size].view(n, *rows[0].shape)
+        torch.stack(list(rows), out=w)
+        m = w.view(n, size)
+        out.addmm_(m, m.T)
+        return
     work = _work(n * step)
-    parts = [r.split(step) for r in rows]
+    parts = [r.reshape(-1).split(step) for r in rows]
     for c in range(len(parts[0])):
         pieces = [p[c] for p in parts]
         w = work[:n * pieces[0].numel()].view(n, -1)
@@ -230,7 +238,7 @@ def gramian(blocks: Sequence[Block]) -> Tensor:
             idx = [i for i, r in enumerate(b.rows) if r is not None]
             if not idx:
                 continue
-            rows = [b.rows[i].reshape(-1) for i in idx]
+            rows = [b.rows[i] for i in idx]
             if len(idx) == k:
                 _gram_rows(out, rows)
             else:

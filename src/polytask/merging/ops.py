@@ -24,12 +24,8 @@ mixed-type products that make a mask in fewer passes; its floating-point arithme
 choice among two NaN operands (their sign and payload) numpy does not share.
 
 Trims keep an exact number of entries. A trim threshold of one tensor is an exact order statistic of the
-magnitudes (their float32 bit patterns). A tensor of :data:`BRACKET_MIN` entries or more is ranked in one
-pass without storing its keys (:func:`bracket_trim`): a small sample gives a key range that likely holds
-the rank, the pass counts the keys above it and keeps the few inside it, and the threshold is selected
-among those; when the counts show the range missed, or too many entries are tied inside it, the tensor is
-ranked whole (``numpy.partition`` of all its keys, in place in a workspace). Over a whole model
-(``trim_scope: model``) it comes from two histogram passes over every tensor (:class:`RadixSelect`).
+magnitudes (``numpy.partition`` on their float32 bit patterns, in place in a workspace); over a whole
+model (``trim_scope: model``) it comes from two histogram passes over every tensor (:class:`RadixSelect`).
 Entries tied with the threshold are kept in index order until exactly k are kept (``first``, the default:
 located in a copy of the keys in index order, a second workspace), or all of them (``all``, the official
 TIES code's ``>= kthvalue``).
@@ -465,112 +461,6 @@ def tensor_trim(keys: np.ndarray, kind: str, density: float, gamma: float = 0.0,
     return trim_of(ths, *ranks, rule).on(find, n)
 
 
-BRACKET_MIN = 1 << 16  # tensors at least this large rank by a sampled bracket (:func:`bracket_trim`)
-SAMPLE = 1 << 14  # most magnitude keys in the sample a bracket is read from
-SIGMAS = 5.0  # half-width of a bracket around a rank, in standard deviations of the sample's rank estimate
-
-
-def sample_keys(x: Tensor, base: Tensor | None, m: int = SAMPLE) -> np.ndarray:
-    """The magnitude keys of about ``m`` entries of ``x - base`` (flat; ``base`` None: ``x`` is the task vector)
-    at an odd stride (so that rows of an even length do not all give the same columns)."""
-    n = x.numel()
-    stride = max(1, n // m) | 1
-    xs = x[::stride]
-    d = torch.empty(xs.numel(), dtype=torch.float32 if base is None else base.dtype)
-    if base is None:
-        d.copy_(xs)
-    else:
-        _difference(xs, base[::stride], d)
-    return magnitude_keys(d).numpy()
-
-
-def brackets(sample: np.ndarray, n: int, ranks: Sequence[int]) -> list[tuple[int, int]]:
-    """For each rank (1 = the largest of ``n`` keys) a key range ``[lo, hi]`` that likely holds it: the sample's
-    keys ``SIGMAS`` binomial standard deviations either side of the rank's place in the sorted sample (ends
-    open when they fall outside it). Only likely: :func:`bracket_trim` counts whether it does."""
-    m = len(sample)
-    srt = np.sort(sample)
-    out = []
-    for r in ranks:
-        q = min(max(r / n, 0.0), 1.0)
-        at = m - q * m  # the rank's place from the bottom of the sorted sample
-        margin = SIGMAS * (m * q * (1 - q)) ** 0.5 + 4
-        lo_i, hi_i = int(at - margin), int(at + margin) + 1
-        lo = int(srt[lo_i]) if lo_i >= 0 else 0
-        hi = int(srt[hi_i]) if hi_i < m else MAX_KEY
-        out.append((lo, hi))
-    return out
-
-
-def bracket_trim(x: Tensor, base: Tensor | None, kind: str, ranks: tuple[int, int], rule: str
-                 ) -> TensorTrim | None:
-    """The trim of one tensor (``trim_scope: tensor``) from one pass over its task vector ``x - base`` (flat),
-    without storing its keys: a small sample places each needed rank in a key range (:func:`brackets`); the pass
-    makes the magnitude keys piece by piece in this thread's workspace (in cache), counts the keys above each
-    range and keeps the keys inside it (a few % of the entries, more where many are tied, as in bfloat16 task
-    vectors). If each range holds its rank (the counts say so), the rank's key is selected among the kept keys,
-    and a tied entry is located by making the keys again of the one piece that holds it: the same thresholds
-    and edges as ranking the whole tensor (:func:`tensor_trim`). Otherwise (a sample that misled, or more than
-    half the entries kept) None: rank it whole."""
-    n = x.numel()
-    needed = needed_ranks(*ranks, rule)
-    rng = brackets(sample_keys(x, base), n, needed)
-    limit = n // 2
-    step = min(PIECE, n)
-    dtype = torch.float32 if base is None else base.dtype
-    work = workspace(step, dtype, "bracket")
-    keys_t = work.view(torch.int32) if dtype == torch.float32 else workspace(step, torch.int32, "bracket keys")
-    shifted = workspace(step, torch.int32, "bracket shifted").numpy().view(np.uint32)
-    flag = workspace(step, torch.bool, "bracket flag").numpy()
-
-    def piece_keys(s: int) -> np.ndarray:
-        m = min(step, n - s)
-        c = work[:m]
-        if base is None:
-            c.copy_(x[s:s + m])
-        else:
-            _difference(x[s:s + m], base[s:s + m], c)
-        return magnitude_keys(c, out=keys_t[:m]).numpy()
-
-    above = [0] * len(rng)
-    found: list[list[np.ndarray]] = [[] for _ in rng]
-    held = 0
-    for s in range(0, n, step):
-        keys = piece_keys(s).view(np.uint32)
-        m = len(keys)
-        for i, (lo, hi) in enumerate(rng):
-            if hi < MAX_KEY:
-                above[i] += int(np.count_nonzero(np.greater(keys, hi, out=flag[:m])))
-            np.subtract(keys, np.uint32(lo), out=shifted[:m])  # wraps below lo: then above hi - lo
-            kept = keys[np.less_equal(shifted[:m], hi - lo, out=flag[:m])].view(np.int32)
-            held += len(kept)
-            if held > limit:
-                return None
-            found[i].append(kept)
-    ths: dict[int, Threshold] = {}
-    for r, a, parts in zip(needed, above, found, strict=True):
-        ks = np.concatenate(parts)
-        within = r - a  # the rank among the kept keys, from the top
-        if not 1 <= within <= len(ks):
-            return None
-        key, greater = _select(ks, [within])[within]
-        ths[r] = Threshold(key, a + greater, n)
-
-    def find(key: int, left: int) -> tuple[int, int]:
-        # every entry with this key was kept in the range of the rank it is the threshold of
-        parts = next(p for (lo, hi), p in zip(rng, found, strict=True) if lo <= key <= hi)
-        seen = 0
-        for i, part in enumerate(parts):
-            c = int(np.count_nonzero(part == key))
-            if seen + c >= left:
-                equal = np.equal(piece_keys(i * step), key)
-                return i * step + _nth_true(equal, left - seen) + 1, left
-            seen += c
-        return n, seen
-
-    return trim_of(ths, *ranks, rule).on(find, n)
-
-
 def _and_mask(c: Tensor, bits: Tensor) -> None:
     """Zero the entries of ``c`` whose int32 mask ``bits`` is 0 (keep those at -1), in place."""
     if c.dtype == torch.float32:
@@ -695,13 +585,12 @@ class Sparsify:
 
     def resolve(self, x: Tensor, base: Tensor | None) -> None:
         """Decide each trim on this tensor: ``x`` (flat) minus ``base`` (flat, or None: ``x`` is the task
-        vector) with the steps before the trim. A large tensor whose trim comes first is ranked in one pass
-        (:func:`bracket_trim`); otherwise, or when that pass cannot decide, it is ranked whole: magnitude keys
-        are written piece by piece into this thread's workspace and partitioned there. With the ``first`` tie
-        rule, tied entries are located
+        vector) with the steps before the trim, ranked whole. Magnitude keys are written piece by piece into
+        this thread's workspace and partitioned there. With the ``first`` tie rule, tied entries are located
         in index order in a copy of the keys, written while each piece is in cache (a second workspace of n
         keys: scanning it costs a fraction of making the keys again); a model-wide trim, which has no keys of
         its own, makes them again piece by piece up to the last tie kept."""
+        keys_t = workspace(self.n, torch.int32, "keys") if self.n else torch.empty(0, dtype=torch.int32)
         for j in self.ranked:
             if self.trim is not None and not self.trim.needs_keys():
                 self.trims[j] = self.trim.on(None, self.n)
@@ -713,12 +602,6 @@ class Sparsify:
             if self.trim is not None:
                 self.trims[j] = self.trim.on(self._finder(j, x, base), self.n)
                 continue
-            if self.n >= BRACKET_MIN and all(s == "none" for s in self.steps[:j]):
-                trim = bracket_trim(x, base, self.steps[j], ranks, self.rule)
-                if trim is not None:
-                    self.trims[j] = trim
-                    continue
-            keys_t = workspace(self.n, torch.int32, "keys")
             copy_t = workspace(self.n, torch.int32, "keys copy") if self.rule == "first" and self.n else None
             for _ in self._keys(j, x, base, keys_t, copy_t):
                 pass

@@ -18,6 +18,11 @@ budget (read-ahead, and idle buffers kept for reuse).
 
     python benchmarks/merge_speed.py [--dir /tmp/merge-speed] [--n 8] [--rounds 3] [--methods ties dare_ties]
                                      [--dtype bfloat16] [--mergekit /tmp/mkvenv/bin/mergekit-yaml] [--keep]
+                                     [--baseline-src /tmp/before/src] [--save FILE]
+
+``--baseline-src`` interleaves another version's merges (its ``src/`` folder, e.g. from
+``git archive REV src | tar -x -C /tmp/before``) as ``baseline:<method>`` in every round, and reports the
+current/baseline ratio per round (median and spread). The JSON is written to benchmarks/results/ as well.
 
 ``--kernels`` measures the merge kernels alone instead: the CPU nanoseconds per model entry of each method on a
 few tensors of the family held in memory (the input embedding and layer 0's up and query projections by
@@ -104,11 +109,11 @@ def direct_read_speed(path: Path) -> float | None:
     return total / (time.perf_counter() - t)
 
 
-def rss_of(cmd: list[str]) -> tuple[int, str, str, float, int]:
+def rss_of(cmd: list[str], env: dict[str, str] | None = None) -> tuple[int, str, str, float, int]:
     """Run ``cmd`` and return (rc, stdout, stderr, wall s, peak RSS bytes) using wait4 on that one child."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
         _, status, usage = os.wait4(p.pid, 0)
         wall = time.perf_counter() - t
         p.returncode = os.waitstatus_to_exitcode(status)
@@ -219,6 +224,23 @@ def kernels(args: argparse.Namespace, base: Path, variants: list[Path], params_t
             "cpu_ns_per_model_entry": result, "baseline_ops": args.baseline_ops}
 
 
+def save(result: dict[str, object], path: str | None, default: str) -> None:
+    """Write ``result`` as JSON to ``path`` (None: benchmarks/results/``default``; empty: nowhere)."""
+    if path == "":
+        return
+    out = Path(path) if path else Path(__file__).resolve().parent / "results" / default
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _uptime() -> str:
+    """The machine's ``uptime`` line (its load: the benchmark shares the CPUs with whatever else runs)."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        return ""
+
+
 def spread(values: list[float]) -> dict[str, float]:
     """Median, min and max (the rounds' spread)."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else {}
@@ -243,6 +265,10 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the built models for another run")
     ap.add_argument("--kernels", action="store_true", help="time the merge kernels in memory (see the module doc)")
     ap.add_argument("--baseline-ops", default=None, help="with --kernels: an ops.py to interleave with the current")
+    ap.add_argument("--baseline-src", default=None, help="a src/ folder of another polytask version (e.g. from git "
+                    "archive) whose merges are interleaved with the current ones as baseline:<method>")
+    ap.add_argument("--save", default=None, help="where the JSON is written too (default benchmarks/results/"
+                    "merge_speed.json, or merge_speed_kernels.json with --kernels; '' for nowhere)")
     ap.add_argument("--threads", type=int, default=1, help="with --kernels: merge worker threads")
     ap.add_argument("--tensors", nargs="*", default=["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight",
                                                       "model.layers.0.self_attn.q_proj.weight"])
@@ -275,7 +301,9 @@ def main() -> None:
         params = sum(c.info(n).numel for n in c.names())
     largest_compute = max(sizes.values()) * 4 // torch.empty((), dtype=dtype).element_size()
     if args.kernels:
-        print(json.dumps(kernels(args, base, variants, params), indent=2))
+        result = {**kernels(args, base, variants, params), "uptime": _uptime()}
+        print(json.dumps(result, indent=2))
+        save(result, args.save, "merge_speed_kernels.json")
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
         return
@@ -297,6 +325,7 @@ def main() -> None:
         files = weight_files(dirs)
         nbytes = sum(f.stat().st_size for f in files)
         labels = ["floor"] + [f"polytask:{m}" for m in args.methods] + \
+            ([f"baseline:{m}" for m in args.methods] if args.baseline_src else []) + \
             ([f"mergekit:{m}" for m in args.methods if m in MERGEKIT] if args.mergekit else [])
         times: dict[str, list[float]] = {k: [] for k in labels}
         cpus: dict[str, list[float]] = {k: [] for k in labels}
@@ -321,10 +350,12 @@ def main() -> None:
                 tool, method = label.split(":")
                 out_dir = root / f"out-{tool}-{method}-{n}"
                 shutil.rmtree(out_dir, ignore_errors=True)
-                if tool == "polytask":
+                if tool in ("polytask", "baseline"):
                     cmd = [sys.executable, __file__, CHILD, "--base", str(base), "--models", *map(str, variants[:n]),
                            "--method", method, "--out", str(out_dir), "--prefetch", args.prefetch]
-                    rc, out, err, _, peak = rss_of(cmd)
+                    env = {**os.environ, "PYTHONPATH": str(Path(args.baseline_src).resolve())} \
+                        if tool == "baseline" else None
+                    rc, out, err, _, peak = rss_of(cmd, env)
                     seconds = json.loads(out)["merge_s"] if rc == 0 else None
                     if rc == 0:
                         cpus[label].append(json.loads(out)["merge_cpu_s"])
@@ -366,7 +397,7 @@ def main() -> None:
                 entry["sys_cpu_seconds"] = spread(syss[label])  # the kernel's share: reads, page faults, writes
             if rss[label]:
                 entry["peak_rss_bytes"] = max(rss[label])
-                if label.startswith("polytask"):
+                if label.startswith(("polytask", "baseline")):
                     entry["memory_bound_bytes"] = bound
                     entry["peak_over_bound"] = max(rss[label]) / bound
             if label in errors:
@@ -376,6 +407,10 @@ def main() -> None:
             mk, pt = times.get(f"mergekit:{method}"), times.get(f"polytask:{method}")
             if mk and pt:
                 row[f"speedup_vs_mergekit:{method}"] = statistics.median(mk) / statistics.median(pt)
+            bl = times.get(f"baseline:{method}")
+            if bl and pt:  # per round (both ran in it), then the median and spread over rounds
+                per_round = [a / b for a, b in zip(pt, bl, strict=False)]
+                row[f"current_over_baseline:{method}"] = spread(per_round)
         rows.append(row)
     result = {
         "benchmark": "merge_speed",
@@ -384,9 +419,10 @@ def main() -> None:
         "cpus": os.cpu_count(), "drop_caches": can_drop, "odirect_bytes_per_s": speed,
         "polytask_import_s": import_s, "polytask_import_rss": import_rss, "mergekit_import_s": mk_import_s,
         "prefetch": args.prefetch, "params": {m: PARAMS[m] for m in args.methods}, "build_s": build_s,
-        "interleaved": True, "rows": rows,
+        "interleaved": True, "baseline_src": args.baseline_src, "uptime": _uptime(), "rows": rows,
     }
     print(json.dumps(result, indent=2))
+    save(result, args.save, "merge_speed.json")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
 

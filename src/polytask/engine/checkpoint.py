@@ -42,10 +42,10 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     kind = type(obj)
     if kind in _LEAVES:  # first: most nodes are numbers and names
         return obj
-    if kind is dict and all(type(k) is str for k in obj):
-        if all(type(v) in _LEAVES for v in obj.values()):  # a flat record (history, scores): no call per value
-            return {"__dict__": dict(obj)}
-        return {"__dict__": {k: _encode(v, tensors) for k, v in obj.items()}}
+    if kind is dict and all(type(k) is str for k in obj):  # one pass; a leaf value costs no call
+        return {"__dict__": {k: v if type(v) in _LEAVES else _encode(v, tensors) for k, v in obj.items()}}
+    if kind is list:
+        return [v if type(v) in _LEAVES else _encode(v, tensors) for v in obj]
     if isinstance(obj, (bool, int, float, str)):  # subclasses (numpy's float64, enums)
         return obj
     if isinstance(obj, torch.Tensor):
@@ -111,7 +111,7 @@ def dumps(tree: Any) -> bytes:
     """Serialise a state tree to safetensors bytes (the same tree always gives the same bytes)."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _encode(tree, tensors)
-    return tensors_to_bytes(tensors, {_KEY: json.dumps(skeleton)})
+    return tensors_to_bytes(tensors, {_KEY: json.dumps(skeleton, separators=(",", ":"))})  # compact: less to escape
 
 
 def save(path: str | os.PathLike[str], tree: Any) -> Path:

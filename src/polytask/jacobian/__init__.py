@@ -4,7 +4,9 @@
 product (``is_grads_batched``: the K backward passes are vectorised, not looped in Python), optionally
 in chunks of tasks to bound memory. ``representation`` mode: the per-sample gradients of each task loss
 with respect to the shared representation (K x B x D), far cheaper since only the heads are differentiated
-K times; the encoder then takes a single backward pass with the aggregated representation gradient.
+K times; the encoder then takes a single backward pass with the aggregated representation gradient. Those K
+gradients are kept as the K tensors autograd returns (:class:`Rows`): the float64 Gramian (:func:`gramian`) and
+the update J^T w (:func:`combine`) read them in place, and only methods that need the K x B x D array stack it.
 
 Every function here works from what it is given (losses, feature tensors, parameter lists), never from a model:
 which features each task reads is an argument, so any architecture (one shared tensor, or per-task features)
@@ -35,8 +37,16 @@ def batched_grads(losses: Tensor, inputs: Sequence[Tensor], chunk: int = 0) -> l
         rows = eye[start:start + step]
         grads = torch.autograd.grad(losses, list(inputs), grad_outputs=rows, is_grads_batched=True,
                                     retain_graph=True, allow_unused=True, materialize_grads=True)
-        parts.append(list(grads))
+        parts.append(_rows_of(grads, inputs, len(rows)))
     return [torch.cat(col) for col in zip(*parts, strict=True)] if len(parts) > 1 else parts[0]
+
+
+def _rows_of(grads: Sequence[Tensor], inputs: Sequence[Tensor], k: int) -> list[Tensor]:
+    """Batched gradients as (k, *input shape) each: ``materialize_grads`` gives an input that no output reaches
+    zeros of the input's own shape, without the batch dimension (torch 2.13), which a reshape downstream would
+    silently misread wherever the size divides by k."""
+    return [g if g.dim() == x.dim() + 1 else torch.zeros((k, *x.shape), dtype=g.dtype, device=g.device)
+            for g, x in zip(grads, inputs, strict=True)]
 
 
 @dataclass(eq=False)
@@ -147,9 +157,9 @@ def through(outputs: Sequence[Tensor], inputs: Sequence[Tensor], blocks: Sequenc
     blocks = [dense(b) for b in blocks]
     k = blocks[0].shape[0]
     step = chunk if chunk > 0 else k
-    parts = [torch.autograd.grad(list(outputs), list(inputs), grad_outputs=[b[i:i + step] for b in blocks],
-                                 is_grads_batched=True, retain_graph=i + step < k, allow_unused=True,
-                                 materialize_grads=True) for i in range(0, k, step)]
+    parts = [_rows_of(torch.autograd.grad(list(outputs), list(inputs), grad_outputs=[b[i:i + step] for b in blocks],
+                                          is_grads_batched=True, retain_graph=i + step < k, allow_unused=True,
+                                          materialize_grads=True), inputs, min(step, k - i)) for i in range(0, k, step)]
     return list(parts[0]) if len(parts) == 1 else [torch.cat(col) for col in zip(*parts, strict=True)]
 
 

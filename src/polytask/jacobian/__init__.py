@@ -202,12 +202,14 @@ def _gram_rows(out: Tensor, rows: Sequence[Tensor]) -> None:
         m = w.view(n, size)
         out.addmm_(m, m.T)
         return
-    work = _work(n * step)
+    whole = _work(n * step)[:n * step].view(n, step)
+    targets = list(whole.unbind(0))  # the buffer's row views, made once for every full-width chunk
     parts = [r.reshape(-1).split(step) for r in rows]
     for c in range(len(parts[0])):
         pieces = [p[c] for p in parts]
-        w = work[:n * pieces[0].numel()].view(n, -1)
-        torch._foreach_copy_(list(w.unbind(0)), pieces)
+        width = pieces[0].numel()
+        w = whole if width == step else whole.reshape(-1)[:n * width].view(n, width)
+        torch._foreach_copy_(targets if width == step else list(w.unbind(0)), pieces)
         out.addmm_(w, w.T)
 
 

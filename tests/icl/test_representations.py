@@ -34,6 +34,7 @@ from polytask.icl.representations import (
     query_inputs,
     superposed_prompts,
     superposition,
+    task_vector_diagnosis,
     task_vector_sweep,
     with_queries,
     zero_shot,
@@ -245,11 +246,39 @@ def test_learnable_task_vector_fits_a_realisable_target(models):
     assert ltv_accuracy(model, train, ltv) >= 0.9
 
 
-def test_cipher_probe_reports_both_ciphers_and_their_gap(models):
-    out = cipher_probe(models["llama"], Cipher(alphabet=10), torch.Generator().manual_seed(0), batch=16,
+def test_cipher_probe_reports_both_ciphers_their_gap_and_the_prompt_only_ceiling(models):
+    out = cipher_probe(models["llama"], Cipher(alphabet=10, length=2), torch.Generator().manual_seed(0), batch=64,
                        n_examples=4)
     assert out["gap"] == out["bijective"] - out["non_bijective"]
     assert all(0 <= out[k] <= 1 for k in ("bijective", "non_bijective"))
+    assert out["decodable_bijective"] == 1.0  # every query symbol is in the demonstrations, consistently
+    assert out["decodable_non_bijective"] < 0.5
+
+
+def _zero_shot_batch(xs):
+    from polytask.icl.discrete import layout
+    x = torch.tensor(xs)[:, None, None]
+    return layout(x, (x + 1) % 10)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_task_vector_diagnosis_columns_and_identities(models, name):
+    model = models[name]
+    test = _prompts(batch=8, n=4, seed=3)
+    rows = task_vector_diagnosis(model, _prompts(batch=8, n=4, seed=4), test, n_avg=2)
+    assert [r["task_vector"] for r in rows] == [r["task_vector"] for r in task_vector_sweep(model, test, n_avg=2)]
+    assert all(0 <= r[k] <= 1 for r in rows for k in ("dummy_answer", "mean_replace", "mean_add"))
+    # A dev batch of one prompt repeated: its mean task vector is that prompt's task vector, so replacing by the
+    # mean is Hendel et al.'s patch on the same prompts.
+    one = TokenPrompts(test.tokens[:1].repeat(8, 1), test.answers[:1].repeat(8, 1), test.query[:1].repeat(8))
+    same = task_vector_diagnosis(model, one, one, n_avg=1)
+    assert [r["mean_replace"] for r in same] == [r["task_vector"] for r in same]
+    # Demonstration-free dev prompts whose queries are all different: each dummy is another prompt's query, so the
+    # mean "task vector" is the mean zero-shot state and the added shift is zero: zero-shot accuracy at every layer.
+    bare = _zero_shot_batch(list(range(8)))
+    plain = float((logits_at(model, bare.tokens, bare.query).argmax(-1) == bare.answers[:, 0]).float().mean())
+    shifted = task_vector_diagnosis(model, bare, bare, n_avg=1)
+    assert [r["mean_add"] for r in shifted] == [plain] * num_layers(model)
 
 
 def test_probe_runs_every_measurement_and_is_deterministic(model_dirs):
@@ -267,7 +296,8 @@ def test_probe_runs_every_measurement_and_is_deterministic(model_dirs):
     fixed = probe(model_dirs["gpt2"], [Cipher(alphabet=10, per_prompt=False)], batch=8, n_examples=3, ltv_steps=0)
     assert "cipher" not in fixed["tasks"]["cipher"] and "ltv" not in fixed["tasks"]["cipher"]
     per_prompt = probe(model_dirs["gpt2"], [Cipher(alphabet=10)], batch=8, n_examples=3, ltv_steps=0)
-    assert set(per_prompt["tasks"]["cipher"]["cipher"]) == {"bijective", "non_bijective", "gap"}
+    assert set(per_prompt["tasks"]["cipher"]["cipher"]) == {"bijective", "non_bijective", "gap", "decodable_bijective",
+                                                            "decodable_non_bijective"}
     with pytest.raises(ConfigError, match="twice"):
         probe(model_dirs["gpt2"], [Cipher(alphabet=10), Cipher(alphabet=10, per_prompt=False)], ltv_steps=0)
     with pytest.raises(ConfigError, match="needs a vocabulary"):

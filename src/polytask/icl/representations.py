@@ -15,7 +15,10 @@ al.'s evaluation (``max_new_tokens=1``).
   prompts mixing several tasks' demonstrations, against the mixture proportions.
 - **Cipher probe** (Fang, Mishra, Gao, Liu & Khashabi 2025, "ICL CIPHERS: quantifying 'learning' in in-context
   learning via substitution ciphers", EMNLP; arXiv:2504.19395): ICL accuracy when the inputs' symbols go through a
-  bijective substitution (decipherable: task learning) vs a non-bijective one (not decipherable).
+  bijective substitution (decipherable from the demonstrations, which hold every query symbol: task learning) vs a
+  non-bijective scrambling (not decipherable), beside what an ideal prompt-only decoder reaches on each.
+- **Task-vector diagnosis**: whether a patched vector carries its dummy query, and two repairs that keep only the
+  task's part (a task vector averaged over prompts; a mean ICL - zero-shot difference added).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polytask.errors import ConfigError, DataError
-from polytask.icl.discrete import Cipher, SymbolTask, build_token_task, draw_inputs
+from polytask.icl.discrete import Cipher, SymbolTask, build_token_task, decipher, draw_inputs
 from polytask.icl.discrete import layout as symbol_layout
 from polytask.icl.patching import head_contributions, load_causal_lm, logits_at, num_layers, patched, residual_at
 from polytask.icl.prompts import ARROW, SEP, SYMBOLS, TokenPrompts
@@ -281,14 +284,72 @@ def icl_accuracy(model: nn.Module, prompts: TokenPrompts) -> float:
 @torch.no_grad()
 def cipher_probe(model: nn.Module, task: Cipher, generator: torch.Generator, batch: int = 64,
                  n_examples: int = 8) -> dict[str, float]:
-    """Fang et al.'s comparison on one cipher task: ICL accuracy with the bijective and the non-bijective version of
-    ``task`` (everything else equal) and ``gap`` = bijective - non-bijective (> 0: the model decodes the cipher in
-    context, task learning; about 0: it recognises the task or guesses). Their gap is an average over datasets and
-    models; ours is one task on one model."""
+    """Fang et al. 2025's comparison on one cipher task: ICL accuracy with the bijective and the non-bijective version
+    of ``task`` (everything else equal: same rate, base, priority sampling) and ``gap`` = bijective - non-bijective
+    (> 0: the model decodes the cipher in context, task learning; about 0: it recognises the task or guesses), and,
+    as ``decodable_*``, the accuracy of :func:`polytask.icl.discrete.decipher`, the ideal decoder that reads only the
+    prompt (1 on the bijective version with priority sampling: the ceiling; its non-bijective value is what the
+    prompt gives away without a consistent cipher). Accuracy on the first answer token. Their gap is an average over
+    datasets and models; ours is one task on one model."""
     out = {}
     for key, bijective in (("bijective", True), ("non_bijective", False)):
-        out[key] = icl_accuracy(model, replace(task, bijective=bijective).sample(generator, batch, n_examples))
+        version = replace(task, bijective=bijective)
+        prompts = version.sample(generator, batch, n_examples)
+        out[key] = icl_accuracy(model, prompts)
+        out[f"decodable_{key}"] = float((decipher(version, prompts)[:, 0] == prompts.answers[:, 0]).float().mean())
     out["gap"] = out["bijective"] - out["non_bijective"]
+    return out
+
+
+@torch.no_grad()
+def zero_shot_states(model: nn.Module, prompts: TokenPrompts) -> Tensor:
+    """The residual stream at the ARROW of the zero-shot version of ``prompts``, per layer (n_layers x B x d)."""
+    bare = zero_shot(prompts)
+    hidden, _ = residual_at(model, bare.tokens, bare.query)
+    return hidden
+
+
+@torch.no_grad()
+def task_vector_diagnosis(model: nn.Module, dev: TokenPrompts, test: TokenPrompts, n_avg: int = 2,
+                          answer_of_input: bool = True) -> list[dict[str, float]]:
+    """Why a patched task vector fails, and two repairs, per layer on the zero-shot version of ``test``:
+
+    - ``task_vector``: Hendel et al.'s patch (:func:`task_vector_sweep`'s column);
+    - ``dummy_answer``: how often that patched prediction is the answer of one of the dummy queries the vector was
+      read with (only where ``answer_of_input``: the task's answer is a function of the shown input, so another
+      prompt's answer is the dummy's answer), i.e. the vector carries the dummy query rather than the task;
+    - ``mean_replace``: the ARROW state replaced by the task vector averaged over all ``dev`` prompts (the
+      query-specific part averages out; what is left is the task);
+    - ``mean_add``: the zero-shot state kept and the mean difference between ``dev``'s task vectors and ``dev``'s
+      zero-shot states added (a task direction; Todd et al. 2024, "Function vectors in large language models",
+      ICLR, add a task's mean activation to the residual stream; Liu et al. 2024, "In-context vectors", ICML, a
+      mean difference of ICL and zero-shot states). The query's own state stays in place.
+
+    The averages come from ``dev`` only, so no test prompt's demonstrations are read. Differences: Todd et al. sum
+    the mean outputs of causally chosen heads, we take the whole residual stream at one layer; Liu et al. add their
+    vector at every layer (scaled), we add at one layer without scaling."""
+    layers = num_layers(model)
+    vectors = task_vectors(model, test, n_avg=n_avg)
+    x = query_inputs(test)
+    rows = dummy_rows(x, n_avg)
+    dev_vectors = task_vectors(model, dev, n_avg=n_avg)
+    mean_vector = dev_vectors.mean(dim=1)  # n_layers x d
+    shift = mean_vector - zero_shot_states(model, dev).mean(dim=1)
+    bare = zero_shot(test)
+    b = bare.tokens.shape[0]
+    out = []
+    for layer in range(layers):
+        with patched(model, {layer: vectors[layer]}, bare.query):
+            pred = logits_at(model, bare.tokens, bare.query).argmax(dim=-1)
+        row = {"layer": layer, "task_vector": float((pred == bare.answers[:, 0]).float().mean())}
+        if answer_of_input:
+            dummy = (pred[:, None] == test.answers[rows, 0]).any(dim=1)
+            row["dummy_answer"] = float(dummy.float().mean())
+        with patched(model, {layer: mean_vector[layer].expand(b, -1)}, bare.query):
+            row["mean_replace"] = accuracy(logits_at(model, bare.tokens, bare.query), bare.answers)
+        with patched(model, {layer: shift[layer].expand(b, -1)}, bare.query, add=True):
+            row["mean_add"] = accuracy(logits_at(model, bare.tokens, bare.query), bare.answers)
+        out.append(row)
     return out
 
 

@@ -48,6 +48,7 @@ import json
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -196,6 +197,67 @@ def plain_variant(stream: Stream, epochs: int, seed: int, save: bool, replay: bo
     return fn
 
 
+@contextmanager
+def clocked(targets: dict[str, tuple[Any, str]], into: dict[str, float]) -> Iterator[None]:
+    """Wrap each ``(owner, attribute)`` so the training thread's CPU seconds in its calls add up under its label
+    (diagnostic for ``--breakdown``; nested wrapped calls are counted in each)."""
+    saved = []
+    for label, (owner, attr) in targets.items():
+        original = getattr(owner, attr)
+
+        def wrapper(*a: Any, _f: Any = original, _label: str = label, **k: Any) -> Any:
+            t = time.thread_time()
+            try:
+                return _f(*a, **k)
+            finally:
+                into[_label] = into.get(_label, 0.0) + time.thread_time() - t
+        saved.append((owner, attr, original))
+        setattr(owner, attr, wrapper)
+    try:
+        yield
+    finally:
+        for owner, attr, original in saved:
+            setattr(owner, attr, original)
+
+
+def breakdown(polytask_fn: Variant, plain_fn: Variant, runs: int, tmp: str | None) -> dict[str, Any]:
+    """Where each side's CPU time goes (medians over ``runs`` instrumented runs, milliseconds): the training
+    thread's time in the engine's step, evaluation, checkpoint serialisation and the data order, the other threads'
+    time (polytask's checkpoint writer: writes, fsyncs), and the rest (loop bookkeeping, setup, strategy hooks)."""
+    import polytask.engine.checkpoint as checkpoint_module
+    import polytask.engine.data as data_module
+    import polytask.engine.loop as loop_module
+    import polytask.engine.state as state_module
+    import polytask.flows.continual as flow_module
+
+    sides = {
+        "polytask": (polytask_fn, {
+            "step": (loop_module, "accumulated_step"), "evaluation (per epoch)": (loop_module, "evaluate"),
+            "evaluation (accuracy rows)": (flow_module, "evaluate"),
+            "checkpoint serialisation": (checkpoint_module, "dumps"), "checkpoint state": (state_module.LoopState,
+                                                                                          "tree"),
+            "data order": (data_module.TensorBatches, "epoch")}),
+        "plain+save": (plain_fn, {"evaluation": (sys.modules[__name__], "accuracy"), "torch.save": (torch, "save")}),
+    }
+    out: dict[str, Any] = {}
+    for side, (fn, targets) in sides.items():
+        rows: dict[str, list[float]] = {}
+        for _ in range(runs):
+            parts: dict[str, float] = {}
+            with tempfile.TemporaryDirectory(dir=tmp) as d, clocked(targets, parts):
+                c, t = time.process_time(), time.thread_time()
+                fn(Path(d))
+                total, main_thread = time.process_time() - c, time.thread_time() - t
+            parts["other threads"] = total - main_thread
+            parts["rest of the training thread"] = main_thread - sum(v for k, v in parts.items()
+                                                                      if k != "other threads")
+            parts["total"] = total
+            for k, v in parts.items():
+                rows.setdefault(k, []).append(v)
+        out[side] = {k: round(statistics.median(v) * 1000, 1) for k, v in rows.items()}
+    return out
+
+
 def run_in_tmp(fn: Variant, tmp: str | None) -> dict[str, Any]:
     """``fn`` in a fresh temporary directory (removed afterwards); its outputs."""
     with tempfile.TemporaryDirectory(dir=tmp) as d:
@@ -264,6 +326,8 @@ def main() -> None:
                     help="where the JSON is also written ('' for nowhere)")
     ap.add_argument("--no-fsync-variant", action="store_true",
                     help="also time polytask with os.fsync a no-op (diagnostic: the cost of its durable writes)")
+    ap.add_argument("--breakdown", type=int, default=0, metavar="RUNS",
+                    help="after the rounds, RUNS instrumented runs of each side: CPU ms per component (diagnostic)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     stream = build_stream("split-digits", {"scenario": "class"}, args.seed)
@@ -315,6 +379,9 @@ def main() -> None:
             row["ratio_nofsync_vs_plain+save"] = {
                 m: summary([a[j] / b[j] for a, b in zip(times[f"{s}/polytask-nofsync"], times[f"{s}/plain+save"],
                                                         strict=True)]) for j, m in enumerate(("wall", "cpu"))}
+        if args.breakdown:
+            row["breakdown_cpu_ms"] = breakdown(variants[f"{s}/polytask"], variants[f"{s}/plain+save"],
+                                                args.breakdown, args.tmp)
         out["results"][s] = row
     out["memory"] = memory(args.seed, args.tmp)
     text = json.dumps(out, indent=1)

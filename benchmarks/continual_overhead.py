@@ -24,8 +24,11 @@ What the sides do not share: polytask's per-epoch checkpoint also holds the RNG 
 history and the strategy's state, and is written atomically (temporary file, rename) and durably (fsync) off the
 training thread, so a SIGKILL or an OS crash at any point resumes exactly; ``plain+save``'s ``torch.save`` writes in
 place (a kill during the write leaves a cut file) and holds no RNG state. polytask also writes, per experience, the
-model and strategy state after it (``end.safetensors``) and ``done.json``. The batches are the same size and number
-on both sides, in different random orders (polytask's order is a pure function of (seed, epoch)).
+model and strategy state after it (``end.safetensors``) and ``done.json``. ``--durable-variant`` adds
+``plain+durable``: the plain loop writing what an exact resume needs (model, optimiser, RNG states, position, the
+replay buffer) per epoch, atomically and durably, on its training thread, as a user would. The batches are the
+same size and number on both sides, in different random orders (polytask's order is a pure function of (seed,
+epoch)).
 
 Every round times each variant once, back to back, in an order rotated from round to round, on two clocks: wall
 time and this process's CPU time (which ignores waits on the disk and other processes on a shared machine; it counts
@@ -151,7 +154,26 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
     return float(F.cross_entropy(out, y)), float((out.argmax(1) == y).float().mean())
 
 
-def plain_variant(stream: Stream, epochs: int, seed: int, save: bool, replay: bool) -> Variant:
+def durable_save(tree: dict[str, Any], path: Path) -> None:
+    """``torch.save`` as a resumable checkpoint must be written: to a temporary file, fsync, rename over ``path``,
+    fsync the folder (a kill or an OS crash leaves the old file or the new one, whole), on the training thread."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(tree, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def plain_variant(stream: Stream, epochs: int, seed: int, save: bool | str, replay: bool) -> Variant:
+    """The hand-written loop (module docstring); ``save``: False, True (``torch.save`` in place per epoch) or
+    ``"durable"`` (:func:`durable_save` of model, optimiser, the RNG states and the position per epoch: the
+    guarantees of polytask's checkpoint, written the way a user would, on the training thread)."""
     data = tensors(stream)
     n_in, n_out = stream.input_shape[0], stream.tasks[0].n_outputs
 
@@ -182,7 +204,14 @@ def plain_variant(stream: Stream, epochs: int, seed: int, save: bool, replay: bo
                     n += 1
                     steps += 1
                 history.append({"train": total / n, "val": accuracy(model, *e["val"])})
-                if save:
+                if save == "durable":
+                    durable_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                  "rng": {"torch": torch.get_rng_state(), "generator": g.get_state(),
+                                          "python": pick.getstate()},
+                                  "position": {"experience": len(history) // epochs, "epoch": len(history)},
+                                  "buffer": (buf_x[:filled], buf_y[:filled], seen) if replay else None},
+                                 folder / "last.pt")
+                elif save:
                     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()},
                                folder / "last.pt")
             if replay:  # reservoir sampling (Vitter's algorithm R) of the experience's rows, in a random order
@@ -326,6 +355,9 @@ def main() -> None:
                     help="where the JSON is also written ('' for nowhere)")
     ap.add_argument("--no-fsync-variant", action="store_true",
                     help="also time polytask with os.fsync a no-op (diagnostic: the cost of its durable writes)")
+    ap.add_argument("--durable-variant", action="store_true",
+                    help="also time the plain loop writing a resumable checkpoint per epoch as polytask's guarantees "
+                    "need (RNG states and position, temporary file, fsync, rename) on its training thread")
     ap.add_argument("--breakdown", type=int, default=0, metavar="RUNS",
                     help="after the rounds, RUNS instrumented runs of each side: CPU ms per component (diagnostic)")
     args = ap.parse_args()
@@ -342,8 +374,10 @@ def main() -> None:
         if args.no_fsync_variant:
             variants[f"{s}/polytask-nofsync"] = polytask_variant(stream, s, params, args.epochs, args.seed, args.tmp,
                                                                  durable=False)
-        for save in (False, True):
-            variants[f"{s}/plain" + ("+save" if save else "")] = plain_variant(
+        for save, suffix in ((False, ""), (True, "+save"), ("durable", "+durable")):
+            if save == "durable" and not args.durable_variant:
+                continue
+            variants[f"{s}/plain{suffix}"] = plain_variant(
                 stream, args.epochs, args.seed, save, s == "replay")
     load_before = os.getloadavg()
     times, outputs = interleaved(variants, args.rounds, args.tmp)
@@ -370,7 +404,9 @@ def main() -> None:
                       "steps": outputs[k]["steps"],
                       "final_accuracy": [round(a, 4) for a in outputs[k]["final"]],
                       "average_accuracy": round(statistics.mean(outputs[k]["final"]), 4)}
-        for k in (f"{s}/plain", f"{s}/plain+save"):
+        for k in (f"{s}/plain", f"{s}/plain+save", f"{s}/plain+durable"):
+            if k not in times:
+                continue
             other = times[k]
             row[f"ratio_vs_{k.split('/')[1]}"] = {
                 "wall": summary([a[0] / b[0] for a, b in zip(base, other, strict=True)]),

@@ -192,7 +192,9 @@ def test_a_sigkill_after_shifts_resumes_bit_identically(tmp_path):
                          env={**os.environ, "POLYTASK_KILL_AT": "step:33"})  # step 5 of experience 2 (14 a job)
     assert out.returncode == -9, out.stderr
     killed = tmp_path / "killed"
-    assert (killed / "jobs" / "tame-s0" / "e1" / "done.json").is_file()
+    # e1's end.safetensors and done.json are written in the background while e2 trains: under load they may not be
+    # on disk yet at the kill, which the resume must handle too, so only the kill's place inside e2 is asserted
+    assert (killed / "jobs" / "tame-s0" / "e2").is_dir()
     assert not (killed / "jobs" / "tame-s0" / "e2" / "end.safetensors").exists()
     continual(None, resume=killed)
     for d in sorted((straight / "jobs" / "tame-s0").glob("e*")):

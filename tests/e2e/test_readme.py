@@ -18,6 +18,8 @@ SHRINK = {
                                                        "--set", "train.epochs=2", "--set", "group.seeds=[0]",
                                                        "--set", "group.random_groupings=1"],
     "polytask run examples/recommender.yaml": ["--set", "train.epochs=1", "--set", "suite.params.n_train=1000"],
+    "polytask icl examples/icl-linear.yaml": ["--set", "train.epochs=1", "--set", "train.steps=5",
+                                              "--set", "eval.prompts=32"],
 }
 
 

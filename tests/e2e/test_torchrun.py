@@ -132,3 +132,26 @@ def test_fit_under_torchrun_equals_fit_alone(tmp_path):
     for task, scores in one.items():
         for metric, value in scores.items():
             assert two[task][metric] == pytest.approx(value, rel=1e-4, abs=1e-6), (task, metric)
+
+
+def test_the_readme_torchrun_command_runs(tmp_path):
+    """README's "More than one process" command, as written (shrunk to one epoch of two methods)."""
+    import re
+    import shlex
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    line = next(m for m in re.findall(r"^torchrun .*$", (root / "README.md").read_text(), flags=re.M))
+    args = shlex.split(line.split("  #")[0])
+    assert args[:4] == ["torchrun", "--nproc-per-node", "2", "-m"] and args[4] == "polytask"
+    shutil.copytree(root / "examples", tmp_path / "examples")
+    shrink = ["--set", "train.epochs=1", "--set", "methods=[equal,upgrad]", "--set", "baselines.single_task=false",
+              "--set", "suite.params.n_train=512"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", *args[1:], *shrink],
+                          cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    name = next(a.split("=", 1)[1] for a in args if a.startswith("output.name="))
+    result = json.loads((tmp_path / "runs" / name / "jobs" / "upgrad" / "result.json").read_text())
+    assert result["world_size"] == 2

@@ -41,11 +41,10 @@ from polytask.engine.progress import Reporter
 from polytask.engine.spec import CheckpointPolicy, TrainSpec
 from polytask.engine.state import seed_everything
 from polytask.engine.step import build_method
-from polytask.errors import ConfigError
 from polytask.evaluation.continual import continual_metrics
 from polytask.flows.jobs import optimizer_of, scheduler_of
-from polytask.flows.runner import lock_run, releases_run_locks, reopen_run, versions
-from polytask.io import atomic_write_json, atomic_write_text
+from polytask.flows.runner import open_regime_run, releases_run_locks, versions
+from polytask.io import atomic_write_json
 from polytask.models import build_model
 from polytask.tasks.task import TaskSuite
 from polytask.tracking import Trackers, open_trackers
@@ -165,20 +164,9 @@ def _by_label(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 
 def _open(config: ContinualConfig | None, resume: str | Path | None) -> tuple[Path, ContinualConfig]:
-    if resume is not None:
-        run_dir = reopen_run(Path(resume))
-        return run_dir, load_continual_config(run_dir / "config.yaml")
-    if config is None:
-        raise ConfigError("polytask continual needs a config (stream, strategies); see examples/continual.yaml")
-    name = config.output.name or f"continual-{config.stream.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(config.output.dir) / name
-    if (run_dir / "config.yaml").exists():
-        raise ConfigError(f"run directory {run_dir} already exists; use --resume {run_dir} to continue it, or set "
-                          "output.name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock_run(run_dir)
-    atomic_write_text(run_dir / "config.yaml", dump_continual_config(config))
-    return run_dir, config
+    name = f"continual-{config.stream.name}-{time.strftime('%Y%m%d-%H%M%S')}" if config is not None else ""
+    return open_regime_run(config, resume, name, load_continual_config, dump_continual_config,
+                           "polytask continual needs a config (stream, strategies); see examples/continual.yaml")
 
 
 @releases_run_locks

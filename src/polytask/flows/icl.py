@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import polytask
-from polytask.errors import ConfigError
 from polytask.icl.config import IclConfig, check_icl, dump_icl_config, family_kind, load_icl_config
 from polytask.io import atomic_write_json, atomic_write_text
 
@@ -191,24 +190,14 @@ def render_report(results: dict[str, Any]) -> str:
 
 
 def _open(config: IclConfig | None, resume: str | Path | None) -> tuple[Path, IclConfig]:
-    from polytask.flows.runner import lock_run, reopen_run
+    from polytask.flows.runner import open_regime_run
 
-    if resume is not None:
-        run_dir = reopen_run(Path(resume))
-        return run_dir, load_icl_config(run_dir / "config.yaml")
-    if config is None:
-        raise ConfigError("polytask icl needs a config (families, model, train); see examples/icl-linear.yaml")
-    check_icl(config)
-    labels = "-".join(f.label for f in config.families[:3])
-    name = config.output.name or f"icl-{labels}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(config.output.dir) / name
-    if (run_dir / "config.yaml").exists():
-        raise ConfigError(f"run directory {run_dir} already exists; use --resume {run_dir} to continue it, or set "
-                          "output.name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock_run(run_dir)
-    atomic_write_text(run_dir / "config.yaml", dump_icl_config(config))
-    return run_dir, config
+    name = ""
+    if resume is None and config is not None:
+        check_icl(config)
+        name = f"icl-{'-'.join(f.label for f in config.families[:3])}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return open_regime_run(config, resume, name, load_icl_config, dump_icl_config,
+                           "polytask icl needs a config (families, model, train); see examples/icl-linear.yaml")
 
 
 def icl(config: IclConfig | None, resume: str | Path | None = None,

@@ -357,6 +357,27 @@ def open_run(config: Config | None, resume: str | os.PathLike[str] | None) -> tu
     return run_dir, config, state
 
 
+def open_regime_run(config: Any, resume: str | os.PathLike[str] | None, default_name: str,
+                    load: Callable[[Path], Any], dump: Callable[[Any], str], needs: str) -> tuple[Path, Any]:
+    """The run directory of a regime with its own config (continual, icl): the one at ``resume``, reopened with its
+    saved config, or a new one ``config.output.dir / (config.output.name or default_name)``, locked, with the config
+    written by ``dump``; ``needs`` is the error when neither a config nor ``resume`` is given. An existing directory
+    with a config is refused (resume it, or name another)."""
+    if resume is not None:
+        run_dir = reopen_run(Path(resume))
+        return run_dir, load(run_dir / "config.yaml")
+    if config is None:
+        raise ConfigError(needs)
+    run_dir = Path(config.output.dir) / (config.output.name or default_name)
+    if (run_dir / "config.yaml").exists():
+        raise ConfigError(f"run directory {run_dir} already exists; use --resume {run_dir} to continue it, or set "
+                          "output.name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock_run(run_dir)
+    atomic_write_text(run_dir / "config.yaml", dump(config))
+    return run_dir, config
+
+
 def _follow_run(comm: distributed.Collective) -> tuple[Path, Config, dict[str, Any]]:
     """A non-zero rank's :func:`open_run`: the directory rank 0 opened, read without locking or writing."""
     opened = comm.broadcast(None)

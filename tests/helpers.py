@@ -122,3 +122,19 @@ def assert_well_formed(page):
     parser.feed(page)
     parser.close()
     assert parser.stack == []
+
+
+def assert_is_float64_direction(d, j64, name, names, ctx, label):
+    """``d`` (the engine's direction, float64) equals what aggregator ``name`` gives on the exact float64 Jacobian
+    ``j64`` (K x P; Gramian aggregators get j64 j64^T and combine in float64): cosine > 1 - 1e-6, norm within 1e-4."""
+    from polytask.aggregators import build_aggregator
+
+    agg = build_aggregator(name, None, names)
+    if agg.input == "gramian":
+        ref = agg.update(agg.init(), j64 @ j64.T, ctx)[0] @ j64
+    else:
+        ref = agg.update(agg.init(), j64, ctx)[0]
+    assert ref.norm() > 0, label
+    cos = float(d @ ref / (d.norm() * ref.norm()))
+    assert cos > 1 - 1e-6, (label, cos)
+    assert abs(float(d.norm() / ref.norm()) - 1) < 1e-4, label

@@ -8,13 +8,12 @@ import pytest
 import torch
 from torch import nn
 
+from core.test_step import TASKS, setup
 from polytask.config import MethodConfig
 from polytask.engine.loop import task_losses
 from polytask.engine.step import build_method, train_step
 from polytask.jacobian import batched_grads, through
 from polytask.weighting import StepContext
-
-from core.test_step import TASKS, setup
 
 
 def test_batched_gradients_of_an_unreached_input_are_k_zero_rows():

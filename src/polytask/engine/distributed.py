@@ -123,9 +123,10 @@ def current() -> Collective | None:
     return Collective(dist.get_rank(), dist.get_world_size())
 
 
-def is_writer() -> bool:
-    """Whether this process writes the shared files (checkpoints, results, reports): rank 0, or a lone process."""
-    comm = current()
+def is_writer(comm: Collective | None = None) -> bool:
+    """Whether this process writes the shared files (checkpoints, results, reports): rank 0, or a lone process.
+    ``comm``: this process's group when the caller holds it (default: :func:`current`)."""
+    comm = comm if comm is not None else current()
     return comm is None or comm.rank == 0
 
 

@@ -187,7 +187,7 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, An
     """Train ``spec`` (resuming from its checkpoint directory if that holds a checkpoint); returns its result:
     the best-validation epoch, its validation and test scores, steps, wall time and the per-epoch history."""
     comm = distributed.init_from_env()
-    writes = comm is None or comm.rank == 0
+    writes = distributed.is_writer(comm)
     reporter = reporter if reporter is not None and writes else Reporter(quiet=True)
     check_hooks(spec.hooks)
     tasks = list(spec.tasks)

@@ -89,7 +89,7 @@ def fit(model: nn.Module, tasks: Iterable[TaskLike], train: Any, val: Any, test:
         EncodedUserModel(model, task_list, heads or {}, encoder)
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     comm = distributed.init_from_env()
-    writes = comm is None or comm.rank == 0
+    writes = distributed.is_writer(comm)
     if comm is not None:  # the ranks' clocks may name different default directories: rank 0's name wins
         run_dir = Path(comm.broadcast(str(run_dir)))
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -205,7 +205,7 @@ def execute(job: Job, suite: TaskSuite, config: Config, run_dir: Path, reporter:
     job_dir = job_dir_of(run_dir, job)
     done = job_dir / "result.json"
     comm = distributed.current()
-    writes = comm is None or comm.rank == 0
+    writes = distributed.is_writer(comm)
     cached = None
     if writes and job.kind == "single_task" and config.baselines.cache and not done.exists():
         cached = cache_dir() / "stl" / result_cache_key(job, suite, config, split_seed)

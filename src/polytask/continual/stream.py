@@ -38,6 +38,7 @@ class Experience:
 
     @property
     def tasks(self) -> tuple[Task, ...]:
+        """The tasks this experience labels (its suite's)."""
         return self.suite.tasks
 
 
@@ -101,6 +102,7 @@ class Stream:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """The shape of one input row (every experience shares it)."""
         return self.experiences[0].suite.input_shape
 
     def describe(self) -> dict[str, Any]:

@@ -40,6 +40,25 @@ _LAZY = {
     "icl": "polytask.flows.icl",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = [
+    "BASELINES",
+    "FUNCTION_CLASSES",
+    "TOKEN_TASKS",
+    "IclConfig",
+    "Prompts",
+    "TokenPrompts",
+    "build_baseline",
+    "build_function_class",
+    "build_token_task",
+    "error_curve",
+    "error_curves",
+    "fit_ltv",
+    "icl",
+    "load_causal_lm",
+    "load_icl_config",
+    "superposition",
+    "task_vector_accuracy",
+    "task_vector_sweep",
+]
 
 __getattr__, __dir__ = _lazy_exports(__name__, _LAZY, globals())

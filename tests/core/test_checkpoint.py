@@ -186,3 +186,56 @@ def test_non_durable_write_is_atomic_without_fsync(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["timing.json"]
     atomic_write_json(path, {"elapsed": 3.0})
     assert len(calls) == 2  # the file, then its folder
+
+
+def test_background_writer_replaces_a_queued_save_of_the_same_file_and_keeps_the_order(tmp_path, monkeypatch):
+    """While the disk is busy (the worker held inside a write), a newer save of a file replaces its queued one:
+    that file lands once, with the newest state; files of other paths land in save order, each ``then`` after its
+    file, and ``wait`` returns only when the queue is empty."""
+    import threading
+
+    import polytask.engine.checkpoint as module
+
+    real = module.atomic_write_bytes
+    entered, release, landed = threading.Event(), threading.Event(), []
+
+    def slow(path, data, durable=True):
+        if not entered.is_set():
+            entered.set()
+            assert release.wait(60)
+        out = real(path, data, durable)
+        landed.append(out.name)
+        return out
+
+    monkeypatch.setattr(module, "atomic_write_bytes", slow)
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    then = []
+    writer = checkpoint.BackgroundWriter()
+    writer.save(a, {"v": torch.tensor([0.0])}, lambda: then.append("a0"))
+    assert entered.wait(60)  # the worker is inside the first write: the next saves queue
+    writer.save(a, {"v": torch.tensor([1.0])}, lambda: then.append("a1"))
+    writer.save(b, {"v": torch.tensor([5.0])}, lambda: then.append("b"))
+    writer.save(a, {"v": torch.tensor([2.0])}, lambda: then.append("a2"))
+    assert writer.replaced == 1 and landed == []
+    release.set()
+    writer.close()
+    assert landed == ["a.safetensors", "b.safetensors", "a.safetensors"] and then == ["a0", "b", "a2"]
+    assert checkpoint.load(a)["v"].item() == 2.0 and checkpoint.load(b)["v"].item() == 5.0
+
+
+def test_background_writer_raises_a_failed_write_at_the_next_save_and_drops_the_queue(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from polytask.errors import StorageError
+
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
+    writer = checkpoint.BackgroundWriter()
+    writer.save(tmp_path / "a.safetensors", {"v": torch.ones(1)})
+    with pytest.raises(StorageError, match=r"a\.safetensors: No space left"):
+        writer.wait()
+    writer.wait()  # raised once
+    writer.save(tmp_path / "b.safetensors", {"v": torch.ones(1)})
+    with pytest.raises(StorageError, match=r"b\.safetensors"):
+        writer.close()
+    assert not list(tmp_path.iterdir())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -120,37 +121,78 @@ def save(path: str | os.PathLike[str], tree: Any) -> Path:
 
 
 class BackgroundWriter:
-    """A job's rolling checkpoint written off the training thread, durably and in order.
+    """A job's checkpoints written off the training thread, durably, in order, never blocking training.
 
-    ``save`` serialises the tree at once (a snapshot: training may change the tensors right after) and leaves the
-    write, fsync and rename to one worker thread, which releases the GIL while the disk works; each ``save`` first
-    waits for the previous write, so files land in the order they were saved and at most one is in flight. A write
-    that failed raises (its StorageError names the file) at the next ``save`` or ``wait``. A process killed while a
-    write is in flight keeps the previous file, whole (the rename is atomic), and resumes from it: a little earlier,
-    as exactly. The worker is not a daemon: an exception in the training thread still lets the write finish."""
+    ``save`` serialises the tree at once (a snapshot: training may change the tensors right after) and queues the
+    write, fsync and rename for one worker thread, which releases the GIL while the disk works. A save of a file
+    whose previous save is still queued (not yet started) replaces it: when saves come faster than the disk lands
+    them (short epochs), the file goes straight to the newest state instead of the training thread waiting for every
+    intermediate one. Files of different paths land in the order they were saved, and a file's ``then()`` runs
+    after it lands. A write that failed raises (its StorageError names the file) at the next ``save`` or ``wait``.
+    A process killed while a write is in flight or queued keeps the previous file, whole (the rename is atomic),
+    and resumes from it: a little earlier, as exactly. The worker is not a daemon: an exception in the training
+    thread still lets the queued writes finish."""
 
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: Future[Any] | None = None
+        self._lock = threading.Lock()
+        self._queue: dict[Path, tuple[bytes, Any]] = {}  # path -> (bytes, then), oldest save first
+        self._draining = False  # a worker is writing the queue (set and cleared under the lock)
+        self._drain: Future[Any] | None = None
+        self._error: BaseException | None = None
+        self.replaced = 0  # saves overtaken by a newer save of the same file before they started
 
     def save(self, path: str | os.PathLike[str], tree: Any, then: Any = None) -> None:
         """Write ``tree`` to ``path`` as :func:`save` does, in the background; ``then()`` runs after it lands."""
         data = dumps(tree)
-        self.wait()
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="polytask-checkpoint")
+        key = Path(path)
+        with self._lock:
+            self._raise_failed()
+            if key in self._queue:
+                del self._queue[key]  # queued again last: the save order holds for the newest save of each file
+                self.replaced += 1
+            self._queue[key] = (data, then)
+            if self._draining:
+                return  # the running worker takes it
+            self._draining = True
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="polytask-checkpoint")
+            self._drain = self._pool.submit(self._write_queued)
 
-        def write() -> None:
-            atomic_write_bytes(path, data)
-            if then is not None:
-                then()
-        self._pending = self._pool.submit(write)
+    def _write_queued(self) -> None:
+        """The worker: write the queued files, oldest first, until the queue is empty; a failure keeps its error
+        for the training thread and drops the rest."""
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._draining = False
+                    return
+                path = next(iter(self._queue))
+                data, then = self._queue.pop(path)
+            try:
+                atomic_write_bytes(path, data)
+                if then is not None:
+                    then()
+            except BaseException as e:
+                with self._lock:
+                    self._error = e
+                    self._queue.clear()
+                    self._draining = False
+                return
+
+    def _raise_failed(self) -> None:
+        """Raise (once) the error of a write that failed (called under the lock)."""
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
     def wait(self) -> None:
-        """Block until the write in flight (if any) has landed; raise its error if it failed."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        """Block until every queued write has landed; raise the error of a write that failed."""
+        drain, self._drain = self._drain, None
+        if drain is not None:
+            drain.result()  # only the training thread queues writes: once this worker is done, the queue is empty
+        with self._lock:
+            self._raise_failed()
 
     def close(self) -> None:
         """Wait for the last write and stop the worker."""
@@ -165,7 +207,7 @@ class BackgroundWriter:
         return self
 
     def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
-        """Close; when the block raised, its error is the one to see (the write in flight still lands)."""
+        """Close; when the block raised, its error is the one to see (the queued writes still land)."""
         if kind is None:
             self.close()
         else:

@@ -2,14 +2,17 @@
 `polytask icl` run (the flow, on the engine) with the same model size, steps and seed.
 
 Families (dimension ``--dim``): linear regression, sparse linear regression (2 nonzero weights), 2-layer ReLU
-networks. Regimes: ``single`` (one model per family, ``--steps`` steps each), ``mixture`` (one model, every family
-every step, equal weighting; also with ``--method``), ``task_curriculum`` (families enter one every steps/4),
-``difficulty`` (mixture with Garg et al.'s curriculum: dimension from 2 and points from 6, +1/+2 every steps/8).
-Score: each family's normalised squared error averaged over n = d+1 .. n_max - 1 in-context examples (in
-distribution, ``eval.prompts`` fresh prompts), beside the best baseline's. A mixture step trains on 3x the
-prompts of a single-task step (one batch per family), as in a per-family-loss joint run.
+networks. Every regime trains with Garg et al.'s difficulty curriculum (dimension from 2 and points from 6, +1/+2
+every steps/8): without it a 2-layer model at d = 5 stays on the loss plateau for all 6000 steps of a single-task
+linear run (measured: error 0.84, worse than averaging at 0.69; with it 0.32). Regimes: ``single`` (one model per
+family, ``--steps`` steps each), ``mixture`` (one model, every family every step, equal weighting; also with
+``--method``), ``task_curriculum`` (families enter one every steps/4), and ``mixture`` without the difficulty
+curriculum (what the curriculum itself buys). Score: each family's normalised squared error averaged over
+n = d+1 .. n_max - 1 in-context examples (in distribution, ``eval.prompts`` fresh prompts), beside the best
+baseline's. A mixture step trains on 3x the prompts of a single-task step (one batch per family), as in a
+per-family-loss joint run, so every family sees the same number of prompts in every regime.
 
-Usage: nohup python benchmarks/icl_regimes.py --steps 600 > /tmp/icl_regimes.log 2>&1 &
+Usage: nohup python benchmarks/icl_regimes.py --steps 6000 --epochs 6 > /tmp/icl_regimes.log 2>&1 &
 """
 
 from __future__ import annotations
@@ -58,8 +61,8 @@ def score(curves: dict, d: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default="/tmp/polytask-icl-regimes")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--dim", type=int, default=5)
     ap.add_argument("--points", type=int, default=16)
     ap.add_argument("--batch", type=int, default=32)
@@ -71,11 +74,11 @@ def main() -> None:
     ap.add_argument("--method", default="upgrad", help="a second joint method for the mixture")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    runs = [(f"single-{f['label']}", [f], "single", "equal", False) for f in FAMILIES]
-    runs += [("mixture-equal", FAMILIES, "mixture", "equal", False),
-             (f"mixture-{args.method}", FAMILIES, "mixture", args.method, False),
-             ("task_curriculum-equal", FAMILIES, "task_curriculum", "equal", False),
-             ("difficulty-equal", FAMILIES, "mixture", "equal", True)]
+    runs = [(f"single-{f['label']}", [f], "single", "equal", True) for f in FAMILIES]
+    runs += [("mixture-equal", FAMILIES, "mixture", "equal", True),
+             (f"mixture-{args.method}", FAMILIES, "mixture", args.method, True),
+             ("task_curriculum-equal", FAMILIES, "task_curriculum", "equal", True),
+             ("mixture-equal-no_difficulty_curriculum", FAMILIES, "mixture", "equal", False)]
     table: dict[str, dict] = {}
     for name, fams, regime, method, cur in runs:
         resume = Path(args.dir) / name

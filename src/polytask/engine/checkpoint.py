@@ -140,7 +140,6 @@ class BackgroundWriter:
         self._draining = False  # a worker is writing the queue (set and cleared under the lock)
         self._drain: Future[Any] | None = None
         self._error: BaseException | None = None
-        self.replaced = 0  # saves overtaken by a newer save of the same file before they started
 
     def save(self, path: str | os.PathLike[str], tree: Any, then: Any = None) -> None:
         """Write ``tree`` to ``path`` as :func:`save` does, in the background; ``then()`` runs after it lands."""
@@ -148,9 +147,7 @@ class BackgroundWriter:
         key = Path(path)
         with self._lock:
             self._raise_failed()
-            if key in self._queue:
-                del self._queue[key]  # queued again last: the save order holds for the newest save of each file
-                self.replaced += 1
+            self._queue.pop(key, None)  # a queued older save of this file is replaced; the newest goes last
             self._queue[key] = (data, then)
             if self._draining:
                 return  # the running worker takes it

@@ -66,6 +66,19 @@ def test_least_squares_is_exact_from_d_examples():
     assert ((LeastSquares()(q) - q.ys).square().mean(0)[3:] / 3 < 1e-10).all()
 
 
+def test_min_norm_fit_of_a_rank_deficient_batch_item_does_not_depend_on_the_item_before_it():
+    """torch's gelsy kept the column pivots of one batch item for the next (pytorch/pytorch#187411): after a
+    full-rank item, a rank-2 item got rank 0 and a zero fit."""
+    from polytask.icl.baselines import min_norm_fit
+
+    a = torch.zeros(2, 3, 3, dtype=torch.float64)
+    a[0] = torch.eye(3, dtype=torch.float64)
+    a[1, 0, 1] = a[1, 1, 2] = 1.0
+    b = torch.ones(2, 3, dtype=torch.float64)
+    for _ in range(20):
+        torch.testing.assert_close(min_norm_fit(a, b), (torch.linalg.pinv(a) @ b.unsqueeze(-1)).squeeze(-1))
+
+
 def test_least_squares_is_the_minimum_norm_fit_when_underdetermined():
     p = LinearRegression(dim=6).sample(gen(2), 4, 5)
     pred = LeastSquares()(p)

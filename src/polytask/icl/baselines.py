@@ -55,10 +55,16 @@ def predict_linear(prompts: Prompts, w: Tensor) -> Tensor:
 
 
 def min_norm_fit(xs: Tensor, ys: Tensor) -> Tensor:
-    """The minimum-norm least-squares solution X^+ y for batched X (B x m x d), y (B x m): LAPACK's gelsy on CPU (the
-    driver Garg et al.'s ``torch.linalg.lstsq`` call uses there, rank-revealing), the pseudo-inverse elsewhere."""
+    """The minimum-norm least-squares solution X^+ y for batched X (B x m x d), y (B x m): LAPACK's SVD-based gelsd
+    on CPU, the pseudo-inverse elsewhere.
+
+    Garg et al. call ``torch.linalg.lstsq`` with its CPU default, gelsy (QR with column pivoting). Here gelsy is
+    not used: torch's CPU kernel passes it a pivot array that is not reset between calls and batch items
+    (pytorch/pytorch#187411): on rank-deficient prompts (a curriculum's zeroed coordinates) it returned a wrong
+    rank, and a wrong fit, in 0-52 % of the calls depending on the process. gelsd gives the minimum-norm solution
+    on every call."""
     if xs.device.type == "cpu":
-        return torch.linalg.lstsq(xs, ys.unsqueeze(-1), driver="gelsy").solution.squeeze(-1)
+        return torch.linalg.lstsq(xs, ys.unsqueeze(-1), driver="gelsd").solution.squeeze(-1)
     return (torch.linalg.pinv(xs) @ ys.unsqueeze(-1)).squeeze(-1)
 
 

@@ -72,7 +72,8 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=200)
     ap.add_argument("--method", default="upgrad", help="a second joint method for the mixture")
-    ap.add_argument("--seed", type=int, default=0, help="the runs' seed (model, prompts, evaluation)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the runs' seed (initial weights, training prompts; the evaluation prompts do not change)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "icl_regimes.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -61,7 +61,7 @@ def min_norm_fit(xs: Tensor, ys: Tensor) -> Tensor:
     Garg et al. call ``torch.linalg.lstsq`` with its CPU default, gelsy (QR with column pivoting). Here gelsy is
     not used: torch's CPU kernel passes it a pivot array that is not reset between calls and batch items
     (pytorch/pytorch#187411): on rank-deficient prompts (a curriculum's zeroed coordinates) it returned a wrong
-    rank, and a wrong fit, in 0-52 % of the calls depending on the process. gelsd gives the minimum-norm solution
+    rank, and a wrong fit, in 0-53 % of the calls depending on the process. gelsd gives the minimum-norm solution
     on every call."""
     if xs.device.type == "cpu":
         return torch.linalg.lstsq(xs, ys.unsqueeze(-1), driver="gelsd").solution.squeeze(-1)

@@ -197,3 +197,58 @@ def test_optimisers_and_schedulers_come_from_their_registries():
         optimizer("adamm")
     with pytest.raises(ConfigError, match=r"unknown key 'train.optimizer.momentum'"):
         optimizer("adam", {"momentum": 0.9}, where="train.optimizer")
+
+
+def test_checkpoint_interval_skips_intermediate_checkpoints_and_resumes_exactly(tmp_path, monkeypatch):
+    """``CheckpointPolicy.interval``: within it of the previous checkpoint, an epoch's checkpoint is skipped (the
+    first and the last are always written); a job stopped after a skipped one resumes from the older checkpoint and
+    ends exactly where an uninterrupted job ends."""
+    from polytask.engine import checkpoint
+    from polytask.engine.data import TensorBatches
+    from polytask.engine.hooks import Hook
+    from polytask.engine.loop import train_job
+    from polytask.engine.optim import optimizer
+    from polytask.engine.spec import CheckpointPolicy, TrainSpec
+    from polytask.engine.step import build_method
+
+    suite = multi_input_suite()
+    saved = []
+    real_save = checkpoint.BackgroundWriter.save
+
+    def save(self, path, tree, then=None):
+        saved.append(tree["position"]["epoch"])
+        real_save(self, path, tree, then)
+
+    monkeypatch.setattr(checkpoint.BackgroundWriter, "save", save)
+
+    class Stop(Hook):
+        name = "stop"
+
+        def on_epoch(self, run, epoch):
+            if epoch == 3:
+                raise KeyboardInterrupt
+
+    def spec(folder, interval, hooks=()):
+        return TrainSpec(name="iv", tasks=list(suite.tasks),
+                         model=lambda: build_model(suite.tasks, suite.input_shape, "mlp", {"hidden": [8]}),
+                         optimizer=optimizer("sgd", {"lr": 0.1, "momentum": 0.9}),
+                         method=build_method(MethodConfig(name="equal"), suite.task_names),
+                         data=TensorBatches(suite.splits, batch_size=64), epochs=4,
+                         checkpoint=CheckpointPolicy(folder, 0, interval), seed=0, hooks=hooks)
+
+    whole = train_job(spec(tmp_path / "whole", 0.0))
+    assert saved == [1, 2, 3, 4]
+    saved.clear()
+    train_job(spec(tmp_path / "sparse", 1e9))
+    assert saved == [1, 4]
+    saved.clear()
+    with pytest.raises(KeyboardInterrupt):
+        train_job(spec(tmp_path / "stopped", 1e9, [Stop()]))
+    assert saved == [1]  # epochs 2 and 3 skipped: the stop loses them
+    resumed = train_job(spec(tmp_path / "stopped", 1e9))
+    assert saved == [1, 2, 4]  # a resumption's first checkpoint is written
+    assert resumed["history"] == whole["history"]
+    for name in ("whole", "stopped"):
+        assert (tmp_path / name / "best.safetensors").is_file()
+    a, b = (checkpoint.load(tmp_path / n / "last.safetensors") for n in ("whole", "stopped"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -16,6 +16,7 @@ scored on every rank (the same numbers), and rank 0 alone writes the checkpoints
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -183,9 +184,14 @@ def _timing(path: Path) -> dict[str, Any]:
     return timing if isinstance(timing, dict) else {}
 
 
-def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, Any]:
+def train_job(spec: TrainSpec, reporter: Reporter | None = None,
+              writer: checkpoint.BackgroundWriter | None = None) -> dict[str, Any]:
     """Train ``spec`` (resuming from its checkpoint directory if that holds a checkpoint); returns its result:
-    the best-validation epoch, its validation and test scores, steps, wall time and the per-epoch history."""
+    the best-validation epoch, its validation and test scores, steps, wall time and the per-epoch history.
+
+    ``writer``: the caller's checkpoint writer, for a caller that writes more after the job (a continual stream's
+    next experience): the job's last checkpoint is then still landing when it returns, and files the caller saves
+    later land after it. None: the job's own writer, and every checkpoint has landed when it returns."""
     comm = distributed.init_from_env()
     writes = distributed.is_writer(comm)
     reporter = reporter if reporter is not None and writes else Reporter(quiet=True)
@@ -214,11 +220,17 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, An
         if h.name in clocks:
             h.load_timing(clocks[h.name])
 
-    writer = checkpoint.BackgroundWriter()
+    own = writer is None
+    writer = checkpoint.BackgroundWriter() if writer is None else writer
+    saved_at = -math.inf
 
-    def save_checkpoint() -> None:
-        if not writes:
+    def save_checkpoint(last: bool = False) -> None:
+        """Queue a checkpoint, unless the previous one is younger than ``policy.interval`` (``last``: always)."""
+        nonlocal saved_at
+        now = time.perf_counter()
+        if not writes or (not last and now - saved_at < policy.interval):
             return
+        saved_at = now
         measured = {h.name: t for h in hooks if (t := h.timing()) is not None}
         timing = {"elapsed": elapsed + time.perf_counter() - t0, **({"hooks": measured} if measured else {})}
         writer.save(policy.last, state.tree(), lambda: atomic_write_json(policy.timing, timing, durable=False))
@@ -241,7 +253,7 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, An
     pos = state.position
     reporter.start(spec.name, spec.epochs * steps, pos.epoch * steps + pos.step)
     t0 = time.perf_counter()
-    with writer:
+    with writer if own else contextlib.nullcontext():
         model.train()
         while pos.epoch < spec.epochs:
             epoch = pos.epoch
@@ -298,7 +310,7 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None) -> dict[str, An
             pos.epoch += 1
             pos.step = 0
             state.totals = EpochTotals.zeros(len(tasks))
-            save_checkpoint()
+            save_checkpoint(last=pos.epoch == spec.epochs)
     reporter.finish()
 
     if spec.select == "best":

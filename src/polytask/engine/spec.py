@@ -28,10 +28,14 @@ TIMING = "timing.json"  # wall time so far; kept out of the checkpoint so that i
 @dataclass(frozen=True)
 class CheckpointPolicy:
     """Where a job keeps its state (``dir``: ``last.safetensors``, ``best.safetensors``, ``timing.json``) and how
-    often: after every epoch, and also every ``every`` steps (0: epochs only)."""
+    often: after every epoch, and also every ``every`` steps (0: epochs only), but not within ``interval`` seconds of
+    the previous checkpoint (the first checkpoint of a job, or of its resumption, and the last epoch's are always
+    written). A resume is exact from any checkpoint; ``interval`` bounds what checkpoints cost when epochs are short
+    (a kill then loses at most ``interval`` seconds and one epoch of training; 0: every epoch, as often as asked)."""
 
     dir: Path
     every: int = 0
+    interval: float = 0.0
 
     @property
     def last(self) -> Path:

@@ -106,11 +106,12 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
                 name=name, tasks=suite.tasks, model=model, optimizer=optimizer_of(tc),
                 scheduler=scheduler_of(tc), method=build_method(config.method, [t.name for t in suite.tasks]),
                 data=batch_source(suite.splits, tc.batch_size), epochs=tc.epochs,
-                checkpoint=CheckpointPolicy(d, tc.checkpoint_every), seed=(seed + zlib.crc32(d.name.encode())) % 2**32,
+                checkpoint=CheckpointPolicy(d, tc.checkpoint_every, tc.checkpoint_interval_s),
+                seed=(seed + zlib.crc32(d.name.encode())) % 2**32,
                 device=device, hooks=(strategy, *tracked), eval_batch_size=tc.eval_batch_size, precision=tc.precision,
                 accumulate=tc.accumulate, select="last", final=False)
             t0 = time.perf_counter()
-            result = train_job(spec, reporter)
+            result = train_job(spec, reporter, writer)
             trackers.job_done(name, result)
             strategy.end(model, stream, i, device)
             row = _row(model, stream, tc.eval_batch_size)

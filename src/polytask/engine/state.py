@@ -22,10 +22,14 @@ from polytask.errors import CheckpointError
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python's, numpy's and torch's global generators."""
+    """Seed Python's, numpy's and torch's global generators (torch's CPU one, and CUDA's where CUDA is available:
+    ``torch.manual_seed`` would also queue a lazy seeding, with a formatted stack, for each accelerator that is not
+    initialised, at every job)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
 
 
 def rng_state() -> dict[str, Any]:

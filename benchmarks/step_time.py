@@ -13,6 +13,9 @@ the gradients' dtype (float32, the old training path): the cost of the float64 G
 gradients stacked into K x B x D, a fresh float64 buffer per call, the update J^T w from the stack), so the
 current path and the first float64 one are compared interleaved in one process (it differs from the first
 path only in that the step no longer builds a label mask for fully labelled sources, ~0.1 ms at K = 10).
+``--dense-rows`` adds, for every representation-mode variant, the same step with the heads' linear maps hidden from
+the engine, so the K feature gradients are formed as K dense B x D rows (the path before the factored rows of
+``polytask.jacobian.Factored``): the gain of the factored rows is the ratio of the two.
 ``--phases N`` times nothing: it runs the plain step and the representation-mode variants N steps each with a marker
 between phases, for a load-independent count of instructions per step under callgrind
 (``valgrind --tool=callgrind --dump-before=getppid python benchmarks/step_time.py --ks 10 --phases 3``).
@@ -23,7 +26,7 @@ bandwidth). The JSON holds both ratios, the machine's load average before and af
 ``--out`` (default ``benchmarks/results/step_time.json``).
 
 Prints one JSON object. Usage: python benchmarks/step_time.py [--ks 2 5 10] [--methods a b] [--rounds 15]
-[--steps-per-round 2] [--modes params representation] [--f32-gramian] [--legacy-gramian] [--out PATH]
+[--steps-per-round 2] [--modes params representation] [--f32-gramian] [--legacy-gramian] [--dense-rows] [--out PATH]
 [--phases N]
 """
 
@@ -140,9 +143,13 @@ def plain_step(k: int) -> Step:
     return fn
 
 
-def polytask_step(k: int, cfg: MethodConfig, gram: Callable | None = None) -> Step:
+def polytask_step(k: int, cfg: MethodConfig, gram: Callable | None = None, dense_rows: bool = False) -> Step:
+    """The engine's step; ``dense_rows``: with the linear heads hidden from it, so representation mode takes the
+    per-task feature gradients as K dense rows (leaf copies of the feature) instead of in factors."""
     tasks, src, rows = problem(k)
     model, opt = fresh_model(tasks)
+    if dense_rows:
+        model.linear_head = lambda task: None
     method = build_method(cfg, [t.name for t in tasks])
     state = {"s": method.init(), "i": 0}
 
@@ -243,6 +250,9 @@ def main() -> None:
                     help="also time each Gramian aggregator with a float32 Gramian (the old path), for its cost")
     ap.add_argument("--legacy-gramian", action="store_true",
                     help="also time each Gramian aggregator with the first float64 path (stacked blocks, fresh buffer)")
+    ap.add_argument("--dense-rows", action="store_true",
+                    help="also time each representation-mode method with the K feature-gradient rows formed densely "
+                    "(the path before the linear heads' factored rows)")
     ap.add_argument("--modes", nargs="+", default=["params", "representation"],
                     help="gradient modes of the aggregators to time")
     ap.add_argument("--device", default="cpu", help="cpu (the targets) or cuda")
@@ -283,6 +293,8 @@ def main() -> None:
                         variants[f"{key}+f32_gramian"] = polytask_step(k, cfg, gramian_in_block_dtype)
                     if args.legacy_gramian and kind == "aggregator" and takes_gramian(cfg, k):
                         variants[f"{key}+legacy_gramian"] = polytask_step(k, cfg, legacy_gramian)
+                    if args.dense_rows and mode == "representation":
+                        variants[f"{key}+dense_rows"] = polytask_step(k, cfg, dense_rows=True)
                 except Exception as e:  # report, don't hide
                     variants[key] = _failing(e)
             if kind == "aggregator":

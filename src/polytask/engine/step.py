@@ -41,7 +41,19 @@ from polytask.config import MethodConfig
 from polytask.engine import faults
 from polytask.engine.distributed import Collective, check_method, shard
 from polytask.errors import ConfigError
-from polytask.jacobian import Block, Rows, batched_grads, combine, dense, feature_rows, flat, gramian, split, through
+from polytask.jacobian import (
+    Block,
+    Factored,
+    Rows,
+    batched_grads,
+    combine,
+    dense,
+    feature_rows,
+    flat,
+    gramian,
+    split,
+    through,
+)
 from polytask.methods import load_all
 from polytask.models import MultiTaskModel
 from polytask.tasks.task import Task, TaskData
@@ -176,7 +188,7 @@ class TaskGrads:
 
     losses: Tensor
     zs: list[Tensor]
-    z_rows: list[Rows]
+    z_rows: list[Rows | Factored]
     heads: list[torch.nn.Parameter]
     head_grads: list[Tensor]
     owner: list[int]
@@ -239,6 +251,9 @@ def representation_grads(model: MultiTaskModel, sources: Sequence[TaskData], row
     per_source = shared_features(model, sources, rows, cast)
     if per_source is None:
         return None
+    heads = _linear_heads(model, sources, tasks, per_source, cast)
+    if heads is not None:
+        return _factored_grads(model, sources[0], rows[0], per_source[0][0], tasks, heads)
     zs = [f for fs in per_source for f in fs]
     copies: list[Tensor] = []
     into: list[int] = []
@@ -271,6 +286,44 @@ def representation_grads(model: MultiTaskModel, sources: Sequence[TaskData], row
     names = [t.name for t in tasks]
     return feature_task_grads([losses[n] for n in names], zs, copies, [reads[n] for n in names],
                               _model_heads(model, tasks), into)
+
+
+def _linear_heads(model: MultiTaskModel, sources: Sequence[TaskData], tasks: Sequence[Task],
+                  per_source: list[list[Tensor]], cast: Cast) -> list[torch.nn.Linear] | None:
+    """Every task's linear head when the per-task feature gradients can be kept in factors: one source labelled for
+    every task, one feature, each task's output a trainable ``nn.Linear`` of it, full precision (under bf16 autocast
+    the dense gradients are the ones the forward's dtypes give); else None."""
+    if cast is not nullcontext or len(sources) != 1 or len(per_source[0]) != 1:
+        return None
+    heads = []
+    for t in tasks:
+        head = model.linear_head(t.name) if t.name in sources[0].y and model.reads(t.name) in (None, [0], (0,)) \
+            else None
+        if head is None or not all(p.requires_grad for p in head.parameters()):
+            return None
+        heads.append(head)
+    return heads
+
+
+def _factored_grads(model: MultiTaskModel, src: TaskData, r: Tensor, z: Tensor, tasks: Sequence[Task],
+                    heads: Sequence[torch.nn.Linear]) -> TaskGrads:
+    """:func:`representation_grads` for linear heads: one backward pass to the heads' outputs and parameters (none
+    through the heads to the feature); task k's feature gradient is kept as (dL_k/d output_k, W_k)
+    (:class:`polytask.jacobian.Factored`): the same rows, never formed unless a method reads them."""
+    fixed = z.detach()
+    preds, losses = [], []
+    for t in tasks:
+        pred = model.outputs([fixed], [t.name])[t.name]
+        y = src.y[t.name][r]
+        losses.append(full(t.mean_loss(pred, y) if src.complete(t.name) and len(r) else masked_loss(t, pred, y)))
+        preds.append(pred)
+    own = _model_heads(model, tasks)
+    params = [p for h in own for p in h]
+    total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+    grads = torch.autograd.grad(total, preds + params, allow_unused=True, materialize_grads=True)
+    block = Factored(tuple(grads[:len(preds)]), tuple(h.weight.detach() for h in heads))
+    return TaskGrads(torch.stack(losses), [z], [block], params, list(grads[len(preds):]),
+                     [k for k, h in enumerate(own) for _ in h])
 
 
 def parameter_grads(model: MultiTaskModel, sources: Sequence[TaskData], rows: Sequence[Tensor],

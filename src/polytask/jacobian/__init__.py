@@ -83,12 +83,64 @@ class Rows:
         return self._stacked
 
 
-Block = Tensor | Rows
+@dataclass(eq=False)
+class Factored:
+    """One block of the K-row per-task Jacobian of a feature that every task reads through a linear head, kept in
+    factors: row k is ``deltas[k] @ maps[k]``, task k's gradient with respect to its head's outputs (rows x o_k)
+    times the head's weight (o_k x D), never formed unless asked (:meth:`stack`).
+
+    The float64 Gramian then costs two small products instead of K^2 passes over K rows x D gradients:
+    G_kl = Σ_r δ_k[r] (W_k W_l^T) δ_l[r], the sum over the (k, l) block of (Δ^T Δ) ⊙ (W W^T) with Δ = [δ_1 ... δ_K]
+    and W the heads' weights stacked; the update Σ_k w_k J_k is one product [w_1 δ_1 ... w_K δ_K] W
+    (:func:`gramian`, :func:`combine`)."""
+
+    deltas: tuple[Tensor, ...]
+    maps: tuple[Tensor, ...]
+    _stacked: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.deltas[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.deltas[0].device
+
+    @property
+    def row_shape(self) -> torch.Size:
+        return torch.Size((*self.deltas[0].shape[:-1], self.maps[0].shape[1]))
+
+    @property
+    def rows(self) -> tuple[Tensor, ...]:
+        return tuple(self.stack().unbind(0))
+
+    def stack(self) -> Tensor:
+        """The K x (row_shape) tensor (built once)."""
+        if self._stacked is None:
+            self._stacked = torch.stack([d @ m for d, m in zip(self.deltas, self.maps, strict=True)])
+        return self._stacked
+
+    def gram(self) -> Tensor:
+        """G = J J^T (K x K) in float64 from the factors."""
+        d = torch.cat(self.deltas, -1).reshape(-1, sum(x.shape[-1] for x in self.deltas)).to(torch.float64)
+        m = torch.cat(self.maps).to(torch.float64)
+        owner = torch.repeat_interleave(torch.arange(len(self.deltas), device=d.device),
+                                        torch.tensor([x.shape[-1] for x in self.deltas], device=d.device))
+        e = torch.nn.functional.one_hot(owner, len(self.deltas)).to(torch.float64)
+        return e.T @ ((d.T @ d) * (m @ m.T)) @ e
+
+    def combine(self, weights: Tensor) -> Tensor:
+        """Σ_k w_k J_k in the block's dtype."""
+        w = weights.to(self.device, self.dtype)
+        return torch.cat([d * w[k] for k, d in enumerate(self.deltas)], -1) @ torch.cat(self.maps)
+
+
+Block = Tensor | Rows | Factored
 
 
 def dense(block: Block) -> Tensor:
-    """A block as one K x ... tensor (a :class:`Rows` stacked)."""
-    return block.stack() if isinstance(block, Rows) else block
+    """A block as one K x ... tensor (a :class:`Rows` or :class:`Factored` stacked)."""
+    return block.stack() if isinstance(block, Rows | Factored) else block
 
 
 def feature_rows(losses: Sequence[Tensor], features: Sequence[Tensor], reads: Sequence[Sequence[int]],
@@ -243,10 +295,13 @@ def gramian(blocks: Sequence[Block]) -> Tensor:
     half the rows) was measured no faster at K = 10, the products being bound by reading the chunk, not by
     arithmetic."""
     first = blocks[0]
-    k = len(first.rows) if isinstance(first, Rows) else first.shape[0]
+    k = len(first.rows) if isinstance(first, Rows) else len(first.deltas) if isinstance(first, Factored) \
+        else first.shape[0]
     out = torch.zeros(k, k, dtype=torch.float64, device=first.device)
     for b in blocks:
-        if isinstance(b, Rows) and b._stacked is None:
+        if isinstance(b, Factored) and b._stacked is None:
+            out += b.gram()
+        elif isinstance(b, Rows) and b._stacked is None:
             idx = [i for i, r in enumerate(b.rows) if r is not None]
             if not idx:
                 continue
@@ -272,7 +327,9 @@ def combine(weights: Tensor, blocks: Sequence[Block]) -> list[Tensor]:
     out = []
     for b in blocks:
         w = weights.to(b.device, b.dtype)
-        if isinstance(b, Rows) and b._stacked is None:
+        if isinstance(b, Factored) and b._stacked is None:
+            out.append(b.combine(w))
+        elif isinstance(b, Rows) and b._stacked is None:
             acc: Tensor | None = None
             for i, r in enumerate(b.rows):
                 if r is not None:

@@ -50,6 +50,12 @@ class MultiTaskModel(nn.Module):
         """Per-task outputs computed from ``features`` (what ``features`` returned, or detached copies of it)."""
         raise NotImplementedError(f"{type(self).__name__} has no shared features")
 
+    def linear_head(self, task: str) -> nn.Linear | None:
+        """The ``nn.Linear`` that alone makes ``task``'s output from its one feature (``outputs`` is then exactly
+        ``head(feature)``), or None. Representation mode then keeps the task's feature gradient in factors (the
+        gradient of the head's output times the head's weight, :class:`polytask.jacobian.Factored`)."""
+        return None
+
     def aux_loss(self) -> Tensor | None:
         """An auxiliary loss of the architecture itself (e.g. a mixture-of-experts load-balancing term), added to
         the step's loss after the method's weighting or aggregation; None: none. It is computed from the
@@ -91,6 +97,10 @@ class HardSharing(MultiTaskModel):
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         return self.heads[task].parameters()
+
+    def linear_head(self, task: str) -> nn.Linear | None:
+        head = self.heads[task]
+        return head[0] if len(head) == 1 and type(head[0]) is nn.Linear else None
 
 
 Architecture = Callable[[nn.Module, int, Sequence[Task], BaseModel], MultiTaskModel]

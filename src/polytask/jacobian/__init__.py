@@ -7,6 +7,9 @@ with respect to the shared representation (K x B x D), far cheaper since only th
 K times; the encoder then takes a single backward pass with the aggregated representation gradient. Those K
 gradients are kept as the K tensors autograd returns (:class:`Rows`): the float64 Gramian (:func:`gramian`) and
 the update J^T w (:func:`combine`) read them in place, and only methods that need the K x B x D array stack it.
+Where every task reads the representation through a linear head, each gradient is kept in factors instead
+(:class:`Factored`: the gradient of the head's output times its weight), from which the Gramian and the update take
+two small products and the heads are never differentiated with respect to the representation.
 
 Every function here works from what it is given (losses, feature tensors, parameter lists), never from a model:
 which features each task reads is an argument, so any architecture (one shared tensor, or per-task features)
@@ -100,18 +103,22 @@ class Factored:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The rows' dtype (the output gradients')."""
         return self.deltas[0].dtype
 
     @property
     def device(self) -> torch.device:
+        """Where the factors lie."""
         return self.deltas[0].device
 
     @property
     def row_shape(self) -> torch.Size:
+        """One row's shape: the feature's (the output gradient's leading shape, then the head's input size)."""
         return torch.Size((*self.deltas[0].shape[:-1], self.maps[0].shape[1]))
 
     @property
     def rows(self) -> tuple[Tensor, ...]:
+        """The K rows, formed (:meth:`stack`)."""
         return tuple(self.stack().unbind(0))
 
     def stack(self) -> Tensor:

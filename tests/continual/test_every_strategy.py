@@ -46,7 +46,8 @@ def test_every_strategy_runs_where_it_applies_and_names_the_scenario_where_not(t
 def test_rank_updates_composes_with_the_regularisers(tmp_path, other):
     """Incremental rank updates freeze earlier experiences' weights; a regulariser beside it protects what still
     trains (the frozen part cannot move) instead of failing on it, and earlier tasks keep their accuracy."""
-    cfg = {"seeds": [0], "stream": {"name": "split-digits", "params": {"scenario": "task", "classes_per_experience": 5}},
+    cfg = {"seeds": [0],
+           "stream": {"name": "split-digits", "params": {"scenario": "task", "classes_per_experience": 5}},
            "model": {"backbone": "mlp", "backbone_params": {"hidden": [16]}},
            "train": {"epochs": 1, "batch_size": 64, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}},
            "strategies": [{"name": "compose", "params": {"strategies": ["rank_updates", other]}}],

@@ -17,6 +17,12 @@ from hypothesis import strategies as st
 
 from polytask.continual import STRATEGIES, Stream, build_strategy, build_stream
 from polytask.continual.config import ContinualConfig
+from polytask.continual.strategies.replay_schedule import apportion
+from polytask.engine import checkpoint
+from polytask.engine.data import Batch
+from polytask.engine.hooks import StepView
+from polytask.errors import ConfigError
+from polytask.flows.continual import continual, experience_score
 from polytask.flows.schedule_search import (
     Node,
     action_count,
@@ -31,12 +37,6 @@ from polytask.flows.schedule_search import (
     uct_score,
     validation_stream,
 )
-from polytask.continual.strategies.replay_schedule import apportion
-from polytask.engine import checkpoint
-from polytask.engine.data import Batch
-from polytask.engine.hooks import StepView
-from polytask.errors import ConfigError
-from polytask.flows.continual import continual, experience_score
 from polytask.models import build_model
 
 ROOT = Path(__file__).resolve().parents[2]

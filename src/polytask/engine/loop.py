@@ -68,7 +68,8 @@ def evaluate(model: MultiTaskModel, sources: Sequence[TaskData], tasks: Sequence
     """Per task, over the labelled rows of the split: the mean loss (on the training scale) and every metric
     (in the original units, ``Task.scores``)."""
     was_training = model.training
-    model.eval()
+    if was_training:  # a model already in eval mode (a caller scoring several splits) is not walked again
+        model.eval()
     scores: dict[str, dict[str, float]] = {}
     for src in sources:
         names = [t.name for t in tasks if t.name in src.y]
@@ -87,7 +88,8 @@ def evaluate(model: MultiTaskModel, sources: Sequence[TaskData], tasks: Sequence
                 m = Task.mask(y)
                 p, y = p[m], y[m]
             scores[t.name] = {"loss": float(t.loss(p, y).mean())} | t.scores(p, y)
-    model.train(was_training)
+    if was_training:
+        model.train()
     return scores
 
 

@@ -61,7 +61,13 @@ def experience_score(model: torch.nn.Module, suite: TaskSuite, batch_size: int) 
 
 
 def _row(model: torch.nn.Module, stream: Stream, batch_size: int) -> list[float]:
-    return [experience_score(model, e.suite, batch_size) for e in stream.experiences]
+    """The accuracy matrix's row: every experience's test score, the model in eval mode once for all of them."""
+    was_training = model.training
+    model.eval()
+    try:
+        return [experience_score(model, e.suite, batch_size) for e in stream.experiences]
+    finally:
+        model.train(was_training)
 
 
 def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig, seed: int, job_dir: Path,

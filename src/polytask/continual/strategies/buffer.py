@@ -67,6 +67,9 @@ class Sample:
     outputs: dict[str, Tensor]
 
     def to(self, device: torch.device) -> Sample:
+        """The sample on ``device`` (itself when it is there)."""
+        if self.data.x.device == torch.device(device):
+            return self
         return Sample(self.data.to(device), self.experience.to(device),
                       {k: v.to(device) for k, v in self.outputs.items()})
 

@@ -54,6 +54,7 @@ class ERACE(Rehearsal):
 
     name = "er_ace"
     scenarios = ("class",)
+    step_rng = True  # the current batch is forwarded again with the draws of the step's own forward
 
     def __init__(self, params: ERACEParams) -> None:
         super().__init__(params)

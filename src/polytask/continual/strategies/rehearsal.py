@@ -123,6 +123,7 @@ class Rehearsal(Strategy):
 
     draws = 1
     stores_outputs = False
+    step_rng = False  # keep the random state each step starts from (``self.rng``: a strategy that recomputes the step)
 
     def __init__(self, params: RehearsalParams) -> None:
         super().__init__()
@@ -138,7 +139,7 @@ class Rehearsal(Strategy):
         return {t.name: t for t in self.stream.tasks}
 
     def on_step(self, run: Any, step: Any) -> None:
-        self.rng = _rng(torch.device(run.device))
+        self.rng = _rng(torch.device(run.device)) if self.step_rng else None
         n = self.params.batch_size or getattr(run.data, "batch_size", None) or sum(len(r) for r in step.batch.rows)
         self.batches = []
         for k in range(self.draws):

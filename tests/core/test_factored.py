@@ -137,3 +137,16 @@ def test_engine_direction_with_nearly_dependent_linear_heads_is_the_float64_one(
     ref_ctx = StepContext(0, 0, losses=losses.double(), generator=torch.Generator().manual_seed(0),
                           grad_dtype=torch.float32)
     assert_is_float64_direction(model.theta.grad.double().reshape(-1), j64, name, names, ref_ctx, name)
+
+
+def test_a_head_with_a_forward_hook_keeps_the_dense_rows():
+    """A hook may change what the head computes, so its rows are no longer δ_k W_k: the dense path is taken."""
+    tasks, src = _suite()
+    model = build_model(tasks, (7,), "mlp", {"hidden": [8]})
+    assert model.linear_head("r") is not None
+    handle = model.heads["r"][0].register_forward_hook(lambda m, i, o: o * 2)
+    assert model.linear_head("r") is None
+    tg = representation_grads(model, [src], [torch.arange(len(src))], tasks)
+    assert isinstance(tg.z_rows[0], Rows)
+    handle.remove()
+    assert isinstance(representation_grads(model, [src], [torch.arange(len(src))], tasks).z_rows[0], Factored)

@@ -36,7 +36,7 @@ from polytask.engine.hooks import Run, StepView, before_update, check_hooks, ext
 from polytask.engine.progress import Reporter
 from polytask.engine.spec import TrainSpec
 from polytask.engine.state import Best, EpochTotals, LoopState, Position, seed_everything
-from polytask.engine.step import accumulated_step, autocast, full, masked_loss, step_generator
+from polytask.engine.step import accumulated_step, autocast, full, step_generator, task_loss
 from polytask.errors import CheckpointError, ConfigError, DivergenceError
 from polytask.io import atomic_write_bytes, atomic_write_json
 from polytask.models import MultiTaskModel
@@ -55,8 +55,7 @@ def task_losses(model: MultiTaskModel, sources: Sequence[TaskData], rows: Sequen
         preds = model(src.x[r], names)
         for t in tasks:
             if t.name in src.y:
-                y, pred = src.y[t.name][r], preds[t.name]
-                out[t.name] = t.mean_loss(pred, y) if src.complete(t.name) and len(r) else masked_loss(t, pred, y)
+                out[t.name] = task_loss(t, src, r, preds[t.name])
     if len(tasks) == 1:  # one node fewer to build and to run backward through than a stack
         return out[tasks[0].name].unsqueeze(0)
     return torch.stack([out[t.name] for t in tasks])

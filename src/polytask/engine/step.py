@@ -275,10 +275,7 @@ def representation_grads(model: MultiTaskModel, sources: Sequence[TaskData], row
                 into.append(base + j)
                 read_here.add(j)
             with cast():
-                pred = model.outputs(mine, [t.name])[t.name]
-                y = src.y[t.name][r]
-                losses[t.name] = full(t.mean_loss(pred, y) if src.complete(t.name) and len(r) else
-                                      masked_loss(t, pred, y))
+                losses[t.name] = full(task_loss(t, src, r, model.outputs(mine, [t.name])[t.name]))
         for j in sorted(set(range(len(fs))) - read_here):  # a feature no task reads: a zero block
             copies.append(fs[j].detach())
             into.append(base + j)
@@ -313,10 +310,8 @@ def _factored_grads(model: MultiTaskModel, src: TaskData, r: Tensor, z: Tensor, 
     fixed = z.detach()
     preds, losses = [], []
     for t in tasks:
-        pred = model.outputs([fixed], [t.name])[t.name]
-        y = src.y[t.name][r]
-        losses.append(full(t.mean_loss(pred, y) if src.complete(t.name) and len(r) else masked_loss(t, pred, y)))
-        preds.append(pred)
+        preds.append(model.outputs([fixed], [t.name])[t.name])
+        losses.append(full(task_loss(t, src, r, preds[-1])))
     own = _model_heads(model, tasks)
     params = [p for h in own for p in h]
     total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
@@ -477,6 +472,13 @@ def _update(opt: torch.optim.Optimizer, model: MultiTaskModel, extra: Callable[[
 
 def _with_losses(ctx: StepContext, losses: Tensor) -> StepContext:
     return replace(ctx, losses=losses.detach())
+
+
+def task_loss(task: Task, src: TaskData, rows: Tensor, pred: Tensor) -> Tensor:
+    """``task``'s mean loss on rows ``rows`` of ``src`` from its predictions ``pred`` of them: one fused loss when the
+    source is labelled everywhere for the task, else over the labelled rows (:func:`masked_loss`)."""
+    y = src.y[task.name][rows]
+    return task.mean_loss(pred, y) if src.complete(task.name) and len(rows) else masked_loss(task, pred, y)
 
 
 def masked_loss(task: Task, pred: Tensor, y: Tensor) -> Tensor:

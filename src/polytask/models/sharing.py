@@ -99,8 +99,11 @@ class HardSharing(MultiTaskModel):
         return self.heads[task].parameters()
 
     def linear_head(self, task: str) -> nn.Linear | None:
+        """The head when it is one plain ``nn.Linear`` (no hook or parametrisation changes what it computes)."""
         head = self.heads[task]
-        return head[0] if len(head) == 1 and type(head[0]) is nn.Linear else None
+        plain = len(head) == 1 and type(head[0]) is nn.Linear and not any(
+            m._forward_hooks or m._forward_pre_hooks for m in (head, head[0]))
+        return head[0] if plain else None
 
 
 Architecture = Callable[[nn.Module, int, Sequence[Task], BaseModel], MultiTaskModel]

@@ -14,7 +14,10 @@ one thread. Two sides, on the same rows (taken from polytask's stream):
   engine's per-epoch validation); before training and after each experience the accuracy on every experience's
   test rows (the accuracy matrix's row), and no checkpoint: the headline (issue 10's target) compares polytask, as
   configured by default, with it. ``plain+save`` also writes ``torch.save({model, optimizer})`` after every epoch:
-  ``polytask-every-epoch`` is compared with it (the same number of checkpoints).
+  ``polytask-every-epoch`` is compared with it (the same number of checkpoints). ``plain-model`` is the loop
+  without checkpoints training polytask's own model (hard sharing: the encoder and a head in a ``ModuleDict``,
+  outputs in a dict) instead of an ``nn.Sequential``: polytask / plain-model is the engine's overhead without the
+  model's structure.
 
 For ``replay`` (polytask's ``replay`` with ``size: 200, batch_size: 32`` and its default ``update: experience``,
 the protocol of Avalanche's ReplayPlugin) the plain loop keeps a reservoir buffer of 200 rows (Vitter's algorithm R,
@@ -71,6 +74,7 @@ from polytask.continual.config import ContinualConfig, StrategyConfig
 from polytask.continual.stream import Stream, build_stream
 from polytask.engine.progress import Reporter
 from polytask.flows.continual import run_strategy
+from polytask.models import build_model
 
 TARGET = 1.1
 HIDDEN = [256, 256]
@@ -174,10 +178,27 @@ def durable_save(tree: dict[str, Any], path: Path) -> None:
         os.close(fd)
 
 
-def plain_variant(stream: Stream, epochs: int, seed: int, save: bool | str, replay: bool) -> Variant:
+class PolytaskModel(nn.Module):
+    """polytask's model of the benchmark (hard sharing: the MLP encoder, one head), giving the task's logits: the
+    plain loop on it (``plain-model``) separates the cost of the multi-task model's structure from the engine's."""
+
+    def __init__(self, stream: Stream) -> None:
+        super().__init__()
+        mc = config(1).model
+        self.model = build_model(stream.tasks, stream.input_shape, mc.backbone, mc.backbone_params, mc.architecture,
+                                 mc.architecture_params, stream.experiences[0].suite.categorical, mc.embedding_dim)
+        self.task = stream.tasks[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[self.task]
+
+
+def plain_variant(stream: Stream, epochs: int, seed: int, save: bool | str, replay: bool,
+                  polytask_model: bool = False) -> Variant:
     """The hand-written loop (module docstring); ``save``: False, True (``torch.save`` in place per epoch) or
     ``"durable"`` (:func:`durable_save` of model, optimiser, the RNG states and the position per epoch: the
-    guarantees of polytask's checkpoint, written the way a user would, on the training thread)."""
+    guarantees of polytask's checkpoint, written the way a user would, on the training thread).
+    ``polytask_model``: the loop trains polytask's model (:class:`PolytaskModel`) instead of an ``nn.Sequential``."""
     data = tensors(stream)
     n_in, n_out = stream.input_shape[0], stream.tasks[0].n_outputs
 
@@ -185,7 +206,7 @@ def plain_variant(stream: Stream, epochs: int, seed: int, save: bool | str, repl
         torch.manual_seed(seed)
         g = torch.Generator().manual_seed(seed)
         pick = random.Random(seed)
-        model = plain_model(n_in, n_out)
+        model = PolytaskModel(stream) if polytask_model else plain_model(n_in, n_out)
         rows = [accuracy(model, *d["test"])[1] for d in data]  # the initial row of the matrix
         steps, history = 0, []
         buf_x, buf_y = torch.empty(BUFFER, n_in), torch.empty(BUFFER, dtype=torch.long)
@@ -385,6 +406,7 @@ def main() -> None:
                 continue
             variants[f"{s}/plain{suffix}"] = plain_variant(
                 stream, args.epochs, args.seed, save, s == "replay")
+        variants[f"{s}/plain-model"] = plain_variant(stream, args.epochs, args.seed, False, s == "replay", True)
     load_before = os.getloadavg()
     times, outputs = interleaved(variants, args.rounds, args.tmp)
     load_after = os.getloadavg()
@@ -415,12 +437,12 @@ def main() -> None:
                       "final_accuracy": [round(a, 4) for a in outputs[k]["final"]],
                       "average_accuracy": round(statistics.mean(outputs[k]["final"]), 4)}
         every = times[f"{s}/polytask-every-epoch"]
-        for k in (f"{s}/plain", f"{s}/plain+save", f"{s}/plain+durable"):
+        for k in (f"{s}/plain", f"{s}/plain-model", f"{s}/plain+save", f"{s}/plain+durable"):
             if k not in times:
                 continue
             other = times[k]
             for prefix, mine in (("", base), ("every_epoch_", every)):
-                if prefix and k == f"{s}/plain":
+                if prefix and k in (f"{s}/plain", f"{s}/plain-model"):
                     continue
                 row[f"{prefix}ratio_vs_{k.split('/')[1]}"] = {
                     "wall": summary([a[0] / b[0] for a, b in zip(mine, other, strict=True)]),

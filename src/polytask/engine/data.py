@@ -9,6 +9,7 @@ evaluates on; :class:`TensorBatches` is the in-memory one, :class:`DatasetBatche
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,10 +24,16 @@ from polytask.errors import DataError
 from polytask.tasks.task import Task, TaskData
 
 
+_LOCAL = threading.local()  # one generator per thread, reseeded by every permutation (no generator made per call)
+
+
 def permutation(n: int, *key: int) -> Tensor:
     """A random permutation of range(n) that depends only on the integers in ``key``."""
     seed = int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    gen = getattr(_LOCAL, "generator", None)
+    if gen is None:
+        gen = _LOCAL.generator = torch.Generator()
+    return torch.randperm(n, generator=gen.manual_seed(seed))
 
 
 def steps_per_epoch(sizes: list[int], batch_size: int) -> int:

@@ -150,3 +150,32 @@ def test_a_head_with_a_forward_hook_keeps_the_dense_rows():
     assert isinstance(tg.z_rows[0], Rows)
     handle.remove()
     assert isinstance(representation_grads(model, [src], [torch.arange(len(src))], tasks).z_rows[0], Factored)
+
+
+def test_accumulated_step_keeps_the_factors_and_equals_the_dense_path(monkeypatch):
+    """Gradient accumulation over micro-batches joins their factored rows (each task's output gradients scaled by its
+    share of the labels) and gives the update of the dense path."""
+    from polytask.engine import step as step_mod
+    from polytask.engine.step import accumulated_step
+
+    tasks, src = _suite(n=30)
+    names = [t.name for t in tasks]
+    joined = []
+    real = step_mod._joined_rows
+    monkeypatch.setattr(step_mod, "_joined_rows", lambda parts: joined.append(real(parts)) or joined[-1])
+    grads = {}
+    for path in ("factored", "dense"):
+        torch.manual_seed(0)
+        model = build_model(tasks, (7,), "mlp", {"hidden": [16, 8]})
+        with monkeypatch.context() as m:
+            if path == "dense":
+                _dense(model, m)
+            method = build_method(MethodConfig(name="upgrad", grad_mode="representation"), names)
+            opt = torch.optim.SGD(model.parameters(), lr=0.0)
+            micro = [([src], [r]) for r in torch.arange(len(src)).chunk(3)]
+            accumulated_step(model, method, method.init(), micro, tasks, opt,
+                             StepContext(0, 0, generator=torch.Generator().manual_seed(0)), None)
+        grads[path] = [p.grad.clone() for p in model.parameters()]
+    assert [type(b) for b in joined] == [Factored, Rows]
+    for a, b in zip(grads["factored"], grads["dense"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate
 from polytask.errors import DataError
 from polytask.tasks.task import Task, TaskData
 
-
 _LOCAL = threading.local()  # one generator per thread, reseeded by every permutation (no generator made per call)
 
 

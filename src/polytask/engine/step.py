@@ -522,6 +522,23 @@ def _scaled(g: Tensor, f: Tensor) -> Tensor:
     return g * f.to(g.device, g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
 
 
+def _scaled_block(b: Rows | Factored, f: Tensor) -> Block:
+    """Row k of a feature-gradient block times f[k]: a factored block stays factored (its output gradients scaled)."""
+    if isinstance(b, Factored) and b._stacked is None:
+        return Factored(tuple(d * f[k].to(d.device, d.dtype) for k, d in enumerate(b.deltas)), b.maps)
+    return _scaled(dense(b), f)
+
+
+def _joined_rows(parts: Sequence[Block]) -> Rows | Factored:
+    """The feature-gradient blocks of the micro-batches as one block over all their rows (the effective batch's)."""
+    if all(isinstance(p, Factored) for p in parts):
+        first = parts[0]
+        assert isinstance(first, Factored)
+        return Factored(tuple(torch.cat([p.deltas[k] for p in parts if isinstance(p, Factored)])
+                              for k in range(len(first.deltas))), first.maps)
+    return Rows.of(torch.cat([dense(p) for p in parts], dim=1))
+
+
 def _add(total: list[Tensor] | None, part: Sequence[Tensor]) -> list[Tensor]:
     return list(part) if total is None else [a + b for a, b in zip(total, part, strict=True)]
 
@@ -597,7 +614,7 @@ def accumulated_step(model: MultiTaskModel, method: Method, state: State,
     total_losses: Tensor | None = None
     head_grads: list[Tensor] | None = None
     blocks: list[Tensor] | None = None
-    z_parts: list[list[Tensor]] = []
+    z_parts: list[list[Block]] = []
     rngs = []
     representation = method.mode == "representation"
     kept: list[Tensor] = []  # one micro-batch (data-parallel): push from its representation, no recomputation
@@ -606,7 +623,7 @@ def accumulated_step(model: MultiTaskModel, method: Method, state: State,
         if representation:
             rngs.append(_rng(device))
             tg = _need_features(representation_grads(model, sources, rows, tasks, cast), model)
-            z_parts.append([_scaled(b, f) for b in tg.z_blocks])
+            z_parts.append([_scaled_block(b, f) for b in tg.z_rows])
             if len(micro) == 1:
                 kept = tg.zs
         else:
@@ -622,7 +639,7 @@ def accumulated_step(model: MultiTaskModel, method: Method, state: State,
         summed = comm.sum([total_losses, *head_grads, *(blocks or [])])
         total_losses, head_grads, blocks = summed[0], summed[1:1 + len(head_grads)], \
             summed[1 + len(head_grads):] if blocks is not None else None
-    effective = TaskGrads(total_losses, kept, [Rows.of(torch.cat(col, dim=1)) for col in zip(*z_parts, strict=True)]
+    effective = TaskGrads(total_losses, kept, [_joined_rows(col) for col in zip(*z_parts, strict=True)]
                           if representation else [], [p for h in heads for p in h], head_grads, owner)
 
     def push(directions: list[Tensor]) -> None:

@@ -233,7 +233,7 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None,
             return
         saved_at = now
         measured = {h.name: t for h in hooks if (t := h.timing()) is not None}
-        timing = {"elapsed": elapsed + time.perf_counter() - t0, **({"hooks": measured} if measured else {})}
+        timing = {"elapsed": elapsed + now - t0, **({"hooks": measured} if measured else {})}
         writer.save(policy.last, state.tree(), lambda: atomic_write_json(policy.timing, timing, durable=False))
 
     @torch.no_grad()

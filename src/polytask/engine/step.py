@@ -531,11 +531,10 @@ def _scaled_block(b: Rows | Factored, f: Tensor) -> Block:
 
 def _joined_rows(parts: Sequence[Block]) -> Rows | Factored:
     """The feature-gradient blocks of the micro-batches as one block over all their rows (the effective batch's)."""
-    if all(isinstance(p, Factored) for p in parts):
-        first = parts[0]
-        assert isinstance(first, Factored)
-        return Factored(tuple(torch.cat([p.deltas[k] for p in parts if isinstance(p, Factored)])
-                              for k in range(len(first.deltas))), first.maps)
+    factored = [p for p in parts if isinstance(p, Factored)]
+    if len(factored) == len(parts):
+        return Factored(tuple(torch.cat(d) for d in zip(*(p.deltas for p in factored), strict=True)),
+                        factored[0].maps)
     return Rows.of(torch.cat([dense(p) for p in parts], dim=1))
 
 

@@ -116,11 +116,6 @@ class Factored:
         """One row's shape: the feature's (the output gradient's leading shape, then the head's input size)."""
         return torch.Size((*self.deltas[0].shape[:-1], self.maps[0].shape[1]))
 
-    @property
-    def rows(self) -> tuple[Tensor, ...]:
-        """The K rows, formed (:meth:`stack`)."""
-        return tuple(self.stack().unbind(0))
-
     def stack(self) -> Tensor:
         """The K x (row_shape) tensor (built once)."""
         if self._stacked is None:

@@ -473,3 +473,44 @@ def test_the_writer_flushes_shards_as_it_writes_only_with_fsync(make_family, tmp
     monkeypatch.setattr(writer_module.os, "fdatasync", lambda fd: flushed.append(fd))
     merge_checkpoints(base_path, [str(p) for p in paths], "ties", tmp_path / "out", options={"fsync": fsync})
     assert bool(flushed) == fsync
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "average"])
+def test_mapped_tensors_merge_as_read_ones_and_never_change_the_inputs(make_family, tmp_path, monkeypatch, method):
+    """Every tensor mapped (``MAP_MIN`` 1): the merge equals the in-memory one, the inputs' bytes are unchanged
+    (the maps are private: ``average`` widens nothing and writes into its first float32 input), and a mapped
+    tensor is writable, copy on write."""
+    from polytask.merging import tensorfile
+    from polytask.merging.stream import BufferPool
+
+    monkeypatch.setattr(tensorfile, "MAP_MIN", 1)
+    base_path, paths, base, models = make_family(3, "hf")
+    before = {p: p.read_bytes() for p in [base_path / "model.safetensors", *(p / "model.safetensors" for p in paths)]}
+    params = {"ties": {"density": 0.5}, "dare_ties": {"drop_rate": 0.5, "density": 0.7}, "average": {}}[method]
+    merge_checkpoints(base_path, [str(p) for p in paths], method, tmp_path / "out", params, options={"fsync": False})
+    got, want = _read_dir(tmp_path / "out"), _expected(method, base, models, params)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    assert {p: p.read_bytes() for p in before} == before
+    with open_checkpoint(paths[0]) as c:
+        t = c.load("embed.weight")
+        assert not t.untyped_storage().resizable()  # a map, not a buffer torch allocated
+        assert torch.equal(t, models[0]["embed.weight"])
+        t.fill_(7.0)
+        assert torch.equal(c.load("embed.weight"), models[0]["embed.weight"])
+        pool = BufferPool(1 << 20)
+        pool.put(t)
+        assert pool.held == 0  # a map is never handed out as a buffer to write into
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_a_file_truncated_after_opening_is_a_clear_error_when_mapped(make_family, tmp_path, monkeypatch):
+    from polytask.merging import tensorfile
+
+    monkeypatch.setattr(tensorfile, "MAP_MIN", 1)
+    _, paths, *_ = make_family(1)
+    with open_checkpoint(paths[0]) as c:
+        last = max(c.names(), key=lambda n: c.info(n).end)
+        with open(paths[0], "r+b") as f:
+            f.truncate(c.info(last).end - 4)
+        with pytest.raises(CheckpointError, match=rf"m0\.safetensors: truncated file while reading tensor '{last}'"):
+            c.load(last)

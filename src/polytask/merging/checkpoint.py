@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from polytask.errors import CheckpointError
-from polytask.merging.tensorfile import TensorInfo, read_header, read_tensor
+from polytask.merging import tensorfile
+from polytask.merging.tensorfile import TensorInfo, map_tensor, read_header, read_tensor
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES, ".h5", ".msgpack", ".gguf", ".onnx")
@@ -85,7 +86,9 @@ class Checkpoint:
 
 
 class SafetensorsCheckpoint(Checkpoint):
-    """One or more safetensors files read with plain reads (a single file or a sharded directory)."""
+    """One or more safetensors files (a single file or a sharded directory), read tensor by tensor: a large
+    tensor is a map of its bytes (:func:`~polytask.merging.tensorfile.map_tensor`), a small one is read into a
+    buffer (of ``pool``, when given)."""
 
     def __init__(self, path: Path, files: list[Path]) -> None:
         self.path = path
@@ -127,6 +130,8 @@ class SafetensorsCheckpoint(Checkpoint):
                     fd = self._fds[info.path] = os.open(info.path, os.O_RDONLY)
                 except OSError as e:
                     raise CheckpointError(f"cannot open {info.path}: {e}") from None
+        if info.nbytes >= tensorfile.MAP_MIN:
+            return map_tensor(fd, info)
         return read_tensor(fd, info, pool.get(info.nbytes) if pool is not None else None)
 
     @property

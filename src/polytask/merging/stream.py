@@ -301,11 +301,13 @@ class BufferPool:
         return self.get(_nbytes(dtype, shape)).view(dtype).view(shape)
 
     def put(self, *tensors: Tensor) -> None:
-        """Hand tensors back once nothing reads them any more (views of a larger buffer are not pooled)."""
+        """Hand tensors back once nothing reads them any more (views of a larger buffer, and memory torch did not
+        allocate, such as a mapped file's, are not pooled)."""
         for t in tensors:
             nbytes = t.numel() * t.element_size()
+            storage = t.untyped_storage()  # not resizable: memory torch does not own (a mapped tensor)
             if (self.max_bytes <= 0 or nbytes == 0 or nbytes > self.max_bytes or not t.is_contiguous()
-                    or t.storage_offset() != 0 or t.untyped_storage().nbytes() != nbytes):
+                    or t.storage_offset() != 0 or storage.nbytes() != nbytes or not storage.resizable()):
                 continue
             with self.lock:
                 while self.held + nbytes > self.max_bytes and self.free:

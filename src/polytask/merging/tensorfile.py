@@ -1,18 +1,24 @@
 """The safetensors format read and written tensor by tensor with plain file reads and writes.
 
 A safetensors file is an 8-byte little-endian header length, a JSON header (name -> dtype, shape and
-byte offsets into the data that follows) and the raw little-endian tensor bytes. We read one tensor with
-``preadv`` into a fresh buffer instead of mapping the file: a memory map keeps every page it touched
-resident (and counted in the process's memory) until it is closed, so reading a whole model through one
-map would hold the whole model. Writing goes the other way: the header of a shard is computed from the
-shapes known in advance, so each tensor is written at its final offset as soon as it exists, and no
-shard is ever held in memory.
+byte offsets into the data that follows) and the raw little-endian tensor bytes. We read one tensor at a
+time, never a whole file through one map (a map keeps every page it touched resident, and counted in the
+process's memory, until it is closed: a whole model). A small tensor is read with ``preadv`` into a buffer;
+a large one (:data:`MAP_MIN` bytes or more) is a private map of its own byte range, whose pages are read in
+at once (``MADV_POPULATE_READ``) and which is unmapped when the tensor is freed (:func:`map_tensor`): the
+page cache's pages are used in place, with no copy. On a cold cache this brought the 2.4 GB of a
+134M-parameter bfloat16 model and eight variants in in 1.1-1.2 s of wall time and 0.09 s of CPU, against
+2.2-2.9 s and 1.5-2.3 s of system CPU for 16 MiB ``read`` calls (this 2-core VM). Writing goes the other
+way: the header of a shard is computed from the shapes known in advance, so each tensor is written at its
+final offset as soon as it exists, and no shard is ever held in memory.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +32,9 @@ from polytask.errors import CheckpointError
 
 MAX_HEADER = 100 * 1024 * 1024
 _MAX_IO = 1 << 30  # bytes per read/write call (Linux caps one call near 2 GiB)
+MAP_MIN = 1 << 20  # tensors of at least this many bytes are mapped (a map and unmap cost more than a small read)
+_PAGE = mmap.ALLOCATIONGRANULARITY
+_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; Python 3.11's mmap does not name it
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,45 @@ def read_tensor(fd: int, info: TensorInfo, buf: Tensor | None = None) -> Tensor:
                 raise CheckpointError(f"{info.path}: truncated file while reading tensor {info.name!r}")
             done += got
     return buf.view(info.dtype).reshape(info.shape)
+
+
+def map_tensor(fd: int, info: TensorInfo) -> Tensor:
+    """Tensor ``info`` of the open file ``fd`` as a private (copy-on-write) map of its byte range, every page
+    read in before it returns, so that later reads of the tensor never wait for the disk. Writing to the
+    tensor changes only this process's copy of a page. The map lives as long as the tensor (and its views):
+    freeing them unmaps it. Where the system cannot map files, or the range is not aligned to the dtype, the
+    tensor is read (:func:`read_tensor`)."""
+    size = itemsize(info.dtype)
+    if info.nbytes == 0 or size == 0 or info.start % size or not hasattr(mmap, "MAP_PRIVATE"):
+        return read_tensor(fd, info)
+    if os.fstat(fd).st_size < info.end:  # a map past the end of a file faults (SIGBUS) where a read fails
+        raise CheckpointError(f"{info.path}: truncated file while reading tensor {info.name!r}")
+    lo = info.start - info.start % _PAGE
+    try:
+        m = mmap.mmap(fd, info.end - lo, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=lo)
+    except (OSError, ValueError):
+        return read_tensor(fd, info)
+    _populate(m, info)
+    return torch.frombuffer(m, dtype=info.dtype, count=info.numel, offset=info.start - lo).view(info.shape)
+
+
+def _populate(m: mmap.mmap, info: TensorInfo) -> None:
+    """Read every page of the map ``m`` in now (one call), or, where the kernel cannot, touch each page."""
+    try:
+        m.madvise(_POPULATE_READ)
+        return
+    except OSError as e:
+        if e.errno == errno.EFAULT:  # a page beyond the end of the file: it shrank since its header was read
+            raise CheckpointError(f"{info.path}: truncated file while reading tensor {info.name!r}") from None
+        if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise CheckpointError(f"{info.path}: cannot read tensor {info.name!r}: {e}") from None
+    if hasattr(mmap, "MADV_WILLNEED"):
+        m.madvise(mmap.MADV_WILLNEED)
+    view = memoryview(m)
+    try:
+        sum(view[i] for i in range(0, len(m), _PAGE))
+    finally:
+        view.release()
 
 
 def tensor_bytes(t: Tensor) -> memoryview:

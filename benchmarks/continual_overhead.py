@@ -5,9 +5,10 @@ The problem: split-digits class-incremental (5 experiences of 2 classes, one hea
 one thread. Two sides, on the same rows (taken from polytask's stream):
 
 - ``polytask``: :func:`polytask.flows.continual.run_strategy` in a temporary directory, the checkpoint policy as
-  default (a resumable checkpoint with the strategy's state after an epoch, but at most one per second
-  (``train.checkpoint_interval_s``) besides a job's first and last: here two per experience; the end-of-experience
-  model and state, ``done.json``). ``polytask-every-epoch`` sets the interval to 0: a checkpoint after every epoch.
+  default (a resumable checkpoint with the strategy's state after an epoch, but at most one a second from the job's
+  start (``train.checkpoint_interval_s``): none in an experience this short, whose end state (model and strategy
+  state, ``end.safetensors``, and ``done.json``) is written instead; a kill redoes the experience from its start).
+  ``polytask-every-epoch`` sets the interval to 0: a checkpoint after every epoch.
 - ``plain``: the loop a user would write: for each experience, a fresh optimiser, ``epochs`` passes over its
   training rows in a random order (zero_grad, forward, cross-entropy, backward, step, the loss summed for the
   epoch's mean), after each epoch a validation pass (loss and accuracy on the experience's validation rows, as the
@@ -415,7 +416,7 @@ def main() -> None:
         "setup": f"split-digits class-IL (5 x 2 classes), MLP 64-{'-'.join(map(str, HIDDEN))}-10, batch {BATCH}, "
                  f"SGD lr {LR} momentum {MOMENTUM}, {args.epochs} epochs per experience, 1 thread; polytask = "
                  "run_strategy (engine job per experience, default checkpoint policy: a job's checkpoints at most "
-                 "one a second, its first and last always, so here 2 per experience, plus the experience's end); "
+                 "one a second from its start, so none here, and the experience's end state); "
                  "polytask-every-epoch: train.checkpoint_interval_s 0 (a checkpoint every epoch); plain = "
                  "hand-written loop with per-epoch validation and the accuracy row after each experience, no "
                  "checkpoint; plain+save adds a torch.save of model+optimizer per epoch; "

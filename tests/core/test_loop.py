@@ -200,9 +200,10 @@ def test_optimisers_and_schedulers_come_from_their_registries():
 
 
 def test_checkpoint_interval_skips_intermediate_checkpoints_and_resumes_exactly(tmp_path, monkeypatch):
-    """``CheckpointPolicy.interval``: within it of the previous checkpoint, an epoch's checkpoint is skipped (the
-    first and the last are always written); a job stopped after a skipped one resumes from the older checkpoint and
-    ends exactly where an uninterrupted job ends."""
+    """``CheckpointPolicy.interval``: within it of the previous checkpoint or of the job's start, an epoch's
+    checkpoint is skipped (a final job's last is always written, a non-final job's is not); a job stopped after a
+    skipped one resumes from the older checkpoint, or from its start, and ends exactly where an uninterrupted job
+    ends."""
     from polytask.engine import checkpoint
     from polytask.engine.data import TensorBatches
     from polytask.engine.hooks import Hook
@@ -228,8 +229,8 @@ def test_checkpoint_interval_skips_intermediate_checkpoints_and_resumes_exactly(
             if epoch == 3:
                 raise KeyboardInterrupt
 
-    def spec(folder, interval, hooks=()):
-        return TrainSpec(name="iv", tasks=list(suite.tasks),
+    def spec(folder, interval, hooks=(), final=True):
+        return TrainSpec(name="iv", tasks=list(suite.tasks), final=final,
                          model=lambda: build_model(suite.tasks, suite.input_shape, "mlp", {"hidden": [8]}),
                          optimizer=optimizer("sgd", {"lr": 0.1, "momentum": 0.9}),
                          method=build_method(MethodConfig(name="equal"), suite.task_names),
@@ -240,15 +241,24 @@ def test_checkpoint_interval_skips_intermediate_checkpoints_and_resumes_exactly(
     assert saved == [1, 2, 3, 4]
     saved.clear()
     train_job(spec(tmp_path / "sparse", 1e9))
-    assert saved == [1, 4]
+    assert saved == [4]  # only a final job's last
+    saved.clear()
+    train_job(spec(tmp_path / "not-final", 1e9, final=False))
+    assert saved == []
     saved.clear()
     with pytest.raises(KeyboardInterrupt):
-        train_job(spec(tmp_path / "stopped", 1e9, [Stop()]))
-    assert saved == [1]  # epochs 2 and 3 skipped: the stop loses them
-    resumed = train_job(spec(tmp_path / "stopped", 1e9))
-    assert saved == [1, 2, 4]  # a resumption's first checkpoint is written
-    assert resumed["history"] == whole["history"]
-    for name in ("whole", "stopped"):
+        train_job(spec(tmp_path / "stopped", 0.0, [Stop()]))
+    assert saved == [1, 2]
+    saved.clear()
+    with pytest.raises(KeyboardInterrupt):  # within the interval of its start: no checkpoint
+        train_job(spec(tmp_path / "never", 1e9, [Stop()]))
+    assert saved == [] and not (tmp_path / "never" / "last.safetensors").exists()
+    resumed = train_job(spec(tmp_path / "stopped", 1e9))  # from epoch 2: epoch 3's skipped, the last written
+    restarted = train_job(spec(tmp_path / "never", 1e9))  # from the start
+    assert saved == [4, 4]
+    assert resumed["history"] == whole["history"] == restarted["history"]
+    for name in ("whole", "stopped", "never"):
         assert (tmp_path / name / "best.safetensors").is_file()
-    a, b = (checkpoint.load(tmp_path / n / "last.safetensors") for n in ("whole", "stopped"))
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    a, b, c = (checkpoint.load(tmp_path / n / "last.safetensors") for n in ("whole", "stopped", "never"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) and torch.equal(a["model"][k], c["model"][k])
+               for k in a["model"])

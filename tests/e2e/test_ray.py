@@ -69,7 +69,9 @@ class PauseOnce(Hook):
 
 def make_config(tmp_path, name, extra=""):
     path = tmp_path / f"{name}.yaml"
-    path.write_text(tiny_config_yaml(tmp_path, name, NO_CACHE + extra))
+    # a checkpoint every 4 steps however short the run (the kill test needs one on disk early)
+    path.write_text(tiny_config_yaml(tmp_path, name, NO_CACHE + extra).replace(
+        "checkpoint_every: 4", "checkpoint_every: 4\n  checkpoint_interval_s: 0"))
     return load_config(path)
 
 

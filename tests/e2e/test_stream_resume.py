@@ -49,7 +49,7 @@ suite:
   name: table
   params: {{path: {root / 'data.parquet'}, targets: [label, price], stream: true, shuffle_rows: 200}}
 model: {{backbone: mlp, backbone_params: {{hidden: [32, 16], dropout: 0.1}}}}
-train: {{epochs: 2, batch_size: 32, checkpoint_every: 4, optimizer: {{name: adam, lr: 0.01}}}}
+train: {{epochs: 2, batch_size: 32, checkpoint_every: 4, checkpoint_interval_s: 0, optimizer: {{name: adam, lr: 0.01}}}}
 methods: [equal, {{name: coba, params: {{warmup_steps: 5, window: 4}}}}]
 baselines: {{single_task: false, cache: false}}
 output: {{dir: {root}, name: {name}}}

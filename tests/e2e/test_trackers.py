@@ -35,7 +35,7 @@ suite:
   name: synthetic
   params: {{d: 8, groups: [2], unrelated: 0, conflicting_pairs: 0, n_train: 200, n_val: 60, n_test: 60}}
 model: {{backbone: mlp, backbone_params: {{hidden: [32]}}}}
-train: {{epochs: 2, batch_size: 50, checkpoint_every: 0, optimizer: {{name: adam, lr: 0.01}}}}
+train: {{epochs: 2, batch_size: 50, checkpoint_every: 0, checkpoint_interval_s: 0, optimizer: {{name: adam, lr: 0.01}}}}
 methods: [uw]
 baselines: {{cache: false}}
 output: {{dir: {tmp}, name: {name}}}
@@ -216,10 +216,9 @@ def test_tracker_hooks_pickle_without_their_connections_and_log_to_the_same_sub_
 
 
 def test_a_continual_study_logs_each_experience_and_its_metrics(tmp_path):
-    """``polytask continual``: a sub-run per experience's job holding the job's history (as its checkpoint keeps it),
+    """``polytask continual``: a sub-run per experience's job holding the job's history (as done.json keeps it),
     and the study's metrics per strategy and seed as the summary."""
     from polytask.continual.config import ContinualConfig
-    from polytask.engine import checkpoint
     from polytask.flows.continual import continual
 
     cfg = ContinualConfig.model_validate({
@@ -235,7 +234,7 @@ def test_a_continual_study_logs_each_experience_and_its_metrics(tmp_path):
     jobs = sorted(p.name for p in (run_dir / "jobs" / "naive-s0").iterdir())
     assert jobs == ["e0", "e1", "e2", "e3", "e4"]
     for e in jobs:
-        history = checkpoint.load(run_dir / "jobs" / "naive-s0" / e / "last.safetensors")["history"]
+        history = json.loads((run_dir / "jobs" / "naive-s0" / e / "done.json").read_text())["history"]
         want: dict[str, list] = defaultdict(list)
         for r in history:
             for k, v in r.items():

@@ -223,10 +223,11 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None,
 
     own = writer is None
     writer = checkpoint.BackgroundWriter() if writer is None else writer
-    saved_at = -math.inf
+    saved_at = time.perf_counter()  # the job's start (or resumption) counts as its latest checkpoint
 
     def save_checkpoint(last: bool = False) -> None:
-        """Queue a checkpoint, unless the previous one is younger than ``policy.interval`` (``last``: always)."""
+        """Queue a checkpoint, unless the previous one (or the job's start) is younger than ``policy.interval``
+        (``last``: always)."""
         nonlocal saved_at
         now = time.perf_counter()
         if not writes or (not last and now - saved_at < policy.interval):
@@ -311,7 +312,7 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None,
             pos.epoch += 1
             pos.step = 0
             state.totals = EpochTotals.zeros(len(tasks))
-            save_checkpoint(last=pos.epoch == spec.epochs)
+            save_checkpoint(last=pos.epoch == spec.epochs and spec.final)
     reporter.finish()
 
     if spec.select == "best":

@@ -29,9 +29,11 @@ TIMING = "timing.json"  # wall time so far; kept out of the checkpoint so that i
 class CheckpointPolicy:
     """Where a job keeps its state (``dir``: ``last.safetensors``, ``best.safetensors``, ``timing.json``) and how
     often: after every epoch, and also every ``every`` steps (0: epochs only), but not within ``interval`` seconds of
-    the previous checkpoint (the first checkpoint of a job, or of its resumption, and the last epoch's are always
-    written). A resume is exact from any checkpoint; ``interval`` bounds what checkpoints cost when epochs are short
-    (a kill then loses at most ``interval`` seconds and one epoch of training; 0: every epoch, as often as asked)."""
+    the previous checkpoint or of the job's start (or resumption); the last epoch's is always written when the job
+    is final (``TrainSpec.final``: a caller that goes on, the continual flow, saves the job's end state itself). A
+    resume is exact from any checkpoint, and from none (the job starts again); ``interval`` bounds what checkpoints
+    cost when epochs are short (a kill then loses at most ``interval`` seconds and one epoch of training; a job
+    shorter than ``interval`` writes only its last checkpoint, or none; 0: every epoch, as often as asked)."""
 
     dir: Path
     every: int = 0

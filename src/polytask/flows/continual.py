@@ -3,16 +3,19 @@
 Layout of the run directory::
 
     config.yaml                    the resolved continual config
-    jobs/<strategy>-s<seed>/e<i>/  experience i's job (the engine's checkpoints), then ``end.safetensors`` (the model
-                                   and the strategy's state after it) and ``done.json`` (its row of the matrix)
+    jobs/<strategy>-s<seed>/e<i>/  experience i's job (the engine's checkpoints, at most one a
+                                   ``train.checkpoint_interval_s``), then ``end.safetensors`` (the model and the
+                                   strategy's state after it) and ``done.json`` (its row of the matrix, steps, wall
+                                   time and the job's per-epoch history)
     summary.json                   ``results``: per strategy label, one entry per seed with its accuracy matrix, the
                                    initial model's accuracies, the metrics, time and the strategy's state size
     report.html                    the matrices as heatmaps, the accuracy of each experience over the stream
 
 Each experience is one job of the engine (``select="last"``: the weights after its last epoch go on to the next
 experience), with the strategy riding on it as a hook and a fresh optimiser. A run killed anywhere resumes exactly:
-inside an experience from the job's checkpoint (the strategy's state included), between experiences from the last
-``end.safetensors``. Every strategy of a seed starts from the same initial model and sees the same batches.
+inside an experience from the job's checkpoint (the strategy's state included), or from the experience's start when
+it has none yet (an experience shorter than the checkpoint interval writes none: its end state is the next thing
+saved), between experiences from the last ``end.safetensors``. Every strategy of a seed starts from the same initial model and sees the same batches.
 
 A strategy's memory is what it keeps beside the model (``state_numel``: buffers, Fisher matrices, old weights, the
 entries of every tensor of its checkpointed state) plus what it adds to the model (``added_numel``: prompt pools,
@@ -122,9 +125,10 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
             strategy.end(model, stream, i, device)
             row = _row(model, stream, tc.eval_batch_size)
             wall = result["wall_time_s"] + time.perf_counter() - t0
-            done = {"accuracy": row, "steps": result["steps"], "wall_time_s": wall}
+            done = {"accuracy": row, "steps": result["steps"], "wall_time_s": wall, "history": result["history"]}
             # written while the next experience trains: end.safetensors, then done.json (a kill between the two, or
-            # before either lands, redoes the experience's end from its last checkpoint, which gives the same bytes)
+            # before either lands, redoes the experience from its last checkpoint, or from its start when it was
+            # shorter than the checkpoint interval: the same bytes either way)
             writer.save(d / END, {"model": model.state_dict(), "strategy": strategy.state_dict()},
                         lambda d=d, done=done: atomic_write_json(d / DONE, done))
             rows.append(row)

@@ -15,7 +15,8 @@ Each experience is one job of the engine (``select="last"``: the weights after i
 experience), with the strategy riding on it as a hook and a fresh optimiser. A run killed anywhere resumes exactly:
 inside an experience from the job's checkpoint (the strategy's state included), or from the experience's start when
 it has none yet (an experience shorter than the checkpoint interval writes none: its end state is the next thing
-saved), between experiences from the last ``end.safetensors``. Every strategy of a seed starts from the same initial model and sees the same batches.
+saved), between experiences from the last ``end.safetensors``. Every strategy of a seed starts from the same
+initial model and sees the same batches.
 
 A strategy's memory is what it keeps beside the model (``state_numel``: buffers, Fisher matrices, old weights, the
 entries of every tensor of its checkpointed state) plus what it adds to the model (``added_numel``: prompt pools,

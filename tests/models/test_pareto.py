@@ -284,7 +284,7 @@ seed: 0
 suite: {{name: synthetic, params: {{d: 8, groups: [], unrelated: 0, conflicting_pairs: 1, n_train: 256, n_val: 128,
                                     n_test: 128}}}}
 model: {{backbone: mlp, backbone_params: {{hidden: [16]}}}}
-train: {{epochs: 3, batch_size: 32, checkpoint_every: 5, optimizer: {{name: adam, lr: 0.01}}}}
+train: {{epochs: 3, batch_size: 32, checkpoint_every: 5, checkpoint_interval_s: 0, optimizer: {{name: adam, lr: 0.01}}}}
 methods: [{{name: pamal, params: {{samples: 2, reg_coefficient: 1.0}}}}, equal]
 baselines: {{single_task: false}}
 output: {{dir: {root}, name: run}}

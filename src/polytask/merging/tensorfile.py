@@ -6,10 +6,12 @@ time, never a whole file through one map (a map keeps every page it touched resi
 process's memory, until it is closed: a whole model). A small tensor is read with ``preadv`` into a buffer;
 a large one (:data:`MAP_MIN` bytes or more) is a private map of its own byte range, whose pages are read in
 at once (``MADV_POPULATE_READ``) and which is unmapped when the tensor is freed (:func:`map_tensor`): the
-page cache's pages are used in place, with no copy. On a cold cache this brought the 2.4 GB of a
-134M-parameter bfloat16 model and eight variants in in 1.1-1.2 s of wall time and 0.09 s of CPU, against
-2.2-2.9 s and 1.5-2.3 s of system CPU for 16 MiB ``read`` calls (this 2-core VM). Writing goes the other
-way: the header of a shard is computed from the shapes known in advance, so each tensor is written at its
+page cache's pages are used in place, with no copy into a buffer (on a cold cache, populating the maps of a
+134M-parameter bfloat16 model and eight variants, 2.4 GB, took 1.1-1.2 s and 0.09 s of CPU, against 2.2-2.9 s
+and 1.5-2.3 s of system CPU for 16 MiB ``read`` calls; on this 2-core VM the first touch of the new pages,
+about 2 s of CPU, then falls on the merge's own reads, so a cold merge's system CPU fell by 1.1-2.5 s and its
+wall time stayed within the machine's noise, and a warm TIES merge took 3.3-3.7 s instead of 4.1-4.3). Writing
+goes the other way: the header of a shard is computed from the shapes known in advance, so each tensor is written at its
 final offset as soon as it exists, and no shard is ever held in memory.
 """
 

@@ -478,8 +478,8 @@ def test_the_writer_flushes_shards_as_it_writes_only_with_fsync(make_family, tmp
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "average"])
 def test_mapped_tensors_merge_as_read_ones_and_never_change_the_inputs(make_family, tmp_path, monkeypatch, method):
     """Every tensor mapped (``MAP_MIN`` 1): the merge equals the in-memory one, the inputs' bytes are unchanged
-    (the maps are private: ``average`` widens nothing and writes into its first float32 input), and a mapped
-    tensor is writable, copy on write."""
+    (the maps are private: ``average`` writes its result into the base's buffer, here the float32 base's map),
+    and a mapped tensor is writable, copy on write."""
     from polytask.merging import tensorfile
     from polytask.merging.stream import BufferPool
 

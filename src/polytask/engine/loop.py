@@ -223,7 +223,6 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None,
 
     own = writer is None
     writer = checkpoint.BackgroundWriter() if writer is None else writer
-    saved_at = time.perf_counter()  # the job's start (or resumption) counts as its latest checkpoint
 
     def save_checkpoint(last: bool = False) -> None:
         """Queue a checkpoint, unless the previous one (or the job's start) is younger than ``policy.interval``
@@ -254,7 +253,7 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None,
     steps = math.ceil(n_batches / n_micro)
     pos = state.position
     reporter.start(spec.name, spec.epochs * steps, pos.epoch * steps + pos.step)
-    t0 = time.perf_counter()
+    t0 = saved_at = time.perf_counter()  # the job's start (or resumption) counts as its latest checkpoint
     with writer if own else contextlib.nullcontext():
         model.train()
         while pos.epoch < spec.epochs:

@@ -20,6 +20,11 @@ def _spec() -> str:
     return os.environ.get("POLYTASK_KILL_AT", "")
 
 
+def armed(kind: str) -> bool:
+    """Whether ``POLYTASK_KILL_AT`` names an event of ``kind`` (a loop asks once, then counts only when it does)."""
+    return _spec().startswith(kind + ":")
+
+
 def hit(kind: str, name: str = "") -> None:
     """Count an event; SIGKILL this process if ``POLYTASK_KILL_AT`` names this occurrence."""
     spec = _spec()

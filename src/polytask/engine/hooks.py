@@ -108,6 +108,12 @@ def check_hooks(hooks: Sequence[Hook]) -> None:
             raise ConfigError(f"hooks: two hooks are named {n!r}; give each its own name (it keys its state)")
 
 
+def overriding(hooks: Sequence[Hook], method: str) -> list[Hook]:
+    """The hooks that define ``method`` themselves: the base class's does nothing, so the loop calls only these."""
+    base = getattr(Hook, method)
+    return [h for h in hooks if getattr(getattr(h, method), "__func__", None) is not base]
+
+
 def train_batch(hooks: Sequence[Hook], run: Run, step: StepView) -> Batch | None:
     """The batch the step trains on when a hook replaces it (the last hook that does wins), else None."""
     out = None

@@ -32,11 +32,11 @@ from torch import Tensor
 
 from polytask.engine import checkpoint, distributed, faults
 from polytask.engine.data import Batch
-from polytask.engine.hooks import Run, StepView, before_update, check_hooks, extra_loss, train_batch
+from polytask.engine.hooks import Run, StepView, before_update, check_hooks, extra_loss, overriding, train_batch
 from polytask.engine.progress import Reporter
 from polytask.engine.spec import TrainSpec
 from polytask.engine.state import Best, EpochTotals, LoopState, Position, seed_everything
-from polytask.engine.step import accumulated_step, autocast, full, step_generator, task_loss
+from polytask.engine.step import accumulated_step, autocast, full, step_generator, task_losses
 from polytask.errors import CheckpointError, ConfigError, DivergenceError
 from polytask.io import atomic_write_bytes, atomic_write_json
 from polytask.models import MultiTaskModel
@@ -44,21 +44,6 @@ from polytask.tasks.task import Task, TaskData
 from polytask.weighting import StepContext
 
 # ---------------------------------------------------------------- losses and evaluation
-
-
-def task_losses(model: MultiTaskModel, sources: Sequence[TaskData], rows: Sequence[Tensor],
-                tasks: Sequence[Task]) -> Tensor:
-    """The K per-task mean losses of one step, each over the rows labelled for that task."""
-    out: dict[str, Tensor] = {}
-    for src, r in zip(sources, rows, strict=True):
-        names = [t.name for t in tasks if t.name in src.y]
-        preds = model(src.x[r], names)
-        for t in tasks:
-            if t.name in src.y:
-                out[t.name] = task_loss(t, src, r, preds[t.name])
-    if len(tasks) == 1:  # one node fewer to build and to run backward through than a stack
-        return out[tasks[0].name].unsqueeze(0)
-    return torch.stack([out[t.name] for t in tasks])
 
 
 @torch.no_grad()
@@ -248,6 +233,12 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None,
             model.train()
 
     cast = autocast(spec.precision, device)
+    # the hooks that do something at each point of a step (the others are not called), and the step's generator
+    stepping, replacing, adding, updating = (overriding(hooks, m) for m in
+                                             ("on_step", "train_batch", "extra_loss", "before_update"))
+    watched = bool(stepping or replacing or adding or updating)
+    generator = torch.Generator()
+    count_steps = faults.armed("step")
     n_micro = spec.accumulate
     n_batches = data.steps_per_epoch()
     steps = math.ceil(n_batches / n_micro)
@@ -261,18 +252,23 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None,
             batches = data.epoch(seed, epoch)
             acc = state.totals
             while pos.step < steps:
-                micro = [batches[i] for i in range(pos.step * n_micro, min((pos.step + 1) * n_micro, n_batches))]
-                view = StepView(epoch, pos.step, pos.global_step, merge_batches(micro))
+                micro = [batches[pos.step]] if n_micro == 1 else \
+                    [batches[i] for i in range(pos.step * n_micro, min((pos.step + 1) * n_micro, n_batches))]
                 ctx = StepContext(pos.global_step, epoch, None, val_losses if method.needs_val else None, steps,
-                                  step_generator(seed, pos.global_step))
-                for h in hooks:
-                    h.on_step(run, view)
-                joined = train_batch(hooks, run, view) if hooks else None
+                                  step_generator(seed, pos.global_step, generator))
+                joined = view = None
+                if watched:
+                    view = StepView(epoch, pos.step, pos.global_step, merge_batches(micro))
+                    for h in stepping:
+                        h.on_step(run, view)
+                    joined = train_batch(replacing, run, view) if replacing else None
                 pairs = [(b.sources, b.rows) for b in micro] if joined is None else [(joined.sources, joined.rows)]
                 losses, weights, state.method = accumulated_step(
                     model, method, state.method, pairs, tasks, opt, ctx, loss_fn,
-                    extra=(lambda view=view: extra_loss(hooks, run, view)) if hooks else None, precision=spec.precision,
-                    before_update=(lambda view=view: before_update(hooks, run, view)) if hooks else None, comm=comm)
+                    extra=(lambda view=view: extra_loss(adding, run, view)) if adding else None,
+                    precision=spec.precision,
+                    before_update=(lambda view=view: before_update(updating, run, view)) if updating else None,
+                    comm=comm)
                 losses = losses.detach().cpu()
                 if not all(map(math.isfinite, losses.tolist())):  # one read a step; the check names the task
                     check_finite(spec.name, tasks, losses, "training", epoch + 1,
@@ -285,7 +281,8 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None,
                 pos.step += 1
                 pos.global_step += 1
                 reporter.advance()
-                faults.hit("step")
+                if count_steps:
+                    faults.hit("step")
                 if policy.every and pos.global_step % policy.every == 0 and pos.step < steps:
                     save_checkpoint()
             if sched is not None:
@@ -304,8 +301,9 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None,
                 state.best = Best(score, epoch + 1, val_scores)  # "best" is the last epoch; no weights copied
             elif score < state.best.score:
                 state.best = Best(score, epoch + 1, val_scores, {k: v.clone() for k, v in model.state_dict().items()})
-            reporter.log(f"[{spec.name}] epoch {epoch + 1}/{spec.epochs} " + " ".join(
-                f"{t}.{m}={v:.4f}" for t, s in val_scores.items() for m, v in s.items() if m != "loss"))
+            if not reporter.quiet:
+                reporter.log(f"[{spec.name}] epoch {epoch + 1}/{spec.epochs} " + " ".join(
+                    f"{t}.{m}={v:.4f}" for t, s in val_scores.items() for m, v in s.items() if m != "loss"))
             for h in hooks:
                 h.on_epoch(run, epoch + 1)
             pos.epoch += 1

@@ -108,6 +108,7 @@ class Method:
     mode: str = "params"
     chunk: int = 0
     sam_rho: float = 0.0
+    unit: bool = False  # a weighting whose weights are fixed at 1 (one task's loss then goes backward as it is)
 
     def init(self) -> State:
         """The method's fresh state (F-MTL keeps one for the loss step and one for the flat-gradient step)."""
@@ -128,8 +129,10 @@ def build_method(cfg: MethodConfig, task_names: Sequence[str]) -> Method:
                           "JointStep or a continual stream")
     kind = entry.extra.get("kind", "weighting")
     impl = registry.build(cfg.name, cfg.params, list(task_names), where=f"methods.{cfg.label}.params")
+    fixed = getattr(impl, "fixed", None) if kind == "weighting" else None
     method = Method(cfg.name, kind, impl, bool(entry.extra.get("weights_heads")), bool(entry.extra.get("needs_val")),
-                    cfg.grad_mode, cfg.chunk_size, cfg.sam_rho)
+                    cfg.grad_mode, cfg.chunk_size, cfg.sam_rho,
+                    fixed is not None and bool((fixed == 1).all()) and impl.after_step is None)
     if kind == "weighting" and cfg.sam_rho:
         raise ConfigError(f"methods.{cfg.label}.sam_rho: F-MTL needs a gradient aggregator (e.g. mean), "
                           f"not the loss weighting {cfg.name!r}")
@@ -138,10 +141,11 @@ def build_method(cfg: MethodConfig, task_names: Sequence[str]) -> Method:
     return method
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
+def step_generator(seed: int, step: int, into: torch.Generator | None = None) -> torch.Generator:
     """The generator of a step's random draws (RLW, PCGrad, GradDrop), a pure function of (seed, step) so a resumed
-    run, or the same run driven by :class:`polytask.JointStep`, draws the same numbers."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+    run, or the same run driven by :class:`polytask.JointStep`, draws the same numbers. ``into``: a CPU generator to
+    reseed (a job's, reused from step to step) instead of a new one."""
+    return (torch.Generator() if into is None else into).manual_seed(seed * 1_000_003 + step)
 
 
 def _set_grads(params: Sequence[torch.nn.Parameter], grads: Sequence[Tensor]) -> None:
@@ -431,8 +435,13 @@ def train_step(model: MultiTaskModel, method: Method, state: State, sources: Seq
     loss_fn = _cast_losses(loss_fn, cast)
     opt.zero_grad(set_to_none=True)
     if method.kind == "weighting":
-        losses = loss_fn(model, sources, rows, tasks)
-        weights, state = weighted_backward(method, state, losses, ctx)
+        one = _single_loss(model, sources, rows, tasks) if method.unit and loss_fn is task_losses else None
+        if one is not None:  # Σ_k w_k L_k with one task weighted 1: its loss itself (the same gradients, fewer nodes)
+            one.backward()
+            losses, weights = one.detach().reshape(1), method.impl.fixed
+        else:
+            losses = loss_fn(model, sources, rows, tasks)
+            weights, state = weighted_backward(method, state, losses, ctx)
         _update(opt, model, extra, before_update)
         if method.impl.after_step is not None:
             with torch.no_grad():
@@ -474,11 +483,38 @@ def _with_losses(ctx: StepContext, losses: Tensor) -> StepContext:
     return replace(ctx, losses=losses.detach())
 
 
+def task_losses(model: MultiTaskModel, sources: Sequence[TaskData], rows: Sequence[Tensor],
+                tasks: Sequence[Task]) -> Tensor:
+    """The K per-task mean losses of one step, each over the rows labelled for that task (the engine's loss function
+    unless a job brings its own)."""
+    one = _single_loss(model, sources, rows, tasks)
+    if one is not None:  # one node fewer to build and to run backward through than a stack
+        return one.unsqueeze(0)
+    out: dict[str, Tensor] = {}
+    for src, r in zip(sources, rows, strict=True):
+        names = [t.name for t in tasks if t.name in src.y]
+        preds = model(src.x[r], names)
+        for t in tasks:
+            if t.name in src.y:
+                out[t.name] = task_loss(t, src, r, preds[t.name])
+    return torch.stack([out[t.name] for t in tasks])
+
+
+def _single_loss(model: MultiTaskModel, sources: Sequence[TaskData], rows: Sequence[Tensor],
+                 tasks: Sequence[Task]) -> Tensor | None:
+    """The loss of the one task of a step on one source labelled for it (a scalar), else None."""
+    if len(tasks) != 1 or len(sources) != 1 or tasks[0].name not in sources[0].y:
+        return None
+    task, src, r = tasks[0], sources[0], rows[0]
+    return task_loss(task, src, r, model(src.x[r], [task.name])[task.name])
+
+
 def task_loss(task: Task, src: TaskData, rows: Tensor, pred: Tensor) -> Tensor:
     """``task``'s mean loss on rows ``rows`` of ``src`` from its predictions ``pred`` of them: one fused loss when the
     source is labelled everywhere for the task, else over the labelled rows (:func:`masked_loss`)."""
-    y = src.y[task.name][rows]
-    return task.mean_loss(pred, y) if src.complete(task.name) and len(rows) else masked_loss(task, pred, y)
+    if src.complete(task.name) and len(rows):
+        return task.mean_loss(pred, src.labels(task)[rows])
+    return masked_loss(task, pred, src.y[task.name][rows])
 
 
 def masked_loss(task: Task, pred: Tensor, y: Tensor) -> Tensor:

@@ -240,6 +240,17 @@ class TaskData:
             known[task] = bool(Task.mask(self.y[task]).all())
         return known[task]
 
+    def labels(self, task: Task) -> Tensor:
+        """``task``'s targets as its loss takes them (class indices as int64 for a classification task, where the
+        targets hold floats so that NaN can mark a missing label), converted once per source and task: for a source
+        where every row is labelled (``complete``). The same contract as ``complete``: targets are not changed in
+        place after the first call."""
+        known = self.__dict__.setdefault("_labels", {})
+        y = known.get(task.name)
+        if y is None:
+            y = known[task.name] = self.y[task.name].long() if task.kind == "classification" else self.y[task.name]
+        return y
+
     def to(self, device: torch.device | str) -> TaskData:
         """The same data on ``device`` (no copy when already there)."""
         return TaskData(self.x.to(device), {k: v.to(device) for k, v in self.y.items()}, self.index)

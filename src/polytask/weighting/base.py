@@ -43,11 +43,14 @@ class StepContext:
 
 class Weighting(NamedTuple):
     """``update(state, losses, ctx) -> (weights, state)``; optional ``after_step(state, new_losses, ctx)``
-    receives the losses recomputed on the same batch after the optimiser step (FAMO) and returns the state."""
+    receives the losses recomputed on the same batch after the optimiser step (FAMO) and returns the state.
+    ``fixed``: the weights, when ``update`` always returns them and leaves the state as it is (equal, static): the
+    engine may then skip the call."""
 
     init: Callable[[], State]
     update: Callable[[State, Tensor, StepContext], tuple[Tensor, State]]
     after_step: Callable[[State, Tensor, StepContext], State] | None = None
+    fixed: Tensor | None = None
 
 
 WeightingBuilder = Callable[[Any, Sequence[str]], Weighting]

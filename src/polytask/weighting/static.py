@@ -19,7 +19,7 @@ def _fixed(weights: torch.Tensor) -> Weighting:
     def update(state: State, losses: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, State]:
         return weights.to(losses.device, losses.dtype), state
 
-    return Weighting(init, update)
+    return Weighting(init, update, fixed=weights)
 
 
 @register("equal", summary="every task weight 1: minimise the sum of the task losses",

@@ -170,6 +170,7 @@ def test_a_hook_that_replaces_the_batch_trains_the_step_on_its_rows(tmp_path):
     """One SGD step with the hook equals one step without it on the rows the hook gave (a batch of 9 rows, one of
     them twice), and the hook saw the step's own batch (all 16 rows)."""
     out = {}
+    hooks_seen = None  # the rows the hook saw, set by the first ("swapped") run
     for name, hooks in (("swapped", [Swap()]), ("direct", [])):
         s = spec(tmp_path / name, hooks, method=MethodConfig(name="equal"),
                  opt=optimizer("sgd", {"lr": 0.1, "momentum": 0.0}), epochs=1)
@@ -177,6 +178,7 @@ def test_a_hook_that_replaces_the_batch_trains_the_step_on_its_rows(tmp_path):
         model = build_model(s.tasks, (6,), "mlp", {"hidden": [16]})  # no dropout: the rows' order cannot matter
         train = s.data.splits["train"][0].take(torch.arange(16))
         if name == "direct":  # the rows the hook picks from this one batch of 16, in its order
+            assert hooks_seen is not None
             train = train.take(torch.cat([hooks_seen[: 8], hooks_seen[:1]]))
         one_batch = TensorBatches({**s.data.splits, "train": [train]}, 16)
         train_job(TrainSpec(**{**vars(s), "model": model, "data": one_batch}))

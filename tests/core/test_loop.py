@@ -127,6 +127,21 @@ def test_epoch_batches(sizes, bs, seed, epoch):
     assert all(torch.equal(a, b) for x, y in zip(batches, again, strict=False) for a, b in zip(x, y, strict=False))
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.integers(0, 9), st.integers(0, 2**32 + 5), st.integers(0, 2**100)), max_size=9))
+def test_key_seed_is_numpys_seed_sequence(key):
+    """The batch order's seed is numpy's SeedSequence state (computed in Python): keys of any length (beyond the
+    pool of 4 words too), integers of several 32-bit words, zeros; a negative integer is refused as numpy does."""
+    import numpy as np
+
+    from polytask.engine.data import key_seed
+
+    want = int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0] >> 1)
+    assert key_seed(key) == want
+    with pytest.raises(ValueError, match="negative"):
+        key_seed([*key, -1])
+
+
 def test_init_from_loads_matching_tensors(tmp_path):
     from safetensors.torch import save_file
 

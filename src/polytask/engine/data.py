@@ -26,9 +26,57 @@ from polytask.tasks.task import Task, TaskData
 _LOCAL = threading.local()  # one generator per thread, reseeded by every permutation (no generator made per call)
 
 
+_M32 = 0xFFFFFFFF
+_INIT_A, _MULT_A, _INIT_B, _MULT_B = 0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38DED  # numpy's SeedSequence constants
+_MIX_L, _MIX_R = 0xCA01F9DD, 0x4973F715
+
+
+def key_seed(key: Sequence[int]) -> int:
+    """A 63-bit seed that depends only on the non-negative integers of ``key``:
+    ``np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1``, computed here in Python (the same number,
+    checked against numpy in the tests). numpy's object costs 0.1-0.2 ms when its code is cold, as it is once per
+    epoch in the loop; this costs a fifth of that."""
+    words: list[int] = []  # every integer as 32-bit words, low first (0 is one word), as SeedSequence reads it
+    for k in key:
+        k = int(k)
+        if k < 0:
+            raise ValueError(f"key_seed: {k} is negative")
+        words.append(k & _M32)
+        while k := k >> 32:
+            words.append(k & _M32)
+    h = _INIT_A
+
+    def hashmix(v: int) -> int:
+        nonlocal h
+        v ^= h
+        h = h * _MULT_A & _M32
+        v = v * h & _M32
+        return v ^ v >> 16
+
+    def mix(x: int, y: int) -> int:
+        r = (_MIX_L * x - _MIX_R * y) & _M32
+        return r ^ r >> 16
+
+    pool = [hashmix(words[i] if i < len(words) else 0) for i in range(4)]
+    for i in range(4):
+        for j in range(4):
+            if i != j:
+                pool[j] = mix(pool[j], hashmix(pool[i]))
+    for w in words[4:]:
+        for j in range(4):
+            pool[j] = mix(pool[j], hashmix(w))
+    out, h = [], _INIT_B
+    for v in pool[:2]:  # two 32-bit words make the uint64, low word first
+        v ^= h
+        h = h * _MULT_B & _M32
+        v = v * h & _M32
+        out.append(v ^ v >> 16)
+    return (out[0] | out[1] << 32) >> 1
+
+
 def permutation(n: int, *key: int) -> Tensor:
     """A random permutation of range(n) that depends only on the integers in ``key``."""
-    seed = int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0] >> 1)
+    seed = key_seed(key)
     gen = getattr(_LOCAL, "generator", None)
     if gen is None:
         gen = _LOCAL.generator = torch.Generator()

@@ -237,6 +237,7 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None,
     stepping, replacing, adding, updating = (overriding(hooks, m) for m in
                                              ("on_step", "train_batch", "extra_loss", "before_update"))
     watched = bool(stepping or replacing or adding or updating)
+    ending = overriding(hooks, "on_epoch")
     generator = torch.Generator()
     count_steps = faults.armed("step")
     n_micro = spec.accumulate
@@ -269,15 +270,11 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None,
                     precision=spec.precision,
                     before_update=(lambda view=view: before_update(updating, run, view)) if updating else None,
                     comm=comm)
-                losses = losses.detach().cpu()
-                if not all(map(math.isfinite, losses.tolist())):  # one read a step; the check names the task
-                    check_finite(spec.name, tasks, losses, "training", epoch + 1,
+                values = losses.tolist()  # one read a step
+                if not all(map(math.isfinite, values)):  # the check names the task
+                    check_finite(spec.name, tasks, losses.detach().cpu(), "training", epoch + 1,
                                  f", step {pos.step + 1} of {steps} (global step {pos.global_step + 1})")
-                acc.loss += losses  # float64 += float32 widens each loss exactly (no .double() copy)
-                if weights is not None:
-                    acc.weight += weights.cpu()
-                    acc.nw += 1
-                acc.n += 1
+                acc.add(values, None if weights is None else weights.tolist())
                 pos.step += 1
                 pos.global_step += 1
                 reporter.advance()
@@ -292,8 +289,8 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None,
             if not all(map(math.isfinite, val_losses_now)):  # the check (a tensor) only when one is not finite
                 check_finite(spec.name, [t for t in tasks if t.name in val_scores],
                              torch.tensor(val_losses_now, dtype=torch.float64), "validation", epoch + 1)
-            train_scores = {t.name: {"loss": float(acc.loss[k] / acc.n)} for k, t in enumerate(tasks)}
-            weights_now = {t.name: {"weight": float(acc.weight[k] / acc.nw)} for k, t in enumerate(tasks) if acc.nw}
+            train_scores = {t.name: {"loss": acc.loss[k] / acc.n} for k, t in enumerate(tasks)}
+            weights_now = {t.name: {"weight": acc.weight[k] / acc.nw} for k, t in enumerate(tasks) if acc.nw}
             state.history += _records(spec.name, epoch + 1, pos.global_step, "train", train_scores, weights_now)
             state.history += _records(spec.name, epoch + 1, pos.global_step, "val", val_scores)
             score = selection_score(val_scores)
@@ -304,7 +301,7 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None,
             if not reporter.quiet:
                 reporter.log(f"[{spec.name}] epoch {epoch + 1}/{spec.epochs} " + " ".join(
                     f"{t}.{m}={v:.4f}" for t, s in val_scores.items() for m, v in s.items() if m != "loss"))
-            for h in hooks:
+            for h in ending:
                 h.on_epoch(run, epoch + 1)
             pos.epoch += 1
             pos.step = 0

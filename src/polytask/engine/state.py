@@ -72,16 +72,31 @@ class Position:
 
 @dataclass
 class EpochTotals:
-    """Running sums over the current epoch: per-task loss and weight (float64), steps, steps with weights."""
+    """Running sums over the current epoch: per-task loss and weight (Python floats: float64, each float32 value
+    widened exactly), steps, steps with weights."""
 
-    loss: Tensor
-    weight: Tensor
+    loss: list[float]
+    weight: list[float]
     n: int = 0
     nw: int = 0
 
+    def __post_init__(self) -> None:  # checkpoints of earlier versions hold the sums as float64 tensors
+        if isinstance(self.loss, Tensor):
+            self.loss = self.loss.tolist()
+        if isinstance(self.weight, Tensor):
+            self.weight = self.weight.tolist()
+
     @classmethod
     def zeros(cls, k: int) -> EpochTotals:
-        return cls(torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64))
+        return cls([0.0] * k, [0.0] * k)
+
+    def add(self, losses: list[float], weights: list[float] | None) -> None:
+        """Count one step's K losses (and weights, when the method has them)."""
+        self.loss = [a + b for a, b in zip(self.loss, losses, strict=True)]
+        if weights is not None:
+            self.weight = [a + b for a, b in zip(self.weight, weights, strict=True)]
+            self.nw += 1
+        self.n += 1
 
 
 @dataclass

@@ -94,6 +94,8 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
     steps = range(1) if strategy.joint else range(len(stream.experiences))
     rows: list[list[float]] = []
     seconds = 0.0
+    optimizer, scheduler = optimizer_of(tc), scheduler_of(tc)  # factories: each experience gets a fresh optimiser
+    methods: dict[tuple[str, ...], Any] = {}  # the method built once per set of tasks (its state starts per job)
     with checkpoint.BackgroundWriter() as writer:
         for i in steps:
             d = job_dir / ("all" if strategy.joint else f"e{i}")
@@ -112,9 +114,12 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
             name = f"{entry.label}-s{seed}/{d.name}"
             tracked = trackers.hooks(name, {"job": name, "strategy": entry.name, "seed": str(seed),
                                             "experience": d.name})
+            names = tuple(t.name for t in suite.tasks)
+            if names not in methods:
+                methods[names] = build_method(config.method, names)
             spec = TrainSpec(
-                name=name, tasks=suite.tasks, model=model, optimizer=optimizer_of(tc),
-                scheduler=scheduler_of(tc), method=build_method(config.method, [t.name for t in suite.tasks]),
+                name=name, tasks=suite.tasks, model=model, optimizer=optimizer, scheduler=scheduler,
+                method=methods[names],
                 data=batch_source(suite.splits, tc.batch_size), epochs=tc.epochs,
                 checkpoint=CheckpointPolicy(d, tc.checkpoint_every, tc.checkpoint_interval_s),
                 seed=(seed + zlib.crc32(d.name.encode())) % 2**32,

@@ -28,11 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from polytask.engine.data import Batch, _Lazy, permutation
+from polytask.engine.data import Batch, _Lazy, key_seed, permutation
 from polytask.engine.optim import OptimizerFactory, SchedulerFactory
 from polytask.engine.spec import CheckpointPolicy, TrainSpec
 from polytask.engine.step import Method
@@ -45,9 +44,8 @@ _VAL, _TEST = 104729, 1299709  # keys of the validation and test prompts (traini
 
 
 def generator(*key: int) -> torch.Generator:
-    """A torch generator whose state depends only on the integers of ``key`` (through numpy's SeedSequence)."""
-    seed = int(np.random.SeedSequence([int(k) % 2**63 for k in key]).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator().manual_seed(seed)
+    """A torch generator whose state depends only on the integers of ``key`` (each taken modulo 2**63)."""
+    return torch.Generator().manual_seed(key_seed([int(k) % 2**63 for k in key]))
 
 
 @dataclass(frozen=True)

@@ -35,13 +35,15 @@ def temporary_of(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, durable: bool = True) -> Path:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path``.
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, durable: bool = True, folder: bool = True) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path``, fsync the folder.
 
     ``durable=False`` skips the two fsyncs (file and folder): still atomic for readers and for a killed process, but
-    an OS crash may lose the new file; for bookkeeping a run can do without (an epoch's wall-clock times), where the
-    fsyncs cost more than the write. On an OS error (disk full, no permission) the temporary is removed and a
-    StorageError names ``path``."""
+    an OS crash may lose the new file or leave it cut; for bookkeeping a run can do without (an epoch's wall-clock
+    times), where the fsyncs cost more than the write. ``folder=False`` skips the folder's only: after an OS crash
+    the file is whole or absent (the old one, when it replaced one), for progress a run can redo (a continual
+    experience's end state). On an OS error (disk full, no permission) the temporary is removed and a StorageError
+    names ``path``."""
     path = Path(path)
     tmp = temporary_of(path)
     try:
@@ -57,7 +59,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, durable: bool 
     _before_rename(path)
     try:
         os.replace(tmp, path)
-        if durable:
+        if durable and folder:
             fd = os.open(path.parent, os.O_RDONLY)
             try:
                 os.fsync(fd)

@@ -212,6 +212,30 @@ def test_sigkills_inside_and_between_experiences_resume_bit_identically(tmp_path
         assert a["accuracy"] == b["accuracy"] and a["metrics"] == b["metrics"]
 
 
+def test_progress_an_os_crash_cut_or_lost_is_trained_again_to_the_same_bytes(tmp_path):
+    """An experience's end state (no folder fsync) and done.json (no fsync) are progress: after an OS crash either may
+    be missing, and done.json cut. Such an experience, and every one after it, trains again, to the same end states
+    and matrix as the run that never stopped."""
+    import shutil
+
+    cfg = small_config(tmp_path, ["naive"], name="straight", epochs=1)
+    straight, want = continual(ContinualConfig.model_validate(cfg))
+    crashed = tmp_path / "crashed"
+    shutil.copytree(straight, crashed)
+    jobs = crashed / "jobs" / "naive-s0"
+    cut = jobs / "e2" / "done.json"
+    cut.write_bytes(cut.read_bytes()[:40])
+    (jobs / "e3" / "end.safetensors").unlink()
+    (jobs / "e4" / "done.json").unlink()
+    stamps = {d.name: (d / "end.safetensors").stat().st_mtime_ns for d in (jobs / "e0", jobs / "e1")}
+    (crashed / "summary.json").unlink()
+    _, got = continual(None, resume=crashed)
+    for d in sorted((straight / "jobs" / "naive-s0").glob("e*")):
+        assert (jobs / d.name / "end.safetensors").read_bytes() == (d / "end.safetensors").read_bytes(), d
+    assert {d: (jobs / d / "end.safetensors").stat().st_mtime_ns for d in stamps} == stamps  # e0, e1 not redone
+    assert got["results"]["naive"][0]["accuracy"] == want["results"]["naive"][0]["accuracy"]
+
+
 def test_config_errors_name_the_key(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"stream": {"name": "split-digits", "params": {"scenario": "sideways"}}}))

@@ -199,11 +199,11 @@ def test_background_writer_replaces_a_queued_save_of_the_same_file_and_keeps_the
     real = module.atomic_write_bytes
     entered, release, landed = threading.Event(), threading.Event(), []
 
-    def slow(path, data, durable=True):
+    def slow(path, data, durable=True, folder=True):
         if not entered.is_set():
             entered.set()
             assert release.wait(60)
-        out = real(path, data, durable)
+        out = real(path, data, durable, folder)
         landed.append(out.name)
         return out
 
@@ -242,3 +242,21 @@ def test_background_writer_raises_a_failed_write_at_the_next_save_and_drops_the_
     with pytest.raises(StorageError, match=r"b\.safetensors"):
         writer.close()
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("durable", "folder", "want"), [(True, True, ["file", "folder"]), (True, False, ["file"]),
+                                                          (False, True, [])])
+def test_atomic_writes_fsync_what_they_promise(tmp_path, monkeypatch, durable, folder, want):
+    """Durable: the file's data, then the folder (the new name survives an OS crash); ``folder=False``: the file's data
+    only (whole or absent); not durable: nothing."""
+    import os
+    import stat
+
+    from polytask.io import atomic_write_bytes
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode)
+                                                               else "file"), real(fd)))
+    path = atomic_write_bytes(tmp_path / "x.bin", b"abc", durable=durable, folder=folder)
+    assert synced == want and path.read_bytes() == b"abc"

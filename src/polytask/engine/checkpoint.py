@@ -136,19 +136,20 @@ class BackgroundWriter:
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
-        self._queue: dict[Path, tuple[bytes, Any]] = {}  # path -> (bytes, then), oldest save first
+        self._queue: dict[Path, tuple[bytes, Any, bool]] = {}  # path -> (bytes, then, folder), oldest save first
         self._draining = False  # a worker is writing the queue (set and cleared under the lock)
         self._drain: Future[Any] | None = None
         self._error: BaseException | None = None
 
-    def save(self, path: str | os.PathLike[str], tree: Any, then: Any = None) -> None:
-        """Write ``tree`` to ``path`` as :func:`save` does, in the background; ``then()`` runs after it lands."""
+    def save(self, path: str | os.PathLike[str], tree: Any, then: Any = None, folder: bool = True) -> None:
+        """Write ``tree`` to ``path`` as :func:`save` does, in the background; ``then()`` runs after it lands.
+        ``folder=False``: without the folder's fsync (:func:`polytask.io.atomic_write_bytes`)."""
         data = dumps(tree)
         key = Path(path)
         with self._lock:
             self._raise_failed()
             self._queue.pop(key, None)  # a queued older save of this file is replaced; the newest goes last
-            self._queue[key] = (data, then)
+            self._queue[key] = (data, then, folder)
             if self._draining:
                 return  # the running worker takes it
             self._draining = True
@@ -165,9 +166,9 @@ class BackgroundWriter:
                     self._draining = False
                     return
                 path = next(iter(self._queue))
-                data, then = self._queue.pop(path)
+                data, then, folder = self._queue.pop(path)
             try:
-                atomic_write_bytes(path, data)
+                atomic_write_bytes(path, data, folder=folder)
                 if then is not None:
                     then()
             except BaseException as e:

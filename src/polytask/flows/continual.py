@@ -15,8 +15,10 @@ Each experience is one job of the engine (``select="last"``: the weights after i
 experience), with the strategy riding on it as a hook and a fresh optimiser. A run killed anywhere resumes exactly:
 inside an experience from the job's checkpoint (the strategy's state included), or from the experience's start when
 it has none yet (an experience shorter than the checkpoint interval writes none: its end state is the next thing
-saved), between experiences from the last ``end.safetensors``. Every strategy of a seed starts from the same
-initial model and sees the same batches.
+saved), between experiences from the last ``end.safetensors``. The end state and ``done.json`` are progress, not
+results: after an OS crash (not a kill) an experience whose files had not reached the disk is trained again, to the
+same bytes, so they are written with one fsync (the end state's data: whole or absent) instead of four. Every
+strategy of a seed starts from the same initial model and sees the same batches.
 
 A strategy's memory is what it keeps beside the model (``state_numel``: buffers, Fisher matrices, old weights, the
 entries of every tensor of its checkpointed state) plus what it adds to the model (``added_numel``: prompt pools,
@@ -54,6 +56,18 @@ from polytask.tasks.task import TaskSuite
 from polytask.tracking import Trackers, open_trackers
 
 END, DONE = "end.safetensors", "done.json"
+
+
+def finished(d: Path) -> dict[str, Any] | None:
+    """Experience folder ``d``'s record (``done.json``) when the experience is finished: the record reads and the end
+    state is there; else None (the experience is trained again, exactly). Both files are written for progress, not
+    for the results: the end state whole or absent after an OS crash (no folder fsync), the record after it, without
+    fsync (a cut one reads as absent)."""
+    try:
+        done = json.loads((d / DONE).read_text())
+    except (OSError, ValueError):
+        return None
+    return done if isinstance(done, dict) and (d / END).is_file() else None
 
 
 def experience_score(model: torch.nn.Module, suite: TaskSuite, batch_size: int) -> float:
@@ -99,11 +113,11 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
     with checkpoint.BackgroundWriter() as writer:
         for i in steps:
             d = job_dir / ("all" if strategy.joint else f"e{i}")
-            if (d / DONE).is_file():
+            done = finished(d)
+            if done is not None:
                 saved = checkpoint.load(d / END)
                 model.load_state_dict(saved["model"])
                 strategy.load_state_dict(saved["strategy"])
-                done = json.loads((d / DONE).read_text())
                 rows.append(done["accuracy"])
                 seconds += done["wall_time_s"]
                 continue
@@ -134,9 +148,10 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
             done = {"accuracy": row, "steps": result["steps"], "wall_time_s": wall, "history": result["history"]}
             # written while the next experience trains: end.safetensors, then done.json (a kill between the two, or
             # before either lands, redoes the experience from its last checkpoint, or from its start when it was
-            # shorter than the checkpoint interval: the same bytes either way)
+            # shorter than the checkpoint interval: the same bytes either way); both as progress (``finished``), the
+            # results being summary.json, written durably at the end
             writer.save(d / END, {"model": model.state_dict(), "strategy": strategy.state_dict()},
-                        lambda d=d, done=done: atomic_write_json(d / DONE, done))
+                        lambda d=d, done=done: atomic_write_json(d / DONE, done, durable=False), folder=False)
             rows.append(row)
             seconds += wall
             reporter.log(f"[{entry.label} s{seed}] after {d.name}: " + " ".join(f"{v:.3f}" for v in row))

@@ -56,7 +56,7 @@ from polytask.continual.stream import Experience, Stream, build_stream
 from polytask.engine.data import permutation
 from polytask.engine.progress import Reporter
 from polytask.errors import ConfigError
-from polytask.flows.continual import run_strategy
+from polytask.flows.continual import finished, run_strategy
 from polytask.io import atomic_write_json
 
 Action = tuple[float, ...]
@@ -292,7 +292,7 @@ class _Runs:
     def register(self, schedule: Schedule, job_dir: Path) -> None:
         for i in range(self.n):
             d = job_dir / f"e{i}"
-            if (d / "done.json").is_file():
+            if finished(d) is not None:
                 self.done.setdefault(json.dumps([i, schedule[:i]]), d)
 
     def prepare(self, schedule: Schedule) -> Path:
@@ -301,7 +301,7 @@ class _Runs:
         atomic_write_json(job_dir / "schedule.json", schedule)
         for i in range(self.n):
             d = job_dir / f"e{i}"
-            if (d / "done.json").is_file():
+            if finished(d) is not None:
                 continue
             src = self.done.get(json.dumps([i, schedule[:i]]))
             if src is None:

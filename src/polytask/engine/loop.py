@@ -68,10 +68,13 @@ def evaluate(model: MultiTaskModel, sources: Sequence[TaskData], tasks: Sequence
                 continue
             y, parts = src.y[t.name], outs[t.name]
             p = parts[0] if len(parts) == 1 else torch.cat(parts)
-            if not src.complete(t.name):  # masks only where labels are missing (remembered per source)
+            if src.complete(t.name):  # the loss from the labels as the loss takes them (cast once per source)
+                loss = t.mean_loss(p, src.labels(t))
+            else:  # masks only where labels are missing (remembered per source)
                 m = Task.mask(y)
                 p, y = p[m], y[m]
-            scores[t.name] = {"loss": float(t.loss(p, y).mean())} | t.scores(p, y)
+                loss = t.mean_loss(p, y)
+            scores[t.name] = {"loss": float(loss)} | t.scores(p, y)
     if was_training:
         model.train()
     return scores

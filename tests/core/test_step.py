@@ -288,3 +288,25 @@ def test_an_architectures_aux_loss_is_added_after_the_method(method):
     for n, p in model.named_parameters():
         want = without[n] + (first.detach() if p is first else 0)
         torch.testing.assert_close(p.grad, want, msg=n)
+
+
+def test_zero_grad_clears_as_torch_does_and_keeps_an_optimisers_own():
+    """The engine's ``zero_grad``: every gradient None, as ``Optimizer.zero_grad(set_to_none=True)`` leaves them; an
+    optimiser class with its own ``zero_grad`` gets it called."""
+    from polytask.engine.step import zero_grad
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.5}], lr=0.1)
+    model(torch.ones(4, 3)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    zero_grad(opt)
+    assert all(p.grad is None for p in model.parameters())
+
+    class Own(torch.optim.SGD):
+        calls = []
+
+        def zero_grad(self, set_to_none=True):
+            self.calls.append(set_to_none)
+
+    zero_grad(Own(model.parameters(), lr=0.1))
+    assert Own.calls == [True]

@@ -148,6 +148,18 @@ def step_generator(seed: int, step: int, into: torch.Generator | None = None) ->
     return (torch.Generator() if into is None else into).manual_seed(seed * 1_000_003 + step)
 
 
+def zero_grad(opt: torch.optim.Optimizer) -> None:
+    """``opt.zero_grad(set_to_none=True)``: every gradient of the optimiser's parameters set to None, here, when its
+    class keeps torch's own ``zero_grad`` (which does the same behind a profiler record and a compile guard, 6 us a
+    step on CPU); else the optimiser's."""
+    if type(opt).zero_grad is not torch.optim.Optimizer.zero_grad:
+        opt.zero_grad(set_to_none=True)
+        return
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = None
+
+
 def _set_grads(params: Sequence[torch.nn.Parameter], grads: Sequence[Tensor]) -> None:
     """Add ``grads`` into ``.grad`` (as ``loss.backward()`` does; the engine zeroes the gradients first)."""
     for p, g in zip(params, grads, strict=True):
@@ -433,7 +445,7 @@ def train_step(model: MultiTaskModel, method: Method, state: State, sources: Seq
     ``precision``: ``fp32`` or ``bf16`` (the forward under autocast; see the module docstring)."""
     cast = autocast(precision, _device_of(model)) if precision != "fp32" else nullcontext  # no device lookup a step
     loss_fn = _cast_losses(loss_fn, cast)
-    opt.zero_grad(set_to_none=True)
+    zero_grad(opt)
     if method.kind == "weighting":
         one = _single_loss(model, sources, rows, tasks) if method.unit and loss_fn is task_losses else None
         if one is not None:  # Σ_k w_k L_k with one task weighted 1: its loss itself (the same gradients, fewer nodes)
@@ -609,7 +621,7 @@ def accumulated_step(model: MultiTaskModel, method: Method, state: State,
         total = label_counts(micro, tasks).sum(0).clamp_min(1.0)
         micro = [shard(m, comm) for m in micro]
         frac = label_counts(micro, tasks) / total
-    opt.zero_grad(set_to_none=True)
+    zero_grad(opt)
 
     if method.kind == "weighting":
         rngs, losses, graphs = [], None, None

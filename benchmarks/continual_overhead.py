@@ -30,7 +30,8 @@ What the sides do not share: polytask's per-epoch checkpoint also holds the RNG 
 history and the strategy's state, and is written atomically (temporary file, rename) and durably (fsync) off the
 training thread, so a SIGKILL or an OS crash at any point resumes exactly; ``plain+save``'s ``torch.save`` writes in
 place (a kill during the write leaves a cut file) and holds no RNG state. polytask also writes, per experience, the
-model and strategy state after it (``end.safetensors``) and ``done.json``. ``--durable-variant`` adds
+model and strategy state after it (``end.safetensors``, atomically, its data fsynced) and ``done.json`` (progress: an
+OS crash may lose them, and the experience trains again, exactly). ``--durable-variant`` adds
 ``plain+durable``: the plain loop writing what an exact resume needs (model, optimiser, RNG states, position, the
 replay buffer) per epoch, atomically and durably, on its training thread, as a user would. The batches are the
 same size and number on both sides, in different random orders (polytask's order is a pure function of (seed,

@@ -46,7 +46,7 @@ from polytask.engine.loop import evaluate, resolve_device, train_job
 from polytask.engine.progress import Reporter
 from polytask.engine.spec import CheckpointPolicy, TrainSpec
 from polytask.engine.state import seed_everything
-from polytask.engine.step import build_method
+from polytask.engine.step import Method, build_method
 from polytask.evaluation.continual import continual_metrics
 from polytask.flows.jobs import optimizer_of, scheduler_of
 from polytask.flows.runner import open_regime_run, releases_run_locks, versions
@@ -109,7 +109,7 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
     rows: list[list[float]] = []
     seconds = 0.0
     optimizer, scheduler = optimizer_of(tc), scheduler_of(tc)  # factories: each experience gets a fresh optimiser
-    methods: dict[tuple[str, ...], Any] = {}  # the method built once per set of tasks (its state starts per job)
+    methods: dict[tuple[str, ...], Method] = {}  # the method built once per set of tasks (its state starts per job)
     with checkpoint.BackgroundWriter() as writer:
         for i in steps:
             d = job_dir / ("all" if strategy.joint else f"e{i}")

@@ -120,8 +120,9 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(100, ge=0, description="also checkpoint every N steps (0: only each epoch)")
     checkpoint_interval_s: float = Field(
         1.0, ge=0, description="skip a checkpoint (epoch or step) within this many seconds of the previous one or "
-        "of the job's start; a job's last is always written (a continual experience's end state instead), resumes "
-        "stay exact (0: every one)")
+        "of the job's start; a job's last is always written (a continual experience's end state instead, itself "
+        "skipped within this many seconds of the previous end state, the last experience's always written); "
+        "resumes stay exact (0: every one)")
     threads: int = Field(1, ge=0, description="torch CPU threads (0: torch's default)")
     eval_batch_size: int = Field(1024, ge=1)
     device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$",

@@ -189,10 +189,11 @@ BETWEEN = {"replay", "ewc", "tame"}
 
 @pytest.mark.parametrize("strategy", [s for s in STATEFUL_FIRST if s not in OWN_RESUME_TEST])
 def test_sigkills_inside_and_between_experiences_resume_bit_identically(tmp_path, strategy):
-    """Every registered strategy: a run SIGKILLed mid-experience (and, for a few, again at the end of an experience,
-    before its weights land) resumes to the same weights and matrix as a run that never stopped."""
+    """Every registered strategy: a run SIGKILLed mid-experience, after a checkpoint (and, for a few, again at the end
+    of an experience, before its weights land) resumes to the same weights and matrix as a run that never stopped.
+    Every checkpoint and end state is written (interval 0), so the kills fall at known places."""
     cfg = small_config(tmp_path, [{"name": strategy, "params": EXAMPLE_PARAMS.get(strategy, {})}],
-                       scenario=first_scenario(strategy), name="straight", epochs=1)
+                       scenario=first_scenario(strategy), name="straight", epochs=1, checkpoint_interval_s=0)
     straight, _ = continual(ContinualConfig.model_validate(cfg))
     path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump({**cfg, "output": {"dir": str(tmp_path), "name": "killed"}}))
@@ -218,7 +219,7 @@ def test_progress_an_os_crash_cut_or_lost_is_trained_again_to_the_same_bytes(tmp
     and matrix as the run that never stopped."""
     import shutil
 
-    cfg = small_config(tmp_path, ["naive"], name="straight", epochs=1)
+    cfg = small_config(tmp_path, ["naive"], name="straight", epochs=1, checkpoint_interval_s=0)
     straight, want = continual(ContinualConfig.model_validate(cfg))
     crashed = tmp_path / "crashed"
     shutil.copytree(straight, crashed)
@@ -234,6 +235,27 @@ def test_progress_an_os_crash_cut_or_lost_is_trained_again_to_the_same_bytes(tmp
         assert (jobs / d.name / "end.safetensors").read_bytes() == (d / "end.safetensors").read_bytes(), d
     assert {d: (jobs / d / "end.safetensors").stat().st_mtime_ns for d in stamps} == stamps  # e0, e1 not redone
     assert got["results"]["naive"][0]["accuracy"] == want["results"]["naive"][0]["accuracy"]
+
+
+def test_end_states_follow_the_checkpoint_interval_and_a_run_without_one_trains_again_to_the_same_bytes(tmp_path):
+    """An interval longer than the run: only the last experience writes its end state, and every experience's record
+    lands after it. A run killed as that end state is written has nothing to start from: it trains every experience
+    again, to the same end state and matrix as the run that never stopped."""
+    cfg = small_config(tmp_path, ["replay"], name="straight", epochs=1, checkpoint_interval_s=1e6)
+    straight, want = continual(ContinualConfig.model_validate(cfg))
+    jobs = straight / "jobs" / "replay-s0"
+    assert [p.parent.name for p in jobs.glob("e*/end.safetensors")] == ["e4"]
+    assert all(json.loads((jobs / f"e{i}" / "done.json").read_text())["steps"] == 4 for i in range(5))
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump({**cfg, "output": {"dir": str(tmp_path), "name": "killed"}}))
+    killed = tmp_path / "killed"
+    out = _cli(["continual", str(path), "--quiet"], {"POLYTASK_KILL_AT": "write:end.safetensors:1"})
+    assert out.returncode == -9, out.stderr
+    assert not list((killed / "jobs").glob("*/*/done.json")) and not list((killed / "jobs").glob("*/*/end.*"))
+    _, got = continual(None, resume=killed)
+    end = killed / "jobs" / "replay-s0" / "e4" / "end.safetensors"
+    assert end.read_bytes() == (jobs / "e4" / "end.safetensors").read_bytes()
+    assert got["results"]["replay"][0]["accuracy"] == want["results"]["replay"][0]["accuracy"]
 
 
 def test_config_errors_name_the_key(tmp_path):

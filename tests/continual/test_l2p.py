@@ -251,6 +251,7 @@ def test_a_run_killed_inside_an_experience_resumes_bit_identically(tmp_path, tab
     accuracy matrix as a run that never stopped; batch-wise selection on, so the vote is replayed too."""
     strategies = [{"name": "l2p", "params": {**SMALL, "batchwise": True}}]
     cfg = run_config(tmp_path, table, bert, "straight", strategies)
+    cfg["train"]["checkpoint_interval_s"] = 0  # every checkpoint and end state written: the kill's place is known
     straight, _ = flow.continual(ContinualConfig.model_validate(cfg))
     assert json.loads((straight / "jobs" / "l2p-s0" / "e0" / "done.json").read_text())["steps"] == 8
     path = tmp_path / "killed.yaml"

@@ -26,7 +26,8 @@ def wrapped(stream, seed=0, hidden=(32,), **params):
 def flow_config(tmp_path, scenario="task", epochs=3, optimizer=None, **extra):
     return {"seeds": [0], "stream": {"name": "split-digits", "params": {"scenario": scenario}},
             "model": {"backbone": "mlp", "backbone_params": {"hidden": [32]}},
-            "train": {"epochs": epochs, "batch_size": 32, "checkpoint_every": 0, "threads": 1,
+            "train": {"epochs": epochs, "batch_size": 32, "checkpoint_every": 0,
+                      "checkpoint_interval_s": 0, "threads": 1,
                       "optimizer": optimizer or {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}},
             "strategies": ["rank_updates"], "output": {"dir": str(tmp_path), "name": "run"}, **extra}
 

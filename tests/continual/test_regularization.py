@@ -240,7 +240,7 @@ def _config(tmp_path, strategies, scenario, name, **train):
     return {"seeds": [0], "stream": {"name": "split-digits",
                                      "params": {"scenario": scenario, "classes_per_experience": 5}},
             "model": {"backbone": "mlp", "backbone_params": {"hidden": [32]}},
-            "train": {"epochs": 2, "batch_size": 64, "checkpoint_every": 0,
+            "train": {"epochs": 2, "batch_size": 64, "checkpoint_every": 0, "checkpoint_interval_s": 0,
                       "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}, **train},
             "strategies": strategies, "output": {"dir": str(tmp_path), "name": name}}
 

@@ -144,7 +144,8 @@ def test_bad_parameters_name_the_key():
 def config(tmp_path, strategies, scenario="class", name="run", epochs=10, batch_size=32):
     return {"seeds": [0], "stream": {"name": "split-digits", "params": {"scenario": scenario}},
             "model": {"backbone": "mlp", "backbone_params": {"hidden": [32]}},
-            "train": {"epochs": epochs, "batch_size": batch_size, "checkpoint_every": 3, "threads": 1,
+            "train": {"epochs": epochs, "batch_size": batch_size, "checkpoint_every": 3,
+                      "checkpoint_interval_s": 0, "threads": 1,
                       "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}},
             "strategies": strategies, "output": {"dir": str(tmp_path), "name": name}}
 

@@ -4,21 +4,24 @@ Layout of the run directory::
 
     config.yaml                    the resolved continual config
     jobs/<strategy>-s<seed>/e<i>/  experience i's job (the engine's checkpoints, at most one a
-                                   ``train.checkpoint_interval_s``), then ``end.safetensors`` (the model and the
-                                   strategy's state after it) and ``done.json`` (its row of the matrix, steps, wall
-                                   time and the job's per-epoch history)
+                                   ``train.checkpoint_interval_s``), then ``done.json`` (its row of the matrix,
+                                   steps, wall time and the job's per-epoch history) and, at most one a
+                                   ``train.checkpoint_interval_s`` too and always after the last experience,
+                                   ``end.safetensors`` (the model and the strategy's state after it)
     summary.json                   ``results``: per strategy label, one entry per seed with its accuracy matrix, the
                                    initial model's accuracies, the metrics, time and the strategy's state size
     report.html                    the matrices as heatmaps, the accuracy of each experience over the stream
 
 Each experience is one job of the engine (``select="last"``: the weights after its last epoch go on to the next
 experience), with the strategy riding on it as a hook and a fresh optimiser. A run killed anywhere resumes exactly:
-inside an experience from the job's checkpoint (the strategy's state included), or from the experience's start when
-it has none yet (an experience shorter than the checkpoint interval writes none: its end state is the next thing
-saved), between experiences from the last ``end.safetensors``. The end state and ``done.json`` are progress, not
-results: after an OS crash (not a kill) an experience whose files had not reached the disk is trained again, to the
-same bytes, so they are written with one fsync (the end state's data: whole or absent) instead of four. Every
-strategy of a seed starts from the same initial model and sees the same batches.
+inside an experience from the job's checkpoint (the strategy's state included), else from the last end state
+(``resume_point``), the experiences after it trained again, or from the start. An end state is a checkpoint between
+experiences, so it follows the checkpoint interval: an experience shorter than it writes none (unless it is the last;
+``train.checkpoint_interval_s: 0`` keeps every one), its record waiting for the next end state, and a kill redoes at
+most an interval's work. End states and records are progress, not results: after an OS crash (not a kill) an
+experience whose files had not reached the disk is trained again, to the same bytes, so they are written with one
+fsync (the end state's data: whole or absent) instead of four. Every strategy of a seed starts from the same initial
+model and sees the same batches.
 
 A strategy's memory is what it keeps beside the model (``state_numel``: buffers, Fisher matrices, old weights, the
 entries of every tensor of its checkpointed state) plus what it adds to the model (``added_numel``: prompt pools,
@@ -30,7 +33,7 @@ from __future__ import annotations
 import json
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,16 +61,37 @@ from polytask.tracking import Trackers, open_trackers
 END, DONE = "end.safetensors", "done.json"
 
 
-def finished(d: Path) -> dict[str, Any] | None:
-    """Experience folder ``d``'s record (``done.json``) when the experience is finished: the record reads and the end
-    state is there; else None (the experience is trained again, exactly). Both files are written for progress, not
-    for the results: the end state whole or absent after an OS crash (no folder fsync), the record after it, without
-    fsync (a cut one reads as absent)."""
+def record(d: Path) -> dict[str, Any] | None:
+    """Experience folder ``d``'s record (``done.json``: its row of the matrix, steps, wall time, history) when it
+    reads; else None (written without fsync: a cut one after an OS crash reads as absent)."""
     try:
         done = json.loads((d / DONE).read_text())
     except (OSError, ValueError):
         return None
-    return done if isinstance(done, dict) and (d / END).is_file() else None
+    return done if isinstance(done, dict) else None
+
+
+def finished(d: Path) -> dict[str, Any] | None:
+    """Experience folder ``d``'s record when the experience can be started from: the record reads and its end state
+    is there (whole or absent after an OS crash: its data is fsynced, the folder not); else None."""
+    done = record(d)
+    return done if done is not None and (d / END).is_file() else None
+
+
+def resume_point(dirs: Sequence[Path]) -> tuple[int, list[dict[str, Any]]]:
+    """Where a stream whose experiences live in ``dirs`` resumes: (i, the records of experiences 0..i-1) for the last
+    experience i-1 with an end state whose records, and every earlier one's, read (0 and none: from the start).
+    Experiences after it train again, to the same bytes (their files, if any, are rewritten)."""
+    records: list[dict[str, Any]] = []
+    start = 0
+    for i, d in enumerate(dirs):
+        done = record(d)
+        if done is None:
+            break
+        records.append(done)
+        if (d / END).is_file():
+            start = i + 1
+    return start, records[:start]
 
 
 def experience_score(model: torch.nn.Module, suite: TaskSuite, batch_size: int) -> float:
@@ -89,10 +113,11 @@ def _row(model: torch.nn.Module, stream: Stream, batch_size: int) -> list[float]
 
 
 def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig, seed: int, job_dir: Path,
-                 reporter: Reporter, trackers: Trackers | None = None) -> dict[str, Any]:
+                 reporter: Reporter, trackers: Trackers | None = None, every_end: bool = False) -> dict[str, Any]:
     """One strategy on ``stream`` for ``seed``: train every experience in turn (or once on all, for a joint
     strategy), resuming what ``job_dir`` holds; returns its accuracy matrix, initial accuracies and times.
-    ``trackers`` log each experience's job (:mod:`polytask.tracking`)."""
+    ``trackers`` log each experience's job (:mod:`polytask.tracking`). ``every_end``: write every experience's end
+    state, whatever the checkpoint interval (the schedule search starts runs from them)."""
     trackers = trackers or Trackers([])
     strategy: Strategy = build_strategy(entry.name, entry.params, f"strategies[{entry.label}].params")
     strategy.check(stream, entry.label)
@@ -110,17 +135,19 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
     seconds = 0.0
     optimizer, scheduler = optimizer_of(tc), scheduler_of(tc)  # factories: each experience gets a fresh optimiser
     methods: dict[tuple[str, ...], Method] = {}  # the method built once per set of tasks (its state starts per job)
+    dirs = [job_dir / "all"] if strategy.joint else [job_dir / f"e{i}" for i in steps]
+    start, records = resume_point(dirs)
+    if start:
+        saved = checkpoint.load(dirs[start - 1] / END)
+        model.load_state_dict(saved["model"])
+        strategy.load_state_dict(saved["strategy"])
+        rows = [r["accuracy"] for r in records]
+        seconds = sum(r["wall_time_s"] for r in records)
+    pending: list[tuple[Path, dict[str, Any]]] = []  # records of experiences whose end state was not written
+    saved_at = time.perf_counter()  # the start (or resumption) counts as the latest end state
     with checkpoint.BackgroundWriter() as writer:
-        for i in steps:
-            d = job_dir / ("all" if strategy.joint else f"e{i}")
-            done = finished(d)
-            if done is not None:
-                saved = checkpoint.load(d / END)
-                model.load_state_dict(saved["model"])
-                strategy.load_state_dict(saved["strategy"])
-                rows.append(done["accuracy"])
-                seconds += done["wall_time_s"]
-                continue
+        for i in steps[start:]:
+            d = dirs[i]
             strategy.begin(stream, i)
             suite = union(f"{stream.name}/all", [e.suite for e in stream.experiences]) if strategy.joint \
                 else strategy.train_suite(stream, i)
@@ -144,14 +171,18 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
             trackers.job_done(name, result)
             strategy.end(model, stream, i, device)
             row = _row(model, stream, tc.eval_batch_size)
-            wall = result["wall_time_s"] + time.perf_counter() - t0
-            done = {"accuracy": row, "steps": result["steps"], "wall_time_s": wall, "history": result["history"]}
-            # written while the next experience trains: end.safetensors, then done.json (a kill between the two, or
-            # before either lands, redoes the experience from its last checkpoint, or from its start when it was
-            # shorter than the checkpoint interval: the same bytes either way); both as progress (``finished``), the
-            # results being summary.json, written durably at the end
-            writer.save(d / END, {"model": model.state_dict(), "strategy": strategy.state_dict()},
-                        lambda d=d, done=done: atomic_write_json(d / DONE, done, durable=False), folder=False)
+            now = time.perf_counter()
+            wall = result["wall_time_s"] + now - t0
+            pending.append((d, {"accuracy": row, "steps": result["steps"], "wall_time_s": wall,
+                                "history": result["history"]}))
+            if every_end or i == steps[-1] or now - saved_at >= tc.checkpoint_interval_s:
+                # written while the next experience trains: end.safetensors, then the records since the last one (a
+                # kill before they land redoes the experiences from the last end state, or the last checkpoint: the
+                # same bytes either way); as progress (``resume_point``), the results being summary.json, written
+                # durably at the end
+                writer.save(d / END, {"model": model.state_dict(), "strategy": strategy.state_dict()},
+                            lambda done=pending: _write_records(done), folder=False)
+                pending, saved_at = [], now
             rows.append(row)
             seconds += wall
             reporter.log(f"[{entry.label} s{seed}] after {d.name}: " + " ".join(f"{v:.3f}" for v in row))
@@ -159,6 +190,11 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
             "accuracy": rows, "initial": initial, "wall_time_s": seconds,
             "state_numel": _numel(strategy.state_dict()), "model_numel": base_numel,
             "added_numel": _numel(model.state_dict()) - base_numel}
+
+
+def _write_records(pending: Sequence[tuple[Path, dict[str, Any]]]) -> None:
+    for d, done in pending:
+        atomic_write_json(d / DONE, done, durable=False)
 
 
 def _numel(tree: Any) -> int:

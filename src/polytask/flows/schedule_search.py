@@ -358,7 +358,7 @@ def search_schedule(config: ContinualConfig, budget: int, method: str = "mcts", 
     def reward(schedule: Schedule) -> float:
         job_dir = runs.prepare(schedule)
         result = run_strategy(config, val, StrategyConfig(name=STRATEGY, params={**params, "schedule": schedule},
-                                                          label=label), seed, job_dir, reporter)
+                                                          label=label), seed, job_dir, reporter, every_end=True)
         runs.register(schedule, job_dir)
         finals[json.dumps(schedule)] = result["accuracy"][-1]
         return sum(result["accuracy"][-1]) / n

@@ -161,16 +161,23 @@ def assert_close(a, b):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("scenario", "weight"), [("class", 1.0), ("class", 0.5), ("task", 1.0), ("task", 0.5)])
-def test_replay_steps_on_the_concatenated_batch(scenario, weight):
+@pytest.mark.parametrize(("scenario", "weight", "pool"), [("class", 1.0, True), ("class", 1.0, False),
+                                                           ("class", 0.5, True), ("task", 1.0, True),
+                                                           ("task", 0.5, True)])
+def test_replay_steps_on_the_concatenated_batch(scenario, weight, pool, monkeypatch):
     """ER's step is one step on the mean loss of the current batch and the buffer batch concatenated, each buffered
     row through its own task's head (in the task scenario, an earlier experience's), a buffered row weighing λ; both
-    ways of taking it (rows joined to the batch: class, λ = 1; the method's gradient scaled: the others)."""
+    ways of taking it (rows joined to the batch: class, λ = 1, from the experience's rows and the buffer's joined once
+    or, past ``POOL_BYTES``, per step; the method's gradient scaled: the others)."""
+    if not pool:
+        monkeypatch.setattr("polytask.continual.strategies.replay.POOL_BYTES", 0)
     stream = build_stream("split-digits", {"scenario": scenario}, 0)
     replay = build_strategy("replay", {"size": 40, "weight": weight}, "p")
     got, model, src, step, run = step_grads(stream, replay, 2)
     assert replay.joined == (scenario == "class" and weight == 1.0)
-    sample = replay.batches[0]
+    if replay.joined:
+        assert (replay._joined_pool[2] is not None) == pool
+    sample = replay.buffer.take(replay.slots) if replay.joined else replay.batches[0]  # joined: its slots only
     assert set(sample.experience.tolist()) <= {0, 1} and len(sample.data) == 12
     terms, n = [], 0
     cur_task = run.tasks[0].name

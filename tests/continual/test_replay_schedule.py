@@ -107,13 +107,16 @@ def _through(strategy, stream, index, seed=5):
 def _replayed(strategy, stream, index, steps, batch=8):
     """The experience of every row replayed over ``steps`` steps of experience ``index``."""
     src = stream.experiences[index].suite.splits["train"][0]
-    run = types.SimpleNamespace(model=None, device=CPU, data=types.SimpleNamespace(batch_size=batch))
+    run = types.SimpleNamespace(model=None, device=CPU, tasks=list(stream.experiences[index].tasks),
+                                data=types.SimpleNamespace(batch_size=batch))
     seen = []
     for s in range(steps):
         strategy.on_step(run, StepView(0, s, s, Batch([src], [torch.arange(batch)])))
-        if strategy.batches:
-            assert len(strategy.batches[0].data) == batch
-            seen += strategy.batches[0].experience.tolist()
+        drawn = strategy.buffer.take(strategy.slots) if strategy.joined else \
+            strategy.batches[0] if strategy.batches else None  # joined to the batch (class scenario): its slots
+        if drawn is not None:
+            assert len(drawn.data) == batch
+            seen += drawn.experience.tolist()
     return seen
 
 

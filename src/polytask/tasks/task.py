@@ -170,6 +170,11 @@ class Task:
             return F.cross_entropy(output, target.long(), reduction="none")
         return ((output.reshape(target.shape) - target) ** 2).reshape(len(target), -1).mean(1)
 
+    def labels(self, target: Tensor) -> Tensor:
+        """Labelled targets as the loss takes them: class indices as int64 for a classification task (its targets
+        hold floats, so that NaN can mark a missing label), else the targets themselves."""
+        return target.long() if self.kind == "classification" else target
+
     def mean_loss(self, output: Tensor, target: Tensor) -> Tensor:
         """The mean of :meth:`loss` over the rows; a classification task's is one fused cross-entropy (a step's
         loss: per-row losses then their mean cost twice the autograd nodes of it)."""
@@ -248,8 +253,18 @@ class TaskData:
         known = self.__dict__.setdefault("_labels", {})
         y = known.get(task.name)
         if y is None:
-            y = known[task.name] = self.y[task.name].long() if task.kind == "classification" else self.y[task.name]
+            y = known[task.name] = task.labels(self.y[task.name])
         return y
+
+    @classmethod
+    def labelled(cls, x: Tensor, y: dict[str, Tensor], labels: dict[str, Tensor]) -> TaskData:
+        """A source whose every row is labelled for the tasks of ``labels``, which holds their targets as the loss
+        takes them (what ``labels`` would give; not checked): a batch joined from complete sources (replay's) without
+        its mask and cast computed again."""
+        data = cls(x, y)
+        data.__dict__["_complete"] = dict.fromkeys(labels, True)
+        data.__dict__["_labels"] = dict(labels)
+        return data
 
     def to(self, device: torch.device | str) -> TaskData:
         """The same data on ``device`` (no copy when already there)."""

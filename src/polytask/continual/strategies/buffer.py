@@ -94,6 +94,7 @@ class Buffer:
         self.groups: list[str] = []
         self.offered: list[int] = []  # rows offered per group
         self.outputs: dict[str, Tensor] = {}
+        self.version = 0  # changes whenever the rows held may change (what a reader caches per buffer state)
 
     def __len__(self) -> int:
         return 0 if self.x is None else len(self.x)
@@ -173,6 +174,7 @@ class Buffer:
         its outputs are stored with them (DER). Returns the number of rows written."""
         if self.size == 0 or len(data) == 0:
             return 0
+        self.version += 1
         keys = self._keys(data, experience, tasks)
         rows = [i for i, k in enumerate(keys) if k is not None]
         gids = []
@@ -244,13 +246,16 @@ class Buffer:
 
     # ------------------------------------------------------------ reading
 
+    def slots(self, n: int, *key: int) -> Tensor | None:
+        """The slots of ``n`` rows drawn without replacement (all of them when it holds fewer), a pure function of
+        ``key``; None when empty."""
+        held = len(self)
+        return permutation(held, *key)[:n] if held else None
+
     def sample(self, n: int, *key: int) -> Sample | None:
-        """``n`` rows drawn without replacement (all of them when it holds fewer), a pure function of ``key``;
-        None when empty."""
-        if not len(self):
-            return None
-        rows = permutation(len(self), *key)[:n]
-        return self.take(rows)
+        """The rows of :meth:`slots` as a :class:`Sample`; None when empty."""
+        slots = self.slots(n, *key)
+        return None if slots is None else self.take(slots)
 
     def take(self, rows: Tensor) -> Sample:
         """The rows ``rows`` (slot indices) as a :class:`Sample`."""
@@ -271,6 +276,7 @@ class Buffer:
                 "outputs": dict(self.outputs)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.version += 1
         self.seen = int(state["seen"])
         self.x, self.experience, self.group = state["x"], state["experience"], state["group"]
         self.y, self.outputs = dict(state["y"]), dict(state["outputs"])

@@ -141,22 +141,32 @@ class Rehearsal(Strategy):
     def on_step(self, run: Any, step: Any) -> None:
         self.rng = _rng(torch.device(run.device)) if self.step_rng else None
         n = self.params.batch_size or getattr(run.data, "batch_size", None) or sum(len(r) for r in step.batch.rows)
-        self.batches = []
-        for k in range(self.draws):
-            s = self.draw(n, step.global_step, k)
-            if s is None:
-                break
-            self.batches.append(s.to(run.device))
+        self.draw_batches(run, step, n)
         if self.params.update == "step" and step.epoch == 0:
             assert self.stream is not None
             outputs = model_outputs(run.model, run.device) if self.stores_outputs else None
             for src, rows in zip(step.batch.sources, step.batch.rows, strict=True):
                 self.buffer.offer(src.take(rows), self.index, self.stream.tasks, self.seed, outputs)
 
+    def draw_batches(self, run: Any, step: Any, n: int) -> None:
+        """The step's buffer batches of ``n`` rows each into ``self.batches`` (fewer when the buffer is empty)."""
+        self.batches = []
+        for k in range(self.draws):
+            s = self.draw(n, step.global_step, k)
+            if s is None:
+                break
+            self.batches.append(s.to(run.device))
+
     def draw(self, n: int, global_step: int, k: int) -> Sample | None:
-        """Buffer batch ``k`` of a step: ``n`` rows without replacement, a pure function of (seed, experience, step,
-        k); None while the buffer is empty. A strategy that replays from part of the buffer overrides it."""
-        return self.buffer.sample(n, self.seed, self.index, global_step, k)
+        """Buffer batch ``k`` of a step (the rows of :meth:`draw_rows`); None while there is nothing to draw."""
+        slots = self.draw_rows(n, global_step, k)
+        return None if slots is None else self.buffer.take(slots)
+
+    def draw_rows(self, n: int, global_step: int, k: int) -> Tensor | None:
+        """The buffer slots of batch ``k`` of a step: ``n`` rows without replacement, a pure function of (seed,
+        experience, step, k); None while the buffer is empty. A strategy that replays from part of the buffer
+        overrides it."""
+        return self.buffer.slots(n, self.seed, self.index, global_step, k)
 
     def end(self, model: nn.Module, stream: Stream, index: int, device: torch.device) -> None:
         self.batches = []

@@ -9,7 +9,9 @@ row against a current one: 1 is the paper, 0 is ``naive`` (no term at all, bit f
 - Joined (one task in the job, λ = 1, buffered rows labelled for that task only: the class and domain scenarios):
   the buffered rows join the step's batch (``train_batch``), one forward and backward of the concatenation, as the
   paper, mammoth's ``er`` and Avalanche do; the job's method weighs the concatenated batch's loss, and a batch-norm
-  model normalises the concatenation.
+  model normalises the concatenation. While the buffer holds still (``update: experience``, or after the first
+  epoch), the experience's training rows and the buffer's are joined once (up to ``POOL_BYTES`` of training rows:
+  the join copies them) and a step's batch is a set of rows of that pool: the same rows, indexed once.
 - Otherwise (the task scenario, λ ≠ 1): ``L = (1 − c) L_cur + c L_buf`` with ``c = λ n_buf / (n_cur + λ n_buf)``.
   The engine's step has put the gradient of ``L_cur`` (the method's objective) in ``.grad`` when the extra loss is
   asked for; replay scales those gradients by ``1 − c`` there and returns ``c L_buf``, whose gradient the engine
@@ -36,7 +38,9 @@ from torch import Tensor
 from polytask.continual.strategies.rehearsal import Rehearsal, RehearsalParams, labels, same_draws, sample_loss
 from polytask.continual.strategy import STRATEGIES, Strategy
 from polytask.engine.data import Batch
-from polytask.tasks.task import TaskData
+from polytask.tasks.task import Task, TaskData
+
+POOL_BYTES = 1 << 28  # a source up to 256 MiB is joined to the buffer once per experience (``Replay._pool``)
 
 
 class ReplayParams(RehearsalParams):
@@ -55,19 +59,56 @@ class Replay(Rehearsal):
         super().__init__(params)
         self.weight = params.weight
         self.joined = False  # this step trains on the concatenation (train_batch), so no extra term
+        self.slots: Tensor | None = None  # the buffer slots it joins to its batch
+        self._joined_pool: tuple[TaskData, tuple[int, str], TaskData | None] | None = None  # (source, key, pool)
+
+    def draw_batches(self, run: Any, step: Any, n: int) -> None:
+        """A step that joins its buffer rows to its batch draws only their slots (the rows of ``draw``'s batch 0)."""
+        self.joined, self.slots = False, None
+        name = run.tasks[0].name if len(run.tasks) == 1 else None
+        if self.weight != 1 or name is None or len(step.batch.sources) != 1 or name not in step.batch.sources[0].y \
+                or set(self.buffer.y) != {name}:
+            super().draw_batches(run, step, n)
+            return
+        self.batches = []
+        self.slots = self.draw_rows(n, step.global_step, 0)
+        self.joined = self.slots is not None
 
     def train_batch(self, run: Any, step: Any) -> Batch | None:
-        self.joined = False
-        if not self.batches or self.weight != 1 or len(run.tasks) != 1 or len(step.batch.sources) != 1:
+        slots = self.slots
+        if slots is None:
             return None
-        name, buffered = run.tasks[0].name, self.batches[0].data
+        task, buffer = run.tasks[0], self.buffer
         src, rows = step.batch.sources[0], step.batch.rows[0]
-        if set(buffered.y) != {name} or name not in src.y:
-            return None
-        joined = TaskData(torch.cat([src.x[rows], buffered.x]),
-                          {name: torch.cat([src.y[name][rows], buffered.y[name]])})
-        self.joined = True
-        return Batch([joined], [torch.arange(len(joined), device=joined.x.device)])
+        assert buffer.x is not None
+        if not (self.params.update == "step" and step.epoch == 0):  # the buffer holds still while this trains
+            pool = self._pool(task, src)
+            if pool is not None:
+                return Batch([pool], [torch.cat([rows, slots.to(rows.device) + len(src)])])
+        device = src.x.device
+        at = slots.to(buffer.x.device)
+        joined = TaskData(torch.cat([src.x[rows], buffer.x[at].to(device)]),
+                          {task.name: torch.cat([src.y[task.name][rows], buffer.y[task.name][at].to(device)])})
+        return Batch([joined], [torch.arange(len(joined), device=device)])
+
+    def _pool(self, task: Task, src: TaskData) -> TaskData | None:
+        """The experience's training rows then the buffer's, every one labelled for ``task``, joined once per source
+        and buffer state (a step's joined batch is then one set of rows of it, indexed once by the engine, its labels
+        cast once); None when a row lacks a label, the two lie on different devices, or the source is larger than
+        ``POOL_BYTES`` (the pool copies it: a step then joins its rows alone)."""
+        buffer = self.buffer
+        key = (buffer.version, task.name)
+        if self._joined_pool is not None and self._joined_pool[0] is src and self._joined_pool[1] == key:
+            return self._joined_pool[2]
+        assert buffer.x is not None
+        y = buffer.y[task.name]
+        pool = None
+        if src.x.device == buffer.x.device and src.x.numel() * src.x.element_size() <= POOL_BYTES \
+                and src.complete(task.name) and bool(Task.mask(y).all()):
+            pool = TaskData.labelled(torch.cat([src.x, buffer.x]), {task.name: torch.cat([src.y[task.name], y])},
+                                     {task.name: torch.cat([src.labels(task), task.labels(y)])})
+        self._joined_pool = (src, key, pool)
+        return pool
 
     def extra_loss(self, run: Any, step: Any) -> Tensor | None:
         if not self.batches or self.weight == 0 or self.joined:

@@ -53,7 +53,6 @@ import torch
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from polytask.continual.strategies.buffer import Sample
 from polytask.continual.strategies.replay import Replay, ReplayParams
 from polytask.continual.strategy import STRATEGIES, Strategy
 from polytask.continual.stream import Stream
@@ -199,10 +198,10 @@ class ReplaySchedule(Replay):
                                                                                                       strict=True))]
         return torch.cat(parts) if parts else empty
 
-    def draw(self, n: int, global_step: int, k: int) -> Sample | None:
+    def draw_rows(self, n: int, global_step: int, k: int) -> Tensor | None:
         if self.memory is None or not len(self.memory):
             return None
-        return self.buffer.take(self.memory[permutation(len(self.memory), self.seed, self.index, global_step, k)[:n]])
+        return self.memory[permutation(len(self.memory), self.seed, self.index, global_step, k)[:n]]
 
     def load_state_dict(self, state: Any) -> None:
         super().load_state_dict(state)

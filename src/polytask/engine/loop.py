@@ -241,7 +241,10 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None,
                                              ("on_step", "train_batch", "extra_loss", "before_update"))
     watched = bool(stepping or replacing or adding or updating)
     ending = overriding(hooks, "on_epoch")
-    generator = torch.Generator()
+    # fixed weights (a weighting that draws nothing): no generator seeded for its steps, the weights read once
+    fixed = method.impl.fixed if method.kind == "weighting" else None
+    fixed_values = None if fixed is None else fixed.tolist()
+    generator = None if fixed is not None else torch.Generator()
     count_steps = faults.armed("step")
     n_micro = spec.accumulate
     n_batches = data.steps_per_epoch()
@@ -259,7 +262,7 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None,
                 micro = [batches[pos.step]] if n_micro == 1 else \
                     [batches[i] for i in range(pos.step * n_micro, min((pos.step + 1) * n_micro, n_batches))]
                 ctx = StepContext(pos.global_step, epoch, None, val_losses if method.needs_val else None, steps,
-                                  step_generator(seed, pos.global_step, generator))
+                                  None if generator is None else step_generator(seed, pos.global_step, generator))
                 joined = view = None
                 if watched:
                     view = StepView(epoch, pos.step, pos.global_step, merge_batches(micro))
@@ -277,7 +280,7 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None,
                 if not all(map(math.isfinite, values)):  # the check names the task
                     check_finite(spec.name, tasks, losses.detach().cpu(), "training", epoch + 1,
                                  f", step {pos.step + 1} of {steps} (global step {pos.global_step + 1})")
-                acc.add(values, None if weights is None else weights.tolist())
+                acc.add(values, None if weights is None else fixed_values if weights is fixed else weights.tolist())
                 pos.step += 1
                 pos.global_step += 1
                 reporter.advance()

@@ -450,7 +450,8 @@ def train_step(model: MultiTaskModel, method: Method, state: State, sources: Seq
         one = _single_loss(model, sources, rows, tasks) if method.unit and loss_fn is task_losses else None
         if one is not None:  # Σ_k w_k L_k with one task weighted 1: its loss itself (the same gradients, fewer nodes)
             one.backward()
-            losses, weights = one.detach().reshape(1), method.impl.fixed
+            _update(opt, model, extra, before_update)
+            return one.detach().reshape(1), method.impl.fixed, state  # unit: no after_step; fixed weights: no graph
         else:
             losses = loss_fn(model, sources, rows, tasks)
             weights, state = weighted_backward(method, state, losses, ctx)

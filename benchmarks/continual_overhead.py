@@ -6,9 +6,11 @@ one thread. Two sides, on the same rows (taken from polytask's stream):
 
 - ``polytask``: :func:`polytask.flows.continual.run_strategy` in a temporary directory, the checkpoint policy as
   default (a resumable checkpoint with the strategy's state after an epoch, but at most one a second from the job's
-  start (``train.checkpoint_interval_s``): none in an experience this short, whose end state (model and strategy
-  state, ``end.safetensors``, and ``done.json``) is written instead; a kill redoes the experience from its start).
-  ``polytask-every-epoch`` sets the interval to 0: a checkpoint after every epoch.
+  start (``train.checkpoint_interval_s``): none in an experience this short; an experience's end state (model and
+  strategy state, ``end.safetensors``) follows the same interval, from the previous end state: in a stream this short
+  only the last experience writes one, with every experience's ``done.json``; a kill redoes the stream from the last
+  end state, or its start). ``polytask-every-epoch`` sets the interval to 0: a checkpoint after every epoch and an
+  end state after every experience.
 - ``plain``: the loop a user would write: for each experience, a fresh optimiser, ``epochs`` passes over its
   training rows in a random order (zero_grad, forward, cross-entropy, backward, step, the loss summed for the
   epoch's mean), after each epoch a validation pass (loss and accuracy on the experience's validation rows, as the
@@ -29,9 +31,10 @@ the 64 rows: polytask's replay joins its buffered rows to the batch in the same 
 What the sides do not share: polytask's per-epoch checkpoint also holds the RNG states, the data position, the
 history and the strategy's state, and is written atomically (temporary file, rename) and durably (fsync) off the
 training thread, so a SIGKILL or an OS crash at any point resumes exactly; ``plain+save``'s ``torch.save`` writes in
-place (a kill during the write leaves a cut file) and holds no RNG state. polytask also writes, per experience, the
-model and strategy state after it (``end.safetensors``, atomically, its data fsynced) and ``done.json`` (progress: an
-OS crash may lose them, and the experience trains again, exactly). ``--durable-variant`` adds
+place (a kill during the write leaves a cut file) and holds no RNG state. polytask also writes the model and
+strategy state after an experience (``end.safetensors``, atomically, its data fsynced; at most one per interval, the
+last experience's always) and every experience's ``done.json`` after it (progress: an OS crash may lose them, and
+the experiences after the last end state that landed train again, exactly). ``--durable-variant`` adds
 ``plain+durable``: the plain loop writing what an exact resume needs (model, optimiser, RNG states, position, the
 replay buffer) per epoch, atomically and durably, on its training thread, as a user would. The batches are the
 same size and number on both sides, in different random orders (polytask's order is a pure function of (seed,

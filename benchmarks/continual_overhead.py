@@ -420,8 +420,9 @@ def main() -> None:
         "setup": f"split-digits class-IL (5 x 2 classes), MLP 64-{'-'.join(map(str, HIDDEN))}-10, batch {BATCH}, "
                  f"SGD lr {LR} momentum {MOMENTUM}, {args.epochs} epochs per experience, 1 thread; polytask = "
                  "run_strategy (engine job per experience, default checkpoint policy: a job's checkpoints at most "
-                 "one a second from its start, so none here, and the experience's end state); "
-                 "polytask-every-epoch: train.checkpoint_interval_s 0 (a checkpoint every epoch); plain = "
+                 "one a second from its start, so none here, end states at most one a second, so the last "
+                 "experience's only); polytask-every-epoch: train.checkpoint_interval_s 0 (a checkpoint every "
+                 "epoch, an end state every experience); plain = "
                  "hand-written loop with per-epoch validation and the accuracy row after each experience, no "
                  "checkpoint; plain+save adds a torch.save of model+optimizer per epoch; "
                  f"{args.rounds} interleaved rounds (order rotated), ratios paired per round",

@@ -31,16 +31,17 @@ _INIT_A, _MULT_A, _INIT_B, _MULT_B = 0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38
 _MIX_L, _MIX_R = 0xCA01F9DD, 0x4973F715
 
 
-def _hash_constants(n: int) -> list[int]:
-    """The first ``n`` values of SeedSequence's hash constant, which its t-th hashing step xors in (then multiplies by
-    the (t+1)-th), made once and extended when a longer key needs more."""
-    table = _HASH_A
-    while len(table) < n:
-        table.append(table[-1] * _MULT_A & _M32)
-    return table
+def _hash_constants(n: int, table: Sequence[int] = (_INIT_A,)) -> list[int]:
+    """The first ``n`` (at least) values of SeedSequence's hash constant, which its t-th hashing step xors in (then
+    multiplies by the (t+1)-th): ``table`` and as many more as it lacks (a new list: the module's table is only read,
+    from any thread)."""
+    out = list(table)
+    while len(out) < n:
+        out.append(out[-1] * _MULT_A & _M32)
+    return out
 
 
-_HASH_A = [_INIT_A]
+_HASH_A = _hash_constants(64)  # enough for keys of up to 15 32-bit words; a longer key extends a copy
 _B0 = _INIT_B
 _B1 = _B0 * _MULT_B & _M32
 _B2 = _B1 * _MULT_B & _M32
@@ -50,8 +51,8 @@ def key_seed(key: Sequence[int]) -> int:
     """A 63-bit seed that depends only on the non-negative integers of ``key``:
     ``np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1``, computed here in Python (the same number,
     checked against numpy in the tests), its hash constants tabulated and its steps inlined: numpy's object costs
-    0.1-0.2 ms when its code is cold, as it is once per epoch in the loop; this about 3 us, for a replay strategy's
-    draw at every step."""
+    0.1-0.2 ms when its code is cold, as it is once per epoch in the loop; this about 5 us (timeit, 4 words), for a
+    replay strategy's draw at every step."""
     words: list[int] = []  # every integer as 32-bit words, low first (0 is one word), as SeedSequence reads it
     for k in key:
         k = int(k)
@@ -60,7 +61,8 @@ def key_seed(key: Sequence[int]) -> int:
         words.append(k & _M32)
         while k := k >> 32:
             words.append(k & _M32)
-    h = _hash_constants(18 + 4 * max(0, len(words) - 4))  # one per hashing step, and the last one's multiplier
+    need = 18 + 4 * max(0, len(words) - 4)  # one per hashing step, and the last one's multiplier
+    h = _HASH_A if need <= len(_HASH_A) else _hash_constants(need, _HASH_A)
     m, lo, hi = _M32, _MIX_L, _MIX_R
     pool = []
     for t in range(4):  # the entropy's first four words hashed into the pool

@@ -260,3 +260,55 @@ def test_atomic_writes_fsync_what_they_promise(tmp_path, monkeypatch, durable, f
                                                                else "file"), real(fd)))
     path = atomic_write_bytes(tmp_path / "x.bin", b"abc", durable=durable, folder=folder)
     assert synced == want and path.read_bytes() == b"abc"
+
+
+def test_a_kill_on_the_training_thread_waits_for_the_queued_checkpoints(tmp_path, monkeypatch):
+    """``POLYTASK_KILL_AT="micro:1"`` while the worker is still inside the write of a checkpoint queued before it:
+    the kill lands only after that checkpoint has (a loaded machine must not turn "killed after the checkpoint"
+    into "killed before it"). A ``write`` kill, which fires on the worker thread, does not wait for itself."""
+    import threading
+
+    import polytask.engine.checkpoint as module
+    from polytask.engine import faults
+
+    real = module.atomic_write_bytes
+    entered, release, waiting = threading.Event(), threading.Event(), threading.Event()
+
+    def slow(path, data, durable=True, folder=True):
+        entered.set()
+        assert release.wait(60)
+        return real(path, data, durable, folder)
+
+    class Watched(checkpoint.BackgroundWriter):
+        def wait(self):
+            waiting.set()
+            super().wait()
+
+    monkeypatch.setattr(module, "atomic_write_bytes", slow)
+    monkeypatch.setenv("POLYTASK_KILL_AT", "micro:1")
+    monkeypatch.setattr(faults, "_counts", faults.Counter())
+    kills = []
+    monkeypatch.setattr(faults.os, "kill", lambda pid, sig: kills.append((path.exists(), sig)))
+    path = tmp_path / "last.safetensors"
+    writer = Watched()
+    writer.save(path, {"v": torch.ones(1)})
+    assert entered.wait(60)
+    helper = threading.Thread(target=lambda: waiting.wait(60) and release.set())
+    helper.start()
+    try:
+        faults.hit("micro")
+    finally:
+        release.set()
+        helper.join()
+        writer.close()
+    assert kills == [(True, faults.signal.SIGKILL)]
+
+    class Stuck:
+        def wait(self):
+            raise AssertionError("a write kill waited for the writer")
+
+    stuck = Stuck()
+    faults.track(stuck)
+    monkeypatch.setenv("POLYTASK_KILL_AT", "write:x:1")
+    faults.hit("write", "x")
+    assert len(kills) == 2

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from polytask.engine import faults
 from polytask.errors import CheckpointError
 from polytask.io import atomic_write_bytes
 
@@ -140,6 +141,7 @@ class BackgroundWriter:
         self._draining = False  # a worker is writing the queue (set and cleared under the lock)
         self._drain: Future[Any] | None = None
         self._error: BaseException | None = None
+        faults.track(self)
 
     def save(self, path: str | os.PathLike[str], tree: Any, then: Any = None, folder: bool = True) -> None:
         """Write ``tree`` to ``path`` as :func:`save` does, in the background; ``then()`` runs after it lands.

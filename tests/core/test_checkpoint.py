@@ -191,7 +191,8 @@ def test_non_durable_write_is_atomic_without_fsync(tmp_path, monkeypatch):
 def test_background_writer_replaces_a_queued_save_of_the_same_file_and_keeps_the_order(tmp_path, monkeypatch):
     """While the disk is busy (the worker held inside a write), a newer save of a file replaces its queued one:
     that file lands once, with the newest state; files of other paths land in save order, each ``then`` after its
-    file, and ``wait`` returns only when the queue is empty."""
+    file, a call queued with ``then()`` after the files queued before it, and ``wait`` returns only when the queue is
+    empty."""
     import threading
 
     import polytask.engine.checkpoint as module
@@ -215,11 +216,13 @@ def test_background_writer_replaces_a_queued_save_of_the_same_file_and_keeps_the
     assert entered.wait(60)  # the worker is inside the first write: the next saves queue
     writer.save(a, {"v": torch.tensor([1.0])}, lambda: then.append("a1"))
     writer.save(b, {"v": torch.tensor([5.0])}, lambda: then.append("b"))
+    writer.then(lambda: then.append(("call", sorted(landed))))  # after b (and the first a), before the next a
     writer.save(a, {"v": torch.tensor([2.0])}, lambda: then.append("a2"))
     assert landed == []
     release.set()
     writer.close()
-    assert landed == ["a.safetensors", "b.safetensors", "a.safetensors"] and then == ["a0", "b", "a2"]
+    assert landed == ["a.safetensors", "b.safetensors", "a.safetensors"]
+    assert then == ["a0", "b", ("call", ["a.safetensors", "b.safetensors"]), "a2"]
     assert checkpoint.load(a)["v"].item() == 2.0 and checkpoint.load(b)["v"].item() == 5.0
 
 

@@ -129,7 +129,7 @@ class BackgroundWriter:
     whose previous save is still queued (not yet started) replaces it: when saves come faster than the disk lands
     them (short epochs), the file goes straight to the newest state instead of the training thread waiting for every
     intermediate one. Files of different paths land in the order they were saved, and a file's ``then()`` runs
-    after it lands. A write that failed raises (its StorageError names the file) at the next ``save`` or ``wait``.
+    after it lands; :meth:`then` queues a call of its own, after everything queued before it. A write that failed raises (its StorageError names the file) at the next ``save`` or ``wait``.
     A process killed while a write is in flight or queued keeps the previous file, whole (the rename is atomic),
     and resumes from it: a little earlier, as exactly. The worker is not a daemon: an exception in the training
     thread still lets the queued writes finish."""
@@ -137,7 +137,8 @@ class BackgroundWriter:
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
-        self._queue: dict[Path, tuple[bytes, Any, bool]] = {}  # path -> (bytes, then, folder), oldest save first
+        # path -> (bytes, then, folder), oldest save first; a call of its own (``then``) has a key of its own and no bytes
+        self._queue: dict[Any, tuple[bytes | None, Any, bool]] = {}
         self._draining = False  # a worker is writing the queue (set and cleared under the lock)
         self._drain: Future[Any] | None = None
         self._error: BaseException | None = None
@@ -146,8 +147,14 @@ class BackgroundWriter:
     def save(self, path: str | os.PathLike[str], tree: Any, then: Any = None, folder: bool = True) -> None:
         """Write ``tree`` to ``path`` as :func:`save` does, in the background; ``then()`` runs after it lands.
         ``folder=False``: without the folder's fsync (:func:`polytask.io.atomic_write_bytes`)."""
-        data = dumps(tree)
-        key = Path(path)
+        self._put(Path(path), dumps(tree), then, folder)
+
+    def then(self, call: Any) -> None:
+        """Run ``call()`` on the worker once every write queued before it has landed (a record that must not land
+        before the state it records; ``call`` may be queued while that state is still being computed from)."""
+        self._put(object(), None, call, False)
+
+    def _put(self, key: Any, data: bytes | None, then: Any, folder: bool) -> None:
         with self._lock:
             self._raise_failed()
             self._queue.pop(key, None)  # a queued older save of this file is replaced; the newest goes last
@@ -170,7 +177,8 @@ class BackgroundWriter:
                 path = next(iter(self._queue))
                 data, then, folder = self._queue.pop(path)
             try:
-                atomic_write_bytes(path, data, folder=folder)
+                if data is not None:
+                    atomic_write_bytes(path, data, folder=folder)
                 if then is not None:
                     then()
             except BaseException as e:

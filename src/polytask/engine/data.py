@@ -115,8 +115,8 @@ def epoch_batches(sizes: list[int], batch_size: int, seed: int, epoch: int) -> l
             stream = permutation(n, seed, epoch, s, 0)
         else:
             cycles = math.ceil(steps * batch_size / n)
-            stream = torch.cat([permutation(n, seed, epoch, s, c) for c in range(cycles)])
-        per_source.append([stream[i * batch_size:(i + 1) * batch_size] for i in range(steps)])
+            stream = torch.cat([permutation(n, seed, epoch, s, c) for c in range(cycles)])[:steps * batch_size]
+        per_source.append(stream.split(batch_size))  # views, the last one partial
     return [list(b) for b in zip(*per_source, strict=True)]
 
 

@@ -241,7 +241,7 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None,
                                              ("on_step", "train_batch", "extra_loss", "before_update"))
     watched = bool(stepping or replacing or adding or updating)
     ending = overriding(hooks, "on_epoch")
-    # fixed weights (a weighting that draws nothing): no generator seeded for its steps, the weights read once
+    # fixed weights (a weighting that reads nothing): no context nor generator for its steps, the weights read once
     fixed = method.impl.fixed if method.kind == "weighting" else None
     fixed_values = None if fixed is None else fixed.tolist()
     generator = None if fixed is not None else torch.Generator()
@@ -261,8 +261,9 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None,
             while pos.step < steps:
                 micro = [batches[pos.step]] if n_micro == 1 else \
                     [batches[i] for i in range(pos.step * n_micro, min((pos.step + 1) * n_micro, n_batches))]
-                ctx = StepContext(pos.global_step, epoch, None, val_losses if method.needs_val else None, steps,
-                                  None if generator is None else step_generator(seed, pos.global_step, generator))
+                ctx = None if generator is None else StepContext(  # fixed weights read no context
+                    pos.global_step, epoch, None, val_losses if method.needs_val else None, steps,
+                    step_generator(seed, pos.global_step, generator))
                 joined = view = None
                 if watched:
                     view = StepView(epoch, pos.step, pos.global_step, merge_batches(micro))

@@ -380,10 +380,11 @@ def _fmtl(loss_fn: Callable[[], Tensor], shared: Sequence[torch.nn.Parameter], b
     return flat_blocks, head_grads
 
 
-def weighted_backward(method: Method, state: State, losses: Tensor, ctx: StepContext) -> tuple[Tensor, State]:
+def weighted_backward(method: Method, state: State, losses: Tensor,
+                      ctx: StepContext | None) -> tuple[Tensor, State]:
     """A loss weighting's step: K weights from the detached losses, then one backward of Σ w_k L_k (gradients
     added into ``.grad``). Returns (weights, new state)."""
-    weights, state = method.impl.update(state, losses.detach(), _with_losses(ctx, losses))
+    weights, state = _weights(method, state, losses, ctx)
     # the gradient of Σ_k w_k L_k is w: seed the backward with it (no dot node; the same gradients bit for bit)
     losses.backward(weights.to(losses.dtype))
     return weights, state
@@ -435,14 +436,15 @@ def aggregated_backward(method: Method, state: State, tg: TaskGrads, blocks: Seq
 
 
 def train_step(model: MultiTaskModel, method: Method, state: State, sources: Sequence[TaskData],
-               rows: Sequence[Tensor], tasks: Sequence[Task], opt: torch.optim.Optimizer, ctx: StepContext,
+               rows: Sequence[Tensor], tasks: Sequence[Task], opt: torch.optim.Optimizer, ctx: StepContext | None,
                loss_fn: LossFn, extra: Callable[[], Tensor | None] | None = None, precision: str = "fp32",
                before_update: Callable[[], None] | None = None) -> tuple[Tensor, Tensor | None, State]:
     """Run one step; returns (K losses, K weights or None for per-coordinate methods, new state).
 
     ``extra()`` (hooks' loss terms): its gradient is added to the gradients the method set, before the update;
     ``before_update()`` then runs with every gradient in ``.grad`` (hooks that change gradients, e.g. A-GEM).
-    ``precision``: ``fp32`` or ``bf16`` (the forward under autocast; see the module docstring)."""
+    ``precision``: ``fp32`` or ``bf16`` (the forward under autocast; see the module docstring). ``ctx``: the step's
+    context, None for a method with fixed weights (which reads none)."""
     cast = autocast(precision, _device_of(model)) if precision != "fp32" else nullcontext  # no device lookup a step
     loss_fn = _cast_losses(loss_fn, cast)
     zero_grad(opt)
@@ -492,8 +494,19 @@ def _update(opt: torch.optim.Optimizer, model: MultiTaskModel, extra: Callable[[
     opt.step()
 
 
-def _with_losses(ctx: StepContext, losses: Tensor) -> StepContext:
+def _with_losses(ctx: StepContext | None, losses: Tensor) -> StepContext:
+    if ctx is None:
+        raise TypeError("this method reads the step's context: pass a StepContext")
     return replace(ctx, losses=losses.detach())
+
+
+def _weights(method: Method, state: State, losses: Tensor, ctx: StepContext | None) -> tuple[Tensor, State]:
+    """A weighting's K weights for ``losses`` and its new state; fixed weights (``Weighting.fixed``) are read with
+    no call, so their steps need no context (``ctx`` None)."""
+    fixed = method.impl.fixed
+    if fixed is not None:
+        return fixed.to(losses.device, losses.dtype), state
+    return method.impl.update(state, losses.detach(), _with_losses(ctx, losses))
 
 
 def task_losses(model: MultiTaskModel, sources: Sequence[TaskData], rows: Sequence[Tensor],
@@ -593,7 +606,7 @@ def _add(total: list[Tensor] | None, part: Sequence[Tensor]) -> list[Tensor]:
 
 def accumulated_step(model: MultiTaskModel, method: Method, state: State,
                      micro: Sequence[tuple[Sequence[TaskData], Sequence[Tensor]]], tasks: Sequence[Task],
-                     opt: torch.optim.Optimizer, ctx: StepContext, loss_fn: LossFn,
+                     opt: torch.optim.Optimizer, ctx: StepContext | None, loss_fn: LossFn,
                      extra: Callable[[], Tensor | None] | None = None, precision: str = "fp32",
                      before_update: Callable[[], None] | None = None,
                      comm: Collective | None = None) -> tuple[Tensor, Tensor | None, State]:
@@ -638,7 +651,7 @@ def accumulated_step(model: MultiTaskModel, method: Method, state: State,
         assert losses is not None
         if comm is not None:
             (losses,) = comm.sum([losses])
-        weights, state = method.impl.update(state, losses.detach(), _with_losses(ctx, losses))
+        weights, state = _weights(method, state, losses, ctx)
         for m, (sources, rows) in enumerate(micro):
             if graphs is None:
                 _set_rng(rngs[m], device)

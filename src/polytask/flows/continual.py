@@ -170,18 +170,19 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
             result = train_job(spec, reporter, writer)
             trackers.job_done(name, result)
             strategy.end(model, stream, i, device)
+            end = every_end or i == steps[-1] or time.perf_counter() - saved_at >= tc.checkpoint_interval_s
+            if end:  # written while the row is scored and the next experience trains
+                writer.save(d / END, {"model": model.state_dict(), "strategy": strategy.state_dict()}, folder=False)
             row = _row(model, stream, tc.eval_batch_size)
             now = time.perf_counter()
             wall = result["wall_time_s"] + now - t0
             pending.append((d, {"accuracy": row, "steps": result["steps"], "wall_time_s": wall,
                                 "history": result["history"]}))
-            if every_end or i == steps[-1] or now - saved_at >= tc.checkpoint_interval_s:
-                # written while the next experience trains: end.safetensors, then the records since the last one (a
-                # kill before they land redoes the experiences from the last end state, or the last checkpoint: the
-                # same bytes either way); as progress (``resume_point``), the results being summary.json, written
-                # durably at the end
-                writer.save(d / END, {"model": model.state_dict(), "strategy": strategy.state_dict()},
-                            lambda done=pending: _write_records(done), folder=False)
+            if end:
+                # the records since the last end state land after this one (a kill before they land redoes the
+                # experiences from the last end state, or the last checkpoint: the same bytes either way); as
+                # progress (``resume_point``), the results being summary.json, written durably at the end
+                writer.then(lambda done=pending: _write_records(done))
                 pending, saved_at = [], now
             rows.append(row)
             seconds += wall

@@ -129,15 +129,16 @@ class BackgroundWriter:
     whose previous save is still queued (not yet started) replaces it: when saves come faster than the disk lands
     them (short epochs), the file goes straight to the newest state instead of the training thread waiting for every
     intermediate one. Files of different paths land in the order they were saved, and a file's ``then()`` runs
-    after it lands; :meth:`then` queues a call of its own, after everything queued before it. A write that failed raises (its StorageError names the file) at the next ``save`` or ``wait``.
-    A process killed while a write is in flight or queued keeps the previous file, whole (the rename is atomic),
-    and resumes from it: a little earlier, as exactly. The worker is not a daemon: an exception in the training
-    thread still lets the queued writes finish."""
+    after it lands; :meth:`then` queues a call of its own, after everything queued before it. A write that failed
+    raises (its StorageError names the file) at the next ``save`` or ``wait``. A process killed while a write is in
+    flight or queued keeps the previous file, whole (the rename is atomic), and resumes from it: a little earlier,
+    as exactly. The worker is not a daemon: an exception in the training thread still lets the queued writes
+    finish."""
 
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
-        # path -> (bytes, then, folder), oldest save first; a call of its own (``then``) has a key of its own and no bytes
+        # path -> (bytes, then, folder), oldest save first; a call of its own (``then``): a key of its own, no bytes
         self._queue: dict[Any, tuple[bytes | None, Any, bool]] = {}
         self._draining = False  # a worker is writing the queue (set and cleared under the lock)
         self._drain: Future[Any] | None = None

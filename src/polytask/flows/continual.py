@@ -151,7 +151,6 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
             strategy.begin(stream, i)
             suite = union(f"{stream.name}/all", [e.suite for e in stream.experiences]) if strategy.joint \
                 else strategy.train_suite(stream, i)
-            d.mkdir(parents=True, exist_ok=True)
             name = f"{entry.label}-s{seed}/{d.name}"
             tracked = trackers.hooks(name, {"job": name, "strategy": entry.name, "seed": str(seed),
                                             "experience": d.name})

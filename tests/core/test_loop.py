@@ -214,6 +214,65 @@ def test_optimisers_and_schedulers_come_from_their_registries():
         optimizer("adam", {"momentum": 0.9}, where="train.optimizer")
 
 
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_fused_optimisers_follow_the_default_ones_and_resume_exactly(name, tmp_path):
+    """``train.optimizer.fused``: torch's fused implementation, asked for only when set (the default is torch's own
+    default, as before the option); its steps agree with the default's to float rounding, and a job stopped after
+    an epoch resumes to the same bytes as an uninterrupted one."""
+    from polytask.config import TrainConfig
+    from polytask.engine import checkpoint
+    from polytask.engine.data import TensorBatches
+    from polytask.engine.hooks import Hook
+    from polytask.engine.loop import train_job
+    from polytask.engine.spec import CheckpointPolicy, TrainSpec
+    from polytask.engine.step import build_method
+    from polytask.flows.jobs import optimizer_of
+
+    def opt(fused):
+        cfg = TrainConfig.model_validate({"optimizer": {"name": name, "lr": 0.01, "weight_decay": 0.01,
+                                                        **({"fused": True} if fused else {})}})
+        return optimizer_of(cfg)
+
+    torch.manual_seed(0)
+    a = torch.nn.Linear(6, 3)
+    b = torch.nn.Linear(6, 3)
+    b.load_state_dict(a.state_dict())
+    plain, fused = opt(False)(a.parameters()), opt(True)(b.parameters())
+    assert not plain.defaults["fused"] and fused.defaults["fused"] is True
+    for _ in range(20):
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        plain.step()
+        fused.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+    class Stop(Hook):
+        name = "stop"
+
+        def on_epoch(self, run, epoch):
+            if epoch == 2:
+                raise KeyboardInterrupt
+
+    suite = multi_input_suite()
+
+    def spec(folder, hooks=()):
+        return TrainSpec(name="fused", tasks=list(suite.tasks), optimizer=opt(True),
+                         model=lambda: build_model(suite.tasks, suite.input_shape, "mlp", {"hidden": [8]}),
+                         method=build_method(MethodConfig(name="equal"), suite.task_names),
+                         data=TensorBatches(suite.splits, batch_size=64), epochs=3,
+                         checkpoint=CheckpointPolicy(folder, 0, 0.0), seed=0, hooks=hooks)
+
+    whole = train_job(spec(tmp_path / "whole"))
+    with pytest.raises(KeyboardInterrupt):
+        train_job(spec(tmp_path / "stopped", [Stop()]))
+    resumed = train_job(spec(tmp_path / "stopped"))
+    assert resumed["history"] == whole["history"]
+    x, y = (checkpoint.load(tmp_path / n / "last.safetensors") for n in ("whole", "stopped"))
+    assert all(torch.equal(x["model"][k], y["model"][k]) for k in x["model"])
+
+
 def test_checkpoint_interval_skips_intermediate_checkpoints_and_resumes_exactly(tmp_path, monkeypatch):
     """``CheckpointPolicy.interval``: within it of the previous checkpoint or of the job's start, an epoch's
     checkpoint is skipped (a final job's last is always written, a non-final job's is not); a job stopped after a

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from polytask.config import FUSED
 from polytask.registry import Registry
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
@@ -30,11 +31,13 @@ class SGDParams(_Params):
     lr: float = Field(1e-3, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+    fused: bool = Field(False, description=FUSED)
 
 
 class AdamParams(_Params):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    fused: bool = Field(False, description=FUSED)
 
 
 class StepParams(_Params):
@@ -44,17 +47,18 @@ class StepParams(_Params):
 
 @OPTIMIZERS.register("sgd", params=SGDParams, summary="SGD with (heavy-ball) momentum and L2 weight decay")
 def _sgd(p: SGDParams) -> OptimizerFactory:
-    return lambda params: torch.optim.SGD(params, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
+    return lambda params: torch.optim.SGD(params, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay,
+                                          fused=p.fused or None)
 
 
 @OPTIMIZERS.register("adam", params=AdamParams, summary="Adam (Kingma & Ba 2015), L2 weight decay")
 def _adam(p: AdamParams) -> OptimizerFactory:
-    return lambda params: torch.optim.Adam(params, lr=p.lr, weight_decay=p.weight_decay)
+    return lambda params: torch.optim.Adam(params, lr=p.lr, weight_decay=p.weight_decay, fused=p.fused or None)
 
 
 @OPTIMIZERS.register("adamw", params=AdamParams, summary="AdamW (Loshchilov & Hutter 2019), decoupled weight decay")
 def _adamw(p: AdamParams) -> OptimizerFactory:
-    return lambda params: torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
+    return lambda params: torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay, fused=p.fused or None)
 
 
 @SCHEDULERS.register("none", summary="constant learning rate")

@@ -103,6 +103,34 @@ def multi_input_suite():
     return TaskSuite("two-inputs", tasks, splits)
 
 
+def multi_input_job(folder, optimizer, epochs, interval, hooks=(), final=True, name="job"):
+    """A TrainSpec of an 8-unit MLP on :func:`multi_input_suite` (equal weights, batch 64, seed 0) checkpointing
+    to ``folder`` at most once per ``interval`` seconds."""
+    from polytask.engine.data import TensorBatches
+    from polytask.engine.spec import CheckpointPolicy, TrainSpec
+    from polytask.engine.step import build_method
+
+    suite = multi_input_suite()
+    return TrainSpec(name=name, tasks=list(suite.tasks), final=final,
+                     model=lambda: build_model(suite.tasks, suite.input_shape, "mlp", {"hidden": [8]}),
+                     optimizer=optimizer, method=build_method(MethodConfig(name="equal"), suite.task_names),
+                     data=TensorBatches(suite.splits, batch_size=64), epochs=epochs,
+                     checkpoint=CheckpointPolicy(folder, 0, interval), seed=0, hooks=hooks)
+
+
+def stop_after(epoch):
+    """A hook that interrupts a job (KeyboardInterrupt) at the end of ``epoch``."""
+    from polytask.engine.hooks import Hook
+
+    class Stop(Hook):
+        name = "stop"
+
+        def on_epoch(self, run, done):
+            if done == epoch:
+                raise KeyboardInterrupt
+    return Stop()
+
+
 def test_multi_input_suite_trains(tmp_path):
     suite = multi_input_suite()
     assert suite.multi_input
@@ -221,11 +249,7 @@ def test_fused_optimisers_follow_the_default_ones_and_resume_exactly(name, tmp_p
     an epoch resumes to the same bytes as an uninterrupted one."""
     from polytask.config import TrainConfig
     from polytask.engine import checkpoint
-    from polytask.engine.data import TensorBatches
-    from polytask.engine.hooks import Hook
     from polytask.engine.loop import train_job
-    from polytask.engine.spec import CheckpointPolicy, TrainSpec
-    from polytask.engine.step import build_method
     from polytask.flows.jobs import optimizer_of
 
     def opt(fused):
@@ -248,25 +272,12 @@ def test_fused_optimisers_follow_the_default_ones_and_resume_exactly(name, tmp_p
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
 
-    class Stop(Hook):
-        name = "stop"
-
-        def on_epoch(self, run, epoch):
-            if epoch == 2:
-                raise KeyboardInterrupt
-
-    suite = multi_input_suite()
-
     def spec(folder, hooks=()):
-        return TrainSpec(name="fused", tasks=list(suite.tasks), optimizer=opt(True),
-                         model=lambda: build_model(suite.tasks, suite.input_shape, "mlp", {"hidden": [8]}),
-                         method=build_method(MethodConfig(name="equal"), suite.task_names),
-                         data=TensorBatches(suite.splits, batch_size=64), epochs=3,
-                         checkpoint=CheckpointPolicy(folder, 0, 0.0), seed=0, hooks=hooks)
+        return multi_input_job(folder, opt(True), 3, 0.0, hooks, name="fused")
 
     whole = train_job(spec(tmp_path / "whole"))
     with pytest.raises(KeyboardInterrupt):
-        train_job(spec(tmp_path / "stopped", [Stop()]))
+        train_job(spec(tmp_path / "stopped", [stop_after(2)]))
     resumed = train_job(spec(tmp_path / "stopped"))
     assert resumed["history"] == whole["history"]
     x, y = (checkpoint.load(tmp_path / n / "last.safetensors") for n in ("whole", "stopped"))
@@ -279,14 +290,9 @@ def test_checkpoint_interval_skips_intermediate_checkpoints_and_resumes_exactly(
     skipped one resumes from the older checkpoint, or from its start, and ends exactly where an uninterrupted job
     ends."""
     from polytask.engine import checkpoint
-    from polytask.engine.data import TensorBatches
-    from polytask.engine.hooks import Hook
     from polytask.engine.loop import train_job
     from polytask.engine.optim import optimizer
-    from polytask.engine.spec import CheckpointPolicy, TrainSpec
-    from polytask.engine.step import build_method
 
-    suite = multi_input_suite()
     saved = []
     real_save = checkpoint.BackgroundWriter.save
 
@@ -296,20 +302,9 @@ def test_checkpoint_interval_skips_intermediate_checkpoints_and_resumes_exactly(
 
     monkeypatch.setattr(checkpoint.BackgroundWriter, "save", save)
 
-    class Stop(Hook):
-        name = "stop"
-
-        def on_epoch(self, run, epoch):
-            if epoch == 3:
-                raise KeyboardInterrupt
-
     def spec(folder, interval, hooks=(), final=True):
-        return TrainSpec(name="iv", tasks=list(suite.tasks), final=final,
-                         model=lambda: build_model(suite.tasks, suite.input_shape, "mlp", {"hidden": [8]}),
-                         optimizer=optimizer("sgd", {"lr": 0.1, "momentum": 0.9}),
-                         method=build_method(MethodConfig(name="equal"), suite.task_names),
-                         data=TensorBatches(suite.splits, batch_size=64), epochs=4,
-                         checkpoint=CheckpointPolicy(folder, 0, interval), seed=0, hooks=hooks)
+        return multi_input_job(folder, optimizer("sgd", {"lr": 0.1, "momentum": 0.9}), 4, interval, hooks, final,
+                               name="iv")
 
     whole = train_job(spec(tmp_path / "whole", 0.0))
     assert saved == [1, 2, 3, 4]
@@ -321,11 +316,11 @@ def test_checkpoint_interval_skips_intermediate_checkpoints_and_resumes_exactly(
     assert saved == []
     saved.clear()
     with pytest.raises(KeyboardInterrupt):
-        train_job(spec(tmp_path / "stopped", 0.0, [Stop()]))
+        train_job(spec(tmp_path / "stopped", 0.0, [stop_after(3)]))
     assert saved == [1, 2]
     saved.clear()
     with pytest.raises(KeyboardInterrupt):  # within the interval of its start: no checkpoint
-        train_job(spec(tmp_path / "never", 1e9, [Stop()]))
+        train_job(spec(tmp_path / "never", 1e9, [stop_after(3)]))
     assert saved == [] and not (tmp_path / "never" / "last.safetensors").exists()
     resumed = train_job(spec(tmp_path / "stopped", 1e9))  # from epoch 2: epoch 3's skipped, the last written
     restarted = train_job(spec(tmp_path / "never", 1e9))  # from the start

@@ -196,8 +196,8 @@ def test_a_run_trains_prompts_keys_and_heads_and_never_the_encoder(tmp_path, tab
     for (name, p), (_, q) in zip(model.encoder.model.named_parameters(), fresh.named_parameters(), strict=True):
         assert not p.requires_grad and torch.equal(p, q), name
     assert not torch.equal(model.prompts, built["pool"][0]) and not torch.equal(model.keys, built["pool"][1])
-    assert not torch.equal(model.heads["class"][-1].weight, built["initial"]["heads.class.0.weight"])
-    assert set(model.state_dict()) == {"prompts", "keys", "heads.class.0.weight", "heads.class.0.bias"}
+    assert not torch.equal(model.heads["class"].weight, built["initial"]["heads.class.weight"])
+    assert set(model.state_dict()) == {"prompts", "keys", "heads.class.weight", "heads.class.bias"}
     assert len(summary["results"]["l2p"][0]["accuracy"]) == 2
 
 

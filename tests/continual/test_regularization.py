@@ -49,15 +49,15 @@ def test_fisher_equals_a_hand_computation_on_a_linear_model():
     model = _linear(tasks)
     x, y = _data()
     src = TaskData(x, y)
-    W, b = model.heads["c"][0].weight.detach(), model.heads["c"][0].bias.detach()
-    V, a = model.heads["r"][0].weight.detach(), model.heads["r"][0].bias.detach()
+    W, b = model.heads["c"].weight.detach(), model.heads["c"].bias.detach()
+    V, a = model.heads["r"].weight.detach(), model.heads["r"].bias.detach()
     p = F.softmax(x @ W.T + b, -1)
     onehot = F.one_hot(y["c"].long(), 3).float()
     f = x @ V.T + a  # the row loss is the mean of (f_d − y_d)² over D = 2 outputs: its gradient in f is f − y
-    emp = {"heads.c.0.weight": (((p - onehot)[:, :, None] * x[:, None, :]) ** 2).mean(0),
-           "heads.c.0.bias": ((p - onehot) ** 2).mean(0),
-           "heads.r.0.weight": (((f - y["r"])[:, :, None] * x[:, None, :]) ** 2).mean(0),
-           "heads.r.0.bias": ((f - y["r"]) ** 2).mean(0)}
+    emp = {"heads.c.weight": (((p - onehot)[:, :, None] * x[:, None, :]) ** 2).mean(0),
+           "heads.c.bias": ((p - onehot) ** 2).mean(0),
+           "heads.r.weight": (((f - y["r"])[:, :, None] * x[:, None, :]) ** 2).mean(0),
+           "heads.r.bias": ((f - y["r"]) ** 2).mean(0)}
     got = fisher_diagonal(model, [src], tasks, "empirical", CPU)
     assert set(got) == set(emp)
     for n in emp:
@@ -67,16 +67,16 @@ def test_fisher_equals_a_hand_computation_on_a_linear_model():
     true_w = sum(p[:, c, None, None] * (((eye[c] - p)[:, :, None] * x[:, None, :]) ** 2) for c in range(3)).mean(0)
     true_b = sum(p[:, c, None] * ((eye[c] - p) ** 2) for c in range(3)).mean(0)
     got = fisher_diagonal(model, [src], tasks, "true", CPU)
-    torch.testing.assert_close(got["heads.c.0.weight"], true_w, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(got["heads.c.0.bias"], true_b, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(got["heads.r.0.weight"], (2 / 2 * x ** 2).mean(0).expand(2, -1), rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(got["heads.r.0.bias"], torch.full((2,), 2 / 2), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got["heads.c.weight"], true_w, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got["heads.c.bias"], true_b, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got["heads.r.weight"], (2 / 2 * x ** 2).mean(0).expand(2, -1), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got["heads.r.bias"], torch.full((2,), 2 / 2), rtol=1e-5, atol=1e-7)
     # a missing label (NaN) contributes nothing to its task's Fisher
     y_missing = {"c": y["c"].clone(), "r": y["r"]}
     y_missing["c"][0] = float("nan")
     part = fisher_diagonal(model, [TaskData(x, y_missing)], tasks[:1], "empirical", CPU)
     want = (((p - onehot)[1:, :, None] * x[1:, None, :]) ** 2).sum(0) / len(x)
-    torch.testing.assert_close(part["heads.c.0.weight"], want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(part["heads.c.weight"], want, rtol=1e-5, atol=1e-7)
 
 
 def test_ewc_penalty_gradient_is_lambda_fisher_times_displacement():
@@ -114,8 +114,8 @@ def test_online_ewc_decays_and_sums_the_fishers_separate_keeps_each():
         want = sum(0.5 ** (2 - k) * fishers[k][n] for k in range(3))
         torch.testing.assert_close(running[n], want)
         torch.testing.assert_close(anchor[n], anchors[2][n])
-    assert "heads.e3.0.weight" not in running  # a head no experience used yet has no Fisher
-    assert {"heads.e0.0.weight", "heads.e2.0.weight"} <= set(running)
+    assert "heads.e3.weight" not in running  # a head no experience used yet has no Fisher
+    assert {"heads.e0.weight", "heads.e2.weight"} <= set(running)
     assert len(separate.terms) == 3
     for k, (fk, ak) in enumerate(separate.terms):
         assert not any(n.startswith("heads.") and not n.startswith(f"heads.e{k}.") for n in fk)
@@ -189,10 +189,10 @@ def test_mas_importance_equals_a_hand_computation_and_accumulates():
     x, y = _data()
     got = output_sensitivity(model, [TaskData(x, y)], ["c", "r"], CPU)
     for name in ("c", "r"):
-        lin = model.heads[name][0]
+        lin = model.heads[name]
         f = (x @ lin.weight.T + lin.bias).detach()
-        torch.testing.assert_close(got[f"heads.{name}.0.weight"], (2 * f[:, :, None] * x[:, None, :]).abs().mean(0))
-        torch.testing.assert_close(got[f"heads.{name}.0.bias"], (2 * f).abs().mean(0))
+        torch.testing.assert_close(got[f"heads.{name}.weight"], (2 * f[:, :, None] * x[:, None, :]).abs().mean(0))
+        torch.testing.assert_close(got[f"heads.{name}.bias"], (2 * f).abs().mean(0))
     # accumulation over experiences: the paper's sum, or Avalanche's running average with alpha
     stream = build_stream("split-digits", {"scenario": "domain"}, seed=0)
     torch.manual_seed(0)

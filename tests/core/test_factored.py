@@ -151,7 +151,7 @@ def test_a_head_with_a_forward_hook_keeps_the_dense_rows():
     tasks, src = _suite()
     model = build_model(tasks, (7,), "mlp", {"hidden": [8]})
     assert model.linear_head("r") is not None
-    handle = model.heads["r"][0].register_forward_hook(lambda m, i, o: o * 2)
+    handle = model.heads["r"].register_forward_hook(lambda m, i, o: o * 2)
     assert model.linear_head("r") is None
     tg = representation_grads(model, [src], [torch.arange(len(src))], tasks)
     assert isinstance(tg.z_rows[0], Rows)

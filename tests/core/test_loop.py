@@ -180,9 +180,9 @@ def test_init_from_loads_matching_tensors(tmp_path):
     src = build_model(tasks, (5,), "mlp", {"hidden": [4]})
     save_file({k: v for k, v in src.state_dict().items() if k.startswith("encoder.")}, tmp_path / "enc.safetensors")
     dst = build_model(tasks, (5,), "mlp", {"hidden": [4]})
-    assert load_matching(dst, str(tmp_path / "enc.safetensors")) == ["encoder.1.bias", "encoder.1.weight"]
-    assert torch.equal(dst.encoder[1].weight, src.encoder[1].weight)
-    assert not torch.equal(dst.heads["a"][0].weight, src.heads["a"][0].weight)
+    assert load_matching(dst, str(tmp_path / "enc.safetensors")) == ["encoder.0.bias", "encoder.0.weight"]
+    assert torch.equal(dst.encoder[0].weight, src.encoder[0].weight)
+    assert not torch.equal(dst.heads["a"].weight, src.heads["a"].weight)
     save_file({"other": torch.zeros(2)}, tmp_path / "bad.safetensors")
     with pytest.raises(CheckpointError, match=r"bad\.safetensors has no tensor matching"):
         load_matching(dst, str(tmp_path / "bad.safetensors"))

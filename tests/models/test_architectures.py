@@ -8,10 +8,14 @@ An architecture that needs another backbone or input than the default (an MLP on
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import sys
 from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 from helpers import assert_summing_aggregator_gives_summed_loss
 from polytask.config import MethodConfig
@@ -20,7 +24,9 @@ from polytask.engine.loop import task_losses
 from polytask.engine.step import Method, build_method, train_step
 from polytask.errors import ConfigError
 from polytask.methods import load_all
-from polytask.models import ARCHITECTURES, MultiTaskModel, build_model
+from polytask.models import ARCHITECTURES, BACKBONES, MultiTaskModel, build_model
+from polytask.models.backbones import _mlp_layers
+from polytask.models.sharing import make_head
 from polytask.tasks import Task, TaskData
 from polytask.weighting import StepContext
 
@@ -206,3 +212,47 @@ def test_unknown_architecture_params_are_refused_by_name(name):
     backbone, bparams, shape = SETUPS.get(name, DEFAULT_SETUP)
     with pytest.raises(ConfigError, match=r"model\.architecture_params"):
         build_model(TASKS, shape, backbone, bparams, name, {"no_such_option": 1})
+
+
+def _layout_0_1_0(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Build models as polytask 0.1.0 did: every head an ``nn.Sequential`` (around its one ``Linear`` when it has no
+    hidden layer), and the mlp backbone starting with a ``Flatten`` on vectors too."""
+    def head(task: Task, in_dim: int) -> nn.Module:
+        last = task.head.hidden[-1] if task.head.hidden else in_dim
+        return nn.Sequential(*_mlp_layers(in_dim, list(task.head.hidden), 0.0), nn.Linear(last, task.n_outputs))
+
+    def mlp(params: Any, shape: tuple[int, ...]) -> tuple[nn.Module, int]:
+        width = math.prod(shape)
+        return nn.Sequential(nn.Flatten(), *_mlp_layers(width, params.hidden, params.dropout)), params.hidden[-1]
+
+    present = make_head  # this module's own name is patched too, on the way
+    for module in list(sys.modules.values()):
+        if getattr(module, "make_head", None) is present:
+            monkeypatch.setattr(module, "make_head", head)
+    monkeypatch.setitem(BACKBONES._entries, "mlp", dataclasses.replace(BACKBONES.get("mlp"), build=mlp))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_weights_saved_in_the_0_1_0_layout_load_under_the_present_names(name, monkeypatch):
+    """A state dict of 0.1.0's layout (real: built by its code) loads into the present model, which then computes
+    what the old one did; the names did change (a head without hidden layers is its ``Linear``, the mlp numbers its
+    layers from 0 on vectors)."""
+    with monkeypatch.context() as m:
+        _layout_0_1_0(m)
+        old = build(name, 0).eval()
+    new = build(name, 1).eval()
+    saved = old.state_dict()
+    assert set(saved) != set(new.state_dict())
+    new.load_state_dict(saved)
+    (src,), _ = data(name)
+    with torch.no_grad():
+        want, got = old(src.x), new(src.x)
+    for t in want:
+        torch.testing.assert_close(got[t], want[t], rtol=0, atol=0)
+
+
+def test_a_state_dict_that_matches_under_no_name_is_still_refused():
+    model = build("hard")
+    saved = {k.replace("heads.", "towers."): v for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"Missing key.*heads\.a\.weight"):
+        model.load_state_dict(saved)

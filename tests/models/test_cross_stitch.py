@@ -57,10 +57,10 @@ def test_outputs_follow_eq_1_through_two_columns_by_hand():
     perturb(model)
     x = x_of()
     cols = model.columns
-    h1 = [F.relu(F.linear(x, c[1].weight, c[1].bias)) for c in cols]
+    h1 = [F.relu(F.linear(x, c[0].weight, c[0].bias)) for c in cols]
     a = model.alphas[0].detach()
     m = [a[t, 0] * h1[0] + a[t, 1] * h1[1] for t in range(2)]
-    h2 = [F.relu(F.linear(m[k], c[3].weight, c[3].bias)) for k, c in enumerate(cols)]
+    h2 = [F.relu(F.linear(m[k], c[2].weight, c[2].bias)) for k, c in enumerate(cols)]
     out = model(x)
     for t in ("a", "b"):
         r = model.last_alpha[t].detach()

@@ -89,8 +89,8 @@ def test_mlp_encoder_gets_linear_attention_by_hand():
     assert not any(isinstance(m, nn.modules.batchnorm._NormBase) for m in model.modules())
     x = x_of((5,))
     enc = model.encoder
-    p1 = F.relu(F.linear(x, enc[1].weight, enc[1].bias))
-    p2 = F.relu(F.linear(p1, enc[3].weight, enc[3].bias))
+    p1 = F.relu(F.linear(x, enc[0].weight, enc[0].bias))
+    p2 = F.relu(F.linear(p1, enc[2].weight, enc[2].bias))
     out = model(x)
     for t in ("a", "b"):
         m, f = model.masks[t], model.extract[t]
@@ -114,7 +114,7 @@ def test_a_mask_of_ones_is_the_shared_bottom(setup):
             with torch.no_grad():
                 blk[4].weight.zero_()
                 blk[4].bias.fill_(50.0)
-    hard = HardSharing(model.encoder, model.heads["a"][0].in_features, TASKS)
+    hard = HardSharing(model.encoder, model.heads["a"].in_features, TASKS)
     hard.heads.load_state_dict(model.heads.state_dict())
     x = x_of(setup[2])
     for t, y in hard(x).items():

@@ -14,6 +14,9 @@ from polytask.models.stages import Stage, run_stage, split_stages
 
 def test_mlp_gives_one_stage_per_hidden_layer():
     enc, width = build_backbone("mlp", {"hidden": [8, 5], "dropout": 0.1}, (6,))
+    # Linear, ReLU, Dropout | Linear, ReLU, Dropout (vectors: no Flatten)
+    assert split_stages(enc, width, "x") == [Stage(0, 3, 8, 0), Stage(3, 6, 5, 0)]
+    enc, width = build_backbone("mlp", {"hidden": [8, 5], "dropout": 0.1}, (2, 3))
     # Flatten, Linear, ReLU, Dropout | Linear, ReLU, Dropout
     assert split_stages(enc, width, "x") == [Stage(0, 4, 8, 0), Stage(4, 7, 5, 0)]
 

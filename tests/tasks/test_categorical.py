@@ -137,7 +137,7 @@ def test_the_embeddings_belong_to_the_shared_encoder() -> None:
     widths = [e.embedding_dim for e in model.encoder.embeddings]
     assert widths == [embedding_width(4), embedding_width(40)] == [3, 13]  # min(16, round(1.6 * n ** 0.56))
     assert embedding_width(10_000) == 16
-    assert model.encoder.backbone[1].in_features == 3 + 3 + 13
+    assert model.encoder.backbone[0].in_features == 3 + 3 + 13
     shared = {id(p) for p in model.shared_parameters()}
     embeddings = [e.weight for e in model.encoder.embeddings]
     assert all(id(w) in shared for w in embeddings)

@@ -40,6 +40,7 @@ from polytask.engine.step import accumulated_step, autocast, full, step_generato
 from polytask.errors import CheckpointError, ConfigError, DivergenceError
 from polytask.io import atomic_write_bytes, atomic_write_json
 from polytask.models import MultiTaskModel
+from polytask.models.mode import evaluating, set_training
 from polytask.tasks.task import Task, TaskData
 from polytask.weighting import StepContext
 
@@ -53,7 +54,7 @@ def evaluate(model: MultiTaskModel, sources: Sequence[TaskData], tasks: Sequence
     (in the original units, ``Task.scores``)."""
     was_training = model.training
     if was_training:  # a model already in eval mode (a caller scoring several splits) is not walked again
-        model.eval()
+        set_training(model, False)
     scores: dict[str, dict[str, float]] = {}
     for src in sources:
         names = [t.name for t in tasks if t.name in src.y]
@@ -76,7 +77,7 @@ def evaluate(model: MultiTaskModel, sources: Sequence[TaskData], tasks: Sequence
                 loss = t.mean_loss(p, y)
             scores[t.name] = {"loss": float(loss)} | t.scores(p, y)
     if was_training:
-        model.train()
+        set_training(model, True)
     return scores
 
 
@@ -228,12 +229,8 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None,
     def val_losses() -> Tensor:
         """Task losses on a validation batch drawn from (seed, step), for methods that watch validation."""
         batch = data.val_batch(seed, pos.global_step)
-        model.eval()
-        try:
-            with cast():
-                return full(loss_fn(model, batch.sources, batch.rows, tasks))
-        finally:
-            model.train()
+        with evaluating(model), cast():
+            return full(loss_fn(model, batch.sources, batch.rows, tasks))
 
     cast = autocast(spec.precision, device)
     # the hooks that do something at each point of a step (the others are not called), and the step's generator
@@ -253,7 +250,7 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None,
     reporter.start(spec.name, spec.epochs * steps, pos.epoch * steps + pos.step)
     t0 = saved_at = time.perf_counter()  # the job's start (or resumption) counts as its latest checkpoint
     with writer if own else contextlib.nullcontext():
-        model.train()
+        set_training(model, True)
         while pos.epoch < spec.epochs:
             epoch = pos.epoch
             batches = data.epoch(seed, epoch)

@@ -55,6 +55,7 @@ from polytask.flows.jobs import optimizer_of, scheduler_of
 from polytask.flows.runner import open_regime_run, releases_run_locks, versions
 from polytask.io import atomic_write_json
 from polytask.models import build_model
+from polytask.models.mode import evaluating
 from polytask.tasks.task import TaskSuite
 from polytask.tracking import Trackers, open_trackers
 
@@ -104,12 +105,8 @@ def experience_score(model: torch.nn.Module, suite: TaskSuite, batch_size: int) 
 
 def _row(model: torch.nn.Module, stream: Stream, batch_size: int) -> list[float]:
     """The accuracy matrix's row: every experience's test score, the model in eval mode once for all of them."""
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         return [experience_score(model, e.suite, batch_size) for e in stream.experiences]
-    finally:
-        model.train(was_training)
 
 
 def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig, seed: int, job_dir: Path,
@@ -194,7 +191,7 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
 
 def _write_records(pending: Sequence[tuple[Path, dict[str, Any]]]) -> None:
     for d, done in pending:
-        atomic_write_json(d / DONE, done, durable=False)
+        atomic_write_json(d / DONE, done, durable=False, indent=None)  # read back by resume_point
 
 
 def _numel(tree: Any) -> int:

@@ -38,11 +38,14 @@ def _mlp_layers(in_dim: int, widths: list[int], dropout: float) -> list[nn.Modul
     return layers
 
 
-@BACKBONES.register("mlp", params=MLPParams, summary="flatten, then Linear+ReLU layers")
+@BACKBONES.register("mlp", params=MLPParams, summary="Linear+ReLU layers (inputs of several axes flattened first)")
 def mlp(params: MLPParams, input_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
+    """``Linear``+``ReLU`` (+``Dropout``) per hidden width; a ``Flatten`` first only for inputs of more than one axis
+    (on vectors it would be a no-op module call in every forward)."""
     in_dim = math.prod(input_shape)
-    layers = [nn.Flatten(), *_mlp_layers(in_dim, params.hidden, params.dropout)]
-    return nn.Sequential(*layers), params.hidden[-1] if params.hidden else in_dim
+    front: list[nn.Module] = [nn.Flatten()] if len(input_shape) > 1 else []
+    return nn.Sequential(*front, *_mlp_layers(in_dim, params.hidden, params.dropout)), \
+        params.hidden[-1] if params.hidden else in_dim
 
 
 @BACKBONES.register("lenet", params=LeNetParams, summary="LeNet-style CNN: 5x5 conv + pool blocks, a dense layer")

@@ -26,6 +26,10 @@ class MultiTaskModel(nn.Module):
 
     task_names: list[str]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._register_load_state_dict_pre_hook(_former_names, with_module=True)
+
     def forward(self, x: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
         raise NotImplementedError
 
@@ -64,11 +68,38 @@ class MultiTaskModel(nn.Module):
         return None
 
 
+def _former_names(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *_: object) -> None:
+    """Read tensors saved by polytask 0.1.0 before two layout changes under their present names: a head without
+    hidden layers was an ``nn.Sequential`` around its ``Linear`` (``heads.<t>.0.weight``, now ``heads.<t>.weight``),
+    and the ``mlp`` backbone began with a ``Flatten`` on vector inputs too (its layers numbered from 1, now from 0).
+    Only a tensor that the model has, the state dict lacks and the model does not have under the former name is
+    renamed; anything else is left to ``load_state_dict``'s own check."""
+    own = module.state_dict(keep_vars=True)
+    if all(prefix + k in state_dict for k in own):
+        return
+    unflattened = [name + "." for name, m in module.named_modules()
+                   if name and isinstance(m, nn.Sequential) and len(m) and not isinstance(m[0], nn.Flatten)]
+    for key in own:
+        if prefix + key in state_dict:
+            continue
+        parts = key.split(".")
+        former = [f"heads.{parts[1]}.0.{parts[2]}"] if len(parts) == 3 and parts[0] == "heads" else []
+        for seq in unflattened:
+            index, _, rest = key[len(seq):].partition(".")
+            if key.startswith(seq) and index.isdigit() and rest:
+                former.append(f"{seq}{int(index) + 1}.{rest}")
+        old = next((f for f in former if prefix + f in state_dict and f not in own), None)
+        if old is not None:
+            state_dict[prefix + key] = state_dict.pop(prefix + old)
+
+
 def make_head(task: Task, in_dim: int) -> nn.Module:
-    """A task's head: optional hidden Linear+ReLU layers, then a linear output layer."""
+    """A task's head: the linear output layer itself (``heads.<task>.weight``), or, with hidden layers, an
+    ``nn.Sequential`` of Linear+ReLU layers and the output layer."""
+    if not task.head.hidden:
+        return nn.Linear(in_dim, task.n_outputs)
     layers = _mlp_layers(in_dim, list(task.head.hidden), 0.0)
-    last = task.head.hidden[-1] if task.head.hidden else in_dim
-    return nn.Sequential(*layers, nn.Linear(last, task.n_outputs))
+    return nn.Sequential(*layers, nn.Linear(task.head.hidden[-1], task.n_outputs))
 
 
 class HardSharing(MultiTaskModel):
@@ -88,7 +119,9 @@ class HardSharing(MultiTaskModel):
         return {t: self.heads[t](features[0]) for t in (tasks or self.task_names)}
 
     def forward(self, x: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
-        return self.outputs(self.features(x), tasks)
+        # ``outputs(features(x))`` inlined: the forward of every step (a subclass that changes either overrides it)
+        z, heads = self.encoder(x), self.heads._modules
+        return {t: heads[t](z) for t in (tasks or self.task_names)}
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         """The encoder's parameters that train (a frozen pretrained encoder has none): per-task gradients and
@@ -101,9 +134,9 @@ class HardSharing(MultiTaskModel):
     def linear_head(self, task: str) -> nn.Linear | None:
         """The head when it is one plain ``nn.Linear`` (no hook or parametrisation changes what it computes)."""
         head = self.heads[task]
-        plain = len(head) == 1 and type(head[0]) is nn.Linear and not any(
-            m._forward_hooks or m._forward_pre_hooks for m in (head, head[0]))
-        return head[0] if plain else None
+        parts = [head] if type(head) is nn.Linear else [head, head[0]] if isinstance(head, nn.Sequential) and \
+            len(head) == 1 and type(head[0]) is nn.Linear else None
+        return parts[-1] if parts and not any(m._forward_hooks or m._forward_pre_hooks for m in parts) else None
 
 
 Architecture = Callable[[nn.Module, int, Sequence[Task], BaseModel], MultiTaskModel]

@@ -30,6 +30,7 @@ from torch.func import functional_call
 from polytask.engine.hooks import Hook, Run, StepView
 from polytask.errors import ConfigError, DataError
 from polytask.models import MultiTaskModel
+from polytask.models.mode import evaluating
 from polytask.tasks.task import Task, TaskData
 
 State = dict[str, Any]
@@ -340,12 +341,10 @@ class ProbeSet(Hook):
         if not due:
             return
         t0 = self.clock()
-        was_training = model.training
-        model.eval()
         batch = ProbeBatch(model, opt, sources, rows, tasks, clock=self.clock)
-        for p in due:
-            self._run(p, lambda p=p: p.step(self.states[p.name], batch), batch)
-        model.train(was_training)
+        with evaluating(model):
+            for p in due:
+                self._run(p, lambda p=p: p.step(self.states[p.name], batch), batch)
         self.seconds += self.clock() - t0
 
     def probe_epoch(self, model: MultiTaskModel, train: Sequence[TaskData], tasks: Sequence[Task]) -> None:
@@ -354,11 +353,9 @@ class ProbeSet(Hook):
         if not due:
             return
         t0 = self.clock()
-        was_training = model.training
-        model.eval()
-        for p in due:
-            self._run(p, lambda p=p: p.epoch(self.states[p.name], model, train, tasks), None)
-        model.train(was_training)
+        with evaluating(model):
+            for p in due:
+                self._run(p, lambda p=p: p.epoch(self.states[p.name], model, train, tasks), None)
         self.seconds += self.clock() - t0
 
     def state_dict(self) -> State:

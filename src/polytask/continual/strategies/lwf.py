@@ -33,6 +33,7 @@ from torch.func import functional_call
 from polytask.continual.strategies.regularization import to_device
 from polytask.continual.strategy import STRATEGIES, Strategy
 from polytask.continual.stream import Stream, labelled_classes
+from polytask.models.mode import evaluating
 from polytask.tasks.task import Task
 
 
@@ -88,13 +89,8 @@ class LwF(Strategy):
         self.old = to_device(self.old, run.device)
         names = list(self.targets)
         x = torch.cat([src.x[r] for src, r in zip(step.batch.sources, step.batch.rows, strict=True)])
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                before = functional_call(model, self.old, (x, names))
-        finally:
-            model.train(was_training)
+        with evaluating(model), torch.no_grad():
+            before = functional_call(model, self.old, (x, names))
         now = model(x, names)
         total = None
         for n, classes in self.targets.items():

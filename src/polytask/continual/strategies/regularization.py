@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from polytask.continual.strategy import Strategy
+from polytask.models.mode import evaluating
 from polytask.tasks.task import Task, TaskData
 
 Params = dict[str, Tensor]
@@ -87,9 +88,7 @@ def row_jacobians(model: nn.Module, sources: Sequence[TaskData], tasks: Sequence
         return fn({k: v[0] for k, v in out.items()}, y, m)
 
     per_row = vmap(jacrev(one), in_dims=(None, 0, 0, 0))
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for src in sources:
             y = {t: src.y[t] for t in names if t in src.y}
             for s in range(0, len(src), chunk):
@@ -97,8 +96,6 @@ def row_jacobians(model: nn.Module, sources: Sequence[TaskData], tasks: Sequence
                 labelled = {t: Task.mask(v).to(v.dtype) for t, v in yb.items()}
                 clean = {t: torch.nan_to_num(v, nan=0.0) for t, v in yb.items()}
                 yield per_row(params, src.x[s:s + chunk].to(device), clean, labelled)
-    finally:
-        model.train(was_training)
 
 
 def row_mean(model: nn.Module, sources: Sequence[TaskData], tasks: Sequence[str], fn: RowFn,

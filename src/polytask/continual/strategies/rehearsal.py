@@ -39,6 +39,7 @@ from polytask.continual.stream import Stream
 from polytask.engine.data import permutation
 from polytask.engine.loop import task_losses
 from polytask.engine.step import _rng, _set_rng
+from polytask.models.mode import evaluating
 from polytask.tasks.task import Task, TaskData, TaskSuite
 
 
@@ -104,12 +105,8 @@ def model_outputs(model: nn.Module, device: torch.device, chunk: int = 1024) -> 
 
     @torch.no_grad()
     def outputs(x: Tensor, names: list[str] | tuple[str, ...]) -> dict[str, Tensor]:
-        was = model.training
-        model.eval()
-        try:
+        with evaluating(model):
             parts = [model(x[i:i + chunk].to(device), list(names)) for i in range(0, len(x), chunk)]
-        finally:
-            model.train(was)
         return {n: torch.cat([p[n] for p in parts]).to(x.device) for n in names}
 
     return outputs

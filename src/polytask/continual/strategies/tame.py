@@ -86,6 +86,7 @@ from polytask.engine.data import permutation
 from polytask.engine.loop import task_losses
 from polytask.errors import ConfigError, DataError
 from polytask.models import MultiTaskModel
+from polytask.models.mode import evaluating
 from polytask.tasks.task import Task
 
 _SELECTOR_INIT, _SELECTOR_TRAIN = 11, 12  # salts of the strategy's draws
@@ -291,13 +292,8 @@ class Experts(MultiTaskModel):
 def batch_loss(expert: nn.Module, sources: Sequence[Any], rows: Sequence[Tensor], tasks: Sequence[Task]) -> float:
     """The expert's loss on a batch before the step (the reference's ``test``): eval mode (no dropout draw, no
     batch-norm update), no gradient, the mean of the task losses."""
-    was = expert.training
-    expert.eval()
-    try:
-        with torch.no_grad():
-            return float(task_losses(expert, sources, rows, tasks).double().mean())  # type: ignore[arg-type]
-    finally:
-        expert.train(was)
+    with evaluating(expert), torch.no_grad():
+        return float(task_losses(expert, sources, rows, tasks).double().mean())  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- the strategy

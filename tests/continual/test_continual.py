@@ -210,7 +210,7 @@ def test_sigkills_inside_and_between_experiences_resume_bit_identically(tmp_path
     want = json.loads((straight / "summary.json").read_text())["results"]
     got = json.loads((killed / "summary.json").read_text())["results"]
     for a, b in zip(want[strategy], got[strategy], strict=True):
-        assert a["accuracy"] == b["accuracy"] and a["metrics"] == b["metrics"]
+        assert a["accuracy"] == b["accuracy"] and a["metrics"] == b["metrics"] and a["steps"] == b["steps"] > 0
 
 
 def test_progress_an_os_crash_cut_or_lost_is_trained_again_to_the_same_bytes(tmp_path):
@@ -235,6 +235,7 @@ def test_progress_an_os_crash_cut_or_lost_is_trained_again_to_the_same_bytes(tmp
         assert (jobs / d.name / "end.safetensors").read_bytes() == (d / "end.safetensors").read_bytes(), d
     assert {d: (jobs / d / "end.safetensors").stat().st_mtime_ns for d in stamps} == stamps  # e0, e1 not redone
     assert got["results"]["naive"][0]["accuracy"] == want["results"]["naive"][0]["accuracy"]
+    assert got["results"]["naive"][0]["steps"] == want["results"]["naive"][0]["steps"] == 5 * 4  # e0, e1 from records
 
 
 def test_end_states_follow_the_checkpoint_interval_and_a_run_without_one_trains_again_to_the_same_bytes(tmp_path):
@@ -246,6 +247,7 @@ def test_end_states_follow_the_checkpoint_interval_and_a_run_without_one_trains_
     jobs = straight / "jobs" / "replay-s0"
     assert [p.parent.name for p in jobs.glob("e*/end.safetensors")] == ["e4"]
     assert all(json.loads((jobs / f"e{i}" / "done.json").read_text())["steps"] == 4 for i in range(5))
+    assert want["results"]["replay"][0]["steps"] == 5 * 4
     path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump({**cfg, "output": {"dir": str(tmp_path), "name": "killed"}}))
     killed = tmp_path / "killed"

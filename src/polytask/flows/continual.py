@@ -112,7 +112,8 @@ def _row(model: torch.nn.Module, stream: Stream, batch_size: int) -> list[float]
 def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig, seed: int, job_dir: Path,
                  reporter: Reporter, trackers: Trackers | None = None, every_end: bool = False) -> dict[str, Any]:
     """One strategy on ``stream`` for ``seed``: train every experience in turn (or once on all, for a joint
-    strategy), resuming what ``job_dir`` holds; returns its accuracy matrix, initial accuracies and times.
+    strategy), resuming what ``job_dir`` holds; returns its accuracy matrix, initial accuracies, optimiser steps and
+    times.
     ``trackers`` log each experience's job (:mod:`polytask.tracking`). ``every_end``: write every experience's end
     state, whatever the checkpoint interval (the schedule search starts runs from them)."""
     trackers = trackers or Trackers([])
@@ -129,7 +130,7 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
     initial = _row(model, stream, tc.eval_batch_size)
     steps = range(1) if strategy.joint else range(len(stream.experiences))
     rows: list[list[float]] = []
-    seconds = 0.0
+    seconds, steps_done = 0.0, 0
     optimizer, scheduler = optimizer_of(tc), scheduler_of(tc)  # factories: each experience gets a fresh optimiser
     methods: dict[tuple[str, ...], Method] = {}  # the method built once per set of tasks (its state starts per job)
     dirs = [job_dir / "all"] if strategy.joint else [job_dir / f"e{i}" for i in steps]
@@ -140,6 +141,7 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
         strategy.load_state_dict(saved["strategy"])
         rows = [r["accuracy"] for r in records]
         seconds = sum(r["wall_time_s"] for r in records)
+        steps_done = sum(r["steps"] for r in records)
     pending: list[tuple[Path, dict[str, Any]]] = []  # records of experiences whose end state was not written
     saved_at = time.perf_counter()  # the start (or resumption) counts as the latest end state
     with checkpoint.BackgroundWriter() as writer:
@@ -182,9 +184,10 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
                 pending, saved_at = [], now
             rows.append(row)
             seconds += wall
+            steps_done += result["steps"]
             reporter.log(f"[{entry.label} s{seed}] after {d.name}: " + " ".join(f"{v:.3f}" for v in row))
     return {"strategy": entry.name, "label": entry.label, "seed": seed, "joint": strategy.joint,
-            "accuracy": rows, "initial": initial, "wall_time_s": seconds,
+            "accuracy": rows, "initial": initial, "wall_time_s": seconds, "steps": steps_done,
             "state_numel": _numel(strategy.state_dict()), "model_numel": base_numel,
             "added_numel": _numel(model.state_dict()) - base_numel}
 

@@ -267,7 +267,8 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None,
                     for h in stepping:
                         h.on_step(run, view)
                     joined = train_batch(replacing, run, view) if replacing else None
-                pairs = [(b.sources, b.rows) for b in micro] if joined is None else [(joined.sources, joined.rows)]
+                pairs = [(joined.sources, joined.rows)] if joined is not None else \
+                    [(micro[0].sources, micro[0].rows)] if n_micro == 1 else [(b.sources, b.rows) for b in micro]
                 losses, weights, state.method = accumulated_step(
                     model, method, state.method, pairs, tasks, opt, ctx, loss_fn,
                     extra=(lambda view=view: extra_loss(adding, run, view)) if adding else None,

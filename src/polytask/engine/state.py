@@ -9,6 +9,7 @@ order, so identical runs write identical bytes) and ``restore`` reads one back.
 from __future__ import annotations
 
 import random
+from operator import add
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,9 +93,9 @@ class EpochTotals:
 
     def add(self, losses: list[float], weights: list[float] | None) -> None:
         """Count one step's K losses (and weights, when the method has them)."""
-        self.loss = [a + b for a, b in zip(self.loss, losses, strict=True)]
+        self.loss = list(map(add, self.loss, losses))  # K sums each (map: no comprehension frame a step)
         if weights is not None:
-            self.weight = [a + b for a, b in zip(self.weight, weights, strict=True)]
+            self.weight = list(map(add, self.weight, weights))
             self.nw += 1
         self.n += 1
 

@@ -446,7 +446,8 @@ def train_step(model: MultiTaskModel, method: Method, state: State, sources: Seq
     ``precision``: ``fp32`` or ``bf16`` (the forward under autocast; see the module docstring). ``ctx``: the step's
     context, None for a method with fixed weights (which reads none)."""
     cast = autocast(precision, _device_of(model)) if precision != "fp32" else nullcontext  # no device lookup a step
-    loss_fn = _cast_losses(loss_fn, cast)
+    if cast is not nullcontext:
+        loss_fn = _cast_losses(loss_fn, cast)
     zero_grad(opt)
     if method.kind == "weighting":
         one = _single_loss(model, sources, rows, tasks) if method.unit and loss_fn is task_losses else None
@@ -486,9 +487,9 @@ def _update(opt: torch.optim.Optimizer, model: MultiTaskModel, extra: Callable[[
             before_update: Callable[[], None] | None) -> None:
     """The end of every step: the architecture's auxiliary loss and the hooks' extra loss terms backward (added
     to the method's gradients, outside the weighting or aggregation), the hooks' gradient changes, the optimiser."""
-    terms = [t for t in (model.aux_loss(), extra() if extra is not None else None) if t is not None]
-    if terms:
-        (terms[0] if len(terms) == 1 else torch.stack(terms).sum()).backward()
+    aux, more = model.aux_loss(), extra() if extra is not None else None
+    if aux is not None or more is not None:
+        (more if aux is None else aux if more is None else torch.stack([aux, more]).sum()).backward()
     if before_update is not None:
         before_update()
     opt.step()
@@ -538,7 +539,7 @@ def _single_loss(model: MultiTaskModel, sources: Sequence[TaskData], rows: Seque
 def task_loss(task: Task, src: TaskData, rows: Tensor, pred: Tensor) -> Tensor:
     """``task``'s mean loss on rows ``rows`` of ``src`` from its predictions ``pred`` of them: one fused loss when the
     source is labelled everywhere for the task, else over the labelled rows (:func:`masked_loss`)."""
-    if src.complete(task.name) and len(rows):
+    if src.complete(task.name) and rows.shape[0]:  # not len(): Tensor.__len__ is a Python call
         return task.mean_loss(pred, src.labels(task)[rows])
     return masked_loss(task, pred, src.y[task.name][rows])
 

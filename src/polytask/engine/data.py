@@ -165,8 +165,11 @@ class TensorBatches:
             raise DataError(f"batch source: split(s) {missing} missing (have {sorted(self.splits)})")
 
     def to(self, device: torch.device) -> TensorBatches:
-        """The same splits with every source moved to ``device``."""
-        return TensorBatches({s: [d.to(device) for d in srcs] for s, srcs in self.splits.items()}, self.batch_size)
+        """The same splits with every source moved to ``device`` (this source itself when all are there)."""
+        moved = {s: [d.to(device) for d in srcs] for s, srcs in self.splits.items()}
+        if all(a is b for s, srcs in self.splits.items() for a, b in zip(srcs, moved[s], strict=True)):
+            return self
+        return TensorBatches(moved, self.batch_size)
 
     def _sizes(self) -> list[int]:
         return [len(s) for s in self.splits["train"]]

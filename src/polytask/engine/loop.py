@@ -116,6 +116,16 @@ def resolve_device(name: str, deterministic: bool = True) -> torch.device:
     return torch.device(name)
 
 
+def to_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model.to(device)``; on the CPU, ``model`` as it is when every parameter and buffer is already there
+    (``Module.to`` walks the tree in Python and resets every tensor's data: 0.1 ms for a small MLP, at every job of
+    a continual stream). Elsewhere always ``to``: a module may keep other tensors that its ``_apply`` moves."""
+    if device.type == "cpu" and all(t.device.type == "cpu" for t in model.parameters()) and \
+            all(t.device.type == "cpu" for t in model.buffers()):
+        return model
+    return model.to(device)
+
+
 def selection_score(val: dict[str, dict[str, float]]) -> float:
     """Best-validation criterion: the mean over tasks of the validation loss (lower is better)."""
     losses = [v["loss"] for v in val.values()]
@@ -193,7 +203,7 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None,
     loss_fn = spec.losses or task_losses
 
     seed_everything(seed)
-    model = (spec.model if isinstance(spec.model, torch.nn.Module) else spec.model()).to(device)
+    model = to_device(spec.model if isinstance(spec.model, torch.nn.Module) else spec.model(), device)
     opt = spec.optimizer(model.parameters())
     sched = spec.scheduler(opt, spec.epochs) if spec.scheduler is not None else None
     state = LoopState(model, opt, sched, method.init(), Position(), EpochTotals.zeros(len(tasks)), hooks=hooks)

@@ -9,9 +9,9 @@ order, so identical runs write identical bytes) and ``restore`` reads one back.
 from __future__ import annotations
 
 import random
-from operator import add
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import add
 from typing import Any
 
 import numpy as np

@@ -267,7 +267,11 @@ class TaskData:
         return data
 
     def to(self, device: torch.device | str) -> TaskData:
-        """The same data on ``device`` (no copy when already there)."""
+        """The same data on ``device``: this source itself when every tensor is already there (its remembered
+        ``complete`` and ``labels`` with it), else a new one (tensors already there are not copied)."""
+        where = torch.device(device)
+        if self.x.device == where and all(v.device == where for v in self.y.values()):
+            return self
         return TaskData(self.x.to(device), {k: v.to(device) for k, v in self.y.items()}, self.index)
 
     def take(self, rows: Tensor) -> TaskData:

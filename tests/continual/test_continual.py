@@ -239,9 +239,10 @@ def test_progress_an_os_crash_cut_or_lost_is_trained_again_to_the_same_bytes(tmp
 
 
 def test_end_states_follow_the_checkpoint_interval_and_a_run_without_one_trains_again_to_the_same_bytes(tmp_path):
-    """An interval longer than the run: only the last experience writes its end state, and every experience's record
-    lands after it. A run killed as that end state is written has nothing to start from: it trains every experience
-    again, to the same end state and matrix as the run that never stopped."""
+    """An interval longer than the run: only the last experience writes its end state; every experience's record lands
+    as it ends, the last one's after that end state. A run killed as that end state is written has the earlier
+    records but no end state to start from: it trains every experience again, to the same end state and matrix as the
+    run that never stopped."""
     cfg = small_config(tmp_path, ["replay"], name="straight", epochs=1, checkpoint_interval_s=1e6)
     straight, want = continual(ContinualConfig.model_validate(cfg))
     jobs = straight / "jobs" / "replay-s0"
@@ -253,7 +254,8 @@ def test_end_states_follow_the_checkpoint_interval_and_a_run_without_one_trains_
     killed = tmp_path / "killed"
     out = _cli(["continual", str(path), "--quiet"], {"POLYTASK_KILL_AT": "write:end.safetensors:1"})
     assert out.returncode == -9, out.stderr
-    assert not list((killed / "jobs").glob("*/*/done.json")) and not list((killed / "jobs").glob("*/*/end.*"))
+    assert [p.parent.name for p in sorted((killed / "jobs").glob("*/*/done.json"))] == ["e0", "e1", "e2", "e3"]
+    assert not list((killed / "jobs").glob("*/*/end.*"))
     _, got = continual(None, resume=killed)
     end = killed / "jobs" / "replay-s0" / "e4" / "end.safetensors"
     assert end.read_bytes() == (jobs / "e4" / "end.safetensors").read_bytes()

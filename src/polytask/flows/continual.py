@@ -17,8 +17,8 @@ experience), with the strategy riding on it as a hook and a fresh optimiser. A r
 inside an experience from the job's checkpoint (the strategy's state included), else from the last end state
 (``resume_point``), the experiences after it trained again, or from the start. An end state is a checkpoint between
 experiences, so it follows the checkpoint interval: an experience shorter than it writes none (unless it is the last;
-``train.checkpoint_interval_s: 0`` keeps every one), its record waiting for the next end state, and a kill redoes the
-experiences since the last end state. End states and records are progress, not results: after an OS crash (not a
+``train.checkpoint_interval_s: 0`` keeps every one), its record landing as it ends (after its end state, if any), and
+a kill redoes the experiences since the last end state. End states and records are progress, not results: after an OS crash (not a
 kill) an experience whose files had not reached the disk is trained again, to the same bytes, so they are written
 with one fsync (the end state's data: whole or absent) instead of four. Every strategy of a seed starts from the same
 initial model and sees the same batches.
@@ -142,7 +142,6 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
         rows = [r["accuracy"] for r in records]
         seconds = sum(r["wall_time_s"] for r in records)
         steps_done = sum(r["steps"] for r in records)
-    pending: list[tuple[Path, dict[str, Any]]] = []  # records of experiences whose end state was not written
     saved_at = time.perf_counter()  # the start (or resumption) counts as the latest end state
     with checkpoint.BackgroundWriter() as writer:
         for i in steps[start:]:
@@ -174,14 +173,14 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
             row = _row(model, stream, tc.eval_batch_size)
             now = time.perf_counter()
             wall = result["wall_time_s"] + now - t0
-            pending.append((d, {"accuracy": row, "steps": result["steps"], "wall_time_s": wall,
-                                "history": result["history"]}))
+            # the record lands after the end state queued before it, while the next experience trains: progress
+            # (``resume_point`` resumes after the last end state whose records, and every earlier one's, read; a
+            # record without a later end state is trained again, to the same bytes), the results being summary.json,
+            # written durably at the end
+            done = {"accuracy": row, "steps": result["steps"], "wall_time_s": wall, "history": result["history"]}
+            writer.then(lambda path=d / DONE, done=done: atomic_write_json(path, done, durable=False, indent=None))
             if end:
-                # the records since the last end state land after this one (a kill before they land redoes the
-                # experiences from the last end state, or the last checkpoint: the same bytes either way); as
-                # progress (``resume_point``), the results being summary.json, written durably at the end
-                writer.then(lambda done=pending: _write_records(done))
-                pending, saved_at = [], now
+                saved_at = now
             rows.append(row)
             seconds += wall
             steps_done += result["steps"]
@@ -190,11 +189,6 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
             "accuracy": rows, "initial": initial, "wall_time_s": seconds, "steps": steps_done,
             "state_numel": _numel(strategy.state_dict()), "model_numel": base_numel,
             "added_numel": _numel(model.state_dict()) - base_numel}
-
-
-def _write_records(pending: Sequence[tuple[Path, dict[str, Any]]]) -> None:
-    for d, done in pending:
-        atomic_write_json(d / DONE, done, durable=False, indent=None)  # read back by resume_point
 
 
 def _numel(tree: Any) -> int:

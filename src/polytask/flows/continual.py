@@ -18,10 +18,10 @@ inside an experience from the job's checkpoint (the strategy's state included), 
 (``resume_point``), the experiences after it trained again, or from the start. An end state is a checkpoint between
 experiences, so it follows the checkpoint interval: an experience shorter than it writes none (unless it is the last;
 ``train.checkpoint_interval_s: 0`` keeps every one), its record landing as it ends (after its end state, if any), and
-a kill redoes the experiences since the last end state. End states and records are progress, not results: after an OS crash (not a
-kill) an experience whose files had not reached the disk is trained again, to the same bytes, so they are written
-with one fsync (the end state's data: whole or absent) instead of four. Every strategy of a seed starts from the same
-initial model and sees the same batches.
+a kill redoes the experiences since the last end state. End states and records are progress, not results: after an
+OS crash (not a kill) an experience whose files had not reached the disk is trained again, to the same bytes, so they
+are written with one fsync (the end state's data: whole or absent) instead of four. Every strategy of a seed starts
+from the same initial model and sees the same batches.
 
 A strategy's memory is what it keeps beside the model (``state_numel``: buffers, Fisher matrices, old weights, the
 entries of every tensor of its checkpointed state) plus what it adds to the model (``added_numel``: prompt pools,

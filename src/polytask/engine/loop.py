@@ -116,7 +116,7 @@ def resolve_device(name: str, deterministic: bool = True) -> torch.device:
     return torch.device(name)
 
 
-def to_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def model_on_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """``model.to(device)``; on the CPU, ``model`` as it is when every parameter and buffer is already there
     (``Module.to`` walks the tree in Python and resets every tensor's data: 0.1 ms for a small MLP, at every job of
     a continual stream). Elsewhere always ``to``: a module may keep other tensors that its ``_apply`` moves."""
@@ -203,7 +203,7 @@ def train_job(spec: TrainSpec, reporter: Reporter | None = None,
     loss_fn = spec.losses or task_losses
 
     seed_everything(seed)
-    model = to_device(spec.model if isinstance(spec.model, torch.nn.Module) else spec.model(), device)
+    model = model_on_device(spec.model if isinstance(spec.model, torch.nn.Module) else spec.model(), device)
     opt = spec.optimizer(model.parameters())
     sched = spec.scheduler(opt, spec.epochs) if spec.scheduler is not None else None
     state = LoopState(model, opt, sched, method.init(), Position(), EpochTotals.zeros(len(tasks)), hooks=hooks)

@@ -45,7 +45,7 @@ from polytask.continual.strategy import Strategy, build_strategy, union
 from polytask.continual.stream import Stream, build_stream
 from polytask.engine import checkpoint
 from polytask.engine.data import batch_source
-from polytask.engine.loop import evaluate, resolve_device, to_device, train_job
+from polytask.engine.loop import evaluate, model_on_device, resolve_device, train_job
 from polytask.engine.progress import Reporter
 from polytask.engine.spec import CheckpointPolicy, TrainSpec
 from polytask.engine.state import seed_everything
@@ -126,7 +126,7 @@ def run_strategy(config: ContinualConfig, stream: Stream, entry: StrategyConfig,
     model = build_model(stream.tasks, stream.input_shape, mc.backbone, mc.backbone_params, mc.architecture,
                         mc.architecture_params, stream.experiences[0].suite.categorical, mc.embedding_dim)
     base_numel = _numel(model.state_dict())
-    model = to_device(strategy.wrap(model, stream), device)
+    model = model_on_device(strategy.wrap(model, stream), device)
     initial = _row(model, stream, tc.eval_batch_size)
     steps = range(1) if strategy.joint else range(len(stream.experiences))
     rows: list[list[float]] = []

@@ -68,6 +68,7 @@ from polytask.continual.strategies.replay import Replay, ReplayParams
 from polytask.continual.strategy import STRATEGIES, Strategy
 from polytask.continual.stream import Stream, labelled_classes
 from polytask.errors import ConfigError, DataError
+from polytask.models.mode import evaluating
 from polytask.models.sharing import MultiTaskModel, make_head
 from polytask.tasks.task import Task, TaskSuite
 
@@ -236,9 +237,7 @@ class TplModel(MultiTaskModel):
     def learn(self, suite: TaskSuite, t: int, buffer: Buffer, device: torch.device) -> None:
         """After experience t: its statistics from its training rows, then every live task's out-of-task bank and the
         calibration from the buffer."""
-        was = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             name = self.stream_task.name
             xs, ys = [], []
             for src in suite.splits["train"]:
@@ -259,8 +258,6 @@ class TplModel(MultiTaskModel):
             self.live.fill_(t + 1)
             self._banks(buffer, device)
             self._calibrate(buffer, device)
-        finally:
-            self.train(was)
 
     def _banks(self, buffer: Buffer, device: torch.device) -> None:
         self.bank.zero_()

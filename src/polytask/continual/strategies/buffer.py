@@ -29,10 +29,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from polytask.engine.data import permutation
+from polytask.engine.data import step_rows
 from polytask.errors import ConfigError
 from polytask.tasks.task import Task, TaskData
 
@@ -55,6 +56,15 @@ def draw(*key: int) -> int:
     for k in key:
         h = _mix(h ^ (k & _MASK))
     return h
+
+
+def draws(last: np.ndarray, *key: int) -> np.ndarray:
+    """``draw(*key, p)`` for every ``p`` of the uint64 array ``last`` at once (numpy's uint64 arithmetic wraps as
+    ``_mix``'s masks do)."""
+    z = (np.uint64(draw(*key)) ^ last) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
 @dataclass
@@ -108,24 +118,41 @@ class Buffer:
 
     # ------------------------------------------------------------ filling
 
-    def _keys(self, data: TaskData, experience: int, tasks: Sequence[Task]) -> list[str | None]:
-        """Each row's group: (task, class) for its first labelled classification task, else (task, experience)."""
-        keys: list[str | None] = [None] * len(data)
-        for t in tasks:
-            if t.name not in data.y:
-                continue
-            y = data.y[t.name]
-            labelled = Task.mask(y).tolist()
-            values = y.reshape(len(y), -1)[:, 0].tolist() if t.kind == "classification" else None
-            for i, ok in enumerate(labelled):
-                if ok and keys[i] is None:
-                    keys[i] = f"{t.name}:{int(values[i])}" if values is not None else f"{t.name}@e{experience}"
-        return keys
+    def _group_ids(self, data: TaskData, experience: int, tasks: Sequence[Task]) -> tuple[Tensor, list[int]]:
+        """The rows that are labelled for some task and each one's group id, registering groups not seen before in
+        the order of their first row. A row's group: (task, class) for its first labelled task when that is a
+        classification task, (task, experience) for a regression task."""
+        n = len(data)
+        owner = torch.full((n,), -1)  # index of the row's first labelled task in ``tasks``
+        value = torch.zeros(n, dtype=torch.int64)  # its class
+        for i, t in enumerate(tasks):
+            if t.name in data.y:
+                y = data.y[t.name].cpu()
+                free = Task.mask(y) & (owner < 0)
+                owner[free] = i
+                if t.kind == "classification":
+                    value[free] = y.reshape(n, -1)[:, 0][free].long()
+        rows = (owner >= 0).nonzero().flatten()
+        if not len(rows):
+            return rows, []
+        codes, inverse = torch.unique(owner[rows] << 32 | value[rows], return_inverse=True)  # (task, class) pairs
+        first = torch.full((len(codes),), len(rows)).scatter_reduce(0, inverse, torch.arange(len(rows)), "amin")
+        gid = [0] * len(codes)
+        for u in first.argsort().tolist():  # new groups are numbered in the order of their first row
+            t, v = tasks[int(codes[u]) >> 32], int(codes[u]) & 0xFFFFFFFF
+            key = f"{t.name}:{v}" if t.kind == "classification" else f"{t.name}@e{experience}"
+            if key not in self.groups:
+                self.groups.append(key)
+                self.offered.append(0)
+            gid[u] = self.groups.index(key)
+        return rows, torch.tensor(gid)[inverse].tolist()
 
     def _decide(self, gids: Sequence[int], seed: int) -> list[tuple[int, int]]:
         """(row, slot) for every row that enters, in order, advancing the counters; a slot equal to the number of
         rows held so far appends."""
         held = len(self)
+        if self.policy == "reservoir":
+            return self._reservoir(gids, seed, held)
         out: list[tuple[int, int]] = []
         counts = [0] * len(self.groups)
         slots_of: dict[int, list[int]] = {g: [] for g in range(len(self.groups))}
@@ -140,11 +167,6 @@ class Buffer:
             if held < self.size:
                 slot = held
                 held += 1
-            elif self.policy == "reservoir":
-                j = draw(seed, _RESERVOIR, p) % (p + 1)
-                if j < self.size:
-                    out.append((i, j))
-                continue
             elif counts[g] < max(counts):  # a random row of a random largest group makes room
                 largest = max(counts)
                 victims = [h for h, c in enumerate(counts) if c == largest]
@@ -167,6 +189,21 @@ class Buffer:
             out.append((i, slot))
         return out
 
+    def _reservoir(self, gids: Sequence[int], seed: int, held: int) -> list[tuple[int, int]]:
+        """``_decide`` of the reservoir policy, whose draws do not depend on the decisions: the rows that find the
+        buffer not full append, the p-th row offered after it draws j = ``draw(seed, _RESERVOIR, p) % (p + 1)``
+        (all at once: :func:`draws`) and replaces slot j when j < size."""
+        first = max(0, min(len(gids), self.size - held))
+        out = [(i, held + i) for i in range(first)]
+        p = np.arange(self.seen + first, self.seen + len(gids), dtype=np.uint64)
+        j = draws(p, seed, _RESERVOIR) % (p + np.uint64(1))
+        kept = np.flatnonzero(j < self.size)
+        out += zip((kept + first).tolist(), j[kept].tolist(), strict=True)
+        self.seen += len(gids)
+        for g, c in enumerate(np.bincount(np.asarray(gids, dtype=np.int64), minlength=len(self.offered)).tolist()):
+            self.offered[g] += c
+        return out
+
     def offer(self, data: TaskData, experience: int, tasks: Sequence[Task], seed: int,
               outputs: OutputFn | None = None) -> int:
         """Offer the rows of ``data`` (in order) from experience ``experience``; ``tasks`` name the stream's tasks
@@ -175,15 +212,7 @@ class Buffer:
         if self.size == 0 or len(data) == 0:
             return 0
         self.version += 1
-        keys = self._keys(data, experience, tasks)
-        rows = [i for i, k in enumerate(keys) if k is not None]
-        gids = []
-        for i in rows:
-            key = keys[i]
-            if key not in self.groups:
-                self.groups.append(key)
-                self.offered.append(0)
-            gids.append(self.groups.index(key))
+        rows, gids = self._group_ids(data, experience, tasks)
         decided = self._decide(gids, seed)
         last: dict[int, int] = {}
         for i, slot in decided:  # a slot written twice in one offer keeps its last row
@@ -192,7 +221,7 @@ class Buffer:
             return 0
         order = sorted(last)
         slots = torch.tensor(order)
-        picked = torch.tensor([rows[last[s]] for s in order])
+        picked = rows[torch.tensor([last[s] for s in order])]
         group = torch.tensor([gids[last[s]] for s in order])
         self._write(slots, data.take(picked.to(data.x.device)), experience, group, outputs)
         return len(slots)
@@ -246,15 +275,16 @@ class Buffer:
 
     # ------------------------------------------------------------ reading
 
-    def slots(self, n: int, *key: int) -> Tensor | None:
-        """The slots of ``n`` rows drawn without replacement (all of them when it holds fewer), a pure function of
-        ``key``; None when empty."""
+    def slots(self, n: int, step: int, *key: int) -> Tensor | None:
+        """The slots of ``n`` rows drawn without replacement (all of them when it holds fewer) for step ``step``, a
+        pure function of (rows held, ``n``, ``step``, ``key``) (:func:`~polytask.engine.data.step_rows`); None when
+        empty."""
         held = len(self)
-        return permutation(held, *key)[:n] if held else None
+        return step_rows(held, n, step, *key) if held else None
 
-    def sample(self, n: int, *key: int) -> Sample | None:
+    def sample(self, n: int, step: int, *key: int) -> Sample | None:
         """The rows of :meth:`slots` as a :class:`Sample`; None when empty."""
-        slots = self.slots(n, *key)
+        slots = self.slots(n, step, *key)
         return None if slots is None else self.take(slots)
 
     def take(self, rows: Tensor) -> Sample:

@@ -163,7 +163,7 @@ class Rehearsal(Strategy):
         """The buffer slots of batch ``k`` of a step: ``n`` rows without replacement, a pure function of (seed,
         experience, step, k); None while the buffer is empty. A strategy that replays from part of the buffer
         overrides it."""
-        return self.buffer.slots(n, self.seed, self.index, global_step, k)
+        return self.buffer.slots(n, global_step, self.seed, self.index, k)
 
     def end(self, model: nn.Module, stream: Stream, index: int, device: torch.device) -> None:
         self.batches = []

@@ -56,7 +56,7 @@ from torch import Tensor
 from polytask.continual.strategies.replay import Replay, ReplayParams
 from polytask.continual.strategy import STRATEGIES, Strategy
 from polytask.continual.stream import Stream
-from polytask.engine.data import permutation
+from polytask.engine.data import permutation, step_rows
 from polytask.errors import ConfigError
 
 _ORDER = 0x5C4ED  # salt of the within-class order of the memory's rows
@@ -201,7 +201,7 @@ class ReplaySchedule(Replay):
     def draw_rows(self, n: int, global_step: int, k: int) -> Tensor | None:
         if self.memory is None or not len(self.memory):
             return None
-        return self.memory[permutation(len(self.memory), self.seed, self.index, global_step, k)[:n]]
+        return self.memory[step_rows(len(self.memory), n, global_step, self.seed, self.index, k)]
 
     def load_state_dict(self, state: Any) -> None:
         super().load_state_dict(state)

@@ -60,14 +60,14 @@ class Replay(Rehearsal):
         self.weight = params.weight
         self.joined = False  # this step trains on the concatenation (train_batch), so no extra term
         self.slots: Tensor | None = None  # the buffer slots it joins to its batch
-        self._joined_pool: tuple[TaskData, tuple[int, str], TaskData | None] | None = None  # (source, key, pool)
+        self._joined_pool: tuple[TaskData, tuple[int, str], Any] | None = None  # (source, key, _pool's value)
 
     def draw_batches(self, run: Any, step: Any, n: int) -> None:
         """A step that joins its buffer rows to its batch draws only their slots (the rows of ``draw``'s batch 0)."""
         self.joined, self.slots = False, None
         name = run.tasks[0].name if len(run.tasks) == 1 else None
         if self.weight != 1 or name is None or len(step.batch.sources) != 1 or name not in step.batch.sources[0].y \
-                or set(self.buffer.y) != {name}:
+                or self.buffer.y.keys() != {name}:
             super().draw_batches(run, step, n)
             return
         self.batches = []
@@ -83,18 +83,20 @@ class Replay(Rehearsal):
         assert buffer.x is not None
         if not (self.params.update == "step" and step.epoch == 0):  # the buffer holds still while this trains
             pool = self._pool(task, src)
-            if pool is not None:
-                return Batch([pool], [torch.cat([rows, slots.to(rows.device) + len(src)])])
+            if pool is not None:  # the buffer's rows follow the source's in the pool
+                data, offset, device = pool
+                return Batch([data], [torch.cat([rows, (slots if device is None else slots.to(device)) + offset])])
         device = src.x.device
         at = slots.to(buffer.x.device)
         joined = TaskData(torch.cat([src.x[rows], buffer.x[at].to(device)]),
                           {task.name: torch.cat([src.y[task.name][rows], buffer.y[task.name][at].to(device)])})
         return Batch([joined], [torch.arange(len(joined), device=device)])
 
-    def _pool(self, task: Task, src: TaskData) -> TaskData | None:
+    def _pool(self, task: Task, src: TaskData) -> tuple[TaskData, int, torch.device | None] | None:
         """The experience's training rows then the buffer's, every one labelled for ``task``, joined once per source
         and buffer state (a step's joined batch is then one set of rows of it, indexed once by the engine, its labels
-        cast once); None when a row lacks a label, the two lie on different devices, or the source is larger than
+        cast once), with the first buffer row's index and the device the slots go to (None: the CPU, where they
+        are); None when a row lacks a label, the two lie on different devices, or the source is larger than
         ``POOL_BYTES`` (the pool copies it: a step then joins its rows alone)."""
         buffer = self.buffer
         key = (buffer.version, task.name)
@@ -105,8 +107,9 @@ class Replay(Rehearsal):
         pool = None
         if src.x.device == buffer.x.device and src.x.numel() * src.x.element_size() <= POOL_BYTES \
                 and src.complete(task.name) and bool(Task.mask(y).all()):
-            pool = TaskData.labelled(torch.cat([src.x, buffer.x]), {task.name: torch.cat([src.y[task.name], y])},
-                                     {task.name: torch.cat([src.labels(task), task.labels(y)])})
+            pool = (TaskData.labelled(torch.cat([src.x, buffer.x]), {task.name: torch.cat([src.y[task.name], y])},
+                                      {task.name: torch.cat([src.labels(task), task.labels(y)])}),
+                    len(src), None if src.x.device.type == "cpu" else src.x.device)
         self._joined_pool = (src, key, pool)
         return pool
 

@@ -183,14 +183,15 @@ def _fresh_thread(fn, *args):
        max_size=4), steps=st.lists(st.integers(0, 200), min_size=1, max_size=12))
 def test_step_rows_are_a_sample_without_replacement_that_any_visit_order_draws_again(n_rows, n, key, steps):
     """Each step's rows are min(n, n_rows) distinct rows; a step drawn cold (another thread, as after a resume), in
-    any order of steps, gives the same rows as drawn in sequence; steps and keys draw differently."""
+    any order of steps and with rows growing between steps (a buffer filled as steps train), gives the same rows as
+    drawn in sequence (one step's keys at a time or the block's at once); steps and keys draw differently."""
     from polytask.engine.data import step_rows
 
-    for s in steps:
-        rows = step_rows(n_rows, n, s, *key)
-        assert len(rows) == min(n, n_rows) and len(set(rows.tolist())) == len(rows)
-        assert int(rows.min()) >= 0 and int(rows.max()) < n_rows
-        assert torch.equal(rows, _fresh_thread(step_rows, n_rows, n, s, *key))
+    for s, m in [(s, n_rows) for s in steps] + [(s, n_rows + 9 * j) for j, s in enumerate(steps)]:  # then growing
+        rows = step_rows(m, n, s, *key)
+        assert len(rows) == min(n, m) and len(set(rows.tolist())) == len(rows)
+        assert int(rows.min()) >= 0 and int(rows.max()) < m
+        assert torch.equal(rows, _fresh_thread(step_rows, m, n, s, *key))
     if n_rows >= 7 and n < n_rows:  # two blocks alike, or alike under another key: p < 7**-32
         run = [tuple(step_rows(n_rows, n, s, *key).tolist()) for s in range(64)]
         assert run[:32] != run[32:] and run != [tuple(step_rows(n_rows, n, s, *key, 1).tolist()) for s in range(64)]

@@ -101,7 +101,7 @@ def permutation(n: int, *key: int) -> Tensor:
     return torch.randperm(n, generator=_generator(key_seed(key)))
 
 
-_BLOCK_STEPS = 32  # steps whose draws ``step_rows`` makes at once
+_BLOCK_STEPS = 32  # steps whose keys ``step_rows`` draws at once
 _BLOCK_KEYS = 1 << 21  # random keys a block draws at most (16 MiB): a block has fewer steps when there are more rows
 _ROWS_SALT = 0x524F5753  # keeps step_rows' seeds apart from permutation's for the same key
 _BLOCKS_KEPT = 16  # blocks kept per thread (one per caller and key: replay draws one a step, DER++ two)
@@ -109,28 +109,38 @@ _BLOCKS_KEPT = 16  # blocks kept per thread (one per caller and key: replay draw
 
 def step_rows(n_rows: int, n: int, step: int, *key: int) -> Tensor:
     """``min(n, n_rows)`` of ``range(n_rows)`` drawn without replacement, in random order, for step ``step``: a pure
-    function of ``(n_rows, n, step, key)``, so a resumed run draws the same rows (read-only: the tensor is shared).
+    function of ``(n_rows, n, step, key)``, so a resumed run draws the same rows (read-only: the tensor may be shared).
 
-    The draws of a block of steps (32; fewer when ``n_rows`` exceeds 65,536) are made at once from one generator
-    seeded by ``key_seed`` of (key, block): a step's rows are the ``n`` smallest of ``n_rows`` uniform float64 keys,
-    in the keys' order (a uniform sample without replacement in uniform order; two equal keys have probability about
-    ``n_rows**2 / 2**54``). Kept per thread, the block serves its other steps with a lookup: a per-step
-    :func:`permutation` (a hash, a reseed, a randperm and a slice) cost about 40 us in the training loop, at every step
-    of a replay strategy (split-digits, 200 rows)."""
-    block_steps = max(1, min(_BLOCK_STEPS, _BLOCK_KEYS // max(n_rows, 1)))
+    A step's rows are the ``n`` smallest of the first ``n_rows`` of its uniform float64 keys, in the keys' order (a
+    uniform sample without replacement in uniform order; two equal keys have probability about ``n_rows**2 / 2**54``).
+    The keys of a block of steps (32; fewer past 65,536 rows) are drawn at once, ``width`` (``n_rows`` rounded up to
+    a power of two) a step, from one generator seeded by ``key_seed`` of (key, block, width), and kept per thread: a
+    growing buffer (rows stored as steps train) reads the same keys until it doubles. A step takes the smallest keys
+    of its own row; once a second step of the block asks for the same ``(n_rows, n)``, those of every row are taken
+    at once, and the block's other steps cost a lookup. A per-step :func:`permutation` (a hash, a reseed, a randperm
+    and a slice) cost about 40 us inside the training loop, at every step of a replay strategy (split-digits, 200
+    rows)."""
+    width = 1 << (n_rows - 1).bit_length() if n_rows > 1 else 1
+    block_steps = max(1, min(_BLOCK_STEPS, _BLOCK_KEYS // width))
     block, i = divmod(step, block_steps)
     cache = getattr(_LOCAL, "blocks", None)
     if cache is None:
         cache = _LOCAL.blocks = {}
-    tag = (n_rows, n, block, *key)
-    rows = cache.get(tag)
-    if rows is None:
-        keys = torch.rand(block_steps, n_rows, dtype=torch.float64,
-                          generator=_generator(key_seed((*key, block, _ROWS_SALT))))
-        rows = cache[tag] = keys.topk(min(n, n_rows), dim=1, largest=False).indices.unbind(0)
+    tag = (width, block, *key)
+    entry = cache.get(tag)
+    if entry is None:  # [the block's keys, the (n_rows, n) last asked for, every step's rows for it]
+        entry = cache[tag] = [torch.rand(block_steps, width, dtype=torch.float64, generator=_generator(
+            key_seed((*key, block, width, _ROWS_SALT)))), None, None]
         if len(cache) > _BLOCKS_KEPT:
             del cache[next(iter(cache))]
-    return rows[i]
+    keys, asked, rows = entry
+    k = min(n, n_rows)
+    if asked == (n_rows, n):
+        if rows is None:
+            rows = entry[2] = keys[:, :n_rows].topk(k, dim=1, largest=False).indices.unbind(0)
+        return rows[i]
+    entry[1], entry[2] = (n_rows, n), None
+    return keys[i, :n_rows].topk(k, largest=False).indices
 
 
 def steps_per_epoch(sizes: list[int], batch_size: int) -> int:

@@ -110,6 +110,19 @@ def test_a_buffer_larger_than_the_data_holds_every_row_with_its_task_and_experie
     assert buffer.sample(10, 0) is not None and len(buffer.sample(10, 0).data) == 5  # all of it, none twice
 
 
+def test_rows_are_grouped_by_their_first_labelled_task_in_order_of_first_appearance():
+    """A row's group is (task, class) of its first labelled task in the stream's order, (task, experience) for a
+    regression task; groups are numbered as they first appear; a row labelled for no task is not offered."""
+    a, b = Task("a", "classification", 3), Task("b", "regression", 1)
+    nan = float("nan")
+    data = TaskData(torch.arange(6.0)[:, None], {"a": torch.tensor([2.0, nan, 1, 2, nan, 0]),
+                                                 "b": torch.tensor([1.0, 2, nan, 3, nan, 4])})
+    buffer = Buffer(10, "class_balanced")
+    assert buffer.offer(data, 3, [a, b], seed=0) == 5
+    assert buffer.groups == ["a:2", "b@e3", "a:1", "a:0"] and buffer.offered == [2, 1, 1, 1]
+    assert held(buffer) == [0, 1, 2, 3, 5] and buffer.group.tolist() == [0, 1, 2, 0, 3]
+
+
 @pytest.mark.parametrize("policy", ["reservoir", "class_balanced"])
 def test_a_buffer_restored_from_its_state_goes_on_as_if_never_stopped(tmp_path, policy):
     labels = [i % 3 for i in range(40)]

@@ -135,11 +135,13 @@ class Buffer:
         rows = (owner >= 0).nonzero().flatten()
         if not len(rows):
             return rows, []
-        codes, inverse = torch.unique(owner[rows] << 32 | value[rows], return_inverse=True)  # (task, class) pairs
+        value = value[rows]
+        low, span = int(value.min()), int(value.max() - value.min()) + 1
+        codes, inverse = torch.unique(owner[rows] * span + (value - low), return_inverse=True)  # (task, class) pairs
         first = torch.full((len(codes),), len(rows)).scatter_reduce(0, inverse, torch.arange(len(rows)), "amin")
         gid = [0] * len(codes)
         for u in first.argsort().tolist():  # new groups are numbered in the order of their first row
-            t, v = tasks[int(codes[u]) >> 32], int(codes[u]) & 0xFFFFFFFF
+            t, v = tasks[int(codes[u]) // span], int(codes[u]) % span + low
             key = f"{t.name}:{v}" if t.kind == "classification" else f"{t.name}@e{experience}"
             if key not in self.groups:
                 self.groups.append(key)

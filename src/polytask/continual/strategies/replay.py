@@ -41,6 +41,7 @@ from polytask.engine.data import Batch
 from polytask.tasks.task import Task, TaskData
 
 POOL_BYTES = 1 << 28  # a source up to 256 MiB is joined to the buffer once per experience (``Replay._pool``)
+Pool = tuple[TaskData, int, torch.device | None]  # the joined rows, the first buffer row, the slots' device
 
 
 class ReplayParams(RehearsalParams):
@@ -60,7 +61,7 @@ class Replay(Rehearsal):
         self.weight = params.weight
         self.joined = False  # this step trains on the concatenation (train_batch), so no extra term
         self.slots: Tensor | None = None  # the buffer slots it joins to its batch
-        self._joined_pool: tuple[TaskData, tuple[int, str], Any] | None = None  # (source, key, _pool's value)
+        self._joined_pool: tuple[TaskData, tuple[int, str], Pool | None] | None = None  # (source, key, pool)
 
     def draw_batches(self, run: Any, step: Any, n: int) -> None:
         """A step that joins its buffer rows to its batch draws only their slots (the rows of ``draw``'s batch 0)."""
@@ -92,7 +93,7 @@ class Replay(Rehearsal):
                           {task.name: torch.cat([src.y[task.name][rows], buffer.y[task.name][at].to(device)])})
         return Batch([joined], [torch.arange(len(joined), device=device)])
 
-    def _pool(self, task: Task, src: TaskData) -> tuple[TaskData, int, torch.device | None] | None:
+    def _pool(self, task: Task, src: TaskData) -> Pool | None:
         """The experience's training rows then the buffer's, every one labelled for ``task``, joined once per source
         and buffer state (a step's joined batch is then one set of rows of it, indexed once by the engine, its labels
         cast once), with the first buffer row's index and the device the slots go to (None: the CPU, where they

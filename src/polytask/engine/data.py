@@ -143,6 +143,18 @@ def step_rows(n_rows: int, n: int, step: int, *key: int) -> Tensor:
     return keys[i, :n_rows].topk(k, largest=False).indices
 
 
+_VAL = 7919  # key of the validation batches' draws
+
+
+def validation_batch(val: Sequence[TaskData], batch_size: int, seed: int, global_step: int,
+                     device: torch.device | None = None) -> Batch:
+    """The validation batch of step ``global_step``: ``batch_size`` rows of each source drawn by ``(seed,
+    global_step)`` (:func:`step_rows`), their indices on ``device`` when given (for methods that watch validation
+    losses, CoBa)."""
+    rows = [step_rows(len(s), batch_size, global_step, seed, _VAL) for s in val]
+    return Batch(val, rows if device is None else [r.to(device) for r in rows])
+
+
 def steps_per_epoch(sizes: list[int], batch_size: int) -> int:
     """An epoch is one pass over the largest source."""
     return max(math.ceil(n / batch_size) for n in sizes)
@@ -231,8 +243,7 @@ class TensorBatches:
 
     def val_batch(self, seed: int, global_step: int) -> Batch:
         """``batch_size`` validation rows per source drawn by ``(seed, global_step)`` (for CoBa)."""
-        val = self.splits["val"]
-        return Batch(val, [step_rows(len(s), self.batch_size, global_step, seed, 7919) for s in val])
+        return validation_batch(self.splits["val"], self.batch_size, seed, global_step)
 
     def split(self, name: str) -> Sequence[TaskData]:
         """The sources of split ``name``."""
@@ -420,14 +431,12 @@ class DatasetBatches:
 
     def val_batch(self, seed: int, global_step: int) -> Batch:
         """``batch_size`` validation rows per source drawn by ``(seed, global_step)`` (for CoBa)."""
-        val = self.split("val")
-        return Batch(val, [step_rows(len(s), self.batch_size, global_step, seed, 7919).to(self.device)
-                           for s in val])
+        return validation_batch(self.split("val"), self.batch_size, seed, global_step, self.device)
 
 
 # ---------------------------------------------------------------- inputs read from storage in chunks
 
-_STREAM = 6151  # key of the streamed epochs' permutations (7919 keys validation batches)
+_STREAM = 6151  # key of the streamed epochs' permutations (_VAL keys validation batches)
 
 
 @runtime_checkable
@@ -590,21 +599,21 @@ class StreamBatches:
             source = self.splits["val"][k]
             sizes = list(source.x.chunk_sizes())
             chosen, rows = [], 0
-            for c in permutation(len(sizes), seed, 7919).tolist():
+            for c in permutation(len(sizes), seed, _VAL).tolist():
                 if rows >= self.val_rows:
                     break
                 if sizes[c]:
                     chosen.append(c)
                     rows += sizes[c]
             chosen.sort()
-            self._pools[(k, seed)] = _window(source, chosen, [0, *np.cumsum(sizes).tolist()], (seed, 7919, _STREAM, 1))
+            self._pools[(k, seed)] = _window(source, chosen, [0, *np.cumsum(sizes).tolist()], (seed, _VAL, _STREAM, 1))
         return self._pools[(k, seed)]
 
     def val_batch(self, seed: int, global_step: int) -> Batch:
         """``batch_size`` validation rows drawn by ``(seed, global_step)`` from the validation pool (from the whole
         split where it is in memory)."""
         val = [self._pool(k, seed) if isinstance(s.x, ChunkedRows) else s for k, s in enumerate(self.splits["val"])]
-        return Batch(val, [step_rows(len(s), self.batch_size, global_step, seed, 7919) for s in val])
+        return validation_batch(val, self.batch_size, seed, global_step)
 
     def split(self, name: str) -> Sequence[TaskData]:
         """The sources of split ``name`` (chunked inputs are read as evaluation slices them)."""

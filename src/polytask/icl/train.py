@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from polytask.engine.data import Batch, _Lazy, key_seed, step_rows
+from polytask.engine.data import Batch, _Lazy, key_seed, validation_batch
 from polytask.engine.optim import OptimizerFactory, SchedulerFactory
 from polytask.engine.spec import CheckpointPolicy, TrainSpec
 from polytask.engine.step import Method
@@ -180,9 +180,7 @@ class PromptBatches:
 
     def val_batch(self, seed: int, global_step: int) -> Batch:
         """``batch_size`` validation prompts per family drawn by (seed, step), for methods that watch validation."""
-        val = self.split("val")
-        return Batch(val, [step_rows(len(s), self.batch_size, global_step, seed, 7919).to(self.device)
-                           for s in val])
+        return validation_batch(self.split("val"), self.batch_size, seed, global_step, self.device)
 
 
 def build_model(families: Sequence[Any], dim: int, max_points: int, n_embd: int, n_layer: int, n_head: int,

@@ -384,20 +384,15 @@ def memory(seed: int, tmp: str | None) -> dict[str, Any]:
 def paired_rounds(stream: Stream, strategy: str, epochs: int, seed: int, rounds: int, tmp: str | None
                   ) -> list[dict[str, float]]:
     """``rounds`` pairs of wall times (polytask as configured by default, the plain loop without checkpoints) in this
-    process, the order alternating from pair to pair, after two warm-up runs of each."""
+    process: :func:`interleaved` with the two, the order alternating from pair to pair, after two warm-up runs of
+    each."""
     params = (replay_params() or {}) if strategy == "replay" else {}
     fns = {"polytask": polytask_variant(stream, strategy, params, epochs, seed, tmp),
            "plain": plain_variant(stream, epochs, seed, False, strategy == "replay")}
     for fn in fns.values():
-        run_in_tmp(fn, tmp)
-        run_in_tmp(fn, tmp)
-    out = []
-    for i in range(rounds):
-        pair = {}
-        for k in (["polytask", "plain"] if i % 2 else ["plain", "polytask"]):
-            pair[k] = timed(fns[k], tmp)[0]
-        out.append(pair)
-    return out
+        run_in_tmp(fn, tmp)  # interleaved warms each up once more
+    times, _ = interleaved(fns, rounds, tmp)
+    return [{k: times[k][i][0] for k in fns} for i in range(rounds)]
 
 
 def alternating_processes(args: argparse.Namespace) -> dict[str, Any]:
